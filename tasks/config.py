@@ -1,0 +1,169 @@
+"""Typed view of params.yaml: loaded once, checked once, passed down to every stage.
+
+params.yaml is the only place a knob lives, so none of these models has defaults: a missing key,
+an unknown key (usually a typo) or a wrong type is reported with its dotted name before any stage
+does work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DownloadParams(_Strict):
+    source: Literal["local", "hub"]
+    path: str = Field(description="local .jsonl/.json/.parquet/.csv file (used when source=local)")
+    hub_id: str = Field(description="Hub dataset id (used when source=hub)")
+    revision: str | None = Field(description="Hub commit sha or tag; pin it for reproducible runs")
+    split: str
+
+
+class ModelParams(_Strict):
+    base: str = Field(description="'tiny-llama' (built locally), a Hub model id, or a local directory")
+    revision: str | None
+    tokenizer: str | None = Field(description="tokenizer location if not the base's own (dir or tokenizer.model)")
+    max_length: int = Field(gt=8)
+
+
+class ValidateParams(_Strict):
+    min_rows: int = Field(ge=1)
+    max_turns: int = Field(ge=2)
+    min_chars: int = Field(ge=1)
+    max_chars: int = Field(ge=1)
+    max_duplicate_share: float = Field(ge=0, le=1)
+    min_share_within_max_length: float = Field(ge=0, le=1)
+    max_tokens_hard_limit: int = Field(ge=1, description="rows longer than this fail validation outright")
+
+
+class FormatParams(_Strict):
+    system_prompt: str | None
+    eval_fraction: float = Field(gt=0, lt=1)
+    min_eval_rows: int = Field(ge=1)
+    length_policy: Literal["truncate", "drop", "fail"]
+    duplicates: Literal["keep", "drop"]
+
+
+class QuantParams(_Strict):
+    load_in_4bit: bool
+    quant_type: Literal["nf4", "fp4"]
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    double_quant: bool
+
+
+class LoraParams(_Strict):
+    r: int = Field(ge=1)
+    alpha: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+    bias: Literal["none", "all", "lora_only"]
+
+
+class TrainParams(_Strict):
+    seed: int
+    epochs: float = Field(gt=0)
+    max_steps: int = Field(description="-1 trains for `epochs`; a positive number caps the optimizer steps")
+    learning_rate: float = Field(gt=0)
+    lr_scheduler: str
+    warmup_ratio: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    optimizer: str
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(ge=1)
+    precision: Literal["fp32", "bf16", "fp16"]
+    gradient_checkpointing: bool
+    answer_only_loss: bool
+    group_by_length: bool
+    logging_steps: int = Field(ge=1)
+    save_steps: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _steps(self) -> "TrainParams":
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError("max_steps must be -1 (use epochs) or a positive number")
+        return self
+
+
+class EvaluateParams(_Strict):
+    max_rows: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    prompts: list[str] = Field(min_length=1)
+
+
+class PublishParams(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    require_improvement: bool
+    push_to_hub: bool
+    hub_repo_id: str | None
+    private: bool
+
+    @model_validator(mode="after")
+    def _hub(self) -> "PublishParams":
+        if self.push_to_hub and not self.hub_repo_id:
+            raise ValueError("push_to_hub is true but hub_repo_id is empty")
+        return self
+
+
+class Params(_Strict):
+    download: DownloadParams
+    model: ModelParams
+    validate_: ValidateParams = Field(alias="validate")
+    format: FormatParams
+    quant: QuantParams
+    lora: LoraParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    publish: PublishParams
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Params":
+        if self.train.precision == "fp16" and self.quant.compute_dtype == "bfloat16":
+            raise ValueError("train.precision fp16 with quant.compute_dtype bfloat16: use bf16 for both")
+        if self.validate_.max_tokens_hard_limit < self.model.max_length:
+            raise ValueError("validate.max_tokens_hard_limit must be >= model.max_length")
+        return self
+
+    def as_dict(self) -> dict:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+def _describe(err: ValidationError, path: Path) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (typo? every knob is listed in params.yaml's committed version)")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: missing")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{path} has {len(lines)} invalid setting(s):\n" + "\n".join(lines) + "\nFix them in params.yaml and run again."
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run from the project root, where params.yaml lives.") from None
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{path} must hold a mapping of sections (download, model, ...), got {type(raw).__name__}.")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise PipelineError(_describe(e, path)) from None

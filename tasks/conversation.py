@@ -1,0 +1,209 @@
+"""The canonical conversation, every input form parsed into it, and the one Llama-2 chat renderer.
+
+Forms a row may come in (detected per row, by its keys):
+  - `text` in raw OpenAssistant-Guanaco form: `### Human: q### Assistant: a` (multi-turn)
+  - `text` already in the Llama-2 chat template: `<s>[INST] <<SYS>>..<</SYS>>\n\nq [/INST] a </s>`
+  - `messages` / `conversations`: lists of {role, content} (OpenAI) or {from, value} (ShareGPT)
+  - Alpaca: `instruction`, optional `input`, `output`
+Parsing never judges the content (empty turns, roles out of order...): that is validation's job,
+so every problem is reported by one suite. It only refuses rows it cannot read at all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+USER, ASSISTANT = "user", "assistant"
+
+# Strings that mean a template leaked into content (checked by validation, rejected by the renderer's users).
+TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "### Human:", "### Assistant:")
+
+_ROLE_ALIASES = {
+    "user": USER, "human": USER, "prompter": USER,
+    "assistant": ASSISTANT, "gpt": ASSISTANT, "bot": ASSISTANT, "model": ASSISTANT,
+    "system": "system",
+}
+
+_GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
+_LLAMA2_TURN = re.compile(
+    r"<s>\s*\[INST\]\s?(?:<<SYS>>\n(?P<sys>.*?)\n<</SYS>>\n\n)?(?P<user>.*?) \[/INST\](?: (?P<answer>.*?) </s>| ?</s>|(?P<open>.*)$)",
+    re.S,
+)
+
+
+class ParseError(ValueError):
+    """A row whose form cannot be recognised; the message says why."""
+
+
+@dataclass(frozen=True)
+class Conversation:
+    turns: tuple[tuple[str, str], ...]  # (role, text), role in {user, assistant}
+    system: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"system": self.system, "turns": [{"role": r, "text": t} for r, t in self.turns]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Conversation":
+        return cls(turns=tuple((t["role"], t["text"]) for t in d["turns"]), system=d.get("system"))
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    answer_spans: list[tuple[int, int]] = field(default_factory=list)  # char spans that carry the loss
+
+
+def near_duplicate_key(conv: "Conversation") -> str:
+    """Text with case, punctuation and whitespace folded: equal keys are (near-)duplicates."""
+    text = " ".join(t for _, t in conv.turns).lower()
+    return re.sub(r"\W+", " ", text).strip()
+
+
+def _clean(text: str) -> str:
+    # Windows newlines and stray edge whitespace are transport noise, not content.
+    return text.replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+def _parse_guanaco(text: str) -> Conversation:
+    parts = _GUANACO_MARKER.split(text)
+    preamble, rest = parts[0], parts[1:]
+    if preamble.strip():
+        raise ParseError(f"text before the first '### Human:' marker: {preamble.strip()[:60]!r}")
+    turns = tuple(
+        (USER if role == "Human" else ASSISTANT, _clean(body)) for role, body in zip(rest[::2], rest[1::2])
+    )
+    return Conversation(turns=turns)
+
+
+def _parse_llama2(text: str) -> Conversation:
+    turns: list[tuple[str, str]] = []
+    system = None
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _LLAMA2_TURN.match(text, pos)
+        if not m:
+            raise ParseError(f"Llama-2 template broken at character {pos}: {text[pos:pos + 60]!r}")
+        if m.group("sys") is not None:
+            if turns:
+                raise ParseError("a <<SYS>> block after the first turn")
+            system = _clean(m.group("sys"))
+        turns.append((USER, _clean(m.group("user"))))
+        if m.group("open") is not None:  # prompt with no answer: kept, so validation can name it
+            if m.group("open").strip():
+                turns.append((ASSISTANT, _clean(m.group("open"))))
+        else:
+            turns.append((ASSISTANT, _clean(m.group("answer") or "")))
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return Conversation(turns=tuple(turns), system=system)
+
+
+def _parse_messages(messages: object) -> Conversation:
+    if not isinstance(messages, list) or not messages:
+        raise ParseError("`messages` must be a non-empty list of {role, content} objects")
+    system = None
+    turns = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ParseError(f"message {i} is a {type(msg).__name__}, expected an object with role/content")
+        role = msg.get("role", msg.get("from"))
+        content = msg.get("content", msg.get("value"))
+        if role is None or content is None:
+            raise ParseError(f"message {i} has keys {sorted(msg)}; expected role+content or from+value")
+        canon = _ROLE_ALIASES.get(str(role).lower())
+        if canon is None:
+            raise ParseError(f"message {i} has unknown role {role!r}")
+        if not isinstance(content, str):
+            raise ParseError(f"message {i} content is a {type(content).__name__}, expected text")
+        if canon == "system":
+            if turns or system is not None:
+                raise ParseError(f"message {i}: a system message is only allowed first")
+            system = _clean(content)
+        else:
+            turns.append((canon, _clean(content)))
+    return Conversation(turns=tuple(turns), system=system)
+
+
+def _parse_alpaca(row: dict) -> Conversation:
+    instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
+    for key, val in (("instruction", instruction), ("input", extra), ("output", output)):
+        if not isinstance(val, str):
+            raise ParseError(f"`{key}` is a {type(val).__name__}, expected text")
+    user = _clean(instruction) + (f"\n\n{_clean(extra)}" if extra.strip() else "")
+    return Conversation(turns=((USER, user), (ASSISTANT, _clean(output))))
+
+
+def parse_text(text: str) -> Conversation:
+    if not isinstance(text, str):
+        raise ParseError(f"`text` is a {type(text).__name__}, expected a string")
+    stripped = text.replace("\r\n", "\n").strip()
+    if not stripped:
+        raise ParseError("`text` is empty")
+    if stripped.startswith("<s>") or stripped.startswith("[INST]"):
+        return _parse_llama2(stripped if stripped.startswith("<s>") else "<s>" + stripped)
+    if _GUANACO_MARKER.search(stripped):
+        return _parse_guanaco(stripped)
+    raise ParseError("`text` has neither '### Human:'/'### Assistant:' markers nor the Llama-2 [INST] template")
+
+
+TEXT_KEYS = ("text",)
+MESSAGE_KEYS = ("messages", "conversations")
+
+
+def detect_form(row: dict) -> str | None:
+    """'messages', 'alpaca', 'llama2' or 'guanaco' by the row's keys (and text), None if none fits."""
+    if any(row.get(key) is not None for key in MESSAGE_KEYS):
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if isinstance(row.get("text"), str):
+        return "llama2" if row["text"].lstrip().startswith(("<s>", "[INST]")) else "guanaco"
+    return None
+
+
+def parse_row(row: dict) -> Conversation:
+    """Parse one row of any supported form; raises ParseError naming what is wrong."""
+    form = detect_form(row)
+    if form == "messages":
+        return _parse_messages(next(row[k] for k in MESSAGE_KEYS if row.get(k) is not None))
+    if form == "alpaca":
+        return _parse_alpaca(row)
+    if "text" in row:
+        return parse_text(row["text"])
+    raise ParseError(
+        f"no column to read: found {sorted(row)}; expected `text` (guanaco or Llama-2 text), "
+        "`messages` (role/content list) or `instruction`+`output` (Alpaca)"
+    )
+
+
+def render_llama2(conv: Conversation, default_system: str | None = None) -> Rendered:
+    """Render the Llama-2 chat template; the answer spans cover each answer and its closing </s>.
+
+    `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` for the first turn,
+    `<s>[INST] {user} [/INST] {answer} </s>` for each later one, concatenated with no separator
+    (the form of mlabonne/guanaco-llama2-1k and of Meta's reference chat code).
+    """
+    system = conv.system if conv.system is not None else default_system
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length = 0
+    turns = conv.turns
+    for i in range(0, len(turns) - 1, 2):
+        (_, user), (_, answer) = turns[i], turns[i + 1]
+        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (i == 0 and system) else ""
+        prompt = f"<s>[INST] {sys_block}{user} [/INST] "
+        completion = f"{answer} </s>"
+        out += [prompt, completion]
+        spans.append((length + len(prompt), length + len(prompt) + len(completion)))
+        length += len(prompt) + len(completion)
+    return Rendered(text="".join(out), answer_spans=spans)
+
+
+def render_prompt(user: str, system: str | None = None) -> str:
+    """The generation prompt for one user message (no answer, no </s>)."""
+    sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
+    return f"<s>[INST] {sys_block}{user} [/INST]"

@@ -1,0 +1,156 @@
+"""Stage 1, download: fetch the raw rows exactly as published, and record where they came from.
+
+Sources: a Hub dataset (`datasets.load_dataset`, revision pinnable) or a local .jsonl/.json/
+.parquet/.csv file (the shipped sample is one). Output: data/raw/rows.jsonl (one JSON object a row,
+values unchanged) and data/raw/source.json (origin, revision or sha256, row count, time).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+from pathlib import Path
+
+from tasks import paths
+from tasks.artifacts import sha256_file, write_json, write_jsonl
+from tasks.config import DownloadParams, load_params
+from tasks.errors import PipelineError, run_main
+
+log = logging.getLogger(__name__)
+
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def _plain(value):
+    """JSON-safe copy of a cell: numpy/pyarrow scalars and arrays to Python, NaN to None."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PipelineError(
+                    f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+                    "Fix or remove that line; every line must be one JSON object."
+                ) from None
+            if not isinstance(row, dict):
+                raise PipelineError(f"{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{\"text\": ...}}.")
+            rows.append(row)
+    return rows
+
+
+def read_local(path: Path) -> list[dict]:
+    """Rows of a local file; every way it can be unreadable becomes one clear PipelineError."""
+    if not path.exists():
+        raise PipelineError(f"input file {path} does not exist. Set download.path in params.yaml to your data file.")
+    if path.is_dir():
+        raise PipelineError(f"input {path} is a directory; download.path must name one .jsonl/.json/.parquet/.csv file.")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise PipelineError(f"input file {path} has suffix {suffix!r}; supported: {', '.join(LOCAL_FORMATS)}.")
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
+                lists = [v for v in data.values() if isinstance(v, list)]
+                data = lists[0] if len(lists) == 1 else data
+            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+                raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
+            return data
+        import pandas as pd
+
+        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        return [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+    except PipelineError:
+        raise
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-save it as UTF-8.") from None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
+    except Exception as e:  # pyarrow/pandas raise many types for a truncated or foreign file
+        raise PipelineError(
+            f"{path}: could not be read as {suffix[1:]} ({type(e).__name__}: {e}). "
+            "The file may be truncated or not of that format; re-export it."
+        ) from None
+
+
+def read_hub(params: DownloadParams) -> tuple[list[dict], str | None]:
+    """Rows of a Hub dataset split and the commit sha they came from."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(params.hub_id, revision=params.revision, split=params.split)
+    except Exception as e:  # network, auth, unknown repo or split: all user-fixable
+        raise PipelineError(
+            f"could not load Hub dataset {params.hub_id!r} (revision {params.revision or 'latest'}, split "
+            f"{params.split!r}): {type(e).__name__}: {e}. Check the id and your network/HF_TOKEN, or download "
+            "the file and set download.source=local with download.path pointing at it."
+        ) from None
+    return [{k: _plain(v) for k, v in row.items()} for row in ds], resolve_hub_revision(params)
+
+
+def resolve_hub_revision(params: DownloadParams) -> str | None:
+    """The commit sha the Hub serves for the configured revision (None when the Hub is unreachable)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(params.hub_id, revision=params.revision).sha
+    except Exception as e:
+        log.warning("could not resolve the Hub revision of %s: %s", params.hub_id, e)
+        return None
+
+
+def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source: Path = paths.SOURCE_RECORD) -> dict:
+    """Fetch the rows, write them and their source record; returns the source record."""
+    if params.source == "local":
+        path = Path(params.path)
+        rows = read_local(path)
+        origin = {"source": "local", "path": str(path), "file_sha256": sha256_file(path)}
+    else:
+        rows, revision = read_hub(params)
+        origin = {"source": "hub", "hub_id": params.hub_id, "requested_revision": params.revision,
+                  "revision": revision, "split": params.split}
+    if not rows:
+        where = params.path if params.source == "local" else params.hub_id
+        raise PipelineError(f"{where} holds no rows. Point download.path/hub_id at a dataset with data.")
+    columns = sorted({k for r in rows for k in r})
+    write_jsonl(out_rows, rows)
+    record = {
+        **origin,
+        "row_count": len(rows),
+        "columns": columns,
+        "rows_file": str(out_rows),
+        "rows_sha256": sha256_file(out_rows),
+        "downloaded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out_source, record)
+    log.info("downloaded %d rows (%s) from %s", len(rows), ", ".join(columns), origin.get("path") or origin.get("hub_id"))
+    return record
+
+
+def main() -> None:
+    download(load_params().download)
+
+
+if __name__ == "__main__":
+    run_main("download", main)

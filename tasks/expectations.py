@@ -1,0 +1,150 @@
+"""The great-expectations suite over parsed conversations, kept as code.
+
+Each input row becomes one row of features (parse error, roles, turn and character counts,
+template leaks, encoding, duplicates, token length); each rule is one expectation on a feature,
+its threshold a param. Running it through a Checkpoint gives the JSON result and the Data Docs HTML.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.config import ModelParams, ValidateParams
+from tasks.conversation import ASSISTANT, TEMPLATE_MARKERS, USER, Conversation, near_duplicate_key
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    column: str | None  # feature the rule reads; None for table-level rules
+
+
+def _has_control(text: str) -> bool:
+    return any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in text)
+
+
+def conversation_features(index: int, conv: Conversation | None, form: str | None, error: str | None) -> dict:
+    """One row of features; structure fields are None when the row could not be parsed."""
+    if conv is None:
+        return {"row_index": index, "form": form, "parse_error": error}
+    roles = [r for r, _ in conv.turns]
+    texts = [t for _, t in conv.turns] + ([conv.system] if conv.system else [])
+    joined = "\n".join(texts)
+    return {
+        "row_index": index,
+        "form": form,
+        "parse_error": None,
+        "n_turns": len(roles),
+        "roles_alternate": all(r == (USER if i % 2 == 0 else ASSISTANT) for i, r in enumerate(roles)),
+        "last_role": roles[-1] if roles else None,
+        "min_turn_chars": min((len(t) for t in texts), default=0),
+        "total_chars": len(joined),
+        "has_template_marker": any(m in joined for m in TEMPLATE_MARKERS),
+        "has_replacement_char": "\ufffd" in joined,
+        "has_control_char": _has_control(joined),
+        "near_key": near_duplicate_key(conv),
+    }
+
+
+def mark_duplicates(features: pd.DataFrame) -> pd.DataFrame:
+    """is_duplicate: the same text (after case, punctuation and whitespace folding) as an earlier row."""
+    features = features.copy()
+    keys = features.get("near_key")
+    features["is_duplicate"] = keys.duplicated(keep="first") & keys.notna() if keys is not None else False
+    return features
+
+
+def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
+    """(rule, expectation) pairs; thresholds come from params."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    no = [False]
+    return [
+        (Rule("enough_rows", f"at least {v.min_rows} rows", None), E.ExpectTableRowCountToBeBetween(min_value=v.min_rows)),
+        (Rule("parseable", "every row parses into a conversation", "parse_error"), E.ExpectColumnValuesToBeNull(column="parse_error")),
+        (Rule("known_form", "rows are guanaco text, Llama-2 text, messages or Alpaca", "form"),
+         E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"])),
+        (Rule("non_empty_turns", "no empty turn or system prompt", "min_turn_chars"),
+         E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1)),
+        (Rule("roles_alternate", "turns alternate user, assistant, user, ...", "roles_alternate"),
+         E.ExpectColumnValuesToBeInSet(column="roles_alternate", value_set=[True])),
+        (Rule("ends_with_assistant", "the conversation ends with an assistant answer", "last_role"),
+         E.ExpectColumnValuesToBeInSet(column="last_role", value_set=[ASSISTANT])),
+        (Rule("turn_bounds", f"between 2 and {v.max_turns} turns", "n_turns"),
+         E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=2, max_value=v.max_turns)),
+        (Rule("char_bounds", f"between {v.min_chars} and {v.max_chars} characters", "total_chars"),
+         E.ExpectColumnValuesToBeBetween(column="total_chars", min_value=v.min_chars, max_value=v.max_chars)),
+        (Rule("no_template_markers", "no [INST], <<SYS>>, <s>, </s> or ### markers inside content", "has_template_marker"),
+         E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no)),
+        (Rule("no_replacement_chars", "no U+FFFD (text decoded with the wrong encoding)", "has_replacement_char"),
+         E.ExpectColumnValuesToBeInSet(column="has_replacement_char", value_set=no)),
+        (Rule("no_control_chars", "no control characters other than newline and tab", "has_control_char"),
+         E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no)),
+        (Rule("duplicates", f"at most {v.max_duplicate_share:.0%} duplicate or near-duplicate rows", "is_duplicate"),
+         E.ExpectColumnValuesToBeInSet(column="is_duplicate", value_set=no, mostly=1 - v.max_duplicate_share)),
+        (Rule("within_max_length", f"at least {v.min_share_within_max_length:.0%} of rows fit model.max_length={model.max_length} tokens", "n_tokens"),
+         E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=model.max_length, mostly=v.min_share_within_max_length)),
+        (Rule("under_hard_limit", f"no row over {v.max_tokens_hard_limit} tokens", "n_tokens"),
+         E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=v.max_tokens_hard_limit)),
+    ]
+
+
+def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
+    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}."""
+    import great_expectations as gx
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = {"globally": False}
+    context.add_data_docs_site(
+        "pipeline",
+        {
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
+    batch = context.data_sources.add_pandas("conversations").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+    suite = context.suites.add(gx.ExpectationSuite(name="guanaco_conversations"))
+    pairs = rules(v, model)
+    for rule, expectation in pairs:
+        expectation.meta = {"rule": rule.name, "description": rule.description}
+        suite.add_expectation(expectation)
+    definition = context.validation_definitions.add(gx.ValidationDefinition(name="conversations", data=batch, suite=suite))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name="validate",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]},
+        )
+    )
+    frame = features.drop(columns=["near_key"], errors="ignore")
+    for col in ("roles_alternate", "has_template_marker", "has_replacement_char", "has_control_char", "is_duplicate"):
+        if col in frame:
+            frame[col] = frame[col].astype("object")
+    run = checkpoint.run(batch_parameters={"dataframe": frame})
+    result = next(iter(run.run_results.values()))
+    by_rule = []
+    for res in result.results:
+        meta = res.expectation_config.meta or {}
+        detail = res.result or {}
+        rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
+        by_rule.append({
+            "rule": meta.get("rule"),
+            "description": meta.get("description"),
+            "success": bool(res.success),
+            "unexpected_count": detail.get("unexpected_count"),
+            "unexpected_percent": detail.get("unexpected_percent"),
+            "observed_value": detail.get("observed_value"),
+            "rows": rows,
+        })
+    return {"success": bool(result.success), "rules": by_rule, "ge_result": result.to_json_dict()}

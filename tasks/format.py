@@ -1,0 +1,93 @@
+"""Stage 3, format: validated conversations -> Llama-2 chat text, length policy applied, train/eval split.
+
+Each output row holds the rendered `text`, the character spans of its answers (what carries the loss)
+and its token count. The split is by a hash of each conversation's folded text: deterministic, stable
+when rows are added, and near-duplicates always land on the same side, so eval never leaks into train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from tasks import paths
+from tasks.artifacts import read_jsonl, sha256_file, write_json, write_jsonl
+from tasks.config import FormatParams, ModelParams, load_params
+from tasks.conversation import Conversation, near_duplicate_key, render_llama2
+from tasks.errors import PipelineError, run_main
+
+log = logging.getLogger(__name__)
+
+
+def _split_key(conv: Conversation) -> str:
+    return hashlib.sha256(near_duplicate_key(conv).encode("utf-8")).hexdigest()
+
+
+def format_rows(params: FormatParams, model: ModelParams, conversations: Path = paths.CONVERSATIONS,
+                out_dir: Path = paths.FORMATTED_DIR) -> dict:
+    if not conversations.exists():
+        raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
+    rows = read_jsonl(conversations)
+    report: dict = {"rows_in": len(rows), "length_policy": params.length_policy, "max_length": model.max_length}
+
+    if params.duplicates == "drop":
+        report["dropped_duplicates"] = sum(r["is_duplicate"] for r in rows)
+        rows = [r for r in rows if not r["is_duplicate"]]
+
+    over = [r for r in rows if r["n_tokens"] > model.max_length]
+    if over and params.length_policy == "fail":
+        listed = ", ".join(f"row {r['row_index']} ({r['n_tokens']} tokens)" for r in over[:10])
+        raise PipelineError(
+            f"{len(over)} conversation(s) exceed model.max_length={model.max_length}: {listed}. "
+            "Raise model.max_length, or set format.length_policy to 'truncate' or 'drop'."
+        )
+    if params.length_policy == "drop":
+        rows = [r for r in rows if r["n_tokens"] <= model.max_length]
+        report["dropped_over_max_length"] = len(over)
+    else:  # truncate: trl cuts at max_length when training; rows left with no answer token go
+        fully = {r["row_index"] for r in over if r["fully_masked_if_truncated"]}
+        rows = [r for r in rows if r["row_index"] not in fully]
+        report["truncated"] = len(over) - len(fully)
+        report["dropped_no_answer_left"] = len(fully)
+        report["answer_tokens_cut"] = sum(r["answer_tokens_cut"] for r in over if r["row_index"] not in fully)
+
+    n_eval = max(params.min_eval_rows, round(params.eval_fraction * len(rows)))
+    if n_eval >= len(rows):
+        raise PipelineError(
+            f"only {len(rows)} conversation(s) left after filtering, too few for {n_eval} eval row(s) and any "
+            "training: add data or lower format.min_eval_rows / format.eval_fraction."
+        )
+    keyed = []
+    for r in rows:
+        conv = Conversation.from_dict(r)
+        rendered = render_llama2(conv, params.system_prompt)
+        keyed.append((_split_key(conv), {"row_index": r["row_index"], "text": rendered.text,
+                                         "answer_spans": rendered.answer_spans, "n_tokens": r["n_tokens"]}))
+    keyed.sort(key=lambda kv: kv[0])
+    eval_ids = {row["row_index"] for _, row in keyed[:n_eval]}
+    # Rows keep their input order inside each split, so a diff of the files reads like a diff of the data.
+    ordered = [row for _, row in sorted(keyed, key=lambda kv: kv[1]["row_index"])]
+    train = [r for r in ordered if r["row_index"] not in eval_ids]
+    evals = [r for r in ordered if r["row_index"] in eval_ids]
+
+    train_path, eval_path = out_dir / paths.TRAIN_ROWS.name, out_dir / paths.EVAL_ROWS.name
+    write_jsonl(train_path, train)
+    write_jsonl(eval_path, evals)
+    report |= {
+        "train_rows": len(train), "eval_rows": len(evals),
+        "train_tokens": sum(r["n_tokens"] for r in train), "eval_tokens": sum(r["n_tokens"] for r in evals),
+        "train_sha256": sha256_file(train_path), "eval_sha256": sha256_file(eval_path),
+    }
+    write_json(out_dir / paths.FORMAT_REPORT.name, report)
+    log.info("formatted %d train / %d eval rows (%s)", len(train), len(evals), params.length_policy)
+    return report
+
+
+def main() -> None:
+    params = load_params()
+    format_rows(params.format, params.model)
+
+
+if __name__ == "__main__":
+    run_main("format", main)

@@ -1,0 +1,51 @@
+"""Tokenize rendered conversations into input ids and loss labels, in one batched fast-tokenizer call.
+
+The text already carries `<s>` and `</s>` (the chat template puts them there), so nothing is added:
+no double BOS, exactly one EOS per assistant turn. A token carries loss when it overlaps an answer
+span (the answer text and its closing `</s>`); everything else, system and user prompts included,
+gets label -100.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.conversation import Rendered
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    labels = [IGNORE] * len(ids)
+    j = 0
+    for i, (start, end) in enumerate(offsets):
+        while j < len(spans) and spans[j][1] <= start:
+            j += 1
+        if j < len(spans) and end > spans[j][0] and start < spans[j][1]:
+            labels[i] = ids[i]
+    return labels
+
+
+def tokenize_rendered(tokenizer, rendered: list[Rendered], answer_only: bool = True, batch: int = 1000) -> list[Tokenized]:
+    out: list[Tokenized] = []
+    for k in range(0, len(rendered), batch):
+        chunk = rendered[k : k + batch]
+        enc = tokenizer(
+            [r.text for r in chunk], add_special_tokens=False, return_offsets_mapping=answer_only,
+            return_attention_mask=False,
+        )
+        for n, r in enumerate(chunk):
+            ids = enc["input_ids"][n]
+            labels = _labels(ids, enc["offset_mapping"][n], r.answer_spans) if answer_only else list(ids)
+            out.append(Tokenized(ids, labels))
+    return out

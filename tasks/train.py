@@ -1,0 +1,193 @@
+"""Stage 4, train: QLoRA SFT with trl's SFTTrainer on a 4-bit NF4 base, LoRA through peft.
+
+Read top to bottom: tokenize the formatted rows into ids + answer-only labels, load the 4-bit base,
+build the SFTConfig from params, train (resuming a killed run from its last checkpoint), save the
+adapter atomically, write metrics. Guards: a NaN/inf loss or a CUDA OOM stops the run with a message
+that says what to change, and no adapter is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from tasks import paths
+from tasks.artifacts import read_jsonl, sha256_file, sha256_text, staged_dir, write_json
+from tasks.base_model import load_base_model, load_tokenizer
+from tasks.config import Params, load_params
+from tasks.conversation import Rendered
+from tasks.errors import PipelineError, run_main
+from tasks.tokens import tokenize_rendered
+
+log = logging.getLogger(__name__)
+FINGERPRINT = "run.json"
+
+
+def load_rows(path: Path) -> list[Rendered]:
+    if not path.exists():
+        raise PipelineError(f"{path} not found: run the format stage first (dvc repro format).")
+    return [Rendered(r["text"], [tuple(s) for s in r["answer_spans"]]) for r in read_jsonl(path)]
+
+
+def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool):
+    from datasets import Dataset
+
+    toks = tokenize_rendered(tokenizer, rows, answer_only=answer_only)
+    return Dataset.from_dict({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]})
+
+
+def run_fingerprint(params: Params, train_rows: Path) -> str:
+    """What a checkpoint must match to be resumed: the training params and the exact training data."""
+    relevant = {k: params.as_dict()[k] for k in ("model", "quant", "lora", "train")}
+    return sha256_text(json.dumps(relevant, sort_keys=True) + sha256_file(train_rows))
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
+    """True when checkpoint_dir holds checkpoints of this very run; stale ones are removed."""
+    marker = checkpoint_dir / FINGERPRINT
+    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        return any(checkpoint_dir.glob("checkpoint-*"))
+    if checkpoint_dir.exists():
+        log.info("removing checkpoints of a different run in %s", checkpoint_dir)
+        shutil.rmtree(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"fingerprint": fingerprint})
+    return False
+
+
+def sft_config(params: Params, output_dir: Path):
+    from trl import SFTConfig
+
+    t = params.train
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=t.seed,
+        data_seed=t.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        max_length=params.model.max_length,
+        truncation_mode="keep_start",
+        packing=False,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # the NaN guard must see the real loss
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",  # dvclive is attached explicitly below, with our paths
+        dataset_num_proc=None,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def _callbacks(resume: bool):
+    from dvclive import Live
+    from transformers import TrainerCallback
+    from transformers.integrations import DVCLiveCallback
+
+    class Guard(TrainerCallback):
+        """Stops on a non-finite loss and adds tokens/s to every log line (and so to dvclive)."""
+
+        def __init__(self):
+            self.t0, self.tokens0 = None, 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise PipelineError(
+                    f"training loss became {loss} at step {state.global_step}. Lower train.learning_rate, "
+                    "use precision bf16 rather than fp16, or check the data; no adapter was written."
+                )
+            if logs is not None and self.t0 is not None:
+                logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens0) / (time.perf_counter() - self.t0), 1)
+
+    live = Live(dir=str(paths.DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    return [Guard(), DVCLiveCallback(live=live)]
+
+
+def _peak_memory_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
+def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
+          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS) -> dict:
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    rows = load_rows(train_rows)
+    tokenizer = load_tokenizer(params.model)
+    dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss)
+    fingerprint = run_fingerprint(params, train_rows)
+    resume = resumable_checkpoint(checkpoint_dir, fingerprint)
+
+    model = load_base_model(params.model, params.quant)
+    lora = LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model, args=sft_config(params, checkpoint_dir), train_dataset=dataset,
+        processing_class=tokenizer, peft_config=lora, callbacks=_callbacks(resume),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=True if resume else None)
+    except torch.OutOfMemoryError:
+        raise PipelineError(
+            f"CUDA out of memory at batch_size={params.train.batch_size}, max_length={params.model.max_length}. "
+            "Lower train.batch_size (raise train.grad_accum to keep the effective batch), lower model.max_length, "
+            "or turn on train.gradient_checkpointing."
+        ) from None
+    wall = time.perf_counter() - start
+    state = trainer.state
+
+    with staged_dir(adapter_dir) as tmp:
+        trainer.model.save_pretrained(tmp)
+        write_json(tmp / "training_run.json", {"fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows)})
+    metrics = {
+        "train_loss": round(float(result.training_loss), 6),
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_rows": len(rows),
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(state.num_input_tokens_seen / wall, 1),
+        "wall_seconds": round(wall, 2),
+        "resumed": resume,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "peak_memory_gib": _peak_memory_gib(),
+    }
+    write_json(metrics_path, metrics)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    log.info("trained %d steps, loss %.4f, %.0f tokens/s", metrics["steps"], metrics["train_loss"], metrics["tokens_per_second"])
+    return metrics
+
+
+def main() -> None:
+    train(load_params())
+
+
+if __name__ == "__main__":
+    run_main("train", main)

@@ -1,0 +1,103 @@
+"""Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
+
+Writes reports/validation/ (result.json, Data Docs HTML, lengths.json, lengths.png) whatever the
+verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl;
+on failure it exits non-zero, nothing downstream runs, and the last good conversations stay in place.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from tasks import paths
+from tasks.artifacts import read_jsonl, staged_dir, write_json, write_jsonl
+from tasks.base_model import load_tokenizer
+from tasks.config import Params, load_params
+from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
+from tasks.errors import PipelineError, ValidationFailed, run_main
+from tasks.expectations import conversation_features, mark_duplicates, run_suite
+from tasks.lengths import length_report, row_lengths, save_histogram
+from tasks.tokens import tokenize_rendered
+
+log = logging.getLogger(__name__)
+MAX_ROWS_LISTED = 20
+
+
+def _failure_message(result: dict, report_dir: Path) -> str:
+    lines = []
+    for r in result["rules"]:
+        if r["success"]:
+            continue
+        rows = r["rows"][:MAX_ROWS_LISTED]
+        more = f" (+{len(r['rows']) - len(rows)} more)" if len(r["rows"]) > len(rows) else ""
+        where = f"; rows {rows}{more}" if rows else f"; observed {r['observed_value']}"
+        lines.append(f"  - {r['rule']}: {r['description']}: {r['unexpected_count'] or 0} row(s) break it{where}")
+    return (
+        "the data failed validation, so nothing was trained:\n" + "\n".join(lines) +
+        f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'result.json'} and "
+        f"{report_dir / 'data_docs' / 'index.html'}. Fix the rows, or loosen the threshold under `validate:` in params.yaml."
+    )
+
+
+def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations: Path = paths.CONVERSATIONS,
+             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS) -> dict:
+    if not raw_rows.exists():
+        raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
+    rows = read_jsonl(raw_rows)
+    convs, features = [], []
+    for i, row in enumerate(rows):
+        try:
+            conv, error = parse_row(row), None
+        except ParseError as e:
+            conv, error = None, str(e)
+        convs.append(conv)
+        features.append(conversation_features(i, conv, detect_form(row), error))
+    frame = mark_duplicates(pd.DataFrame(features))
+
+    # Token lengths on the exact text that will be trained, for rows the template can render.
+    renderable = [i for i, f in enumerate(features)
+                  if f.get("roles_alternate") and f.get("last_role") == "assistant" and f.get("n_turns", 0) >= 2]
+    tokenizer = load_tokenizer(params.model)
+    rendered = [render_llama2(convs[i], params.format.system_prompt) for i in renderable]
+    lengths = [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
+    frame["n_tokens"] = pd.Series({i: ln["n_tokens"] for i, ln in zip(renderable, lengths)}, dtype="Int64")
+
+    with staged_dir(report_dir) as tmp:
+        result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
+        report = length_report(lengths, params.model.max_length, params.format.length_policy,
+                               getattr(tokenizer, "name_or_path", "?"))
+        save_histogram(lengths, params.model.max_length, tmp / paths.LENGTH_HISTOGRAM.name)
+        write_json(tmp / paths.LENGTH_REPORT.name, report)
+        write_json(tmp / paths.VALIDATION_RESULT.name, {k: result[k] for k in ("success", "rules")} | {"ge_result": result["ge_result"]})
+    summary = {
+        "success": result["success"],
+        "rows": len(rows),
+        "rules_failed": sum(not r["success"] for r in result["rules"]),
+        "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
+        "tokens_p50": report["percentiles"]["p50"],
+        "tokens_p95": report["percentiles"]["p95"],
+        "tokens_max": report["max"],
+        "share_over_max_length": report["share_over_max_length"],
+    }
+    write_json(metrics_path, summary)
+    log.info("validation %s: %d rows; %s", "passed" if result["success"] else "FAILED", len(rows), report["policy_effect"])
+    if not result["success"]:
+        raise ValidationFailed(_failure_message(result, report_dir))
+
+    dup = frame["is_duplicate"].tolist()
+    write_jsonl(out_conversations, (
+        {"row_index": i, **convs[i].to_dict(), **ln, "is_duplicate": bool(dup[i])}
+        for i, ln in zip(renderable, lengths)
+    ))
+    return summary
+
+
+def main() -> None:
+    validate(load_params())
+
+
+if __name__ == "__main__":
+    run_main("validate", main)
