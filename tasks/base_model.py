@@ -9,13 +9,14 @@ sample (like Llama-2's own tokenizer.model) and a 2-layer Llama with seeded rand
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 
 import torch
 
 from tasks import paths
-from tasks.artifacts import read_jsonl, staged_dir
+from tasks.artifacts import read_json, read_jsonl, sha256_file, sha256_text, staged_dir, write_json
 from tasks.config import ModelParams, QuantParams
 from tasks.errors import PipelineError
 
@@ -27,6 +28,7 @@ TINY_CONFIG = dict(
     num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )
 TINY_VOCAB = 1024
+BUILD_RECORD = "build.json"
 
 # Llama-2-chat's own chat template (as shipped in its tokenizer_config.json), attached to local
 # tokenizers that lack one so `apply_chat_template` gives the same string our renderer does.
@@ -47,6 +49,11 @@ def _sample_corpus() -> list[str]:
 
     rows = read_jsonl(paths.SAMPLE_DATA)
     return [render_llama2(parse_row(r)).text for r in rows]
+
+
+def tiny_fingerprint() -> str:
+    """What the tiny model is a function of: the sample it learns its tokenizer from, and its shape."""
+    return sha256_text(sha256_file(paths.SAMPLE_DATA) + json.dumps([TINY_CONFIG, TINY_VOCAB], sort_keys=True))
 
 
 def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
@@ -71,6 +78,7 @@ def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, **TINY_CONFIG)
         LlamaForCausalLM(config).save_pretrained(tmp)
+        write_json(tmp / BUILD_RECORD, {"fingerprint": tiny_fingerprint()})
     log.info("built the tiny base model in %s", out_dir)
     return out_dir
 
@@ -78,7 +86,8 @@ def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
 def resolve_base(model: ModelParams) -> str:
     """Where to load the base from: the built tiny model's directory, a local directory, or a Hub id."""
     if model.base == TINY:
-        if not (paths.TINY_BASE_DIR / "config.json").exists():
+        record = paths.TINY_BASE_DIR / BUILD_RECORD
+        if not record.exists() or read_json(record).get("fingerprint") != tiny_fingerprint():
             build_tiny_base()
         return str(paths.TINY_BASE_DIR)
     if model.base.startswith((".", "/", "~")) and not Path(model.base).expanduser().is_dir():

@@ -14,7 +14,7 @@ CONVERSATIONS = VALIDATED_DIR / "conversations.jsonl"
 VALIDATION_REPORT_DIR = Path("reports/validation")  # suite result (JSON + Data Docs), length report
 VALIDATION_RESULT = VALIDATION_REPORT_DIR / "result.json"
 LENGTH_REPORT = VALIDATION_REPORT_DIR / "lengths.json"
-LENGTH_HISTOGRAM = VALIDATION_REPORT_DIR / "lengths.png"
+LENGTH_HISTOGRAM = Path("reports/lengths.png")  # its own file: DVC plots cannot live inside another out
 VALIDATION_METRICS = Path("metrics/validate.json")
 
 FORMATTED_DIR = Path("data/formatted")  # format: Llama-2 chat text + answer spans, split

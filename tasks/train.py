@@ -23,6 +23,7 @@ from tasks.base_model import load_base_model, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
+from tasks.lineage import hardware, library_versions
 from tasks.tokens import tokenize_rendered
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,11 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
 
     with staged_dir(adapter_dir) as tmp:
         trainer.model.save_pretrained(tmp)
-        write_json(tmp / "training_run.json", {"fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows)})
+        # The training environment, recorded where it is true (publish copies it into the lineage).
+        write_json(tmp / "training_run.json", {
+            "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
+            "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
+        })
     metrics = {
         "train_loss": round(float(result.training_loss), 6),
         "steps": state.global_step,

@@ -43,7 +43,8 @@ def _failure_message(result: dict, report_dir: Path) -> str:
 
 
 def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations: Path = paths.CONVERSATIONS,
-             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS) -> dict:
+             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS,
+             histogram_path: Path = paths.LENGTH_HISTOGRAM) -> dict:
     if not raw_rows.exists():
         raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
     rows = read_jsonl(raw_rows)
@@ -69,9 +70,9 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
         report = length_report(lengths, params.model.max_length, params.format.length_policy,
                                getattr(tokenizer, "name_or_path", "?"))
-        save_histogram(lengths, params.model.max_length, tmp / paths.LENGTH_HISTOGRAM.name)
         write_json(tmp / paths.LENGTH_REPORT.name, report)
         write_json(tmp / paths.VALIDATION_RESULT.name, {k: result[k] for k in ("success", "rules")} | {"ge_result": result["ge_result"]})
+    save_histogram(lengths, params.model.max_length, histogram_path)
     summary = {
         "success": result["success"],
         "rows": len(rows),

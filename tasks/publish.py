@@ -1,0 +1,171 @@
+"""Stage 6, publish: gate on evaluation, then write the release folder (and optionally push it to the Hub).
+
+release/ holds the adapter (safetensors + config), the tokenizer, a model card (README.md) and
+lineage.json: source and hashes, validation verdict, params, code commit, training environment,
+metrics, and the sha256 of every released file, so `python -m flows.audit release` can check it.
+Publishing refuses an adapter that is worse than its base, or whose record is incomplete.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from tasks import paths
+from tasks.artifacts import read_json, sha256_file, sha256_text, sha256_tree, staged_dir, write_json, write_text
+from tasks.base_model import load_tokenizer, resolve_base
+from tasks.config import Params, load_params
+from tasks.errors import PipelineError, run_main
+from tasks.lineage import code_version
+
+log = logging.getLogger(__name__)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+LINEAGE = "lineage.json"
+
+
+def _require(path: Path, stage: str) -> Path:
+    if not path.exists():
+        raise PipelineError(f"cannot publish: {path} is missing, so the release record would be incomplete. "
+                            f"Run `dvc repro {stage}` first.")
+    return path
+
+
+def check_gate(eval_metrics: dict, require_improvement: bool) -> None:
+    base, tuned = eval_metrics["base"]["loss"], eval_metrics["tuned"]["loss"]
+    if require_improvement and not tuned < base:
+        raise PipelineError(
+            f"refusing to publish: the adapter's held-out loss {tuned:.4f} is not below the base's {base:.4f}. "
+            "Check the training metrics (dvc plots show) or set publish.require_improvement: false to publish anyway."
+        )
+
+
+def build_lineage(params: Params, release_files: dict[str, str], release_id: str) -> dict:
+    source = read_json(_require(paths.SOURCE_RECORD, "download"))
+    validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))
+    formatted = read_json(_require(paths.FORMAT_REPORT, "format"))
+    training = read_json(_require(paths.ADAPTER_DIR / "training_run.json", "train"))
+    base = resolve_base(params.model)
+    return {
+        "release": {"name": params.publish.name, "id": release_id,
+                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+        "source": source,
+        "raw_data": {"path": str(paths.RAW_ROWS), "sha256": sha256_file(_require(paths.RAW_ROWS, "download"))},
+        "validation": {
+            "success": validation["success"],
+            "rules_failed": [r["rule"] for r in validation["rules"] if not r["success"]],
+            "result_path": str(paths.VALIDATION_RESULT),
+            "result_sha256": sha256_file(paths.VALIDATION_RESULT),
+            "conversations_sha256": sha256_file(_require(paths.CONVERSATIONS, "validate")),
+        },
+        "formatted_data": {
+            "train_path": str(paths.TRAIN_ROWS), "train_sha256": sha256_file(paths.TRAIN_ROWS),
+            "eval_path": str(paths.EVAL_ROWS), "eval_sha256": sha256_file(paths.EVAL_ROWS),
+            "train_rows": formatted["train_rows"], "eval_rows": formatted["eval_rows"],
+            "length_policy": formatted["length_policy"],
+        },
+        "params": params.as_dict(),
+        "params_sha256": sha256_text(json.dumps(params.as_dict(), sort_keys=True)),
+        "code": code_version(),
+        "base_model": {"id": params.model.base, "revision": params.model.revision,
+                       "files_sha256": sha256_tree(base) if Path(base).is_dir() else None},
+        "training": {**training, "metrics": read_json(_require(paths.TRAIN_METRICS, "train"))},
+        "evaluation": read_json(_require(paths.EVAL_METRICS, "evaluate")),
+        "files_sha256": release_files,
+    }
+
+
+def model_card(params: Params, lineage: dict) -> str:
+    ev, tr = lineage["evaluation"], lineage["training"]["metrics"]
+    src = lineage["source"]
+    data = src.get("hub_id") or src.get("path")
+    lora, t = params.lora, params.train
+    return f"""---
+library_name: peft
+base_model: {params.model.base}
+tags: [qlora, llama-2, guanaco, sft]
+---
+# {params.publish.name}
+
+LoRA adapter for `{params.model.base}`, trained with QLoRA (4-bit {params.quant.quant_type}) on `{data}`
+({lineage['formatted_data']['train_rows']} training conversations, Llama-2 chat template).
+
+Release `{lineage['release']['id']}`, code commit `{lineage['code']['git_commit']}`.
+
+## Evaluation (held-out rows: {ev['eval_rows']}, answer tokens only)
+
+| model | loss | perplexity | stop rate | template leak rate |
+|---|---|---|---|---|
+| base | {ev['base']['loss']:.4f} | {ev['base']['perplexity']:.2f} | {ev['base']['stop_rate']:.0%} | {ev['base']['template_leak_rate']:.0%} |
+| tuned | {ev['tuned']['loss']:.4f} | {ev['tuned']['perplexity']:.2f} | {ev['tuned']['stop_rate']:.0%} | {ev['tuned']['template_leak_rate']:.0%} |
+
+## Training
+
+LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {', '.join(lora.target_modules)};
+{t.optimizer}, lr {t.learning_rate}, {t.lr_scheduler} schedule, batch {t.batch_size} x {t.grad_accum},
+max_length {params.model.max_length}, seed {t.seed}. {tr['steps']} steps, final train loss {tr['train_loss']:.4f},
+{tr['tokens_per_second']:.0f} tokens/s on {tr['device']}.
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base = AutoModelForCausalLM.from_pretrained("{params.model.base}")
+model = PeftModel.from_pretrained(base, "<this folder or repo>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")
+prompt = "<s>[INST] Your question [/INST]"
+```
+
+## Lineage
+
+`lineage.json` records the data source and its hashes, the validation verdict, every parameter, the
+code commit, library versions and hardware, and the sha256 of each file here. Verify it with
+`python -m flows.audit <this folder>`.
+"""
+
+
+def push_to_hub(release_dir: Path, repo_id: str, private: bool, revision_note: str) -> str:
+    """Upload the release folder; the token comes from HF_TOKEN or `hf auth login`, never from params."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ.get("HF_TOKEN"))
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(release_dir), repo_id=repo_id, commit_message=revision_note)
+    return str(getattr(info, "commit_url", info))
+
+
+def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
+    eval_metrics = read_json(_require(paths.EVAL_METRICS, "evaluate"))
+    check_gate(eval_metrics, params.publish.require_improvement)
+    for name in ADAPTER_FILES:
+        _require(paths.ADAPTER_DIR / name, "train")
+    validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))
+    if not validation["success"]:
+        raise PipelineError(f"cannot publish: {paths.VALIDATION_RESULT} records a failed validation.")
+
+    with staged_dir(release_dir) as tmp:
+        for name in ADAPTER_FILES:
+            shutil.copy2(paths.ADAPTER_DIR / name, tmp / name)
+        load_tokenizer(params.model).save_pretrained(tmp)
+        release_id = f"{params.publish.name}-{sha256_file(tmp / 'adapter_model.safetensors')[:12]}"
+        lineage = build_lineage(params, {}, release_id)
+        write_text(tmp / "README.md", model_card(params, lineage))
+        lineage["files_sha256"] = sha256_tree(tmp)
+        write_json(tmp / LINEAGE, lineage)
+    log.info("published %s to %s", release_id, release_dir)
+    if params.publish.push_to_hub:
+        url = push_to_hub(release_dir, params.publish.hub_repo_id, params.publish.private, f"Release {release_id}")
+        log.info("pushed to the Hub: %s", url)
+    return lineage
+
+
+def main() -> None:
+    publish(load_params())
+
+
+if __name__ == "__main__":
+    run_main("publish", main)
