@@ -1,0 +1,37 @@
+"""Compose params.yaml from conf/ with Hydra overrides, the way `dvc exp run -S ...` does.
+
+DVC's own composition function is used so that a Prefect run with preset=X and `dvc exp run -S
+preset=X` write the same params.yaml. The result is checked by the typed config before it replaces
+the current params.yaml, so a bad override never leaves a broken file behind.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from tasks.artifacts import write_bytes
+from tasks.config import load_params
+from tasks.errors import PipelineError
+
+
+def compose_params(project_dir: Path, overrides: list[str]) -> Path:
+    from dvc.utils.hydra import compose_and_dump
+    from hydra.errors import HydraException
+
+    target = project_dir / "params.yaml"
+    with tempfile.TemporaryDirectory() as tmp:
+        composed = Path(tmp) / "params.yaml"
+        try:
+            compose_and_dump(composed, str((project_dir / "conf").resolve()), None, "config", "", overrides)
+        except HydraException as e:
+            raise PipelineError(f"cannot compose params with overrides {overrides}: {e}") from None
+        load_params(composed)  # typed check before anything is replaced
+        write_bytes(target, composed.read_bytes())
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    compose_params(Path.cwd(), sys.argv[1:])

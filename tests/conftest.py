@@ -1,0 +1,79 @@
+"""Shared fixtures: the committed params, a scratch project directory, the real data in ../shared."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tasks.config import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def needs_shared(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test (a user's fresh clone has no ../shared)."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the reference data lives in ../shared/data beside the checkout")
+    return path
+
+
+def with_params(params: Params, **changes) -> Params:
+    """A copy of params with dotted keys changed: with_params(p, **{"train.max_steps": 2})."""
+    data = params.as_dict()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    return Params.model_validate(data)
+
+
+@pytest.fixture(scope="session")
+def params() -> Params:
+    return load_params(ROOT / "params.yaml")
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """Run a test from a scratch directory holding the shipped sample (stages use relative paths)."""
+    (tmp_path / "data" / "sample").mkdir(parents=True)
+    shutil.copy2(ROOT / "data/sample/guanaco_sample.jsonl", tmp_path / "data/sample/guanaco_sample.jsonl")
+    tiny = ROOT / "models" / "tiny-llama"
+    if tiny.exists():  # reuse the built tiny base (its fingerprint still guards staleness)
+        shutil.copytree(tiny, tmp_path / "models" / "tiny-llama")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def project_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.split("\n")
+    return [f for f in out if f and (ROOT / f).is_file()]
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """A fresh git + DVC project holding the repository's files, as a user's clone would."""
+    dest = tmp_path / "project"
+    skip = ("dvc.lock", "metrics/", "dvclive/", "reports/lengths.png")
+    for rel in project_files():
+        if rel.startswith(skip):
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env)
+    return dest
