@@ -1,0 +1,91 @@
+"""params.yaml is loaded once into typed config that names every bad key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.params import compose_params
+from tasks.config import load_params
+from tasks.errors import PipelineError
+from tests.conftest import ROOT
+
+
+def _write(tmp_path: Path, mutate) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(data)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_committed_params_load(params):
+    assert params.model.base == "tiny-llama"
+    assert params.lora.r == 64 and params.lora.alpha == 16 and params.lora.dropout == 0.1
+    assert params.train.learning_rate > 0
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = _write(tmp_path, lambda d: d["train"].update(learnig_rate=1.0))
+    with pytest.raises(PipelineError, match=r"train\.learnig_rate: unknown key"):
+        load_params(path)
+
+
+def test_wrong_type_is_named(tmp_path):
+    path = _write(tmp_path, lambda d: d["lora"].update(r="sixty-four"))
+    with pytest.raises(PipelineError, match=r"lora\.r: .*sixty-four"):
+        load_params(path)
+
+
+def test_missing_key_is_named(tmp_path):
+    path = _write(tmp_path, lambda d: d["publish"].pop("name"))
+    with pytest.raises(PipelineError, match=r"publish\.name: missing"):
+        load_params(path)
+
+
+def test_inconsistent_combination_fails_before_loading(tmp_path):
+    path = _write(tmp_path, lambda d: d["validate"].update(max_tokens_hard_limit=10))
+    with pytest.raises(PipelineError, match="max_tokens_hard_limit"):
+        load_params(path)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+
+
+def _project_with_conf(tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_params_yaml_is_the_default_composition(tmp_path):
+    """The committed params.yaml is exactly what conf/ composes to, so the two never drift."""
+    project = _project_with_conf(tmp_path)
+    compose_params(project, [])
+    assert yaml.safe_load((project / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_real_recipe_preset_is_one_switch(tmp_path):
+    project = _project_with_conf(tmp_path)
+    compose_params(project, ["preset=llama2_7b_guanaco"])
+    p = load_params(project / "params.yaml")
+    assert p.model.base == "NousResearch/Llama-2-7b-chat-hf"
+    assert (p.download.source, p.download.hub_id) == ("hub", "mlabonne/guanaco-llama2-1k")
+    assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (64, 16, 0.1)
+    assert p.train.optimizer == "paged_adamw_32bit" and p.train.learning_rate == 2e-4 and p.train.epochs == 1
+    assert p.quant.quant_type == "nf4" and p.quant.load_in_4bit
+
+
+def test_bad_override_leaves_params_intact(tmp_path):
+    project = _project_with_conf(tmp_path)
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(PipelineError):
+        compose_params(project, ["train.batch_size=zero"])
+    assert (project / "params.yaml").read_bytes() == before
