@@ -121,16 +121,28 @@ def load_tokenizer(model: ModelParams):
     return tok
 
 
+def load_config(model: ModelParams):
+    """The base's config.json alone (no weights): what the memory planner reads."""
+    from transformers import AutoConfig
+
+    where = resolve_base(model)
+    try:
+        return AutoConfig.from_pretrained(where, revision=None if Path(where).exists() else model.revision)
+    except OSError as e:
+        raise PipelineError(f"could not read the config of base model {where!r}: {e}") from None
+
+
 def compute_dtype(quant: QuantParams) -> torch.dtype:
     return getattr(torch, quant.compute_dtype)
 
 
-def load_base_model(model: ModelParams, quant: QuantParams, device: str | None = None):
+def load_base_model(model: ModelParams, quant: QuantParams, device: str | None = None, attn_implementation: str = "sdpa"):
     """Load the base for training or evaluation: 4-bit NF4 through bitsandbytes when quant.load_in_4bit."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict = {"dtype": compute_dtype(quant), "device_map": {"": 0} if device == "cuda" else "cpu"}
+    kwargs: dict = {"dtype": compute_dtype(quant), "device_map": {"": 0} if device == "cuda" else "cpu",
+                    "attn_implementation": attn_implementation}
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -88,6 +88,9 @@ class TrainParams(_Strict):
     group_by_length: bool
     logging_steps: int = Field(ge=1)
     save_steps: int = Field(ge=1)
+    padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
+    liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
+    memory_budget_gib: float | None = Field(gt=0, description="GPU memory to fit; the planner picks the micro-batch")
 
     @model_validator(mode="after")
     def _steps(self) -> "TrainParams":

@@ -34,7 +34,8 @@ def _has_control(text: str) -> bool:
 def conversation_features(index: int, conv: Conversation | None, form: str | None, error: str | None) -> dict:
     """One row of features; structure fields are None when the row could not be parsed."""
     if conv is None:
-        return {"row_index": index, "form": form, "parse_error": error}
+        # "unknown", not None: great-expectations skips nulls, so a None form would never break `known_form`.
+        return {"row_index": index, "form": form or "unknown", "parse_error": error}
     roles = [r for r, _ in conv.turns]
     texts = [t for _, t in conv.turns] + ([conv.system] if conv.system else [])
     joined = "\n".join(texts)

@@ -65,7 +65,16 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
         keyed.append((_split_key(conv), {"row_index": r["row_index"], "text": rendered.text,
                                          "answer_spans": rendered.answer_spans, "n_tokens": r["n_tokens"]}))
     keyed.sort(key=lambda kv: kv[0])
-    eval_ids = {row["row_index"] for _, row in keyed[:n_eval]}
+    # Near-duplicates share a key: extend the cut past the last eval key so no group straddles the split.
+    cut = n_eval
+    while cut < len(keyed) and keyed[cut][0] == keyed[cut - 1][0]:
+        cut += 1
+    if cut >= len(keyed):
+        raise PipelineError(
+            f"all {len(rows)} conversation(s) are near-duplicates of the eval rows, leaving none to train on: "
+            "add data or lower format.min_eval_rows / format.eval_fraction."
+        )
+    eval_ids = {row["row_index"] for _, row in keyed[:cut]}
     # Rows keep their input order inside each split, so a diff of the files reads like a diff of the data.
     ordered = [row for _, row in sorted(keyed, key=lambda kv: kv[1]["row_index"])]
     train = [r for r in ordered if r["row_index"] not in eval_ids]

@@ -49,3 +49,9 @@ def tokenize_rendered(tokenizer, rendered: list[Rendered], answer_only: bool = T
             labels = _labels(ids, enc["offset_mapping"][n], r.answer_spans) if answer_only else list(ids)
             out.append(Tokenized(ids, labels))
     return out
+
+
+def truncate(toks: list[Tokenized], max_length: int) -> list[Tokenized]:
+    """Keep the first max_length tokens of each row; drop rows left with no answer token (no loss to learn)."""
+    cut = (Tokenized(t.input_ids[:max_length], t.labels[:max_length]) for t in toks)
+    return [t for t in cut if t.answer_tokens > 0]

@@ -19,12 +19,14 @@ import torch
 
 from tasks import paths
 from tasks.artifacts import read_jsonl, sha256_file, sha256_text, staged_dir, write_json
-from tasks.base_model import load_base_model, load_tokenizer
+from tasks import attention as attention_impl
+from tasks.base_model import load_base_model, load_config, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.lineage import hardware, library_versions
-from tasks.tokens import tokenize_rendered
+from tasks.memory import Estimate, ModelShape, plan
+from tasks.tokens import tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "run.json"
@@ -36,11 +38,37 @@ def load_rows(path: Path) -> list[Rendered]:
     return [Rendered(r["text"], [tuple(s) for s in r["answer_spans"]]) for r in read_jsonl(path)]
 
 
-def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool):
+def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length: int):
+    """ids + labels, cut at max_length here (one place, whatever the batching), rows with no answer left dropped."""
     from datasets import Dataset
 
-    toks = tokenize_rendered(tokenizer, rows, answer_only=answer_only)
+    toks = truncate(tokenize_rendered(tokenizer, rows, answer_only=answer_only), max_length)
+    if not toks:
+        raise PipelineError("no training row has an answer token within model.max_length: raise model.max_length.")
     return Dataset.from_dict({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]})
+
+
+def preflight(params: Params) -> None:
+    """Settings that cannot work on this machine fail here, before anything is loaded."""
+    t, cuda = params.train, torch.cuda.is_available()
+    problems = []
+    if not cuda and t.optimizer.startswith("paged"):
+        problems.append(f"train.optimizer={t.optimizer} needs a CUDA GPU (use adamw_torch on the CPU)")
+    if not cuda and t.liger_kernels:
+        problems.append("train.liger_kernels needs a CUDA GPU")
+    if not cuda and t.precision == "fp16":
+        problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
+    if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        problems.append("this GPU has no bf16: set train.precision=fp16 and quant.compute_dtype=float16")
+    if problems:
+        raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
+
+
+def memory_plan(params: Params) -> Estimate:
+    """Predict peak memory from the base's config; with a budget, pick the micro-batch that fits."""
+    est = plan(ModelShape.from_config(load_config(params.model)), params, params.train.memory_budget_gib)
+    log.info("memory planner: %s", est.describe())
+    return est
 
 
 def run_fingerprint(params: Params, train_rows: Path) -> str:
@@ -62,7 +90,7 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
     return False
 
 
-def sft_config(params: Params, output_dir: Path):
+def sft_config(params: Params, output_dir: Path, est: Estimate):
     from trl import SFTConfig
 
     t = params.train
@@ -78,15 +106,16 @@ def sft_config(params: Params, output_dir: Path):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        per_device_train_batch_size=est.micro_batch,  # the planner keeps batch_size x grad_accum
+        gradient_accumulation_steps=est.grad_accum,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        max_length=params.model.max_length,
-        truncation_mode="keep_start",
+        max_length=None,  # rows were cut to model.max_length in build_dataset
         packing=False,
+        padding_free=t.padding_free,
+        use_liger_kernel=t.liger_kernels,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
         save_strategy="steps",
@@ -136,19 +165,22 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
     from peft import LoraConfig
     from trl import SFTTrainer
 
+    preflight(params)
     rows = load_rows(train_rows)
     tokenizer = load_tokenizer(params.model)
-    dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss)
+    dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
+    est = memory_plan(params)
     fingerprint = run_fingerprint(params, train_rows)
     resume = resumable_checkpoint(checkpoint_dir, fingerprint)
 
-    model = load_base_model(params.model, params.quant)
+    attention = attention_impl.register() if params.train.padding_free else "sdpa"
+    model = load_base_model(params.model, params.quant, attn_implementation=attention)
     lora = LoraConfig(
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
     )
     trainer = SFTTrainer(
-        model=model, args=sft_config(params, checkpoint_dir), train_dataset=dataset,
+        model=model, args=sft_config(params, checkpoint_dir, est), train_dataset=dataset,
         processing_class=tokenizer, peft_config=lora, callbacks=_callbacks(resume),
     )
     if torch.cuda.is_available():
@@ -157,10 +189,12 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
     try:
         result = trainer.train(resume_from_checkpoint=True if resume else None)
     except torch.OutOfMemoryError:
+        free = torch.cuda.mem_get_info()[1] / 2**30
         raise PipelineError(
-            f"CUDA out of memory at batch_size={params.train.batch_size}, max_length={params.model.max_length}. "
-            "Lower train.batch_size (raise train.grad_accum to keep the effective batch), lower model.max_length, "
-            "or turn on train.gradient_checkpointing."
+            f"CUDA out of memory at micro-batch {est.micro_batch}, max_length {params.model.max_length}; the planner "
+            f"predicted {est.peak_gib:.1f} GiB on a {free:.0f} GiB GPU. Set train.memory_budget_gib (e.g. "
+            f"{max(1, int(free * 0.8))}) so the planner picks a micro-batch that fits, lower model.max_length, "
+            "or turn on train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
         ) from None
     wall = time.perf_counter() - start
     state = trainer.state
@@ -183,6 +217,10 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "resumed": resume,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "peak_memory_gib": _peak_memory_gib(),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
+        "predicted_peak_gib": est.peak_gib,
+        "micro_batch": est.micro_batch,
+        "grad_accum": est.grad_accum,
     }
     write_json(metrics_path, metrics)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume

@@ -1,0 +1,65 @@
+"""Padding-free attention: a micro-batch flattened into one row, each conversation attending only to itself.
+
+trl's padding-free collator concatenates the micro-batch and passes the sequence boundaries
+(`cu_seq_lens_q/k`, `max_length_q/k`) down to every attention call. This registers an attention
+implementation that hands them to PyTorch's own variable-length FlashAttention kernel
+(`torch.nn.attention.varlen.varlen_attn`) on CUDA, so no compute or memory goes to padding and no
+token attends across a boundary. On the CPU (tests, the tiny model) it runs the same math one
+conversation at a time with SDPA. Calls without boundaries (generation, padded evaluation) fall
+through to the stock SDPA implementation unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "varlen_sdpa"
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu_seq = kwargs.get("cu_seq_lens_q")
+    if cu_seq is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("padding-free attention expects the micro-batch flattened into one row")
+    # (1, heads, tokens, dim) -> (tokens, heads, dim), the layout of the varlen kernels
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    cu_seq = cu_seq.to(device=query.device, dtype=torch.int32)
+    gqa = k.shape[1] != q.shape[1]
+    if query.is_cuda:
+        from torch.nn.attention.varlen import varlen_attn
+
+        longest = int(kwargs.get("max_length_q") or int(cu_seq.diff().max()))
+        out = varlen_attn(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+    else:
+        bounds = cu_seq.tolist()
+        out = torch.cat([
+            F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                           scale=scaling, enable_gqa=gqa).transpose(0, 1)
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ])
+    return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the stock implementations return
+
+
+def _mask(*args, attention_mask=None, **kwargs):
+    """No 4D mask for padding-free batches (the boundaries travel as cu_seq_lens); SDPA's mask otherwise."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register() -> str:
+    """Make `attn_implementation="varlen_sdpa"` loadable; returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionMaskInterface.register(NAME, _mask)
+    return NAME

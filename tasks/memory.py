@@ -1,0 +1,135 @@
+"""Memory planner: predict peak GPU memory of a QLoRA run from its config, before loading anything.
+
+Peak allocated memory = 4-bit base weights + unquantized weights (embeddings, lm_head, norms)
++ LoRA params, grads and optimizer state + activations of one micro-batch + the logits/loss tensors.
+Activation bytes per token per layer come from the tensors autograd keeps in a Llama decoder layer
+(norms, LoRA dropout inputs, RoPE'd q/k, SDPA inputs/outputs, the SwiGLU MLP); with gradient
+checkpointing only each layer's input is kept, plus one layer recomputed at a time. The constants
+were fitted and then checked against torch.cuda.max_memory_allocated on an H100 (README, Performance).
+
+Given train.memory_budget_gib, `plan()` keeps the effective batch (batch_size x grad_accum) and picks
+the largest micro-batch that fits, or says what to change when nothing does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tasks.config import Params
+from tasks.errors import PipelineError
+
+GIB = 2**30
+# Bytes kept for backward, per token per decoder layer, as multiples of hidden (h) and intermediate (i)
+# sizes, for 2-byte activations. Fitted on the GPU (see benchmarks/train_throughput.py --calibrate).
+ACT_PER_H = 34.0
+ACT_PER_I = 8.0
+LORA_PER_R = 4.0  # LoRA A outputs and dropout masks, per target module, per token, per unit of r
+LOGIT_BYTES = 10.0  # per token per vocab entry: bf16 logits + fp32 upcast + fp32 softmax/grad
+FUSED_LOGIT_BYTES = 0.5  # fused linear cross-entropy keeps only chunks of logits
+WORKSPACE_GIB = 0.35  # cuBLAS workspaces, dequantization buffers, allocator slack
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelShape":
+        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
+                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, cfg.vocab_size)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        h, i = self.hidden, self.intermediate
+        kv = h * self.kv_heads // self.heads
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    base_weights_gib: float
+    lora_state_gib: float
+    activations_gib: float
+    logits_gib: float
+    workspace_gib: float
+    peak_gib: float
+    micro_batch: int
+    grad_accum: int
+    tokens_per_micro_batch: int
+
+    def describe(self) -> str:
+        return (f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
+                f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}, logits {self.logits_gib:.2f}) "
+                f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}")
+
+
+def _dtype_bytes(name: str) -> int:
+    return 4 if name == "float32" else 2
+
+
+def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, seq_len: int | None = None) -> Estimate:
+    t, q, lora = params.train, params.quant, params.lora
+    micro_batch = micro_batch or t.batch_size
+    seq_len = seq_len or params.model.max_length
+    tokens = micro_batch * seq_len
+    act_bytes = 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
+    modules = shape.module_shapes()
+
+    linear = sum(a * b for a, b in modules.values()) * shape.layers
+    if q.load_in_4bit:
+        per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
+    else:
+        per_param = _dtype_bytes(q.compute_dtype)
+    other = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
+    weights = linear * per_param + other * _dtype_bytes(q.compute_dtype)
+
+    targets = [m for m in lora.target_modules if m in modules]
+    n_lora = sum(lora.r * (modules[m][0] + modules[m][1]) for m in targets) * shape.layers
+    lora_param = 2 if q.load_in_4bit else 4  # trl keeps QLoRA adapters in bf16
+    optim = 2 if "8bit" in t.optimizer else 8
+    lora_state = n_lora * (2 * lora_param + optim)
+
+    per_layer = ACT_PER_H * shape.hidden + ACT_PER_I * shape.intermediate + LORA_PER_R * lora.r * len(targets)
+    per_layer *= act_bytes / 2
+    if t.gradient_checkpointing:
+        activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    logit_bytes = FUSED_LOGIT_BYTES if getattr(t, "liger_kernels", False) else LOGIT_BYTES
+    logits = tokens * shape.vocab * logit_bytes
+
+    parts = [weights / GIB, lora_state / GIB, activations / GIB, logits / GIB, WORKSPACE_GIB]
+    return Estimate(*[round(p, 3) for p in parts], peak_gib=round(sum(parts), 3), micro_batch=micro_batch,
+                    grad_accum=t.grad_accum * t.batch_size // micro_batch, tokens_per_micro_batch=tokens)
+
+
+def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimate:
+    """The configured micro-batch if it fits the budget, else the largest that does (same effective batch)."""
+    configured = estimate(shape, params)
+    if budget_gib is None or configured.peak_gib <= budget_gib:
+        return configured
+    effective = params.train.batch_size * params.train.grad_accum
+    for micro in sorted((m for m in range(1, params.train.batch_size) if effective % m == 0), reverse=True):
+        candidate = estimate(shape, params, micro_batch=micro)
+        if candidate.peak_gib <= budget_gib:
+            return candidate
+    smallest = estimate(shape, params, micro_batch=1)
+    hints = []
+    if not params.train.gradient_checkpointing:
+        hints.append("turn on train.gradient_checkpointing")
+    hints.append(f"lower model.max_length (now {params.model.max_length})")
+    if not params.quant.load_in_4bit:
+        hints.append("set quant.load_in_4bit: true")
+    raise PipelineError(
+        f"this run does not fit train.memory_budget_gib={budget_gib}: even micro-batch 1 needs "
+        f"{smallest.describe()}. To fit, {', or '.join(hints)}, or raise the budget."
+    )
+
+
+def as_dict(e: Estimate) -> dict:
+    return asdict(e)
