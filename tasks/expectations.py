@@ -7,6 +7,7 @@ its threshold a param. Running it through a Checkpoint gives the JSON result and
 
 from __future__ import annotations
 
+import logging
 import os
 import unicodedata
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tasks.config import ModelParams, ValidateParams
 from tasks.conversation import ASSISTANT, TEMPLATE_MARKERS, USER, Conversation, near_duplicate_key
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the stage log
 
 
 @dataclass(frozen=True)
@@ -63,33 +65,43 @@ def mark_duplicates(features: pd.DataFrame) -> pd.DataFrame:
     return features
 
 
+ROW_RULES = ("parseable", "known_form", "non_empty_turns", "roles_alternate", "ends_with_assistant", "turn_bounds",
+             "char_bounds", "no_template_markers", "no_replacement_chars", "no_control_chars")
+
+
 def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
-    """(rule, expectation) pairs; thresholds come from params."""
+    """(rule, expectation) pairs; thresholds come from params.
+
+    Row rules (ROW_RULES) tolerate up to validate.max_bad_row_share of rows breaking them: those rows are
+    reported and left out of the validated data; past that share the run stops. Duplicates and token
+    lengths have their own shares; the hard token limit tolerates nothing.
+    """
     import great_expectations as gx
 
     E = gx.expectations
     no = [False]
+    row = {"mostly": 1 - v.max_bad_row_share}
     return [
         (Rule("enough_rows", f"at least {v.min_rows} rows", None), E.ExpectTableRowCountToBeBetween(min_value=v.min_rows)),
-        (Rule("parseable", "every row parses into a conversation", "parse_error"), E.ExpectColumnValuesToBeNull(column="parse_error")),
+        (Rule("parseable", "every row parses into a conversation", "parse_error"), E.ExpectColumnValuesToBeNull(column="parse_error", **row)),
         (Rule("known_form", "rows are guanaco text, Llama-2 text, messages or Alpaca", "form"),
-         E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"])),
+         E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"], **row)),
         (Rule("non_empty_turns", "no empty turn or system prompt", "min_turn_chars"),
-         E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1)),
+         E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1, **row)),
         (Rule("roles_alternate", "turns alternate user, assistant, user, ...", "roles_alternate"),
-         E.ExpectColumnValuesToBeInSet(column="roles_alternate", value_set=[True])),
+         E.ExpectColumnValuesToBeInSet(column="roles_alternate", value_set=[True], **row)),
         (Rule("ends_with_assistant", "the conversation ends with an assistant answer", "last_role"),
-         E.ExpectColumnValuesToBeInSet(column="last_role", value_set=[ASSISTANT])),
+         E.ExpectColumnValuesToBeInSet(column="last_role", value_set=[ASSISTANT], **row)),
         (Rule("turn_bounds", f"between 2 and {v.max_turns} turns", "n_turns"),
-         E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=2, max_value=v.max_turns)),
+         E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=2, max_value=v.max_turns, **row)),
         (Rule("char_bounds", f"between {v.min_chars} and {v.max_chars} characters", "total_chars"),
-         E.ExpectColumnValuesToBeBetween(column="total_chars", min_value=v.min_chars, max_value=v.max_chars)),
+         E.ExpectColumnValuesToBeBetween(column="total_chars", min_value=v.min_chars, max_value=v.max_chars, **row)),
         (Rule("no_template_markers", "no [INST], <<SYS>>, <s>, </s> or ### markers inside content", "has_template_marker"),
-         E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no)),
+         E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no, **row)),
         (Rule("no_replacement_chars", "no U+FFFD (text decoded with the wrong encoding)", "has_replacement_char"),
-         E.ExpectColumnValuesToBeInSet(column="has_replacement_char", value_set=no)),
+         E.ExpectColumnValuesToBeInSet(column="has_replacement_char", value_set=no, **row)),
         (Rule("no_control_chars", "no control characters other than newline and tab", "has_control_char"),
-         E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no)),
+         E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no, **row)),
         (Rule("duplicates", f"at most {v.max_duplicate_share:.0%} duplicate or near-duplicate rows", "is_duplicate"),
          E.ExpectColumnValuesToBeInSet(column="is_duplicate", value_set=no, mostly=1 - v.max_duplicate_share)),
         (Rule("within_max_length", f"at least {v.min_share_within_max_length:.0%} of rows fit model.max_length={model.max_length} tokens", "n_tokens"),
@@ -97,6 +109,16 @@ def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
         (Rule("under_hard_limit", f"no row over {v.max_tokens_hard_limit} tokens", "n_tokens"),
          E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=v.max_tokens_hard_limit)),
     ]
+
+
+def excluded_rows(result: dict) -> dict[int, list[str]]:
+    """Rows that broke a row rule (tolerated under the share), with the rules they broke."""
+    out: dict[int, list[str]] = {}
+    for r in result["rules"]:
+        if r["rule"] in ROW_RULES:
+            for i in r["rows"]:
+                out.setdefault(i, []).append(r["rule"])
+    return out
 
 
 def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:

@@ -18,7 +18,7 @@ from tasks.base_model import load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
 from tasks.errors import PipelineError, ValidationFailed, run_main
-from tasks.expectations import conversation_features, mark_duplicates, run_suite
+from tasks.expectations import conversation_features, excluded_rows, mark_duplicates, run_suite
 from tasks.lengths import length_report, row_lengths, save_histogram
 from tasks.tokens import tokenize_rendered
 
@@ -71,11 +71,18 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         report = length_report(lengths, params.model.max_length, params.format.length_policy,
                                getattr(tokenizer, "name_or_path", "?"))
         write_json(tmp / paths.LENGTH_REPORT.name, report)
-        write_json(tmp / paths.VALIDATION_RESULT.name, {k: result[k] for k in ("success", "rules")} | {"ge_result": result["ge_result"]})
+        write_json(tmp / paths.VALIDATION_RESULT.name, {
+            "success": result["success"], "rules": result["rules"],
+            # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
+            "excluded_rows": {str(i): broke for i, broke in sorted(excluded_rows(result).items())},
+            "ge_result": result["ge_result"],
+        })
     save_histogram(lengths, params.model.max_length, histogram_path)
+    excluded = excluded_rows(result)
     summary = {
         "success": result["success"],
         "rows": len(rows),
+        "rows_excluded": len(excluded),
         "rules_failed": sum(not r["success"] for r in result["rules"]),
         "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
         "tokens_p50": report["percentiles"]["p50"],
@@ -84,14 +91,15 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         "share_over_max_length": report["share_over_max_length"],
     }
     write_json(metrics_path, summary)
-    log.info("validation %s: %d rows; %s", "passed" if result["success"] else "FAILED", len(rows), report["policy_effect"])
+    log.info("validation %s: %d rows, %d left out for breaking a row rule; %s", "passed" if result["success"] else "FAILED",
+             len(rows), len(excluded), report["policy_effect"])
     if not result["success"]:
         raise ValidationFailed(_failure_message(result, report_dir))
 
     dup = frame["is_duplicate"].tolist()
     write_jsonl(out_conversations, (
         {"row_index": i, **convs[i].to_dict(), **ln, "is_duplicate": bool(dup[i])}
-        for i, ln in zip(renderable, lengths)
+        for i, ln in zip(renderable, lengths) if i not in excluded
     ))
     return summary
 
