@@ -72,11 +72,11 @@ def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, seq_len: int | None = None) -> Estimate:
+def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, tokens: int | None = None) -> Estimate:
+    """Peak for a micro-batch of `tokens` tokens (default: the worst case, micro_batch x max_length)."""
     t, q, lora = params.train, params.quant, params.lora
     micro_batch = micro_batch or t.batch_size
-    seq_len = seq_len or params.model.max_length
-    tokens = micro_batch * seq_len
+    tokens = tokens or micro_batch * params.model.max_length
     act_bytes = 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
     modules = shape.module_shapes()
 

@@ -25,7 +25,7 @@ from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.lineage import hardware, library_versions
-from tasks.memory import Estimate, ModelShape, plan
+from tasks.memory import Estimate, ModelShape, estimate, plan
 from tasks.tokens import tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,12 @@ def preflight(params: Params) -> None:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
 
 
-def memory_plan(params: Params) -> Estimate:
+def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
     """Predict peak memory from the base's config; with a budget, pick the micro-batch that fits."""
-    est = plan(ModelShape.from_config(load_config(params.model)), params, params.train.memory_budget_gib)
+    shape = ModelShape.from_config(load_config(params.model))
+    est = plan(shape, params, params.train.memory_budget_gib)
     log.info("memory planner: %s", est.describe())
-    return est
+    return shape, est
 
 
 def run_fingerprint(params: Params, train_rows: Path) -> str:
@@ -138,9 +139,33 @@ def _callbacks(resume: bool):
 
         def __init__(self):
             self.t0, self.tokens0 = None, 0
+            self.marks: list[tuple[float, int]] = []  # (time, tokens seen) after each optimizer step
 
         def on_train_begin(self, args, state, control, **kw):
             self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+        def watch(self, model) -> None:
+            """Record the largest micro-batch (in tokens) the model is fed: what the peak memory depends on."""
+            self.max_tokens = 0
+
+            def hook(_module, args, kwargs):
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                if ids is not None:
+                    self.max_tokens = max(self.max_tokens, ids.numel())
+
+            model.register_forward_pre_hook(hook, with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+        def steady_tokens_per_second(self, skip: int = 2) -> float | None:
+            """Throughput after the first `skip` steps (kernel warm-up, allocator growth)."""
+            if len(self.marks) <= skip + 1:
+                return None
+            (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
+            return round((n_b - n_a) / (t_b - t_a), 1)
 
         def on_log(self, args, state, control, logs=None, **kw):
             loss = (logs or {}).get("loss")
@@ -153,7 +178,7 @@ def _callbacks(resume: bool):
                 logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens0) / (time.perf_counter() - self.t0), 1)
 
     live = Live(dir=str(paths.DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
-    return [Guard(), DVCLiveCallback(live=live)]
+    return Guard(), DVCLiveCallback(live=live)
 
 
 def _peak_memory_gib() -> float | None:
@@ -161,7 +186,8 @@ def _peak_memory_gib() -> float | None:
 
 
 def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
-          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS) -> dict:
+          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS,
+          extra_callbacks: list | None = None) -> dict:
     from peft import LoraConfig
     from trl import SFTTrainer
 
@@ -169,7 +195,7 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
     rows = load_rows(train_rows)
     tokenizer = load_tokenizer(params.model)
     dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
-    est = memory_plan(params)
+    shape, est = memory_plan(params)
     fingerprint = run_fingerprint(params, train_rows)
     resume = resumable_checkpoint(checkpoint_dir, fingerprint)
 
@@ -179,10 +205,12 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
     )
+    guard, live = _callbacks(resume)
     trainer = SFTTrainer(
         model=model, args=sft_config(params, checkpoint_dir, est), train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora, callbacks=_callbacks(resume),
+        processing_class=tokenizer, peft_config=lora, callbacks=[guard, live, *(extra_callbacks or [])],
     )
+    guard.watch(trainer.model)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -212,13 +240,16 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "epochs": round(float(state.epoch or 0), 3),
         "train_rows": len(rows),
         "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": round(state.num_input_tokens_seen / wall, 1),
+        "tokens_per_second": round((state.num_input_tokens_seen - guard.tokens0) / wall, 1),  # this run only
+        "steady_tokens_per_second": guard.steady_tokens_per_second(),
         "wall_seconds": round(wall, 2),
         "resumed": resume,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "peak_memory_gib": _peak_memory_gib(),
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
-        "predicted_peak_gib": est.peak_gib,
+        "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
+        "max_micro_batch_tokens": guard.max_tokens,
+        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, est.micro_batch, guard.max_tokens).peak_gib,
         "micro_batch": est.micro_batch,
         "grad_accum": est.grad_accum,
     }

@@ -1,0 +1,154 @@
+"""Training throughput on one GPU: plain Hugging Face settings vs the pipeline's train stage, side by side.
+
+Every configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs)
+on the same Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params, each in
+its own process so peak-memory figures do not mix. Printed and saved per configuration: tokens/s
+(non-padding, after 2 warm-up steps), peak allocated and reserved memory, the planner's prediction,
+MFU (4·N FLOPs a token), the mean training loss over the first K steps, and (where asked) the held-out
+answer loss after training.
+
+    python benchmarks/train_throughput.py --model-dir /tmp/llama-2-7b-random --tokenizer .bench/llama-2-tokenizer \
+        --data .bench/guanaco-llama2-1k/train.parquet --work /tmp/tp --out throughput.json [--configs hf_gc,ours_fast]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import H100_BF16_DENSE_FLOPS, prepare_data, recipe_params, save  # noqa: E402
+
+COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
+# name: (param overrides, optimizer steps, measure held-out loss)
+CONFIGS: dict[str, tuple[list[str], int, bool]] = {
+    # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
+    "notebook": (["train.batch_size=1", "train.grad_accum=4", "train.precision=fp32", "quant.compute_dtype=float16",
+                  "train.gradient_checkpointing=true", "train.group_by_length=false"], 8, False),
+    # plain transformers + peft + trl + bitsandbytes tuned by hand: bf16, batch 8, gradient checkpointing
+    "hf_gc": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
+               "train.group_by_length=false"], 32, True),
+    "hf_nogc": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
+                 "train.group_by_length=false"], 32, False),
+    # same batches in the same order as hf_gc: padding-free varlen attention, Liger kernels, no recomputation
+    "ours_same": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
+                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 32, False),
+    # the fast setting: 4x larger padding-free micro-batches (same rows seen as hf_gc in a quarter of the steps)
+    "ours_fast": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=false",
+                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 8, True),
+    # under a 16 GiB budget: recomputation on, the largest padding-free micro-batch the planner lets fit
+    "ours_16gib": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=true",
+                    "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
+                    "train.memory_budget_gib=16"], 8, True),
+}
+REFERENCE = "hf_gc"
+
+
+def _losses(work: Path) -> list[float]:
+    tsv = work / "dvclive/train/plots/metrics/train/loss.tsv"
+    with open(tsv) as f:
+        return [float(row["loss"]) for row in csv.DictReader(f, delimiter="\t")]
+
+
+def run_one(name: str, args) -> dict:
+    """Inside the per-configuration process: train K steps through the stage, optionally score held-out rows."""
+    import torch
+    from transformers import TrainerCallback
+
+    from tasks import paths
+    from tasks.base_model import load_tokenizer
+    from tasks.evaluate import answer_loss, make_batches
+    from tasks.train import load_rows, train
+
+    overrides, steps, heldout = CONFIGS[name]
+    work = args.work / name
+    params = recipe_params(work, args.model_dir, args.data, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
+    os.chdir(work)
+    base = args.work / "data"
+    for sub in ("formatted",):  # the data prepared once, shared by every configuration
+        link = work / "data" / sub
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(base / sub)
+    result: dict = {}
+
+    class HeldOut(TrainerCallback):
+        def on_train_end(self, _args, state, control, model=None, **kw):
+            if heldout:
+                tok = load_tokenizer(params.model)
+                batches = make_batches(tok, load_rows(paths.EVAL_ROWS), params.model.max_length, 8)
+                model.eval()
+                result["heldout_loss"] = round(answer_loss(model, batches)[0], 5)
+                model.train()
+
+    metrics = train(params, extra_callbacks=[HeldOut()])
+    tps = metrics["steady_tokens_per_second"]
+    losses = _losses(work)
+    return {
+        "name": name, "overrides": overrides, "steps": metrics["steps"], "micro_batch": metrics["micro_batch"],
+        "grad_accum": metrics["grad_accum"], "tokens_seen": metrics["tokens_seen"],
+        "tokens_per_second": tps, "mfu": round(tps * 4 * 6.74e9 / H100_BF16_DENSE_FLOPS, 4) if tps else None,
+        "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
+        "predicted_peak_gib": metrics["predicted_peak_gib"], "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
+        "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
+        "mean_loss": round(sum(losses) / len(losses), 5), "losses": losses, **result,
+        "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--shape", default="llama2-7b", help="llama2-7b, or smoke for a CPU check of this script")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("-S", dest="overrides", action="append", default=[], help="override for every configuration")
+    ap.add_argument("--run-one", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.work = args.work.resolve()
+    if args.run_one:
+        print("RESULT " + json.dumps(run_one(args.run_one, args)))
+        return
+
+    from benchmarks.build_random_llama import SHAPES, build
+
+    build(args.model_dir, args.tokenizer, SHAPES[args.shape])
+    if not (args.work / "data/formatted/train.jsonl").exists():
+        prepare_data(args.work, recipe_params(args.work, args.model_dir, args.data))
+    results = {}
+    for name in args.configs.split(","):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-one", name], capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            results[name] = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
+            print(f"{name}: FAILED\n{results[name]['error']}")
+        else:
+            results[name] = json.loads(line[7:])
+            r = results[name]
+            print(f"{name:11s} {r['tokens_per_second'] or 0:8.0f} tok/s  peak {r['peak_allocated_gib']} GiB "
+                  f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
+                  f"{r['max_micro_batch_tokens']} tokens)  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+                  f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]", flush=True)
+        save(args.out, {"results": results, "reference": REFERENCE})
+    ref = results.get(REFERENCE, {}).get("tokens_per_second")
+    if ref:
+        for name, r in results.items():
+            if r.get("tokens_per_second"):
+                r["speedup_vs_reference"] = round(r["tokens_per_second"] / ref, 2)
+                print(f"{name:11s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
+    save(args.out, {"results": results, "reference": REFERENCE})
+
+
+if __name__ == "__main__":
+    main()
