@@ -1,46 +1,56 @@
-"""Shared by the GPU benchmarks: compose the real recipe's params against local files, prepare the data."""
+"""Shared by the GPU benchmarks.
+
+The GPU machine has no DVC, Hydra or great-expectations, so the data stages run here first
+(benchmarks/prepare_bench.py writes .bench/recipe: params.yaml + data/formatted), and the GPU side
+only loads those params, applies `key=value` overrides, and runs the train and evaluate stages.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
-from flows.params import compose_params
-from tasks.config import Params, load_params
+import yaml
+
+from tasks.config import Params
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / ".bench" / "recipe"
 H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak
+LLAMA2_7B_PARAMS = 6.74e9
 
 
-def recipe_params(work: Path, model_dir: Path, data: Path, overrides: list[str] = ()) -> Params:
-    """params.yaml of preset llama2_7b_guanaco pointed at local files, composed into `work` (as dvc exp run -S would)."""
-    work.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(ROOT / "conf", work / "conf", dirs_exist_ok=True)
-    compose_params(work, ["preset=llama2_7b_guanaco", "download.source=local", f"download.path={data.resolve()}",
-                          f"model.base={model_dir.resolve()}", *overrides])
-    return load_params(work / "params.yaml")
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`train.batch_size=8`-style overrides (values parsed as YAML) on a params dict."""
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"unknown param {key}")
+        node[leaf] = yaml.safe_load(raw)
+    return data
 
 
-def prepare_data(work: Path, params: Params) -> dict:
-    """download -> validate -> format in `work`, through the stage functions; returns stage wall times."""
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+def bench_params(bench: Path, model_dir: Path | None, overrides: list[str] = ()) -> Params:
+    data = yaml.safe_load((bench / "params.yaml").read_text())
+    if model_dir is not None:
+        data["model"]["base"] = str(model_dir.resolve())
+    if data["model"].get("tokenizer") and not Path(data["model"]["tokenizer"]).is_absolute():
+        data["model"]["tokenizer"] = str(ROOT / data["model"]["tokenizer"])
+    return Params.model_validate(apply_overrides(data, list(overrides)))
 
-    cwd, times = os.getcwd(), {}
-    os.chdir(work)
-    try:
-        for name, fn in (("download", lambda: download(params.download)), ("validate", lambda: validate(params)),
-                         ("format", lambda: format_rows(params.format, params.model))):
-            start = time.perf_counter()
-            fn()
-            times[name] = round(time.perf_counter() - start, 2)
-    finally:
-        os.chdir(cwd)
-    return times
+
+def workspace(bench: Path, work: Path, params: Params) -> Path:
+    """A scratch project dir holding the prepared formatted data and the params the run uses."""
+    (work / "data").mkdir(parents=True, exist_ok=True)
+    if not (work / "data" / "formatted").exists():
+        shutil.copytree(bench / "data" / "formatted", work / "data" / "formatted")
+    (work / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
+    return work
 
 
 def save(out: Path, data: dict) -> None:

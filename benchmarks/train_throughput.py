@@ -7,14 +7,13 @@ its own process so peak-memory figures do not mix. Printed and saved per configu
 MFU (4·N FLOPs a token), the mean training loss over the first K steps, and (where asked) the held-out
 answer loss after training.
 
-    python benchmarks/train_throughput.py --model-dir /tmp/llama-2-7b-random --tokenizer .bench/llama-2-tokenizer \
-        --data .bench/guanaco-llama2-1k/train.parquet --work /tmp/tp --out throughput.json [--configs hf_gc,ours_fast]
+    python benchmarks/train_throughput.py --model-dir /tmp/llama-2-7b-random \
+        --work /tmp/tp --out throughput.json [--configs hf_gc,ours_fast]   (after benchmarks/prepare_bench.py)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import H100_BF16_DENSE_FLOPS, prepare_data, recipe_params, save  # noqa: E402
+from benchmarks.common import BENCH, H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_params, save, workspace  # noqa: E402
 
 COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
 # name: (param overrides, optimizer steps, measure held-out loss)
@@ -51,12 +50,6 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
 REFERENCE = "hf_gc"
 
 
-def _losses(work: Path) -> list[float]:
-    tsv = work / "dvclive/train/plots/metrics/train/loss.tsv"
-    with open(tsv) as f:
-        return [float(row["loss"]) for row in csv.DictReader(f, delimiter="\t")]
-
-
 def run_one(name: str, args) -> dict:
     """Inside the per-configuration process: train K steps through the stage, optionally score held-out rows."""
     import torch
@@ -69,17 +62,16 @@ def run_one(name: str, args) -> dict:
 
     overrides, steps, heldout = CONFIGS[name]
     work = args.work / name
-    params = recipe_params(work, args.model_dir, args.data, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
-    os.chdir(work)
-    base = args.work / "data"
-    for sub in ("formatted",):  # the data prepared once, shared by every configuration
-        link = work / "data" / sub
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(base / sub)
+    params = bench_params(args.bench, args.model_dir, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
+    os.chdir(workspace(args.bench, work, params))
     result: dict = {}
+    losses: list[float] = []
 
     class HeldOut(TrainerCallback):
+        def on_log(self, _args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
         def on_train_end(self, _args, state, control, model=None, **kw):
             if heldout:
                 tok = load_tokenizer(params.model)
@@ -90,11 +82,10 @@ def run_one(name: str, args) -> dict:
 
     metrics = train(params, extra_callbacks=[HeldOut()])
     tps = metrics["steady_tokens_per_second"]
-    losses = _losses(work)
     return {
         "name": name, "overrides": overrides, "steps": metrics["steps"], "micro_batch": metrics["micro_batch"],
         "grad_accum": metrics["grad_accum"], "tokens_seen": metrics["tokens_seen"],
-        "tokens_per_second": tps, "mfu": round(tps * 4 * 6.74e9 / H100_BF16_DENSE_FLOPS, 4) if tps else None,
+        "tokens_per_second": tps, "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4) if tps else None,
         "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
         "predicted_peak_gib": metrics["predicted_peak_gib"], "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
         "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
@@ -106,9 +97,8 @@ def run_one(name: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True)
-    ap.add_argument("--tokenizer", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--bench", type=Path, default=BENCH)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", default="llama2-7b", help="llama2-7b, or smoke for a CPU check of this script")
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -122,9 +112,7 @@ def main() -> None:
 
     from benchmarks.build_random_llama import SHAPES, build
 
-    build(args.model_dir, args.tokenizer, SHAPES[args.shape])
-    if not (args.work / "data/formatted/train.jsonl").exists():
-        prepare_data(args.work, recipe_params(args.work, args.model_dir, args.data))
+    build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
     results = {}
     for name in args.configs.split(","):
         start = time.perf_counter()

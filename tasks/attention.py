@@ -11,6 +11,9 @@ through to the stock SDPA implementation unchanged.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 
@@ -32,10 +35,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     cu_seq = cu_seq.to(device=query.device, dtype=torch.int32)
     gqa = k.shape[1] != q.shape[1]
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
         longest = int(kwargs.get("max_length_q") or int(cu_seq.diff().max()))
-        out = varlen_attn(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, window_size=(-1, 0), enable_gqa=gqa)
+        out = _varlen_kernel()(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, **_causal_kwargs(gqa))
     else:
         bounds = cu_seq.tolist()
         out = torch.cat([
@@ -44,6 +45,40 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
             for s, e in zip(bounds[:-1], bounds[1:])
         ])
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the stock implementations return
+
+
+@functools.cache
+def _varlen_kernel():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    return frozenset(inspect.signature(_varlen_kernel()).parameters)
+
+
+def _causal_kwargs(gqa: bool) -> dict:
+    """Causal masking is `window_size=(-1, 0)` in newer PyTorch, `is_causal=True` in the first releases of the API."""
+    params = _varlen_params()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if gqa:
+        if "enable_gqa" not in params:
+            raise NotImplementedError("this PyTorch's varlen attention has no grouped-query support")
+        kwargs["enable_gqa"] = True
+    return kwargs
+
+
+def available() -> bool:
+    """Whether padding-free training can run here: any CPU, or a CUDA PyTorch with varlen attention."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        _varlen_kernel()
+        return True
+    except ImportError:
+        return False
 
 
 def _mask(*args, attention_mask=None, **kwargs):

@@ -60,6 +60,8 @@ def preflight(params: Params) -> None:
         problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
     if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append("this GPU has no bf16: set train.precision=fp16 and quant.compute_dtype=float16")
+    if t.padding_free and not attention_impl.available():
+        problems.append("train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA")
     if problems:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
 
@@ -130,7 +132,6 @@ def sft_config(params: Params, output_dir: Path, est: Estimate):
 
 
 def _callbacks(resume: bool):
-    from dvclive import Live
     from transformers import TrainerCallback
     from transformers.integrations import DVCLiveCallback
 
@@ -177,6 +178,11 @@ def _callbacks(resume: bool):
             if logs is not None and self.t0 is not None:
                 logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens0) / (time.perf_counter() - self.t0), 1)
 
+    try:
+        from dvclive import Live
+    except ImportError:  # a bare GPU box running only the stage code: train without the live plots
+        log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
+        return Guard(), TrainerCallback()
     live = Live(dir=str(paths.DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
     return Guard(), DVCLiveCallback(live=live)
 
