@@ -29,23 +29,30 @@ COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=
 # name: (param overrides, optimizer steps, measure held-out loss)
 CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
-    "notebook": (["train.batch_size=1", "train.grad_accum=4", "train.precision=fp32", "quant.compute_dtype=float16",
+    "notebook": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=1", "train.grad_accum=4", "train.precision=fp32", "quant.compute_dtype=float16",
                   "train.gradient_checkpointing=true", "train.group_by_length=false"], 8, False),
     # plain transformers + peft + trl + bitsandbytes tuned by hand: bf16, batch 8, gradient checkpointing
-    "hf_gc": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
+    "hf_gc": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
                "train.group_by_length=false"], 32, True),
-    "hf_nogc": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
+    "hf_nogc": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
                  "train.group_by_length=false"], 32, False),
-    # same batches in the same order as hf_gc: padding-free varlen attention, Liger kernels, no recomputation
+    # the pipeline's fast setting, same batches in the same order as hf_gc (same math): padding-free varlen
+    # attention, Liger kernels, no recomputation
     "ours_same": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 32, False),
-    # the fast setting: 4x larger padding-free micro-batches (same rows seen as hf_gc in a quarter of the steps)
-    "ours_fast": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 8, True),
-    # under a 16 GiB budget: recomputation on, the largest padding-free micro-batch the planner lets fit
-    "ours_16gib": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=true",
+                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 32, True),
+    # the same under a 16 GiB budget: recomputation back on (still the same batches in the same order)
+    "ours_16gib": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
                     "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
-                    "train.memory_budget_gib=16"], 8, True),
+                    "train.memory_budget_gib=16"], 32, True),
+    # 4x larger micro-batches: more tokens/s, but 4x fewer optimizer steps for the same tokens, so not the same math
+    "big_batch": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=false",
+                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 8, True),
+    "big_batch_16gib": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=true",
+                         "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
+                         "train.memory_budget_gib=16"], 8, True),
+    # a further shape for checking the memory planner: small padded batches, no recomputation
+    "hf_nogc_b2": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=2", "train.grad_accum=1", "train.gradient_checkpointing=false",
+                    "train.group_by_length=false"], 12, False),
 }
 REFERENCE = "hf_gc"
 

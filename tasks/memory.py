@@ -1,11 +1,12 @@
 """Memory planner: predict peak GPU memory of a QLoRA run from its config, before loading anything.
 
 Peak allocated memory = 4-bit base weights + unquantized weights (embeddings, lm_head, norms)
-+ LoRA params, grads and optimizer state + activations of one micro-batch + the logits/loss tensors.
++ LoRA params, grads and optimizer state + activations of one micro-batch (trl's fused LM head keeps
+the logits to chunks, so they add nothing measurable).
 Activation bytes per token per layer come from the tensors autograd keeps in a Llama decoder layer
 (norms, LoRA dropout inputs, RoPE'd q/k, SDPA inputs/outputs, the SwiGLU MLP); with gradient
 checkpointing only each layer's input is kept, plus one layer recomputed at a time. The constants
-were fitted and then checked against torch.cuda.max_memory_allocated on an H100 (README, Performance).
+were fitted on one H100 run and checked on other configurations in another (README, Performance).
 
 Given train.memory_budget_gib, `plan()` keeps the effective batch (batch_size x grad_accum) and picks
 the largest micro-batch that fits, or says what to change when nothing does.
@@ -19,14 +20,15 @@ from tasks.config import Params
 from tasks.errors import PipelineError
 
 GIB = 2**30
-# Bytes kept for backward, per token per decoder layer, as multiples of hidden (h) and intermediate (i)
-# sizes, for 2-byte activations. Fitted on the GPU (see benchmarks/train_throughput.py --calibrate).
-ACT_PER_H = 34.0
-ACT_PER_I = 8.0
-LORA_PER_R = 4.0  # LoRA A outputs and dropout masks, per target module, per token, per unit of r
-LOGIT_BYTES = 10.0  # per token per vocab entry: bf16 logits + fp32 upcast + fp32 softmax/grad
-FUSED_LOGIT_BYTES = 0.5  # fused linear cross-entropy keeps only chunks of logits
-WORKSPACE_GIB = 0.35  # cuBLAS workspaces, dequantization buffers, allocator slack
+# Bytes kept for backward, per token per decoder layer, as multiples of the hidden (h) and intermediate
+# (i) sizes, for 2-byte activations. Fitted to torch.cuda.max_memory_allocated of six configurations of
+# the 7B recipe on an H100 (benchmarks/results/throughput_h100_run1.json: 0.7k to 16k tokens a
+# micro-batch, with and without recomputation and Liger): slope 4.88 MiB/token without Liger and
+# 3.63 MiB/token with it, intercept = weights + LoRA state.
+ACT_PER_H = 17.5  # norms, q/k/v/o inputs and outputs, RoPE, attention, LoRA dropout inputs
+ACT_PER_I = 8.0  # SwiGLU: gate, up, activation, product
+ACT_PER_I_LIGER = 4.0  # Liger's fused SwiGLU keeps only gate and up
+WORKSPACE_GIB = 0.0  # trl's fused LM head keeps only chunks of logits; no other term showed in the fit
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,6 @@ class Estimate:
     base_weights_gib: float
     lora_state_gib: float
     activations_gib: float
-    logits_gib: float
     workspace_gib: float
     peak_gib: float
     micro_batch: int
@@ -64,7 +65,7 @@ class Estimate:
 
     def describe(self) -> str:
         return (f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
-                f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}, logits {self.logits_gib:.2f}) "
+                f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
                 f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}")
 
 
@@ -94,16 +95,14 @@ def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, 
     optim = 2 if "8bit" in t.optimizer else 8
     lora_state = n_lora * (2 * lora_param + optim)
 
-    per_layer = ACT_PER_H * shape.hidden + ACT_PER_I * shape.intermediate + LORA_PER_R * lora.r * len(targets)
+    per_layer = ACT_PER_H * shape.hidden + (ACT_PER_I_LIGER if t.liger_kernels else ACT_PER_I) * shape.intermediate
     per_layer *= act_bytes / 2
-    if t.gradient_checkpointing:
+    if t.gradient_checkpointing:  # each layer's input kept, one layer's activations rebuilt at a time
         activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
-    logit_bytes = FUSED_LOGIT_BYTES if getattr(t, "liger_kernels", False) else LOGIT_BYTES
-    logits = tokens * shape.vocab * logit_bytes
 
-    parts = [weights / GIB, lora_state / GIB, activations / GIB, logits / GIB, WORKSPACE_GIB]
+    parts = [weights / GIB, lora_state / GIB, activations / GIB, WORKSPACE_GIB]
     return Estimate(*[round(p, 3) for p in parts], peak_gib=round(sum(parts), 3), micro_batch=micro_batch,
                     grad_accum=t.grad_accum * t.batch_size // micro_batch, tokens_per_micro_batch=tokens)
 

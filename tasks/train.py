@@ -149,12 +149,17 @@ def _callbacks(resume: bool):
             """Record the largest micro-batch (in tokens) the model is fed: what the peak memory depends on."""
             self.max_tokens = 0
 
-            def hook(_module, args, kwargs):
+            def hook(module, args, kwargs):
                 ids = kwargs.get("input_ids", args[0] if args else None)
-                if ids is not None:
+                if ids is not None and module.training:
                     self.max_tokens = max(self.max_tokens, ids.numel())
 
             model.register_forward_pre_hook(hook, with_kwargs=True)
+
+        def on_train_end(self, args, state, control, **kw):
+            # Read here, before any later callback (a benchmark's held-out pass, say) allocates more.
+            self.peak_allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
 
         def on_step_end(self, args, state, control, **kw):
             if torch.cuda.is_available():
@@ -187,8 +192,8 @@ def _callbacks(resume: bool):
     return Guard(), DVCLiveCallback(live=live)
 
 
-def _peak_memory_gib() -> float | None:
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
@@ -251,8 +256,8 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "wall_seconds": round(wall, 2),
         "resumed": resume,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "peak_memory_gib": _peak_memory_gib(),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
+        "peak_memory_gib": _round(guard.peak_allocated),
+        "peak_reserved_gib": _round(guard.peak_reserved),
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": guard.max_tokens,
         "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, est.micro_batch, guard.max_tokens).peak_gib,
