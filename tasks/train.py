@@ -84,6 +84,10 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
     """True when checkpoint_dir holds checkpoints of this very run; stale ones are removed."""
     marker = checkpoint_dir / FINGERPRINT
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+        for ckpt in checkpoint_dir.glob("checkpoint-*"):
+            if not (ckpt / "trainer_state.json").exists():  # killed while writing it: unusable
+                log.info("removing incomplete checkpoint %s", ckpt)
+                shutil.rmtree(ckpt)
         return any(checkpoint_dir.glob("checkpoint-*"))
     if checkpoint_dir.exists():
         log.info("removing checkpoints of a different run in %s", checkpoint_dir)

@@ -1,0 +1,155 @@
+"""Training guards: memory planner, NaN stop, preflight, and resume after a SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import LlamaConfig
+
+from benchmarks.build_random_llama import LLAMA2_7B_CHAT
+from tasks import paths
+from tasks.errors import PipelineError
+from tasks.memory import ModelShape, estimate, plan
+from tests.conftest import ROOT, with_params
+
+LLAMA_7B = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    from flows.params import compose_params
+    from tasks.config import load_params
+
+    work = tmp_path_factory.mktemp("recipe")
+    shutil.copytree(ROOT / "conf", work / "conf")
+    compose_params(work, ["preset=llama2_7b_guanaco"])
+    return load_params(work / "params.yaml")
+
+
+def test_planner_weights_and_scaling(recipe):
+    p = with_params(recipe, **{"train.batch_size": 8, "train.gradient_checkpointing": False, "train.liger_kernels": False})
+    e = estimate(LLAMA_7B, p)
+    assert 3.7 < e.base_weights_gib < 4.0  # 6.5B params at 4.5 bits + bf16 embeddings and lm_head
+    assert 0.3 < e.lora_state_gib < 0.45  # 33.5M LoRA params: bf16 weight + grad + fp32 Adam moments
+    assert 40 < e.peak_gib < 47  # measured 43.3 GiB on an H100 (benchmarks/results/throughput_h100.json)
+    gc = estimate(LLAMA_7B, with_params(p, **{"train.gradient_checkpointing": True}))
+    assert 6.5 < gc.peak_gib < 9 and gc.activations_gib < e.activations_gib / 5
+    half = estimate(LLAMA_7B, p, micro_batch=4)
+    assert half.activations_gib == pytest.approx(e.activations_gib / 2, rel=1e-3)
+
+
+def test_planner_keeps_the_effective_batch_within_budget(recipe):
+    p = with_params(recipe, **{"train.batch_size": 8, "train.grad_accum": 2, "train.gradient_checkpointing": False})
+    chosen = plan(LLAMA_7B, p, budget_gib=24)
+    assert chosen.peak_gib <= 24 and chosen.micro_batch < 8
+    assert chosen.micro_batch * chosen.grad_accum == 16
+    assert plan(LLAMA_7B, p, budget_gib=None).micro_batch == 8
+
+
+def test_planner_says_what_to_change_when_nothing_fits(recipe):
+    p = with_params(recipe, **{"train.gradient_checkpointing": False, "model.max_length": 4096})
+    with pytest.raises(PipelineError, match="gradient_checkpointing") as err:
+        plan(LLAMA_7B, p, budget_gib=6)
+    assert "max_length" in str(err.value) and "6" in str(err.value)
+
+
+def test_train_stage_uses_the_planned_micro_batch(workdir, params):
+    from tasks.download import download
+    from tasks.format import format_rows
+    from tasks.train import train
+    from tasks.validate import validate
+
+    download(params.download)
+    validate(params)
+    format_rows(params.format, params.model)
+    worst = estimate(ModelShape.from_config(_tiny_config()), params).peak_gib
+    budget = estimate(ModelShape.from_config(_tiny_config()), params, micro_batch=2).peak_gib + 1e-4
+    assert budget < worst
+    metrics = train(with_params(params, **{"train.memory_budget_gib": budget, "train.max_steps": 2}))
+    assert (metrics["micro_batch"], metrics["grad_accum"]) == (2, 2 * params.train.grad_accum)
+
+
+def _tiny_config():
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(paths.TINY_BASE_DIR)
+
+
+def test_nan_loss_stops_training_and_writes_no_adapter(workdir, params):
+    from tasks.download import download
+    from tasks.format import format_rows
+    from tasks.train import train
+    from tasks.validate import validate
+
+    download(params.download)
+    validate(params)
+    format_rows(params.format, params.model)
+    with pytest.raises(PipelineError, match="loss became nan"):
+        train(with_params(params, **{"train.learning_rate": 1e6, "train.max_steps": 20, "train.logging_steps": 1}))
+    assert not paths.ADAPTER_DIR.exists() and not paths.TRAIN_METRICS.exists()
+
+
+def test_preflight_rejects_gpu_only_settings_before_loading(params):
+    from tasks.train import preflight
+
+    with pytest.raises(PipelineError, match="paged_adamw_32bit needs a CUDA GPU"):
+        preflight(with_params(params, **{"train.optimizer": "paged_adamw_32bit"}))
+    with pytest.raises(PipelineError, match="liger_kernels needs a CUDA GPU"):
+        preflight(with_params(params, **{"train.liger_kernels": True}))
+
+
+def _project(root: Path, params) -> Path:
+    """A scratch project with formatted data and params.yaml, for running stages as processes."""
+    shutil.copytree(ROOT / "data" / "sample", root / "data" / "sample")
+    if (ROOT / paths.TINY_BASE_DIR).exists():
+        shutil.copytree(ROOT / paths.TINY_BASE_DIR, root / paths.TINY_BASE_DIR)
+    (root / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
+    _run(root, "download")
+    _run(root, "validate")
+    _run(root, "format")
+    return root
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _run(root: Path, stage: str) -> None:
+    subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=_env(), check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
+    p = with_params(params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10,
+                               "train.logging_steps": 5})
+    straight = _project(tmp_path / "straight", p)
+    _run(straight, "train")
+    _run(straight, "evaluate")
+
+    killed = _project(tmp_path / "killed", p)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=killed, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = killed / paths.CHECKPOINT_DIR / "checkpoint-10" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    assert not (killed / paths.ADAPTER_DIR).exists()
+
+    _run(killed, "train")
+    _run(killed, "evaluate")
+    resumed = json.loads((killed / paths.TRAIN_METRICS).read_text())
+    assert resumed["resumed"] is True and resumed["steps"] == json.loads((straight / paths.TRAIN_METRICS).read_text())["steps"]
+    a = json.loads((straight / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
+    b = json.loads((killed / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
+    assert abs(a - b) < 1e-3, (a, b)
