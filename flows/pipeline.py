@@ -3,25 +3,33 @@
 Why through DVC rather than calling tasks.* directly: DVC already knows, per stage, whether its
 code, params and inputs changed, and writes dvc.lock. Asking it to run each stage (`dvc repro -s`)
 means a scheduled run skips exactly what `dvc repro` would skip and leaves the same lineage, while
-Prefect adds what DVC lacks: schedules, retries, logs and a run history. No stage logic lives here.
+Prefect adds what DVC lacks: schedules, retries, logs, artifacts and a run history. The one thing DVC
+cannot see is a Hub dataset that moved on; `check_source` compares the source's fingerprint with the
+one the last download recorded and, when it changed, has DVC re-run the download. No stage logic
+lives here.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 
+from flows import history
 from flows.params import compose_params
 from tasks import paths
+from tasks.config import load_params
+from tasks.download import recorded_fingerprint, source_fingerprint
 
 STAGES = ("download", "validate", "format", "train", "evaluate", "publish")
 # A Hub download can fail for passing reasons; nothing else is worth retrying (bad data stays bad).
 RETRIES = {"download": 3}
+NOISE = ("it/s]", "examples/s]", "s/it]")
 
 
 class StageFailed(RuntimeError):
@@ -32,17 +40,33 @@ def _dvc(args: list[str], project_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *args], cwd=project_dir, capture_output=True, text=True)
 
 
-@task(task_run_name="{stage}")
-def run_stage(stage: str, project_dir: str) -> bool:
-    """Run one DVC stage if anything it depends on changed; returns whether it ran."""
+@task
+def check_source(project_dir: str) -> bool:
+    """True when the source's content differs from what the last download recorded."""
     logger = get_run_logger()
-    proc = _dvc(["repro", "--single-item", stage], Path(project_dir))
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "it/s]" not in line and "examples/s]" not in line:
-            logger.info(line)
+    root = Path(project_dir)
+    params = load_params(root / "params.yaml").download
+    if params.source == "local" and not Path(params.path).is_absolute():
+        params = params.model_copy(update={"path": str(root / params.path)})
+    now, before = source_fingerprint(params), recorded_fingerprint(root / paths.SOURCE_RECORD)
+    changed = now is not None and before is not None and now != before
+    logger.info("source fingerprint now %s, at the last download %s: %s", now, before,
+                "changed" if changed else "unchanged" if now else "cannot tell (keeping what we have)")
+    return changed
+
+
+@task(task_run_name="{stage}")
+def run_stage(stage: str, project_dir: str, force: bool = False) -> bool:
+    """Run one DVC stage if anything it depends on changed (or `force`); returns whether it ran."""
+    logger = get_run_logger()
+    proc = _dvc(["repro", "--single-item", *(["--force"] if force else []), stage], Path(project_dir))
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not any(n in ln for n in NOISE)]
+    for line in lines:
+        logger.info(line)
     if proc.returncode != 0:
-        reason = "\n".join(line for line in proc.stderr.splitlines() if "ERROR" in line or line.startswith("  "))
-        raise StageFailed(f"stage {stage!r} failed (dvc exit {proc.returncode}):\n{reason or proc.stderr[-2000:]}")
+        # The stage's own message (file, rows, report location) is in its stderr: carry it into the task's failure.
+        detail = "\n".join(ln for ln in lines if not ln.startswith(("Running stage", "> python", "Updating lock")))
+        raise StageFailed(f"stage {stage!r} failed:\n{detail[-4000:]}")
     return f"Running stage '{stage}'" in proc.stdout
 
 
@@ -50,15 +74,18 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def summary_markdown(project_dir: Path, ran: dict[str, bool]) -> str:
+def summary_markdown(project_dir: Path, ran: dict[str, bool], outcome: str) -> str:
     val, ev = _read(project_dir / paths.VALIDATION_METRICS), _read(project_dir / paths.EVAL_METRICS)
+    lengths = _read(project_dir / paths.LENGTH_REPORT)
     lineage = _read(project_dir / paths.RELEASE_DIR / "lineage.json")
-    lines = ["# Guanaco QLoRA pipeline run", "", "| stage | ran |", "|---|---|"]
+    lines = ["# Guanaco QLoRA pipeline run", "", f"**Outcome**: {outcome}", "", "| stage | ran |", "|---|---|"]
     lines += [f"| {s} | {'yes' if r else 'up to date'} |" for s, r in ran.items()]
     if val:
-        lines += ["", f"**Validation**: {'passed' if val['success'] else 'FAILED'} on {val['rows']} rows; "
-                      f"tokens p50 {val['tokens_p50']}, p95 {val['tokens_p95']}, max {val['tokens_max']}; "
-                      f"{val['share_over_max_length']:.1%} over max_length."]
+        lines += ["", f"**Validation**: {'passed' if val['success'] else 'FAILED'} on {val['rows']} rows "
+                      f"({val.get('rows_excluded', 0)} left out); report `{paths.VALIDATION_RESULT}`."]
+    if lengths:
+        lines += [f"**Token lengths** ({lengths['tokenizer']}): p50 {lengths['percentiles']['p50']:.0f}, "
+                  f"p95 {lengths['percentiles']['p95']:.0f}, max {lengths['max']}; {lengths['policy_effect']}."]
     if ev:
         lines += ["", f"**Evaluation** ({ev['eval_rows']} held-out rows): loss base {ev['base']['loss']:.4f} -> "
                       f"tuned {ev['tuned']['loss']:.4f}; stop rate {ev['tuned']['stop_rate']:.0%}."]
@@ -67,25 +94,46 @@ def summary_markdown(project_dir: Path, ran: dict[str, bool]) -> str:
     return "\n".join(lines)
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
 @flow(name="guanaco-qlora-pipeline")
 def pipeline(preset: str | None = None, overrides: list[str] | None = None, project_dir: str = ".") -> dict:
     """Run the pipeline; `preset`/`overrides` recompose params.yaml exactly as `dvc exp run -S` would."""
     logger = get_run_logger()
     root = Path(project_dir).resolve()
+    started = _now()
     if preset or overrides:
         compose_params(root, ([f"preset={preset}"] if preset else []) + list(overrides or []))
         logger.info("params.yaml composed with preset=%s overrides=%s", preset, overrides)
     ran: dict[str, bool] = {}
-    for stage in STAGES:
-        stage_task = run_stage.with_options(
-            retries=RETRIES.get(stage, 0),
-            retry_delay_seconds=exponential_backoff(backoff_factor=10) if stage in RETRIES else 0,
-        )
-        ran[stage] = stage_task(stage, str(root))
-    create_markdown_artifact(summary_markdown(root, ran), key="guanaco-pipeline-summary",
-                             description="validation verdict, eval metrics and release of this run")
-    logger.info("stages run: %s", [s for s, r in ran.items() if r] or "none (up to date)")
-    return {"ran": ran}
+    outcome = "up to date"
+    try:
+        source_moved = check_source(str(root))
+        for stage in STAGES:
+            stage_task = run_stage.with_options(
+                retries=RETRIES.get(stage, 0),
+                retry_delay_seconds=exponential_backoff(backoff_factor=10) if stage in RETRIES else 0,
+            )
+            ran[stage] = stage_task(stage, str(root), force=source_moved and stage == "download")
+        if any(ran.values()):
+            outcome = "published" if ran["publish"] else "ran " + ", ".join(s for s, r in ran.items() if r)
+    except Exception:
+        outcome = f"failed at {next((s for s in STAGES if s not in ran), 'the end')}"
+        raise
+    finally:
+        lineage = _read(root / paths.RELEASE_DIR / "lineage.json")
+        history.append(root, {
+            "flow_run": str(runtime.flow_run.name or "local"), "flow_run_id": str(runtime.flow_run.id or ""),
+            "started_at": started, "finished_at": _now(), "outcome": outcome,
+            "stages_ran": [s for s, r in ran.items() if r],
+            "release_id": lineage["release"]["id"] if lineage else None,
+        })
+        create_markdown_artifact(summary_markdown(root, ran, outcome), key="guanaco-pipeline-summary",
+                                 description="validation verdict, lengths, eval metrics and release of this run")
+    logger.info("%s: stages run: %s", outcome, [s for s, r in ran.items() if r] or "none")
+    return {"ran": ran, "outcome": outcome}
 
 
 if __name__ == "__main__":

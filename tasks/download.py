@@ -120,6 +120,25 @@ def resolve_hub_revision(params: DownloadParams) -> str | None:
         return None
 
 
+def source_fingerprint(params: DownloadParams) -> str | None:
+    """What identifies the source's current content: a local file's sha256, or the Hub revision it serves now.
+
+    None when it cannot be told (the Hub unreachable): callers then keep what they have.
+    """
+    if params.source == "local":
+        path = Path(params.path)
+        return sha256_file(path) if path.is_file() else None
+    return resolve_hub_revision(params)
+
+
+def recorded_fingerprint(record_path: Path = paths.SOURCE_RECORD) -> str | None:
+    """The fingerprint the last download recorded (see `download`)."""
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    return record.get("file_sha256") or record.get("revision")
+
+
 def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source: Path = paths.SOURCE_RECORD) -> dict:
     """Fetch the rows, write them and their source record; returns the source record."""
     if params.source == "local":

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tasks import paths
-from tasks.artifacts import write_json, write_jsonl
+from tasks.artifacts import sha256_file, write_json, write_jsonl
 from tasks.base_model import load_base_model, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import render_prompt
@@ -88,7 +88,8 @@ def _summary(loss: float, tokens: int, gens: list[dict]) -> dict:
 
 
 def evaluate(params: Params, eval_rows: Path = paths.EVAL_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
-             metrics_path: Path = paths.EVAL_METRICS, generations_path: Path = paths.GENERATIONS) -> dict:
+             metrics_path: Path = paths.EVAL_METRICS, generations_path: Path = paths.GENERATIONS,
+             run_path: Path = paths.EVAL_RUN) -> dict:
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").exists():
@@ -114,6 +115,9 @@ def evaluate(params: Params, eval_rows: Path = paths.EVAL_ROWS, adapter_dir: Pat
         "tuned": _summary(tuned_loss, tokens, tuned_gens),
         "loss_improvement": round(base_loss - tuned_loss, 6),
     }
+    # What was evaluated, beside the metrics (not in them: `dvc metrics show` is for numbers).
+    write_json(run_path, {"adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+                          "eval_rows_sha256": sha256_file(eval_rows), "metrics_file": str(metrics_path)})
     write_jsonl(generations_path, (
         {"prompt": b["prompt"], "base": b["output"], "tuned": t["output"], "base_stopped": b["stopped"],
          "tuned_stopped": t["stopped"]} for b, t in zip(base_gens, tuned_gens)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from tasks import paths
-from tasks.artifacts import read_jsonl, sha256_file, write_json, write_jsonl
+from tasks.artifacts import read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
 from tasks.config import FormatParams, ModelParams, load_params
 from tasks.conversation import Conversation, near_duplicate_key, render_llama2
 from tasks.errors import PipelineError, run_main
@@ -29,7 +29,8 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
     if not conversations.exists():
         raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
     rows = read_jsonl(conversations)
-    report: dict = {"rows_in": len(rows), "length_policy": params.length_policy, "max_length": model.max_length}
+    report: dict = {"rows_in": len(rows), "input_sha256": sha256_file(conversations),  # the audit's link to validate
+                    "length_policy": params.length_policy, "max_length": model.max_length}
 
     if params.duplicates == "drop":
         report["dropped_duplicates"] = sum(r["is_duplicate"] for r in rows)
@@ -80,15 +81,17 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
     train = [r for r in ordered if r["row_index"] not in eval_ids]
     evals = [r for r in ordered if r["row_index"] in eval_ids]
 
-    train_path, eval_path = out_dir / paths.TRAIN_ROWS.name, out_dir / paths.EVAL_ROWS.name
-    write_jsonl(train_path, train)
-    write_jsonl(eval_path, evals)
-    report |= {
-        "train_rows": len(train), "eval_rows": len(evals),
-        "train_tokens": sum(r["n_tokens"] for r in train), "eval_tokens": sum(r["n_tokens"] for r in evals),
-        "train_sha256": sha256_file(train_path), "eval_sha256": sha256_file(eval_path),
-    }
-    write_json(out_dir / paths.FORMAT_REPORT.name, report)
+    # The three files are swapped in together: train, eval and their report always belong to one run.
+    with staged_dir(out_dir) as tmp:
+        train_path, eval_path = tmp / paths.TRAIN_ROWS.name, tmp / paths.EVAL_ROWS.name
+        write_jsonl(train_path, train)
+        write_jsonl(eval_path, evals)
+        report |= {
+            "train_rows": len(train), "eval_rows": len(evals),
+            "train_tokens": sum(r["n_tokens"] for r in train), "eval_tokens": sum(r["n_tokens"] for r in evals),
+            "train_sha256": sha256_file(train_path), "eval_sha256": sha256_file(eval_path),
+        }
+        write_json(tmp / paths.FORMAT_REPORT.name, report)
     log.info("formatted %d train / %d eval rows (%s)", len(train), len(evals), params.length_policy)
     return report
 

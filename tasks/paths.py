@@ -29,6 +29,7 @@ DVCLIVE_DIR = Path("dvclive/train")
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 GENERATIONS = Path("reports/generations.jsonl")
+EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows sha256), for the audit
 
 RELEASE_DIR = Path("release")  # publish: the versioned release folder
 

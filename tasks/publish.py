@@ -73,7 +73,8 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
         "base_model": {"id": params.model.base, "revision": params.model.revision,
                        "files_sha256": sha256_tree(base) if Path(base).is_dir() else None},
         "training": {**training, "metrics": read_json(_require(paths.TRAIN_METRICS, "train"))},
-        "evaluation": read_json(_require(paths.EVAL_METRICS, "evaluate")),
+        "evaluation": {**read_json(_require(paths.EVAL_METRICS, "evaluate")),
+                       "inputs": read_json(_require(paths.EVAL_RUN, "evaluate"))},
         "files_sha256": release_files,
     }
 

@@ -247,6 +247,7 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         # The training environment, recorded where it is true (publish copies it into the lineage).
         write_json(tmp / "training_run.json", {
             "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
+            "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
             "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
         })
     metrics = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks import paths
-from tasks.artifacts import read_jsonl, staged_dir, write_json, write_jsonl
+from tasks.artifacts import read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
 from tasks.base_model import load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
@@ -73,6 +73,7 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         write_json(tmp / paths.LENGTH_REPORT.name, report)
         write_json(tmp / paths.VALIDATION_RESULT.name, {
             "success": result["success"], "rules": result["rules"],
+            "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
             # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
             "excluded_rows": {str(i): broke for i, broke in sorted(excluded_rows(result).items())},
             "ge_result": result["ge_result"],

@@ -62,10 +62,8 @@ def project_files() -> list[str]:
     return [f for f in out if f and (ROOT / f).is_file()]
 
 
-@pytest.fixture
-def project_copy(tmp_path) -> Path:
-    """A fresh git + DVC project holding the repository's files, as a user's clone would."""
-    dest = tmp_path / "project"
+def make_project_copy(dest: Path) -> Path:
+    """A fresh git + DVC project at `dest` holding the repository's files, as a user's clone would."""
     skip = ("dvc.lock", "metrics/", "dvclive/", "reports/lengths.png")
     for rel in project_files():
         if rel.startswith(skip):
@@ -77,6 +75,17 @@ def project_copy(tmp_path) -> Path:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "clone"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    return make_project_copy(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def new_project():
+    """make_project_copy, for fixtures of a wider scope than a test."""
+    return make_project_copy
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,51 @@
+"""The run history: one JSON line per pipeline run (scheduled or not), and the command that lists it.
+
+    python -m flows.history            # a table of past runs, newest last
+    python -m flows.history --json     # the raw records
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tasks.artifacts import write_text
+
+HISTORY = Path("runs/history.jsonl")
+
+
+def append(project_dir: Path, record: dict) -> None:
+    path = project_dir / HISTORY
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    write_text(path, old + json.dumps(record, ensure_ascii=False) + "\n")  # atomic: never a torn line
+
+
+def read(project_dir: Path) -> list[dict]:
+    path = project_dir / HISTORY
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="List the pipeline's past runs.")
+    ap.add_argument("--project", type=Path, default=Path("."))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    runs = read(args.project)
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return
+    if not runs:
+        print(f"no runs recorded in {args.project / HISTORY}")
+        return
+    print(f"{'finished (UTC)':20s} {'flow run':22s} {'outcome':28s} {'stages run':44s} release")
+    for r in runs:
+        stages = ",".join(r.get("stages_ran") or []) or "-"
+        print(f"{r.get('finished_at', '?'):20s} {r.get('flow_run', '?')[:22]:22s} {r.get('outcome', '?')[:28]:28s} "
+              f"{stages[:44]:44s} {r.get('release_id') or '-'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""Lineage you can check: the audit command, tampering caught at the right link, no secrets in any output,
+and artifacts that survive the machine through the DVC remote.
+
+One real pipeline run (the Prefect flow, through DVC) with a planted Hub token feeds every test here;
+each test works on its own copy of that project.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.audit import audit, main as audit_main
+from tasks import paths
+from tasks.artifacts import sha256_tree
+
+pytestmark = pytest.mark.slow
+PLANTED = "hf_" + "PLANTED" + "secret0123456789abcdefTOKEN"  # built here so this file does not hold it
+OUTS = ("data/raw", "data/validated", "reports/validation", "data/formatted", "artifacts/adapter",
+        "reports/generations.jsonl", "reports/eval_run.json", "release")
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, prefect_harness, new_project):
+    """A fresh project taken through the whole flow with HF_TOKEN set, as a scheduled run would be."""
+    from flows.pipeline import pipeline
+
+    project = new_project(tmp_path_factory.mktemp("audit") / "project")
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = PLANTED
+    try:
+        result = pipeline(project_dir=str(project))
+    finally:
+        os.environ.pop("HF_TOKEN") if old is None else os.environ.__setitem__("HF_TOKEN", old)
+    assert result["outcome"] == "published"
+    return project
+
+
+@pytest.fixture
+def project(published, tmp_path) -> Path:
+    """This test's own copy of the published project (git history, DVC cache and all)."""
+    dest = tmp_path / "project"
+    shutil.copytree(published, dest, symlinks=True)
+    return dest
+
+
+def _first_failure(project: Path) -> str | None:
+    links = audit(project / paths.RELEASE_DIR)
+    return next((link.name for link in links if not link.ok), None)
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, capsys):
+    assert audit_main([str(project / paths.RELEASE_DIR)]) == 0
+    out = capsys.readouterr().out
+    for name in ("source", "raw data", "validation", "formatted data", "params", "code", "training",
+                 "evaluation", "release"):
+        assert f"OK   " in out and f". {name}" in out, name
+    assert "audit passed" in out
+    assert audit_main([str(project / paths.RELEASE_DIR), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and [link["name"] for link in report["links"]][0] == "source"
+
+
+def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
+    _flip_last_byte(project / paths.RELEASE_DIR / "adapter_model.safetensors")
+    assert _first_failure(project) == "release"
+    assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
+    assert "audit FAILED at link 'release': adapter_model.safetensors" in capsys.readouterr().out
+
+
+def test_an_edited_formatted_row_fails_at_the_formatted_data_link(project):
+    train = project / paths.TRAIN_ROWS
+    lines = train.read_text(encoding="utf-8").splitlines(keepends=True)
+    row = json.loads(lines[3])
+    row["text"] = row["text"].replace("[/INST]", "[/INST] Sure!", 1)
+    lines[3] = json.dumps(row, ensure_ascii=False) + "\n"
+    train.write_text("".join(lines), encoding="utf-8")
+    assert _first_failure(project) == "formatted data"
+
+
+def test_edited_raw_data_fails_at_the_raw_data_link(project):
+    raw = project / paths.RAW_ROWS
+    raw.write_text(raw.read_text(encoding="utf-8").replace("Assistant", "Assistent", 1), encoding="utf-8")
+    assert _first_failure(project) == "raw data"
+
+
+def test_a_rewritten_lineage_still_fails_where_the_stage_records_disagree(project):
+    """Someone swaps the adapter AND rewrites its hash in lineage.json: the training record still disagrees."""
+    release = project / paths.RELEASE_DIR
+    _flip_last_byte(release / "adapter_model.safetensors")
+    lineage = json.loads((release / "lineage.json").read_text())
+    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != "lineage.json"}
+    (release / "lineage.json").write_text(json.dumps(lineage))
+    links = {link.name: link for link in audit(release)}
+    assert not links["release"].ok
+    assert any("released adapter vs adapter trained" in p for p in links["release"].problems)
+
+
+def test_a_missing_artifact_is_named_with_what_to_do(project, capsys):
+    shutil.rmtree(project / paths.FORMATTED_DIR)
+    assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED at link 'formatted data'" in out and "dvc pull" in out
+    # The release on its own still checks out.
+    assert audit_main([str(project / paths.RELEASE_DIR), "--release-only"]) == 0
+
+
+def test_the_audit_says_when_the_folder_is_not_a_release(tmp_path, capsys):
+    assert audit_main([str(tmp_path)]) == 2
+    assert "lineage.json not found" in capsys.readouterr().err
+
+
+def test_the_planted_hub_token_is_in_no_output_log_or_prefect_artifact(published, prefect_harness):
+    """Every file the run wrote (DVC cache, release, metrics, history, lock...) and everything Prefect stored."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    leaks = [str(p) for p in published.rglob("*") if p.is_file() and ".git" not in p.parts
+             and PLANTED.encode() in p.read_bytes()]
+    assert leaks == []
+
+    async def stored() -> str:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts()
+            logs = await client.read_logs(log_filter=LogFilter(), limit=200)
+            runs = await client.read_flow_runs()
+        return json.dumps([a.model_dump(mode="json") for a in artifacts] + [l.model_dump(mode="json") for l in logs]
+                          + [r.model_dump(mode="json") for r in runs])
+
+    text = anyio.run(stored)
+    assert "guanaco-pipeline-summary" in text  # the run's artifact is there to be searched
+    assert PLANTED not in text
+
+
+def test_artifacts_survive_the_machine_through_the_dvc_remote(project):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def dvc(*args: str) -> str:
+        proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    before = {out: sha256_tree(project / out) for out in OUTS}
+    dvc("push")
+    remote = project.parent / "guanaco-dvc-storage"  # the default remote: beside the project, outside it
+    assert remote.is_dir() and any(remote.rglob("*"))
+    # A new machine: no outputs, no cache.
+    for out in OUTS:
+        target = project / out
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(project / ".dvc" / "cache")
+    dvc("pull")
+    assert {out: sha256_tree(project / out) for out in OUTS} == before
+    assert _first_failure(project) is None

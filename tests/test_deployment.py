@@ -1,0 +1,114 @@
+"""A real local Prefect server, the served deployment with its cron schedule, and retraining only on change."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import history
+
+pytestmark = pytest.mark.slow
+DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
+ALL = ["download", "validate", "format", "train", "evaluate", "publish"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120, "the Prefect server")
+        yield url, env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _trigger(url: str) -> str:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        run = run_deployment(DEPLOYMENT, timeout=900, poll_interval=2)
+    return run.state.type.value
+
+
+def _deployment(url: str):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    import anyio
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment_by_name(DEPLOYMENT)
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return anyio.run(read)
+
+
+def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, prefect_server, tmp_path):
+    url, env = prefect_server
+    served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--project-dir", str(project_copy),
+                               "--cron", "0 3 * * *"], cwd=project_copy,
+                              env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deployment = _wait(lambda: _deployment(url), 120, "the deployment to be registered")
+        crons = [s.schedule.cron for s in deployment.schedules]
+        assert crons == ["0 3 * * *"]
+
+        assert _trigger(url) == "COMPLETED"
+        first = history.read(project_copy)[-1]
+        assert first["stages_ran"] == ALL and first["outcome"] == "published" and first["release_id"]
+
+        start = time.perf_counter()
+        assert _trigger(url) == "COMPLETED"
+        no_change_seconds = time.perf_counter() - start
+        second = history.read(project_copy)[-1]
+        assert second["stages_ran"] == [] and second["outcome"] == "up to date"
+        print(f"\nno-change scheduled run: {no_change_seconds:.1f} s end to end")
+
+        sample = project_copy / "data/sample/guanaco_sample.jsonl"
+        sample.write_text(sample.read_text() + json.dumps(
+            {"text": "### Human: Name a prime number above 90.### Assistant: 97 is a prime number."}) + "\n")
+        assert _trigger(url) == "COMPLETED"
+        third = history.read(project_copy)[-1]
+        assert third["stages_ran"][:3] == ["download", "validate", "format"] and "publish" in third["stages_ran"]
+        assert third["release_id"] is not None
+    finally:
+        served.terminate()
+        served.wait(timeout=60)
