@@ -71,3 +71,31 @@ def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_c
     assert ran(dvc(project_copy, "repro")) == []
     second = pipeline(project_dir=str(project_copy))
     assert second["ran"] == {s: False for s in STAGES}
+
+
+def test_a_failed_validation_fails_its_task_with_the_report_location_and_nothing_downstream_runs(
+        project_copy, prefect_harness):
+    import anyio
+    from prefect.client.orchestration import get_client
+
+    from flows import history
+    from flows.pipeline import pipeline
+
+    sample = project_copy / "data/sample/guanaco_sample.jsonl"
+    bad = [json.dumps({"text": f"### Human: ### Assistant: answer {i}"}) for i in range(8)]  # empty user turns
+    sample.write_text(sample.read_text() + "\n".join(bad) + "\n")
+    state = pipeline(project_dir=str(project_copy), return_state=True)
+    assert state.is_failed()
+    message = str(state.result(raise_on_failure=False))
+    assert "stage 'validate' failed" in message and "reports/validation/result.json" in message
+    assert not (project_copy / paths.FORMATTED_DIR).exists() and not (project_copy / paths.RELEASE_DIR).exists()
+    assert history.read(project_copy)[-1]["outcome"] == "failed at validate"
+
+    async def task_states() -> dict[str, str]:
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+        return {r.name: r.state.type.value for r in runs if r.flow_run_id == state.state_details.flow_run_id}
+
+    states = anyio.run(task_states)
+    assert states["download"] == "COMPLETED" and states["validate"] == "FAILED"
+    assert "format" not in states  # never started
