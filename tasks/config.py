@@ -71,6 +71,20 @@ class LoraParams(_Strict):
     bias: Literal["none", "all", "lora_only"]
 
 
+class DistributedParams(_Strict):
+    mode: Literal["single", "ddp", "fsdp"] = Field(
+        description="single: one process; ddp: one full 4-bit copy per process; fsdp: FSDP-QLoRA (CUDA only)")
+    num_processes: int = Field(ge=1, description="processes (GPUs) accelerate launches; 1 for single, >= 2 otherwise")
+
+    @model_validator(mode="after")
+    def _processes(self) -> "DistributedParams":
+        if self.mode == "single" and self.num_processes != 1:
+            raise ValueError(f"mode single runs one process: set num_processes to 1 (or mode ddp for {self.num_processes})")
+        if self.mode != "single" and self.num_processes < 2:
+            raise ValueError(f"mode {self.mode} needs num_processes >= 2 (use mode single for one process)")
+        return self
+
+
 class TrainParams(_Strict):
     seed: int
     epochs: float = Field(gt=0)
@@ -92,11 +106,17 @@ class TrainParams(_Strict):
     padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
     liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
     memory_budget_gib: float | None = Field(gt=0, description="GPU memory to fit; the planner picks the micro-batch")
+    distributed: DistributedParams
 
     @model_validator(mode="after")
     def _steps(self) -> "TrainParams":
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or a positive number")
+        # batch_size x grad_accum is the global batch, split evenly over the processes (tasks/train.py).
+        n = self.distributed.num_processes
+        if (self.batch_size * self.grad_accum) % n:
+            raise ValueError(f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) is the global batch and "
+                             f"must divide evenly over distributed.num_processes ({n})")
         return self
 
 

@@ -4,14 +4,20 @@ Read top to bottom: tokenize the formatted rows into ids + answer-only labels, l
 build the SFTConfig from params, train (resuming a killed run from its last checkpoint), save the
 adapter atomically, write metrics. Guards: a NaN/inf loss or a CUDA OOM stops the run with a message
 that says what to change, and no adapter is written.
+
+With train.distributed.mode ddp/fsdp, `python -m tasks.train` re-launches itself as N workers through
+accelerate (tasks/distributed.py); each worker runs train() below, and rank 0 alone writes the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +26,8 @@ import torch
 from tasks import paths
 from tasks.artifacts import read_jsonl, sha256_file, sha256_text, staged_dir, write_json
 from tasks import attention as attention_impl
-from tasks.base_model import load_base_model, load_config, load_tokenizer
+from tasks import distributed
+from tasks.base_model import compute_dtype, load_base_model, load_config, load_tokenizer, resolve_base
 from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
@@ -62,6 +69,17 @@ def preflight(params: Params) -> None:
         problems.append("this GPU has no bf16: set train.precision=fp16 and quant.compute_dtype=float16")
     if t.padding_free and not attention_impl.available():
         problems.append("train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA")
+    d = t.distributed
+    if d.mode == "fsdp" and not cuda:
+        problems.append("train.distributed.mode=fsdp (FSDP-QLoRA) needs CUDA GPUs: it shards bitsandbytes 4-bit "
+                        "weights across GPUs (use mode ddp to run several processes on the CPU)")
+    if d.mode == "single" and cuda and torch.cuda.device_count() > 1 and not distributed.is_worker():
+        # `python -m tasks.train` restarts itself on one GPU (main below); this is for callers of train() in-process.
+        problems.append(f"{torch.cuda.device_count()} GPUs are visible to this one process: set CUDA_VISIBLE_DEVICES "
+                        "to one GPU, or train.distributed.mode=ddp with num_processes to use them all")
+    if d.mode != "single" and cuda and d.num_processes > torch.cuda.device_count():
+        problems.append(f"train.distributed.num_processes={d.num_processes} but {torch.cuda.device_count()} GPU(s) "
+                        "are visible (one process per GPU)")
     if problems:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
 
@@ -97,10 +115,27 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
     return False
 
 
-def sft_config(params: Params, output_dir: Path, est: Estimate):
+def per_rank_batch(micro_batch: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """Split the planned global batch (micro_batch x grad_accum = batch_size x grad_accum) over the processes.
+
+    Each rank's micro-batch is the largest divisor of its share that is at most the planned one (so it fits the
+    same memory), and micro x accum x world_size stays the global batch: the optimizer steps, the learning-rate
+    schedule and so the result do not depend on the number of processes.
+    """
+    total = micro_batch * grad_accum
+    if total % world_size:
+        raise PipelineError(f"the global batch (train.batch_size x train.grad_accum = {total}) does not divide "
+                            f"over {world_size} processes: change train.batch_size or train.grad_accum")
+    share = total // world_size
+    micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int = 1):
     from trl import SFTConfig
 
     t = params.train
+    micro_batch, grad_accum = per_rank_batch(est.micro_batch, est.grad_accum, world_size)
     return SFTConfig(
         output_dir=str(output_dir),
         seed=t.seed,
@@ -113,8 +148,8 @@ def sft_config(params: Params, output_dir: Path, est: Estimate):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        per_device_train_batch_size=est.micro_batch,  # the planner keeps batch_size x grad_accum
-        gradient_accumulation_steps=est.grad_accum,
+        per_device_train_batch_size=micro_batch,  # the planner keeps batch_size x grad_accum; split over ranks
+        gradient_accumulation_steps=grad_accum,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
         gradient_checkpointing=t.gradient_checkpointing,
@@ -132,10 +167,15 @@ def sft_config(params: Params, output_dir: Path, est: Estimate):
         report_to="none",  # dvclive is attached explicitly below, with our paths
         dataset_num_proc=None,
         use_cpu=not torch.cuda.is_available(),
+        # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
+        # fails with reentrant gradient checkpointing). On the CPU the workers' group is gloo (accelerate's choice
+        # for CPU too, unless this torch has MPI; named here so it is never MPI).
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
     )
 
 
-def _callbacks(resume: bool):
+def _callbacks(resume: bool, main_process: bool = True):
     from transformers import TrainerCallback
     from transformers.integrations import DVCLiveCallback
 
@@ -192,12 +232,57 @@ def _callbacks(resume: bool):
     except ImportError:  # a bare GPU box running only the stage code: train without the live plots
         log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
         return Guard(), TrainerCallback()
+    if not main_process:  # dvclive writes files: rank 0's alone (its logs already hold the loss of all ranks)
+        return Guard(), TrainerCallback()
     live = Live(dir=str(paths.DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
     return Guard(), DVCLiveCallback(live=live)
 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
+
+
+def _process_group(world: distributed.World):
+    """Under a launcher, join the workers' process group now rather than when the Trainer builds it: rank 0 must
+    go first where files are written (the tiny base, the checkpoint marker), and FSDP's cpu_ram_efficient_loading
+    reads the group while the base loads. The Trainer then reuses this group. None for a lone process."""
+    if world.size == 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    return PartialState(cpu=cpu, backend="gloo" if cpu else None)
+
+
+def _load_base(params: Params, attention: str, world: distributed.World):
+    """The 4-bit base for this process: as load_base_model loads it, except for several processes on GPUs.
+
+    ddp: each rank's full copy on its own GPU (load_base_model puts it on cuda:0, and accelerate refuses to train a
+    4-bit model on another device than the rank's). fsdp: FSDP-QLoRA as bitsandbytes/PEFT document it, no
+    device_map (FSDP places the shards; only rank 0 reads the weights) and the 4-bit weights stored in the model's
+    float dtype (bnb_4bit_quant_storage) so FSDP can flatten and shard them with the rest; PEFT's guide asks for
+    float32 storage under fp16 mixed precision. On the CPU every rank loads as a single run does.
+    These two placements belong in base_model.load_base_model; they live here to keep this change in the train stage.
+    """
+    if world.size == 1 or not torch.cuda.is_available():
+        return load_base_model(params.model, params.quant, attn_implementation=attention)
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    fsdp, q = params.train.distributed.mode == "fsdp", params.quant
+    dtype = compute_dtype(q)
+    storage = torch.float32 if dtype == torch.float16 else dtype
+    kwargs: dict = {"dtype": storage if fsdp else dtype, "attn_implementation": attention,
+                    "device_map": None if fsdp else {"": world.local_rank}}
+    if q.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_quant_storage=storage if fsdp else torch.uint8)
+    where = resolve_base(params.model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, revision=None if Path(where).exists() else params.model.revision,
+                                                    **kwargs)
+    except OSError as e:
+        raise PipelineError(f"could not load the base model {where!r}: {e}") from None
 
 
 def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
@@ -207,22 +292,26 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
     from trl import SFTTrainer
 
     preflight(params)
+    world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
+    group = _process_group(world)
     rows = load_rows(train_rows)
-    tokenizer = load_tokenizer(params.model)
-    dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
-    shape, est = memory_plan(params)
-    fingerprint = run_fingerprint(params, train_rows)
-    resume = resumable_checkpoint(checkpoint_dir, fingerprint)
+    # Rank 0 first: it builds the tiny base if missing and prunes stale checkpoints; the others then find them done.
+    with group.main_process_first() if group else contextlib.nullcontext():
+        tokenizer = load_tokenizer(params.model)
+        dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
+        shape, est = memory_plan(params)
+        fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
+        resume = resumable_checkpoint(checkpoint_dir, fingerprint)
 
     attention = attention_impl.register() if params.train.padding_free else "sdpa"
-    model = load_base_model(params.model, params.quant, attn_implementation=attention)
+    model = _load_base(params, attention, world)
     lora = LoraConfig(
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
     )
-    guard, live = _callbacks(resume)
+    guard, live = _callbacks(resume, main_process=world.rank == 0)
     trainer = SFTTrainer(
-        model=model, args=sft_config(params, checkpoint_dir, est), train_dataset=dataset,
+        model=model, args=sft_config(params, checkpoint_dir, est, world.size), train_dataset=dataset,
         processing_class=tokenizer, peft_config=lora, callbacks=[guard, live, *(extra_callbacks or [])],
     )
     guard.watch(trainer.model)
@@ -241,17 +330,43 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         ) from None
     wall = time.perf_counter() - start
     state = trainer.state
+    args = trainer.args
+    layout = {"mode": params.train.distributed.mode, "world_size": args.world_size,
+              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None}
 
-    with staged_dir(adapter_dir) as tmp:
-        trainer.model.save_pretrained(tmp)
-        # The training environment, recorded where it is true (publish copies it into the lineage).
-        write_json(tmp / "training_run.json", {
-            "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
-            "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
-            "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
-        })
+    # Several processes: all have finished training (and writing their last checkpoint files) before rank 0 saves
+    # and removes the checkpoints. Under FSDP the adapter's weights are sharded: gathering them is a collective that
+    # every rank joins (rank 0 receives the LoRA weights). A no-op in a single process.
+    trainer.accelerator.wait_for_everyone()
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    fsdp_weights = distributed.fsdp_adapter_state(trainer.model, peft_model.active_adapter) if trainer.is_fsdp_enabled else None
+    # The Trainer's training_loss averages the all-gathered loss of each logging window, but the steps after the last
+    # logging step with this rank's loss alone: the mean over ranks makes it all ranks' loss throughout.
+    train_loss = trainer.accelerator.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device),
+                                            reduction="mean").item()
+    # Each GPU's own peak (the ranks differ: rank 0 gathers the FSDP state dict, and their batches differ).
+    peak_per_rank = None
+    if torch.cuda.is_available() and args.world_size > 1:
+        peaks = trainer.accelerator.gather(torch.tensor([guard.peak_allocated], device=args.device)).tolist()
+        peak_per_rank = {f"rank{i}": _round(x) for i, x in enumerate(peaks)}  # a dict: `dvc metrics show` flattens it
+    if trainer.is_world_process_zero():
+        with staged_dir(adapter_dir) as tmp:
+            if fsdp_weights is None:
+                peft_model.save_pretrained(tmp)
+            else:  # sharded weights: gathered above (PEFT's own save misses them under FSDP, see distributed.py)
+                distributed.save_adapter(peft_model, tmp, fsdp_weights, peft_model.active_adapter)
+            # The training environment, recorded where it is true (publish copies it into the lineage).
+            write_json(tmp / "training_run.json", {
+                "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
+                "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
+                "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
+                "distributed": layout,
+            })
+    # Under several processes: train_loss is the mean over ranks, tokens_seen and tokens/s count the tokens of all
+    # ranks (the Trainer all-gathers them): the whole job's throughput, not one GPU's. Memory figures are rank 0's
+    # GPU; micro_batch and grad_accum are per rank (micro x accum x world_size = the global batch).
     metrics = {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(float(train_loss), 6),
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 3),
         "train_rows": len(rows),
@@ -265,18 +380,34 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "peak_reserved_gib": _round(guard.peak_reserved),
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": guard.max_tokens,
-        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, est.micro_batch, guard.max_tokens).peak_gib,
-        "micro_batch": est.micro_batch,
-        "grad_accum": est.grad_accum,
+        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, args.per_device_train_batch_size,
+                                                          guard.max_tokens).peak_gib,
+        "micro_batch": args.per_device_train_batch_size,
+        "grad_accum": args.gradient_accumulation_steps,
+        "distributed_mode": layout["mode"],
+        **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),  # several GPUs: each one's peak
+        "world_size": layout["world_size"],
     }
-    write_json(metrics_path, metrics)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    if trainer.is_world_process_zero():
+        write_json(metrics_path, metrics)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
     log.info("trained %d steps, loss %.4f, %.0f tokens/s", metrics["steps"], metrics["train_loss"], metrics["tokens_per_second"])
     return metrics
 
 
 def main() -> None:
-    train(load_params())
+    distributed.die_with_launcher()  # a worker of launch() below: stop when the launching process is killed
+    params = load_params()
+    pinned = distributed.one_gpu_env(params, torch.cuda.device_count())
+    if pinned is not None:  # mode single on a multi-GPU box: restart this stage seeing one GPU (CUDA reads it at start)
+        log.warning("train.distributed.mode=single with %d GPUs visible: training on GPU %s alone (set mode ddp or "
+                    "fsdp and num_processes to use them all)", torch.cuda.device_count(), pinned["CUDA_VISIBLE_DEVICES"])
+        os.execve(sys.executable, [sys.executable, "-m", distributed.MODULE], pinned)
+    if distributed.needs_launch(params):
+        preflight(params)  # fail here, before N processes start
+        sys.exit(distributed.launch(params))  # re-run this stage as N workers; their exit status is ours
+    train(params)
 
 
 if __name__ == "__main__":
