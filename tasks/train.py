@@ -160,7 +160,10 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         use_liger_kernel=t.liger_kernels,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
-        save_strategy="steps",
+        # No checkpoints under FSDP: with PEFT, the Trainer's sharded FSDP checkpoints hold an empty adapter (PEFT 0.21
+        # misses the LoRA weights under FSDP1's nested wrappers; tests/test_distributed.py watches for a fix), so a
+        # resumed run would restore the optimizer and step but restart LoRA from its initial weights, silently.
+        save_strategy="no" if t.distributed.mode == "fsdp" else "steps",
         save_steps=t.save_steps,
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
@@ -303,6 +306,9 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
 
+    if params.train.distributed.mode == "fsdp" and world.rank == 0:
+        log.warning("train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
+                    "again from step 0")
     attention = attention_impl.register() if params.train.padding_free else "sdpa"
     model = _load_base(params, attention, world)
     lora = LoraConfig(

@@ -29,6 +29,12 @@ wrapped(input_ids=ids, labels=ids).loss.backward()
 optimizer.step()  # lora_B leaves zero: the saved weights are the trained ones, not the initial ones
 
 weights = fsdp_adapter_state(wrapped, "default")
+# What the Trainer's FSDP checkpoints hold of the adapter (accelerate's save_fsdp_model, adapter_only): empty while
+# PEFT misses the LoRA weights under nested FSDP wrappers, which is why tasks/train.py writes no FSDP checkpoints.
+from accelerate.utils.fsdp_utils import _get_model_state_dict  # noqa: E402
+
+with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):
+    checkpoint_keys = len(_get_model_state_dict(wrapped, adapter_only=True))
 # The reference: every weight gathered (FSDP's own full state dict), loaded into a plain copy, saved by PEFT.
 with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
     full = wrapped.state_dict()
@@ -39,6 +45,7 @@ if dist.get_rank() == 0:
                                                                       task_type="CAUSAL_LM"))
     plain.load_state_dict(full)
     plain.save_pretrained(out / "peft")
+    (out / "checkpoint_adapter_keys.txt").write_text(str(checkpoint_keys))
 else:
     assert weights == {}, "only rank 0 receives the weights"
 dist.destroy_process_group()

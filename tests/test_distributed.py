@@ -244,6 +244,21 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     assert max(float(ours[k].abs().max()) for k in ours if "lora_B" in k) > 0  # the trained weights, not the init
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    # The reason FSDP runs write no checkpoints (tasks/train.py sft_config): the Trainer's FSDP checkpoint of a PEFT
+    # model holds none of the adapter. When this fails, PEFT/accelerate fixed it: FSDP checkpoints can come back.
+    assert (tmp_path / "checkpoint_adapter_keys.txt").read_text() == "0", "FSDP checkpoints now hold the adapter"
+
+
+def test_fsdp_writes_no_checkpoints(params):
+    from tasks.memory import Estimate
+    from tasks.train import sft_config
+
+    est = Estimate(base_weights_gib=0, lora_state_gib=0, activations_gib=0, workspace_gib=0, peak_gib=1.0, micro_batch=4,
+                   grad_accum=1, tokens_per_micro_batch=2048)
+    # world_size stays 1 here: building a multi-process SFTConfig needs a process group; the mode alone decides this
+    assert sft_config(_mode(params, "fsdp", 2), Path("ckpt"), est).save_strategy == "no"
+    assert sft_config(_mode(params, "ddp", 2), Path("ckpt"), est).save_strategy == "steps"
+    assert sft_config(params, Path("ckpt"), est).save_strategy == "steps"
 
 
 def torch_equal(a, b) -> bool:
