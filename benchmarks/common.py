@@ -7,6 +7,7 @@ only loads those params, applies `key=value` overrides, and runs the train and e
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -57,3 +58,19 @@ def save(out: Path, data: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     print(f"saved {out}")
+
+
+def bench_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every GPU benchmark takes: the random 7B, a scratch dir, the JSON out, the prepared rows, the
+    model shape and param overrides."""
+    from benchmarks.build_random_llama import SHAPES
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--bench", type=Path, default=BENCH)
+    ap.add_argument("--shape", default="llama2-7b", choices=SHAPES, help="llama2-7b, or smoke for a CPU check")
+    ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, key=value")
+    return ap
+

@@ -10,7 +10,6 @@ peak memory beside the planner's prediction, and wall time; any param can be ove
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,17 +18,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.build_random_llama import SHAPES, build  # noqa: E402
-from benchmarks.common import BENCH, H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_params, save, workspace  # noqa: E402
+from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bench", type=Path, default=BENCH)
-    ap.add_argument("--shape", default="llama2-7b", help="llama2-7b, or smoke for a CPU check of this script")
-    ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, key=value")
+    ap = bench_arguments(__doc__)
     args = ap.parse_args()
 
     import torch

@@ -17,7 +17,6 @@ Prints and saves tokens/s (job and per GPU), efficiency, peak memory of each GPU
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.build_random_llama import SHAPES, build  # noqa: E402
-from benchmarks.common import BENCH, ROOT, bench_params, save, workspace  # noqa: E402
+from benchmarks.common import ROOT, bench_arguments, bench_params, save, workspace  # noqa: E402
 
 # name: (mode, processes, global batch in units of the recipe's batch). Most keep each GPU's micro-batch at the
 # recipe's (global batch x N); ddp_recipe_batch keeps the recipe's global batch (each GPU gets 1/N of it).
@@ -82,24 +81,18 @@ def run_config(name: str, args, recipe_batch: int) -> dict:
     peaks = m.get("peak_memory_gib_per_rank") or {"rank0": m["peak_memory_gib"]}
     print(f"{name}: {n} GPU(s), {tps:.0f} tokens/s ({tps / n:.0f} per GPU), peak {peaks} GiB, "
           f"loss {m['train_loss']}, stage wall {wall} s")
-    return {"mode": mode, "processes": n, "global_batch": recipe_batch * batches, "adapter": adapter, "micro_batch": m["micro_batch"],
-            "grad_accum": m["grad_accum"], "steps": m["steps"], "steady_tokens_per_second": tps,
+    return {"mode": mode, "processes": n, "global_batch": recipe_batch * batches, "adapter": adapter,
+            "micro_batch": m["micro_batch"], "grad_accum": m["grad_accum"], "steps": m["steps"], "steady_tokens_per_second": tps,
             "tokens_per_second_per_gpu": round(tps / n, 1), "peak_memory_gib_per_gpu": peaks,
             "peak_reserved_gib_rank0": m["peak_reserved_gib"], "train_loss": m["train_loss"],
             "train_wall_seconds": m["wall_seconds"], "stage_wall_seconds": wall}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--bench", type=Path, default=BENCH)
-    ap.add_argument("--shape", default="llama2-7b", choices=SHAPES)
+    ap = bench_arguments(__doc__)
     ap.add_argument("--configs", default="single,ddp,fsdp,ddp_recipe_batch")
     ap.add_argument("--rows", type=int, default=320, help="rows each configuration trains on (steps = rows / global batch)")
     ap.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
-    ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, key=value")
     args = ap.parse_args()
 
     import torch

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import BENCH, H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_params, save, workspace  # noqa: E402
+from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace  # noqa: E402
 
 COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
 # name: (param overrides, optimizer steps, measure held-out loss)
@@ -102,14 +102,8 @@ def run_one(name: str, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, required=True)
-    ap.add_argument("--work", type=Path, required=True)
-    ap.add_argument("--bench", type=Path, default=BENCH)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--shape", default="llama2-7b", help="llama2-7b, or smoke for a CPU check of this script")
+    ap = bench_arguments(__doc__)
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("-S", dest="overrides", action="append", default=[], help="override for every configuration")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work.resolve()

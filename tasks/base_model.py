@@ -136,19 +136,29 @@ def compute_dtype(quant: QuantParams) -> torch.dtype:
     return getattr(torch, quant.compute_dtype)
 
 
-def load_base_model(model: ModelParams, quant: QuantParams, device: str | None = None, attn_implementation: str = "sdpa"):
-    """Load the base for training or evaluation: 4-bit NF4 through bitsandbytes when quant.load_in_4bit."""
+def load_base_model(model: ModelParams, quant: QuantParams, device: str | None = None, attn_implementation: str = "sdpa",
+                    gpu: int = 0, fsdp: bool = False):
+    """Load the base for training or evaluation: 4-bit NF4 through bitsandbytes when quant.load_in_4bit.
+
+    gpu: the CUDA device to load onto (a DDP rank loads its own copy onto its own GPU: accelerate refuses to train a
+    4-bit model on another device than the rank's). fsdp: FSDP-QLoRA as bitsandbytes/PEFT document it: no
+    device_map (FSDP places the shards) and the 4-bit weights stored in the model's float dtype
+    (bnb_4bit_quant_storage) so FSDP can flatten and shard them with the rest; float32 under fp16, as PEFT's guide asks.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs: dict = {"dtype": compute_dtype(quant), "device_map": {"": 0} if device == "cuda" else "cpu",
-                    "attn_implementation": attn_implementation}
+    dtype = compute_dtype(quant)
+    storage = (torch.float32 if dtype == torch.float16 else dtype) if fsdp else None
+    kwargs: dict = {"dtype": storage or dtype, "attn_implementation": attn_implementation,
+                    "device_map": None if fsdp else {"": gpu} if device == "cuda" else "cpu"}
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=quant.quant_type,
-            bnb_4bit_compute_dtype=compute_dtype(quant),
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=quant.double_quant,
+            **({"bnb_4bit_quant_storage": storage} if fsdp else {}),
         )
     where = resolve_base(model)
     try:

@@ -12,18 +12,20 @@ re-launched.
   fsdp  FSDP-QLoRA as bitsandbytes, PEFT and accelerate document it: FSDP1 wrapping each decoder layer
         (the model's _no_split_modules; PEFT wraps the LoRA layers apart), use_orig_params false,
         cpu_ram_efficient_loading with sync_module_states; the 4-bit weights are stored in a float dtype
-        (tasks/train.py sets bnb_4bit_quant_storage). CUDA only.
+        (base_model.load_base_model sets bnb_4bit_quant_storage). CUDA only.
 
 `launch_command(params)` is pure (params in, argv out) so tests can read what would run.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shlex
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 from tasks.config import Params
@@ -173,9 +175,6 @@ def lora_weights(state_dict: Mapping, adapter_name: str) -> dict:
 def save_adapter(peft_model, out_dir, weights: dict, adapter_name: str) -> None:
     """Write adapter_model.safetensors + adapter_config.json as PeftModel.save_pretrained does (same names, config
     saved in inference mode), from weights gathered by fsdp_adapter_state."""
-    import copy
-    from pathlib import Path
-
     from safetensors.torch import save_file
 
     if not weights:

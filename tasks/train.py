@@ -27,7 +27,7 @@ from tasks import paths
 from tasks.artifacts import read_jsonl, sha256_file, sha256_text, staged_dir, write_json
 from tasks import attention as attention_impl
 from tasks import distributed
-from tasks.base_model import compute_dtype, load_base_model, load_config, load_tokenizer, resolve_base
+from tasks.base_model import load_base_model, load_config, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
@@ -257,37 +257,6 @@ def _process_group(world: distributed.World):
     return PartialState(cpu=cpu, backend="gloo" if cpu else None)
 
 
-def _load_base(params: Params, attention: str, world: distributed.World):
-    """The 4-bit base for this process: as load_base_model loads it, except for several processes on GPUs.
-
-    ddp: each rank's full copy on its own GPU (load_base_model puts it on cuda:0, and accelerate refuses to train a
-    4-bit model on another device than the rank's). fsdp: FSDP-QLoRA as bitsandbytes/PEFT document it, no
-    device_map (FSDP places the shards; only rank 0 reads the weights) and the 4-bit weights stored in the model's
-    float dtype (bnb_4bit_quant_storage) so FSDP can flatten and shard them with the rest; PEFT's guide asks for
-    float32 storage under fp16 mixed precision. On the CPU every rank loads as a single run does.
-    These two placements belong in base_model.load_base_model; they live here to keep this change in the train stage.
-    """
-    if world.size == 1 or not torch.cuda.is_available():
-        return load_base_model(params.model, params.quant, attn_implementation=attention)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    fsdp, q = params.train.distributed.mode == "fsdp", params.quant
-    dtype = compute_dtype(q)
-    storage = torch.float32 if dtype == torch.float16 else dtype
-    kwargs: dict = {"dtype": storage if fsdp else dtype, "attn_implementation": attention,
-                    "device_map": None if fsdp else {"": world.local_rank}}
-    if q.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=q.double_quant, bnb_4bit_quant_storage=storage if fsdp else torch.uint8)
-    where = resolve_base(params.model)
-    try:
-        return AutoModelForCausalLM.from_pretrained(where, revision=None if Path(where).exists() else params.model.revision,
-                                                    **kwargs)
-    except OSError as e:
-        raise PipelineError(f"could not load the base model {where!r}: {e}") from None
-
-
 def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
           checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS,
           extra_callbacks: list | None = None) -> dict:
@@ -310,7 +279,9 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         log.warning("train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
                     "again from step 0")
     attention = attention_impl.register() if params.train.padding_free else "sdpa"
-    model = _load_base(params, attention, world)
+    # Several GPUs: each DDP rank loads onto its own GPU; FSDP shards a float-stored 4-bit base.
+    model = load_base_model(params.model, params.quant, attn_implementation=attention, gpu=world.local_rank,
+                            fsdp=params.train.distributed.mode == "fsdp")
     lora = LoraConfig(
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",

@@ -231,6 +231,7 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     """FSDP1 on 2 CPU processes (gloo) wrapping a tiny LoRA model as accelerate wraps FSDP-QLoRA: the adapter that
     tasks.distributed gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves from the
     same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no weights.)"""
+    import torch
     from safetensors.torch import load_file
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -240,7 +241,7 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     ours, peft = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
     assert sorted(ours) == sorted(peft) and len(ours) == 8  # 2 layers x (q, v) x (A, B)
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) and "_fsdp" not in k for k in ours)
-    assert all(torch_equal(ours[k], peft[k]) for k in ours)
+    assert all(torch.equal(ours[k], peft[k]) for k in ours)
     assert max(float(ours[k].abs().max()) for k in ours if "lora_B" in k) > 0  # the trained weights, not the init
     assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == \
         json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -261,7 +262,17 @@ def test_fsdp_writes_no_checkpoints(params):
     assert sft_config(params, Path("ckpt"), est).save_strategy == "steps"
 
 
-def torch_equal(a, b) -> bool:
+def test_fsdp_loading_stores_the_4bit_weights_in_a_float_dtype(params):
+    """FSDP can only flatten and shard the 4-bit weights with the rest when they are stored in a float dtype
+    (bnb_4bit_quant_storage, as FSDP-QLoRA requires); a plain load keeps bitsandbytes' packed uint8."""
+    import bitsandbytes as bnb
     import torch
 
-    return bool(torch.equal(a, b))
+    from tasks.base_model import load_base_model
+
+    def first_4bit_weight(model):
+        return next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+
+    fsdp_weight = first_4bit_weight(load_base_model(params.model, params.quant, fsdp=True))
+    assert fsdp_weight.dtype == getattr(torch, params.quant.compute_dtype)
+    assert first_4bit_weight(load_base_model(params.model, params.quant)).dtype.is_floating_point is False
