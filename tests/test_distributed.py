@@ -121,6 +121,20 @@ def test_fsdp_on_the_cpu_exits_2_before_launching(workdir, params):
     assert "needs CUDA GPUs" in proc.stderr and "launching" not in proc.stderr
 
 
+def test_a_failing_ddp_worker_fails_the_stage_with_its_message_and_keeps_the_last_adapter(workdir, params):
+    """No formatted rows: each worker stops with the stage's own message, the launcher exits 2 as a single run
+    does, and the adapter of the last good run is untouched."""
+    adapter = workdir / paths.ADAPTER_DIR
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_model.safetensors").write_bytes(b"last good adapter")
+    proc, _ = _train(workdir, _mode(params, "ddp", 2))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train.jsonl not found: run the format stage first" in proc.stderr
+    assert "failed with exit code 2" in proc.stderr
+    assert (adapter / "adapter_model.safetensors").read_bytes() == b"last good adapter"
+    assert sorted(p.name for p in (workdir / "artifacts").iterdir()) == ["adapter"]  # no staging folder left
+
+
 def _tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
