@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +51,13 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     "big_batch_16gib": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=true",
                          "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
                          "train.memory_budget_gib=16"], 8, True),
+    # The GPU recipe as shipped (batch 4, group_by_length, memory_budget_gib and gradient_checkpointing auto) against
+    # the same with recomputation pinned on (the pre-auto default), and the planner's choice under card-sized caps
+    # (a numeric budget also caps this process's CUDA memory at it, as a card of that size would).
+    "recipe_auto": (["train.group_by_length=true"], 40, False),
+    "recipe_gc": (["train.group_by_length=true", "train.gradient_checkpointing=true"], 40, False),
+    "recipe_16gib": (["train.group_by_length=true", "train.memory_budget_gib=16"], 40, False),
+    "recipe_24gib": (["train.group_by_length=true", "train.memory_budget_gib=24"], 40, False),
     # a further shape for checking the memory planner: small padded batches, no recomputation
     "hf_nogc_b2": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=2", "train.grad_accum=1", "train.gradient_checkpointing=false",
                     "train.group_by_length=false"], 12, False),
@@ -71,6 +79,9 @@ def run_one(name: str, args) -> dict:
     work = args.work / name
     params = bench_params(args.bench, args.model_dir, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
     os.chdir(workspace(args.bench, work, params))
+    budget = params.train.memory_budget_gib
+    if isinstance(budget, float) and torch.cuda.is_available():  # behave as a card of `budget` GiB would
+        torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     result: dict = {}
     losses: list[float] = []
 
@@ -96,6 +107,7 @@ def run_one(name: str, args) -> dict:
         "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
         "predicted_peak_gib": metrics["predicted_peak_gib"], "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
         "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
+        "gradient_checkpointing": metrics["gradient_checkpointing"], "layout_reason": metrics["layout_reason"],
         "mean_loss": round(sum(losses) / len(losses), 5), "losses": losses, **result,
         "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
     }
@@ -104,6 +116,7 @@ def run_one(name: str, args) -> dict:
 def main() -> None:
     ap = bench_arguments(__doc__)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=1, help="run the configs in turn this many times (interleaved)")
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work.resolve()
@@ -113,30 +126,49 @@ def main() -> None:
 
     from benchmarks.build_random_llama import SHAPES, build
 
-    build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
-    results = {}
-    for name in args.configs.split(","):
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-one", name], capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            results[name] = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
-            print(f"{name}: FAILED\n{results[name]['error']}")
-        else:
-            results[name] = json.loads(line[7:])
-            r = results[name]
-            print(f"{name:11s} {r['tokens_per_second'] or 0:8.0f} tok/s  peak {r['peak_allocated_gib']} GiB "
-                  f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
-                  f"{r['max_micro_batch_tokens']} tokens)  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
-                  f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]", flush=True)
-        save(args.out, {"results": results, "reference": REFERENCE})
+    if not (args.model_dir / "config.json").exists():
+        build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
+    names = args.configs.split(",")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(args.repeats):
+        for name in names:  # interleaved: a, b, a, b, so drift on the machine hits every config alike
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-one", name], capture_output=True,
+                                  text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
+                print(f"{name} (run {rep + 1}): FAILED\n{r['error']}")
+            else:
+                r = json.loads(line[7:])
+                print(f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  peak {r['peak_allocated_gib']} GiB "
+                      f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
+                      f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
+                      f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+                      f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]", flush=True)
+            runs[name].append(r)
+            save(args.out, {"runs": runs, "reference": REFERENCE})
+    results = {name: _median_run(rs) for name, rs in runs.items()}
     ref = results.get(REFERENCE, {}).get("tokens_per_second")
     if ref:
         for name, r in results.items():
             if r.get("tokens_per_second"):
                 r["speedup_vs_reference"] = round(r["tokens_per_second"] / ref, 2)
-                print(f"{name:11s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
-    save(args.out, {"results": results, "reference": REFERENCE})
+                print(f"{name:13s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
+    for name, r in results.items():
+        print(f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
+              f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB")
+    save(args.out, {"results": results, "runs": runs, "reference": REFERENCE})
+
+
+def _median_run(rs: list[dict]) -> dict:
+    """The middle run's details, with tokens/s the median over all runs (the mean of the middle two for an even count)."""
+    ok = sorted((r for r in rs if r.get("tokens_per_second")), key=lambda r: r["tokens_per_second"])
+    if not ok:
+        return rs[-1]
+    all_tps = [r["tokens_per_second"] for r in rs if r.get("tokens_per_second")]
+    return {**ok[(len(ok) - 1) // 2], "tokens_per_second": round(statistics.median(all_tps), 1), "repeats": len(ok),
+            "all_tokens_per_second": all_tps}
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ does work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -98,14 +98,16 @@ class TrainParams(_Strict):
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(ge=1)
     precision: Literal["fp32", "bf16", "fp16"]
-    gradient_checkpointing: bool
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        description="recompute activations in the backward; auto: the memory planner turns it on only when needed")
     answer_only_loss: bool
     group_by_length: bool
     logging_steps: int = Field(ge=1)
     save_steps: int = Field(ge=1)
     padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
     liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
-    memory_budget_gib: float | None = Field(gt=0, description="GPU memory to fit; the planner picks the micro-batch")
+    memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute")
     distributed: DistributedParams
 
     @model_validator(mode="after")

@@ -8,13 +8,17 @@ Activation bytes per token per layer come from the tensors autograd keeps in a L
 checkpointing only each layer's input is kept, plus one layer recomputed at a time. The constants
 were fitted on one H100 run and checked on other configurations in another (README, Performance).
 
-Given train.memory_budget_gib, `plan()` keeps the effective batch (batch_size x grad_accum) and picks
-the largest micro-batch that fits, or says what to change when nothing does.
+Given train.memory_budget_gib (GiB, or auto: the visible GPU's memory), `plan()` keeps the math (the
+effective batch batch_size x grad_accum, hence the same optimizer steps on the same rows in the same
+order) and picks the fastest layout that fits: no recomputation when it fits at a micro-batch of at least
+half the configured one, else recomputation at the largest micro-batch that fits; or says what to
+change when nothing does. train.gradient_checkpointing true/false pins recomputation; auto leaves it to
+the planner (off when there is no budget to plan for, as on the CPU).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 from tasks.config import Params
 from tasks.errors import PipelineError
@@ -29,6 +33,9 @@ ACT_PER_H = 17.5  # norms, q/k/v/o inputs and outputs, RoPE, attention, LoRA dro
 ACT_PER_I = 8.0  # SwiGLU: gate, up, activation, product
 ACT_PER_I_LIGER = 4.0  # Liger's fused SwiGLU keeps only gate and up
 WORKSPACE_GIB = 0.0  # trl's fused LM head keeps only chunks of logits; no other term showed in the fit
+# auto budget: the share of the GPU's memory the planner may fill. The rest covers the CUDA context, the
+# allocator's reserved-but-free blocks and the gap between the fit and a given run (measured within 6%).
+AUTO_BUDGET_SHARE = 0.85
 
 
 @dataclass(frozen=True)
@@ -62,21 +69,30 @@ class Estimate:
     micro_batch: int
     grad_accum: int
     tokens_per_micro_batch: int
+    gradient_checkpointing: bool
+    budget_gib: float | None = None
+    reason: str = "as configured"
 
     def describe(self) -> str:
         return (f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
                 f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
-                f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}")
+                f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}, gradient checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'} ({self.reason})")
 
 
 def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, tokens: int | None = None) -> Estimate:
-    """Peak for a micro-batch of `tokens` tokens (default: the worst case, micro_batch x max_length)."""
+def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, tokens: int | None = None,
+             checkpointing: bool | None = None) -> Estimate:
+    """Peak for a micro-batch of `tokens` tokens (default: the worst case, micro_batch x max_length).
+
+    checkpointing: recomputation on or off (default: train.gradient_checkpointing, auto counting as off)."""
     t, q, lora = params.train, params.quant, params.lora
     micro_batch = micro_batch or t.batch_size
+    if checkpointing is None:
+        checkpointing = t.gradient_checkpointing is True
     tokens = tokens or micro_batch * params.model.max_length
     act_bytes = 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
     modules = shape.module_shapes()
@@ -97,38 +113,59 @@ def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, 
 
     per_layer = ACT_PER_H * shape.hidden + (ACT_PER_I_LIGER if t.liger_kernels else ACT_PER_I) * shape.intermediate
     per_layer *= act_bytes / 2
-    if t.gradient_checkpointing:  # each layer's input kept, one layer's activations rebuilt at a time
+    if checkpointing:  # each layer's input kept, one layer's activations rebuilt at a time
         activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
 
     parts = [weights / GIB, lora_state / GIB, activations / GIB, WORKSPACE_GIB]
     return Estimate(*[round(p, 3) for p in parts], peak_gib=round(sum(parts), 3), micro_batch=micro_batch,
-                    grad_accum=t.grad_accum * t.batch_size // micro_batch, tokens_per_micro_batch=tokens)
+                    grad_accum=t.grad_accum * t.batch_size // micro_batch, tokens_per_micro_batch=tokens,
+                    gradient_checkpointing=checkpointing)
+
+
+def visible_gpu_gib() -> float | None:
+    """Total memory of the GPU this process trains on, in GiB; None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+
+
+def resolve_budget(budget: float | str | None, gpu_gib: float | None) -> float | None:
+    """train.memory_budget_gib as GiB: auto is AUTO_BUDGET_SHARE of the visible GPU (None on the CPU)."""
+    if budget == "auto":
+        return None if gpu_gib is None else round(gpu_gib * AUTO_BUDGET_SHARE, 2)
+    return budget
 
 
 def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimate:
-    """The configured micro-batch if it fits the budget, else the largest that does (same effective batch)."""
-    configured = estimate(shape, params)
-    if budget_gib is None or configured.peak_gib <= budget_gib:
-        return configured
-    effective = params.train.batch_size * params.train.grad_accum
-    for micro in sorted((m for m in range(1, params.train.batch_size) if effective % m == 0), reverse=True):
-        candidate = estimate(shape, params, micro_batch=micro)
-        if candidate.peak_gib <= budget_gib:
-            return candidate
-    smallest = estimate(shape, params, micro_batch=1)
+    """The fastest same-math layout that fits budget_gib (see the module docstring); the configured one without a budget."""
+    t = params.train
+    choices = [False, True] if t.gradient_checkpointing == "auto" else [t.gradient_checkpointing]
+    if budget_gib is None:
+        return estimate(shape, params, checkpointing=choices[0])
+    effective = t.batch_size * t.grad_accum
+    micros = sorted((m for m in range(1, t.batch_size + 1) if effective % m == 0), reverse=True)
+    for gc in choices:
+        # Without recomputation, a micro-batch under half the configured one loses more to the per-step
+        # dequantization of the 4-bit base than recomputation costs: then try recomputation first.
+        smallest_worth = (t.batch_size + 1) // 2 if not gc and len(choices) > 1 else 1
+        for micro in (m for m in micros if m >= smallest_worth):
+            candidate = estimate(shape, params, micro_batch=micro, checkpointing=gc)
+            if candidate.peak_gib <= budget_gib:
+                why = f"fastest layout within {budget_gib:g} GiB" if len(choices) > 1 else f"fits {budget_gib:g} GiB"
+                return replace(candidate, budget_gib=budget_gib, reason=why)
+    smallest = estimate(shape, params, micro_batch=1, checkpointing=choices[-1])
     hints = []
-    if not params.train.gradient_checkpointing:
-        hints.append("turn on train.gradient_checkpointing")
+    if choices[-1] is False:
+        hints.append("turn on train.gradient_checkpointing (or set it to auto)")
     hints.append(f"lower model.max_length (now {params.model.max_length})")
     if not params.quant.load_in_4bit:
         hints.append("set quant.load_in_4bit: true")
     raise PipelineError(
-        f"this run does not fit train.memory_budget_gib={budget_gib}: even micro-batch 1 needs "
-        f"{smallest.describe()}. To fit, {', or '.join(hints)}, or raise the budget."
+        f"this run does not fit a memory budget of {budget_gib:g} GiB (train.memory_budget_gib="
+        f"{t.memory_budget_gib}): even micro-batch 1 needs {smallest.describe()}. To fit, {', or '.join(hints)}, "
+        "or raise the budget."
     )
-
-
-def as_dict(e: Estimate) -> dict:
-    return asdict(e)

@@ -32,7 +32,8 @@ from tasks.config import Params, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.lineage import hardware, library_versions
-from tasks.memory import Estimate, ModelShape, estimate, plan
+from tasks.preflight import preflight
+from tasks.memory import Estimate, ModelShape, estimate, plan, resolve_budget, visible_gpu_gib
 from tasks.tokens import tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
@@ -55,39 +56,10 @@ def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length
     return Dataset.from_dict({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]})
 
 
-def preflight(params: Params) -> None:
-    """Settings that cannot work on this machine fail here, before anything is loaded."""
-    t, cuda = params.train, torch.cuda.is_available()
-    problems = []
-    if not cuda and t.optimizer.startswith("paged"):
-        problems.append(f"train.optimizer={t.optimizer} needs a CUDA GPU (use adamw_torch on the CPU)")
-    if not cuda and t.liger_kernels:
-        problems.append("train.liger_kernels needs a CUDA GPU")
-    if not cuda and t.precision == "fp16":
-        problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
-    if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():
-        problems.append("this GPU has no bf16: set train.precision=fp16 and quant.compute_dtype=float16")
-    if t.padding_free and not attention_impl.available():
-        problems.append("train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA")
-    d = t.distributed
-    if d.mode == "fsdp" and not cuda:
-        problems.append("train.distributed.mode=fsdp (FSDP-QLoRA) needs CUDA GPUs: it shards bitsandbytes 4-bit "
-                        "weights across GPUs (use mode ddp to run several processes on the CPU)")
-    if d.mode == "single" and cuda and torch.cuda.device_count() > 1 and not distributed.is_worker():
-        # `python -m tasks.train` restarts itself on one GPU (main below); this is for callers of train() in-process.
-        problems.append(f"{torch.cuda.device_count()} GPUs are visible to this one process: set CUDA_VISIBLE_DEVICES "
-                        "to one GPU, or train.distributed.mode=ddp with num_processes to use them all")
-    if d.mode != "single" and cuda and d.num_processes > torch.cuda.device_count():
-        problems.append(f"train.distributed.num_processes={d.num_processes} but {torch.cuda.device_count()} GPU(s) "
-                        "are visible (one process per GPU)")
-    if problems:
-        raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
-
-
 def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
-    """Predict peak memory from the base's config; with a budget, pick the micro-batch that fits."""
+    """Predict peak memory from the base's config; with a budget (auto: this GPU's), pick the fastest layout that fits."""
     shape = ModelShape.from_config(load_config(params.model))
-    est = plan(shape, params, params.train.memory_budget_gib)
+    est = plan(shape, params, resolve_budget(params.train.memory_budget_gib, visible_gpu_gib()))
     log.info("memory planner: %s", est.describe())
     return shape, est
 
@@ -152,7 +124,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         gradient_accumulation_steps=grad_accum,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=est.gradient_checkpointing,  # the planner's choice (train.gradient_checkpointing: auto)
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         max_length=None,  # rows were cut to model.max_length in build_dataset
         packing=False,
@@ -358,9 +330,12 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": guard.max_tokens,
         "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, args.per_device_train_batch_size,
-                                                          guard.max_tokens).peak_gib,
+                                                          guard.max_tokens, est.gradient_checkpointing).peak_gib,
         "micro_batch": args.per_device_train_batch_size,
         "grad_accum": args.gradient_accumulation_steps,
+        "gradient_checkpointing": est.gradient_checkpointing,
+        "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
+        "layout_reason": est.reason,
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),  # several GPUs: each one's peak
         "world_size": layout["world_size"],

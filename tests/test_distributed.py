@@ -96,7 +96,7 @@ def test_the_global_batch_is_split_over_the_ranks():
 
 
 def test_fsdp_on_the_cpu_stops_in_preflight(params):
-    from tasks.train import preflight
+    from tasks.preflight import preflight
 
     with pytest.raises(PipelineError, match="fsdp \\(FSDP-QLoRA\\) needs CUDA GPUs"):
         preflight(_mode(params, "fsdp", 2))
@@ -269,7 +269,7 @@ def test_fsdp_writes_no_checkpoints(params):
     from tasks.train import sft_config
 
     est = Estimate(base_weights_gib=0, lora_state_gib=0, activations_gib=0, workspace_gib=0, peak_gib=1.0, micro_batch=4,
-                   grad_accum=1, tokens_per_micro_batch=2048)
+                   grad_accum=1, tokens_per_micro_batch=2048, gradient_checkpointing=False)
     # world_size stays 1 here: building a multi-process SFTConfig needs a process group; the mode alone decides this
     assert sft_config(_mode(params, "fsdp", 2), Path("ckpt"), est).save_strategy == "no"
     assert sft_config(_mode(params, "ddp", 2), Path("ckpt"), est).save_strategy == "steps"

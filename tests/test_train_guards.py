@@ -99,12 +99,67 @@ def test_nan_loss_stops_training_and_writes_no_adapter(workdir, params):
 
 
 def test_preflight_rejects_gpu_only_settings_before_loading(params):
-    from tasks.train import preflight
+    from tasks.preflight import preflight
 
     with pytest.raises(PipelineError, match="paged_adamw_32bit needs a CUDA GPU"):
         preflight(with_params(params, **{"train.optimizer": "paged_adamw_32bit"}))
     with pytest.raises(PipelineError, match="liger_kernels needs a CUDA GPU"):
         preflight(with_params(params, **{"train.liger_kernels": True}))
+
+
+def test_preflight_names_the_install_command_of_a_missing_lever_package(params, monkeypatch):
+    """A GPU box without liger-kernel: the stage stops before the base loads and says what to install."""
+    import tasks.train
+    from tasks.preflight import package_problems
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel` now raises ImportError
+    liger = with_params(params, **{"train.liger_kernels": True})
+    problems = package_problems(liger)
+    assert len(problems) == 1 and "train.liger_kernels needs the package liger-kernel" in problems[0]
+    assert "pip install -e '.[gpu]'" in problems[0]
+    assert package_problems(params) == []  # the CPU default needs only bitsandbytes, which imports
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the base model was loaded before preflight stopped the run")
+
+    monkeypatch.setattr(tasks.train, "load_base_model", must_not_load)
+    monkeypatch.setattr(tasks.train, "load_rows", must_not_load)
+    with pytest.raises(PipelineError, match=r"liger-kernel.*pip install -e '\.\[gpu\]'"):
+        tasks.train.train(liger)
+
+
+@pytest.mark.parametrize("card_gib", [16, 24, 40, 80, 141])
+def test_auto_budget_picks_the_fastest_same_math_layout_that_fits(recipe, card_gib):
+    """memory_budget_gib: auto on cards of these sizes: the choice fits the fitted memory model with the auto
+    margin, keeps the effective batch, and turns recomputation off whenever it fits at the full micro-batch."""
+    from tasks.memory import AUTO_BUDGET_SHARE, resolve_budget
+
+    assert recipe.train.memory_budget_gib == "auto" and recipe.train.gradient_checkpointing == "auto"
+    budget = resolve_budget("auto", card_gib)
+    assert budget == pytest.approx(card_gib * AUTO_BUDGET_SHARE, abs=0.01)
+    chosen = plan(LLAMA_7B, recipe, budget)
+    assert chosen.peak_gib <= budget
+    assert chosen.micro_batch * chosen.grad_accum == recipe.train.batch_size * recipe.train.grad_accum
+    no_recompute = estimate(LLAMA_7B, recipe, checkpointing=False)
+    if no_recompute.peak_gib <= budget:
+        assert (chosen.gradient_checkpointing, chosen.micro_batch) == (False, recipe.train.batch_size)
+    else:  # recomputation back on, or a smaller micro-batch: what fits
+        assert chosen.gradient_checkpointing or chosen.micro_batch < recipe.train.batch_size
+    assert f"{budget:g} GiB" in chosen.reason
+
+
+def test_auto_budget_on_the_cpu_plans_nothing(recipe):
+    from tasks.memory import resolve_budget
+
+    assert resolve_budget("auto", None) is None
+    assert resolve_budget(16.0, None) == 16.0
+    chosen = plan(LLAMA_7B, recipe, None)  # no GPU to fit: as configured, recomputation off under auto
+    assert (chosen.gradient_checkpointing, chosen.micro_batch, chosen.budget_gib) == (False, 4, None)
+
+
+def test_pinned_checkpointing_is_kept_by_the_planner(recipe):
+    pinned = with_params(recipe, **{"train.gradient_checkpointing": True})
+    assert plan(LLAMA_7B, pinned, 120).gradient_checkpointing is True
 
 
 def _project(root: Path, params) -> Path:

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The real recipe on a GPU machine, through the product's own doors, from a fresh clone (issue 10):
+#   setup   git clone of the carried bundle; the README's install (make install TORCH=skip) against a local
+#           wheelhouse; a Llama-2-7B-shaped base with random weights and the real Llama-2 tokenizer
+#   accept  dvc exp run -S preset=llama2_7b_guanaco (local guanaco-llama2-1k, the random 7B as model.base):
+#           all six stages; then the audit; then one run of the Prefect flow against a local prefect server
+#   layouts the memory planner's layouts timed against recomputation pinned on (benchmarks/train_throughput.py)
+#
+#   bash benchmarks/gpu_acceptance.sh setup accept [layouts]      run from the repository root
+#
+# Inputs, prepared on the workstation in an ignored, carried folder GPU_KIT (default .gpu):
+#   wheels/      the wheelhouse: what `pip install -e .[dev,gpu]` needs that the machine's Python lacks
+#   repo.bundle  `git bundle create .gpu/repo.bundle HEAD`: the commit under test
+#   data/train.parquet, tokenizer/tokenizer.model   the guanaco-llama2-1k rows and Llama-2's tokenizer
+# Outputs (logs, metrics, dvc.lock, the lineage record) go to $OUT (default /tmp/gpu-out).
+set -euo pipefail
+KIT=$(realpath "${GPU_KIT:-.gpu}")
+CLONE=${CLONE:-/tmp/guanaco-clone}
+MODEL=${MODEL:-/tmp/llama-2-7b-random}
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if [ -d "$KIT/wheels" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$KIT/wheels"; fi  # offline: the wheelhouse only
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+export GIT_AUTHOR_NAME=gpu GIT_AUTHOR_EMAIL=gpu@localhost GIT_COMMITTER_NAME=gpu GIT_COMMITTER_EMAIL=gpu@localhost
+export HF_HUB_OFFLINE=1 GX_ANALYTICS_ENABLED=False PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+# Each output line stamped with seconds since the phase began: per-stage wall times come from these.
+stamp() { python3 -u -c 'import sys, time
+t0 = time.time()
+for line in sys.stdin: print(f"[{time.time() - t0:8.1f}s] {line}", end="", flush=True)'; }
+
+setup() {
+  if [ ! -d "$CLONE/.git" ]; then git clone -q "$KIT/repo.bundle" "$CLONE"; fi
+  cd "$CLONE"
+  git log -1 --format='commit under test: %H %s'
+  /usr/bin/time -f "make install: %e s" make install TORCH=skip
+  .venv/bin/python -c 'import torch, transformers, trl, peft, bitsandbytes, liger_kernel, prefect, dvc, great_expectations as gx
+print("venv sees torch", torch.__version__, "from", torch.__file__, "| transformers", transformers.__version__, "| trl", trl.__version__, "| bitsandbytes", bitsandbytes.__version__, "| gx", gx.__version__)'
+  if [ ! -f "$MODEL/config.json" ]; then
+    .venv/bin/python benchmarks/build_random_llama.py --out "$MODEL" --tokenizer "$KIT/tokenizer" --shape "${SHAPE:-llama2-7b}"
+  fi
+}
+
+accept() {
+  cd "$CLONE"
+  . .venv/bin/activate
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  { time dvc exp run -S preset=llama2_7b_guanaco -S download.source=local \
+      -S "download.path=$KIT/data/train.parquet" -S "model.base=$MODEL" ${EXTRA_S:-}; } 2>&1 | stamp | tee "$OUT/exp_run.log"
+  dvc metrics show 2>&1 | tee "$OUT/metrics_show.txt"
+  python -m flows.audit release 2>&1 | tee "$OUT/audit.txt"
+  # The Prefect flow, as a scheduled run would start it, against a real local server: expected "up to date".
+  prefect server start --host 127.0.0.1 --port 4200 > "$OUT/prefect_server.log" 2>&1 &
+  server=$!
+  export PREFECT_API_URL=http://127.0.0.1:4200/api
+  for _ in $(seq 120); do python -c 'import urllib.request as u; u.urlopen("http://127.0.0.1:4200/api/health")' 2>/dev/null && break; sleep 1; done
+  { time python -m flows.pipeline; } 2>&1 | stamp | tee "$OUT/prefect_flow.log"
+  python -m flows.history | tail -3 | tee -a "$OUT/prefect_flow.log"
+  kill "$server"; wait "$server" 2>/dev/null || true
+  tar czf "$OUT/records.tgz" dvc.lock params.yaml metrics reports/validation/result.json reports/lengths.png \
+    release/lineage.json release/README.md 2>/dev/null || true
+}
+
+layouts() {
+  cd "$CLONE"
+  .venv/bin/python benchmarks/train_throughput.py --model-dir "$MODEL" --work /tmp/layouts --bench "$CLONE" \
+    --out "$OUT/layouts.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
+    ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/layouts.log"
+}
+
+for phase in "$@"; do
+  echo "=== $phase"
+  (cd "$(dirname "$0")/.." && "$phase")
+done
