@@ -35,8 +35,12 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
 
+$(VENV)/.lint-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[lint]"
+	touch $@
+
 # Lint and format checks (ruff, configured in pyproject.toml).
-lint: install
+lint: $(VENV)/.lint-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
