@@ -35,8 +35,10 @@ setup() {
   start=$SECONDS
   make install TORCH="${TORCH:-skip}"
   echo "make install: $((SECONDS - start)) s"
-  .venv/bin/python -c 'import torch, transformers, trl, peft, bitsandbytes, liger_kernel, prefect, dvc, great_expectations as gx
-print("venv sees torch", torch.__version__, "from", torch.__file__, "| transformers", transformers.__version__, "| trl", trl.__version__, "| bitsandbytes", bitsandbytes.__version__, "| gx", gx.__version__)'
+  .venv/bin/python -c 'import importlib.metadata as md, torch
+print("venv torch", torch.__version__, "from", torch.__file__)
+print(", ".join(f"{p} {md.version(p)}" for p in ("transformers", "trl", "peft", "bitsandbytes", "prefect", "dvc", "great_expectations")))
+if torch.version.cuda: print("liger-kernel", md.version("liger-kernel"))'
   if [ ! -f "$MODEL/config.json" ]; then
     .venv/bin/python benchmarks/build_random_llama.py --out "$MODEL" --tokenizer "$KIT/tokenizer" --shape "${SHAPE:-llama2-7b}"
   fi
