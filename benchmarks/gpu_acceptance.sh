@@ -47,7 +47,7 @@ if torch.version.cuda: print("liger-kernel", md.version("liger-kernel"))'
 accept() {
   cd "$CLONE"
   . .venv/bin/activate
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"
   { time dvc exp run -S preset=llama2_7b_guanaco -S download.source=local \
       -S "download.path=$KIT/data/train.parquet" -S "model.base=$MODEL" ${EXTRA_S:-}; } 2>&1 | stamp | tee "$OUT/exp_run.log"
   dvc metrics show 2>&1 | tee "$OUT/metrics_show.txt"
