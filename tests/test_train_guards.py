@@ -143,8 +143,8 @@ def test_auto_budget_picks_the_fastest_same_math_layout_that_fits(recipe, card_g
     no_recompute = estimate(LLAMA_7B, recipe, checkpointing=False)
     if no_recompute.peak_gib <= budget:
         assert (chosen.gradient_checkpointing, chosen.micro_batch) == (False, recipe.train.batch_size)
-    else:  # recomputation back on, or a smaller micro-batch: what fits
-        assert chosen.gradient_checkpointing or chosen.micro_batch < recipe.train.batch_size
+    else:  # recomputation back on before the micro-batch shrinks (measured faster on an H200)
+        assert chosen.gradient_checkpointing and chosen.micro_batch == recipe.train.batch_size
     assert f"{budget:g} GiB" in chosen.reason
 
 
