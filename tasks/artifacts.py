@@ -11,24 +11,25 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
-def _tmp_beside(path: Path, suffix: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(name)
+# Temporary files and folders are named here and made like any file, 0666/0777 less the umask (so the
+# ordinary 0644/0755), not by tempfile: it makes them private (0600/0700), and renamed into place they stayed
+# so, leaving a published adapter unreadable to other users and to file servers.
+def _tmp_name(final: Path) -> Path:
+    return final.parent / f".{final.name}.{secrets.token_hex(8)}.tmp"
 
 
 def write_bytes(path: Path | str, data: bytes) -> Path:
     path = Path(path)
-    tmp = _tmp_beside(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:  # x: a new file (O_EXCL), never another writer's
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -64,7 +65,8 @@ def staged_dir(final: Path | str) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it replaces `final` whole, on error it is removed."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = _tmp_name(final)
+    tmp.mkdir()
     try:
         yield tmp
         old = final.with_name(f".{final.name}.old")

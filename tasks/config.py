@@ -22,12 +22,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ColumnsParams(_Strict):
+    """The data's column holding each field the parser reads (tasks/conversation.py); null: the field's own name.
+
+    A mapping by field, not one `text_column`: the parser reads `text`, `messages` or Alpaca's three fields,
+    and fixed keys can be set with `-S download.columns.text=content` (and a typo is an unknown key).
+    """
+    text: str | None
+    messages: str | None
+    instruction: str | None
+    input: str | None
+    output: str | None
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "ColumnsParams":
+        named = [c for c in self.model_dump().values() if c is not None]
+        if len(named) != len(set(named)):
+            raise ValueError(f"each column can feed one field only, got {self.model_dump()}")
+        return self
+
+
 class DownloadParams(_Strict):
     source: Literal["local", "hub"]
     path: str = Field(description="local .jsonl/.json/.parquet/.csv file (used when source=local)")
     hub_id: str = Field(description="Hub dataset id (used when source=hub)")
     revision: str | None = Field(description="Hub commit sha or tag; pin it for reproducible runs")
     split: str
+    columns: ColumnsParams
 
 
 class ModelParams(_Strict):

@@ -165,6 +165,17 @@ def detect_form(row: dict) -> str | None:
     return None
 
 
+def has_readable_column(row: dict) -> bool:
+    """Whether parse_row finds a column to read in `row` (its content may still fail to parse)."""
+    return detect_form(row) is not None or "text" in row
+
+
+def no_column_message(found) -> str:
+    """Why no column can be read, naming the columns `found` and those expected."""
+    return (f"no column to read: found {sorted(found)}; expected `text` (guanaco or Llama-2 text), "
+            "`messages` (role/content list) or `instruction`+`output` (Alpaca)")
+
+
 def parse_row(row: dict) -> Conversation:
     """Parse one row of any supported form; raises ParseError naming what is wrong."""
     form = detect_form(row)
@@ -174,10 +185,7 @@ def parse_row(row: dict) -> Conversation:
         return _parse_alpaca(row)
     if "text" in row:
         return parse_text(row["text"])
-    raise ParseError(
-        f"no column to read: found {sorted(row)}; expected `text` (guanaco or Llama-2 text), "
-        "`messages` (role/content list) or `instruction`+`output` (Alpaca)"
-    )
+    raise ParseError(no_column_message(row))
 
 
 def render_llama2(conv: Conversation, default_system: str | None = None) -> Rendered:

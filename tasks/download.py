@@ -2,7 +2,8 @@
 
 Sources: a Hub dataset (`datasets.load_dataset`, revision pinnable) or a local .jsonl/.json/
 .parquet/.csv file (the shipped sample is one). Output: data/raw/rows.jsonl (one JSON object a row,
-values unchanged) and data/raw/source.json (origin, revision or sha256, row count, time).
+values unchanged, columns renamed only where download.columns says) and data/raw/source.json (origin,
+revision or sha256, row count, time). Data with no column the parser can read stops here.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from pathlib import Path
 
 from tasks import paths
 from tasks.artifacts import sha256_file, write_json, write_jsonl
-from tasks.config import DownloadParams, load_params
+from tasks.config import ColumnsParams, DownloadParams, load_params
+from tasks.conversation import has_readable_column, no_column_message
 from tasks.errors import PipelineError, run_main
 
 log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+# Text files are read as utf-8-sig: plain UTF-8, and a leading byte-order mark (Windows tools and spreadsheet
+# exports write one) is dropped instead of breaking line 1.
+TEXT_ENCODING = "utf-8-sig"
 
 
 def _plain(value):
@@ -38,9 +43,15 @@ def _plain(value):
     return str(value)
 
 
+def _json_problem(e: json.JSONDecodeError, line: bool = True) -> str:
+    # Some of json's messages end in "at" ("Unterminated string starting at"): the position completes them.
+    where = f"line {e.lineno}, column {e.colno}" if line else f"column {e.colno}"
+    return f"{e.msg.removesuffix(' at')} at {where}"
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=TEXT_ENCODING) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -48,7 +59,7 @@ def _read_jsonl(path: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise PipelineError(
-                    f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}). "
+                    f"{path}, line {lineno}: not valid JSON ({_json_problem(e, line=False)}). "
                     "Fix or remove that line; every line must be one JSON object."
                 ) from None
             if not isinstance(row, dict):
@@ -70,7 +81,7 @@ def read_local(path: Path) -> list[dict]:
         if suffix == ".jsonl":
             return _read_jsonl(path)
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding=TEXT_ENCODING))
             if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else data
@@ -79,19 +90,49 @@ def read_local(path: Path) -> list[dict]:
             return data
         import pandas as pd
 
-        frame = pd.read_parquet(path) if suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        if suffix == ".parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, keep_default_na=False, encoding=TEXT_ENCODING)
         return [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
     except PipelineError:
         raise
     except UnicodeDecodeError as e:
         raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-save it as UTF-8.") from None
     except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}).") from None
+        raise PipelineError(f"{path}: not valid JSON ({_json_problem(e)}).") from None
     except Exception as e:  # pyarrow/pandas raise many types for a truncated or foreign file
         raise PipelineError(
             f"{path}: could not be read as {suffix[1:]} ({type(e).__name__}: {e}). "
             "The file may be truncated or not of that format; re-export it."
         ) from None
+
+
+def map_columns(rows: list[dict], columns: ColumnsParams, where: str) -> list[dict]:
+    """Rename the columns download.columns maps onto the fields the parser reads ({"content": ...} -> {"text": ...})."""
+    renames = {column: field for field, column in columns.model_dump().items() if column not in (None, field)}
+    found = sorted({k for r in rows for k in r})
+    for column, field in renames.items():
+        if column not in found:
+            raise PipelineError(f"{where}: download.columns.{field} is {column!r}, but no row has that column "
+                                f"(found {found}). Set it to one of those, or to null.")
+    for i, row in enumerate(rows):
+        for column, field in renames.items():
+            if column in row and field in row:
+                raise PipelineError(f"{where}, row {i} (from 0): has both `{column}` and `{field}`, so "
+                                    f"download.columns.{field}={column!r} would overwrite `{field}`. Drop one of the "
+                                    "two columns, or set the param back to null.")
+    return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def require_readable_column(rows: list[dict], where: str) -> None:
+    """Stop here, naming the columns, when no row has a column the parser reads: every row would fail validation."""
+    if not any(has_readable_column(r) for r in rows):
+        raise PipelineError(
+            f"{where}: {no_column_message({k for r in rows for k in r})}. Rename the column in the data, or map it "
+            "with the download.columns param: `dvc exp run -S download.columns.text=<column>` (or .messages, or "
+            ".instruction and .output)."
+        )
 
 
 def read_hub(params: DownloadParams) -> tuple[list[dict], str | None]:
@@ -149,9 +190,11 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
         rows, revision = read_hub(params)
         origin = {"source": "hub", "hub_id": params.hub_id, "requested_revision": params.revision,
                   "revision": revision, "split": params.split}
+    where = params.path if params.source == "local" else params.hub_id
     if not rows:
-        where = params.path if params.source == "local" else params.hub_id
         raise PipelineError(f"{where} holds no rows. Point download.path/hub_id at a dataset with data.")
+    rows = map_columns(rows, params.columns, where)
+    require_readable_column(rows, where)
     columns = sorted({k for r in rows for k in r})
     write_jsonl(out_rows, rows)
     record = {

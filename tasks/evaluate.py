@@ -20,7 +20,7 @@ from tasks.base_model import load_base_model, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import render_prompt
 from tasks.errors import PipelineError, run_main
-from tasks.tokens import IGNORE, tokenize_rendered
+from tasks.tokens import IGNORE, tokenize_rendered, truncate
 from tasks.train import load_rows
 
 log = logging.getLogger(__name__)
@@ -44,19 +44,18 @@ def answer_loss(model, batches: list[dict]) -> tuple[float, int]:
 
 
 def make_batches(tokenizer, rows, max_length: int, batch_size: int) -> list[dict]:
-    toks = tokenize_rendered(tokenizer, rows)
-    toks = [t for t in toks if any(label != IGNORE for label in t.labels[:max_length])]
+    toks = truncate(tokenize_rendered(tokenizer, rows), max_length)  # the cut train makes, the same rows dropped
     batches = []
     for k in range(0, len(toks), batch_size):
         chunk = toks[k : k + batch_size]
-        width = min(max(len(t.input_ids) for t in chunk), max_length)
+        width = max(len(t.input_ids) for t in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
         labels = torch.full((len(chunk), width), IGNORE)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, t in enumerate(chunk):
-            n = min(len(t.input_ids), width)
-            ids[i, :n] = torch.tensor(t.input_ids[:n])
-            labels[i, :n] = torch.tensor(t.labels[:n])
+            n = len(t.input_ids)
+            ids[i, :n] = torch.tensor(t.input_ids)
+            labels[i, :n] = torch.tensor(t.labels)
             mask[i, :n] = 1
         batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
     return batches

@@ -121,8 +121,25 @@ def excluded_rows(result: dict) -> dict[int, list[str]]:
     return out
 
 
+def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
+    """Why great-expectations could not evaluate a rule (None when it did): it then reports success false with
+    no observed value, which would read as a failure that no row caused."""
+    info = res.exception_info or {}
+    # one {raised_exception, exception_message} or, in GX 1.x, one such entry per metric it tried to compute
+    errors = [e for e in ([info] if "raised_exception" in info else info.values()) if e.get("raised_exception")]
+    if not errors:
+        return None
+    if column and column not in frame:  # features of parsed rows only: no row parsed
+        return f"no row has a `{column}` to check: it is computed for rows that parse, and none did (see rule parseable)"
+    return errors[0].get("exception_message") or "great-expectations raised an error"
+
+
 def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
-    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}."""
+    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}.
+
+    Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
+    `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
+    """
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -138,6 +155,7 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
     batch = context.data_sources.add_pandas("conversations").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
     suite = context.suites.add(gx.ExpectationSuite(name="guanaco_conversations"))
     pairs = rules(v, model)
+    columns = {rule.name: rule.column for rule, _ in pairs}
     for rule, expectation in pairs:
         expectation.meta = {"rule": rule.name, "description": rule.description}
         suite.add_expectation(expectation)
@@ -161,10 +179,13 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
         meta = res.expectation_config.meta or {}
         detail = res.result or {}
         rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
+        reason = _not_evaluated(res, columns.get(meta.get("rule")), frame)
         by_rule.append({
             "rule": meta.get("rule"),
             "description": meta.get("description"),
-            "success": bool(res.success),
+            "status": "not evaluated" if reason else "passed" if res.success else "failed",
+            "success": None if reason else bool(res.success),
+            **({"reason": reason} if reason else {}),
             "unexpected_count": detail.get("unexpected_count"),
             "unexpected_percent": detail.get("unexpected_percent"),
             "observed_value": detail.get("observed_value"),

@@ -1,8 +1,10 @@
 """Stage 3, format: validated conversations -> Llama-2 chat text, length policy applied, train/eval split.
 
 Each output row holds the rendered `text`, the character spans of its answers (what carries the loss)
-and its token count. The split is by a hash of each conversation's folded text: deterministic, stable
-when rows are added, and near-duplicates always land on the same side, so eval never leaks into train.
+and its token count. Rows over model.max_length keep their whole text: train cuts their ids (tokens.cut;
+see there why the text is not cut here), and report.json counts what that cut leaves, i.e. what is trained.
+The split is by a hash of each conversation's folded text: deterministic, stable when rows are added, and
+near-duplicates always land on the same side, so eval never leaks into train.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
     if params.length_policy == "drop":
         rows = [r for r in rows if r["n_tokens"] <= model.max_length]
         report["dropped_over_max_length"] = len(over)
-    else:  # truncate: trl cuts at max_length when training; rows left with no answer token go
+    else:  # truncate: train cuts at max_length (tokens.truncate); rows left with no answer token go
         fully = {r["row_index"] for r in over if r["fully_masked_if_truncated"]}
         rows = [r for r in rows if r["row_index"] not in fully]
         report["truncated"] = len(over) - len(fully)
@@ -81,6 +83,14 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
     train = [r for r in ordered if r["row_index"] not in eval_ids]
     evals = [r for r in ordered if r["row_index"] in eval_ids]
 
+    # Tokens and answer tokens the model will see: what the cut at max_length leaves. tokens.cut keeps a row's
+    # first max_length tokens, and validate measured the answer tokens it cuts with that same function.
+    measured = {r["row_index"]: r for r in rows}
+    for name, split in (("train", train), ("eval", evals)):
+        rs = [measured[r["row_index"]] for r in split]
+        report[f"{name}_tokens"] = sum(min(r["n_tokens"], model.max_length) for r in rs)
+        report[f"{name}_answer_tokens"] = sum(r["answer_tokens"] - r["answer_tokens_cut"] for r in rs)
+
     # The three files are swapped in together: train, eval and their report always belong to one run.
     with staged_dir(out_dir) as tmp:
         train_path, eval_path = tmp / paths.TRAIN_ROWS.name, tmp / paths.EVAL_ROWS.name
@@ -88,7 +98,6 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
         write_jsonl(eval_path, evals)
         report |= {
             "train_rows": len(train), "eval_rows": len(evals),
-            "train_tokens": sum(r["n_tokens"] for r in train), "eval_tokens": sum(r["n_tokens"] for r in evals),
             "train_sha256": sha256_file(train_path), "eval_sha256": sha256_file(eval_path),
         }
         write_json(tmp / paths.FORMAT_REPORT.name, report)

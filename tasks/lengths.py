@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from tasks.artifacts import write_bytes
-from tasks.tokens import IGNORE, Tokenized
+from tasks.tokens import Tokenized, cut
 
 PERCENTILES = (50, 90, 95, 99)
 
 
 def row_lengths(tok: Tokenized, max_length: int) -> dict:
-    """Per-row figures: tokens, answer tokens, and answer tokens past max_length (what truncation cuts)."""
-    cut = sum(label != IGNORE for label in tok.labels[max_length:])
-    kept = tok.answer_tokens - cut
-    return {"n_tokens": len(tok.input_ids), "answer_tokens": tok.answer_tokens, "answer_tokens_cut": cut,
-            "fully_masked_if_truncated": kept == 0}
+    """Per-row figures: tokens, answer tokens, and what the cut at max_length (tokens.cut) leaves of them."""
+    kept = cut(tok, max_length)
+    return {"n_tokens": len(tok.input_ids), "answer_tokens": tok.answer_tokens,
+            "answer_tokens_cut": tok.answer_tokens - kept.answer_tokens, "fully_masked_if_truncated": kept.answer_tokens == 0}
 
 
 def length_report(lengths: list[dict], max_length: int, policy: str, tokenizer_name: str) -> dict:

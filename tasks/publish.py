@@ -56,7 +56,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
         "raw_data": {"path": str(paths.RAW_ROWS), "sha256": sha256_file(_require(paths.RAW_ROWS, "download"))},
         "validation": {
             "success": validation["success"],
-            "rules_failed": [r["rule"] for r in validation["rules"] if not r["success"]],
+            "rules_failed": [r["rule"] for r in validation["rules"] if r["status"] == "failed"],
             "result_path": str(paths.VALIDATION_RESULT),
             "result_sha256": sha256_file(paths.VALIDATION_RESULT),
             "conversations_sha256": sha256_file(_require(paths.CONVERSATIONS, "validate")),
@@ -150,7 +150,8 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
 
     with staged_dir(release_dir) as tmp:
         for name in ADAPTER_FILES:
-            shutil.copy2(paths.ADAPTER_DIR / name, tmp / name)
+            # contents only: the release's files get ordinary modes, whatever the adapter folder's were
+            shutil.copyfile(paths.ADAPTER_DIR / name, tmp / name)
         load_tokenizer(params.model).save_pretrained(tmp)
         release_id = f"{params.publish.name}-{sha256_file(tmp / 'adapter_model.safetensors')[:12]}"
         lineage = build_lineage(params, {}, release_id)

@@ -24,17 +24,27 @@ from tasks.tokens import tokenize_rendered
 
 log = logging.getLogger(__name__)
 MAX_ROWS_LISTED = 20
+MAX_REASONS_LISTED = 3
 
 
-def _failure_message(result: dict, report_dir: Path) -> str:
-    lines = []
+def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str]) -> str:
+    lines, unevaluated = [], []
     for r in result["rules"]:
-        if r["success"]:
+        if r["status"] == "not evaluated":
+            unevaluated.append(f"  - {r['rule']}: {r['reason']}")
+        if r["status"] != "failed":
             continue
         rows = r["rows"][:MAX_ROWS_LISTED]
         more = f" (+{len(r['rows']) - len(rows)} more)" if len(r["rows"]) > len(rows) else ""
         where = f"; rows {rows}{more}" if rows else f"; observed {r['observed_value']}"
         lines.append(f"  - {r['rule']}: {r['description']}: {r['unexpected_count'] or 0} row(s) break it{where}")
+        if r["rule"] == "parseable":  # why they do not parse: the parser's own words, first row of each reason
+            first = {}
+            for i in r["rows"]:
+                first.setdefault(parse_errors.get(i), i)
+            lines += [f"      row {i}: {why}" for why, i in list(first.items())[:MAX_REASONS_LISTED]]
+    if unevaluated:
+        lines += ["rules that could not be checked:", *unevaluated]
     return (
         "the data failed validation, so nothing was trained:\n" + "\n".join(lines) +
         f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'result.json'} and "
@@ -57,6 +67,7 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         convs.append(conv)
         features.append(conversation_features(i, conv, detect_form(row), error))
     frame = mark_duplicates(pd.DataFrame(features))
+    parse_errors = {f["row_index"]: f["parse_error"] for f in features if f["parse_error"]}
 
     # Token lengths on the exact text that will be trained, for rows the template can render.
     renderable = [i for i, f in enumerate(features)
@@ -76,6 +87,7 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
             "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
             # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
             "excluded_rows": {str(i): broke for i, broke in sorted(excluded_rows(result).items())},
+            "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
             "ge_result": result["ge_result"],
         })
     save_histogram(lengths, params.model.max_length, histogram_path)
@@ -84,7 +96,8 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         "success": result["success"],
         "rows": len(rows),
         "rows_excluded": len(excluded),
-        "rules_failed": sum(not r["success"] for r in result["rules"]),
+        "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
+        "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
         "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
         "tokens_p50": report["percentiles"]["p50"],
         "tokens_p95": report["percentiles"]["p95"],
@@ -95,7 +108,7 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
     log.info("validation %s: %d rows, %d left out for breaking a row rule; %s", "passed" if result["success"] else "FAILED",
              len(rows), len(excluded), report["policy_effect"])
     if not result["success"]:
-        raise ValidationFailed(_failure_message(result, report_dir))
+        raise ValidationFailed(_failure_message(result, report_dir, parse_errors))
 
     dup = frame["is_duplicate"].tolist()
     write_jsonl(out_conversations, (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -187,3 +188,126 @@ def test_hub_unknown_split_is_a_pipeline_error(params, workdir):
     with pytest.raises(PipelineError, match=r"could not load Hub dataset .*split 'validation'"):
         download(p.download, workdir / "h" / "rows.jsonl", workdir / "h" / "source.json")
     assert not (workdir / "h" / "rows.jsonl").exists()
+
+
+# --- a byte-order mark (Windows tools, spreadsheet exports) is read past, in every text format ------------
+
+
+def _write_with_bom(path: Path, rows: list[dict]) -> None:
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    elif path.suffix == ".json":
+        text = json.dumps(rows)
+    else:
+        text = pd.DataFrame(rows).to_csv(index=False)
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_utf8_bom_is_accepted(params, workdir, suffix):
+    path = workdir / f"bom{suffix}"
+    _write_with_bom(path, ROWS)
+    record, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == ROWS
+    assert record["columns"] == ["text"]  # not "\ufefftext"
+
+
+# --- JSON errors read as sentences ------------------------------------------------------------------------
+
+
+def test_broken_json_message_reads_plainly(params, workdir):
+    # json's message for the newline inside the string is "Invalid control character at", then the position
+    path, _ = _broken_line_jsonl(workdir)
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    assert "line 3: not valid JSON (Invalid control character at column 33)" in str(err.value)
+    assert "at at" not in str(err.value)
+    whole = workdir / "broken.json"
+    whole.write_text('[\n  {"text": "### Human: q### Assist', encoding="utf-8")
+    with pytest.raises(PipelineError, match=r"Unterminated string starting at line 2, column 12\)") as err:
+        _dl(params, whole, workdir)
+    assert "at at" not in str(err.value)
+
+
+# --- a column under another name: one clear stop naming the columns, or a mapping param ---------------------
+
+
+def _content_rows(tmp: Path, n: int = 200) -> Path:
+    path = tmp / "content.jsonl"
+    path.write_text("".join(json.dumps({"content": ROWS[i % 3]["text"], "id": i}) + "\n" for i in range(n)),
+                    encoding="utf-8")
+    return path
+
+
+def test_no_readable_column_stops_naming_found_and_expected(params, workdir):
+    _, out_rows, out_source = _dl(params, SAMPLE, workdir)  # a good previous run
+    before = out_rows.read_bytes(), out_source.read_bytes()
+    path = _content_rows(workdir)
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    message = str(err.value)
+    assert message.startswith(f"{path}: no column to read: found ['content', 'id']; expected `text`")
+    assert "-S download.columns.text=<column>" in message  # what to do
+    assert (out_rows.read_bytes(), out_source.read_bytes()) == before
+
+
+def test_columns_param_maps_a_column_onto_text(params, workdir):
+    path = _content_rows(workdir, n=3)
+    columns = {"text": "content", "messages": None, "instruction": None, "input": None, "output": None}
+    record, out_rows, _ = _dl(params, path, workdir, columns=columns)
+    assert _read_jsonl(out_rows) == [{"text": r["text"], "id": i} for i, r in enumerate(ROWS)]
+    assert record["columns"] == ["id", "text"]
+
+
+def test_columns_param_maps_alpaca_fields(params, workdir):
+    path = workdir / "qa.csv"
+    pd.DataFrame([{"prompt": "Say hi.", "response": "Hi!"}]).to_csv(path, index=False)
+    columns = {"text": None, "messages": None, "instruction": "prompt", "input": None, "output": "response"}
+    _, out_rows, _ = _dl(params, path, workdir, columns=columns)
+    assert _read_jsonl(out_rows) == [{"instruction": "Say hi.", "output": "Hi!"}]
+
+
+@pytest.mark.parametrize("rows, mapping, pattern", [
+    ([{"content": "x"}], {"text": "body"}, r"download.columns.text is 'body', but no row has that column \(found \['content'\]\)"),
+    ([{"text": "x"}, {"content": "y", "text": "z"}], {"text": "content"},
+     r"row 1 \(from 0\): has both `content` and `text`"),
+], ids=["absent", "clash"])
+def test_columns_param_errors_are_named(params, workdir, rows, mapping, pattern):
+    path = workdir / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    columns = {"text": None, "messages": None, "instruction": None, "input": None, "output": None, **mapping}
+    with pytest.raises(PipelineError, match=pattern):
+        _dl(params, path, workdir, columns=columns)
+
+
+def test_columns_param_is_typed(params):
+    from tasks.config import Params
+
+    data = params.as_dict()
+    data["download"]["columns"] = {**data["download"]["columns"], "txt": "content"}
+    with pytest.raises(Exception, match="txt"):
+        Params.model_validate(data)
+    data["download"]["columns"] = {**params.as_dict()["download"]["columns"], "instruction": "q", "output": "q"}
+    with pytest.raises(Exception, match="one field only"):
+        Params.model_validate(data)
+
+
+# --- outputs are readable by others (not tempfile's private 0600) ------------------------------------------
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_outputs_get_ordinary_permissions(params, workdir, umask_022):
+    from tasks.artifacts import staged_dir, write_text
+
+    _, out_rows, out_source = _dl(params, SAMPLE, workdir)
+    assert {oct(p.stat().st_mode & 0o777) for p in (out_rows, out_source)} == {"0o644"}
+    with staged_dir(workdir / "folder") as tmp:
+        write_text(tmp / "a.txt", "a")
+    assert oct((workdir / "folder").stat().st_mode & 0o777) == "0o755"
+    assert oct((workdir / "folder" / "a.txt").stat().st_mode & 0o777) == "0o644"

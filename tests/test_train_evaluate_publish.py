@@ -148,3 +148,27 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     for path in (root / paths.RELEASE_DIR).rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_release_is_readable_by_other_users(trained):
+    """0644 files and 0755 folders (under the usual umask 022), even from an adapter folder left private."""
+    from tasks.publish import ADAPTER_FILES, publish
+
+    root, p, _, _ = trained
+    os.chdir(root)
+    adapter = [root / paths.ADAPTER_DIR / name for name in ADAPTER_FILES]
+    modes = [f.stat().st_mode for f in adapter]
+    old_umask = os.umask(0o022)
+    try:
+        for f in adapter:
+            f.chmod(0o600)  # as tempfile left them before: the release must not inherit it
+        publish(with_params(p, **{"publish.require_improvement": False}))
+    finally:
+        os.umask(old_umask)
+        for f, mode in zip(adapter, modes):
+            f.chmod(mode)
+    release = root / paths.RELEASE_DIR
+    found = {p.relative_to(release).as_posix() or ".": oct(p.stat().st_mode & 0o777)
+             for p in [release, *release.rglob("*")]}
+    assert "adapter_model.safetensors" in found and "lineage.json" in found
+    assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}

@@ -396,3 +396,75 @@ def test_all_rows_near_duplicates_of_eval_is_an_error(params, tmp_path):
     p = with_params(params, **{"format.duplicates": "keep", "format.min_eval_rows": 1})
     with pytest.raises(PipelineError, match="none to train on"):
         format_rows(p.format, p.model, conversations, tmp_path / "out")
+
+
+# --- why a row does not parse reaches the message and result.json; rules nothing broke are not failed --------
+
+
+def test_bad_rows_say_why_they_do_not_parse(bad_run):
+    run, expected = bad_run
+    no_column, not_text = expected["parseable"]  # the {"prompt", "response"} row, then {"text": 123}
+    line = f"row {no_column}: no column to read: found ['prompt', 'response']; expected `text`"
+    assert line in str(run.error)
+    errors = run.result()["parse_errors"]
+    assert errors[str(no_column)].startswith("no column to read: found ['prompt', 'response']")
+    assert errors[str(not_text)] == "`text` is a int, expected a string"
+    assert set(errors) == {str(no_column), str(not_text)}
+
+
+def test_failed_rules_have_status_failed(bad_run):
+    run, expected = bad_run
+    status = {r["rule"]: r["status"] for r in run.result()["rules"]}
+    assert {rule for rule, s in status.items() if s == "failed"} == set(expected)
+    assert {s for rule, s in status.items() if rule not in expected} == {"passed"}
+
+
+@pytest.fixture(scope="module")
+def unparsed_run(params, project) -> Run:
+    """Every row has `text`, none in a form the parser knows: no row parses, so most features do not exist."""
+    rows = [{"text": f"Question {k}? Answer {k}."} for k in range(20)]
+    return _validate(params, project, "unparsed", rows)
+
+
+def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
+    rules = {r["rule"]: r for r in unparsed_run.result()["rules"]}
+    unevaluated = {"non_empty_turns", "roles_alternate", "ends_with_assistant", "turn_bounds", "char_bounds",
+                   "no_template_markers", "no_replacement_chars", "no_control_chars"}
+    assert {n for n, r in rules.items() if r["status"] == "not evaluated"} == unevaluated
+    for name in unevaluated:
+        assert rules[name]["success"] is None, name  # not false: nothing broke it
+        assert "none did (see rule parseable)" in rules[name]["reason"], rules[name]["reason"]
+    assert {n for n, r in rules.items() if r["status"] == "failed"} == {"parseable"}
+    assert all(r["success"] is False for r in rules.values() if r["status"] == "failed")
+    assert all(r["success"] is True for r in rules.values() if r["status"] == "passed")
+    message = str(unparsed_run.error)
+    assert isinstance(unparsed_run.error, ValidationFailed)
+    assert not re.search(r"\b0 row\(s\) break it", message) and "observed None" not in message
+    assert "rules that could not be checked:\n  - non_empty_turns: no row has a `min_turn_chars` to check" in message
+    assert "row 0: `text` has neither '### Human:'/'### Assistant:' markers" in message
+    metrics = json.loads(unparsed_run.metrics.read_text())
+    assert metrics["rules_failed"] == 1 and metrics["rules_not_evaluated"] == 8
+
+
+# --- the format report counts what train will train: tokens after the cut at max_length ----------------------
+
+
+def test_truncate_report_counts_what_train_trains(params, project, short_run, tmp_path):
+    from tasks.train import build_dataset, load_rows
+
+    report = _fmt(params, short_run, tmp_path, length_policy="truncate", duplicates="keep")
+    train, evals = _split(tmp_path)
+    assert any(r["n_tokens"] > 128 for r in train)  # some rows are cut: the test is about them
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project)
+        tokenizer = load_tokenizer(params.model)
+    for name, rows in (("train", train), ("eval", evals)):
+        dataset = build_dataset(tokenizer, load_rows(tmp_path / f"{name}.jsonl"), answer_only=True, max_length=128)
+        assert len(dataset) == len(rows)  # format already dropped the rows the cut leaves with no answer
+        assert report[f"{name}_tokens"] == sum(len(ids) for ids in dataset["input_ids"]) <= 128 * len(rows)
+        assert report[f"{name}_answer_tokens"] == sum(sum(x != -100 for x in labels) for labels in dataset["labels"])
+    convs = {c["row_index"]: c for c in read_jsonl(short_run.conversations)}
+    kept = [convs[r["row_index"]] for r in train + evals]
+    assert report["answer_tokens_cut"] == sum(c["answer_tokens_cut"] for c in kept) > 0
+    assert report["train_answer_tokens"] + report["eval_answer_tokens"] + report["answer_tokens_cut"] == \
+        sum(c["answer_tokens"] for c in kept)
