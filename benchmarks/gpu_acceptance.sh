@@ -67,8 +67,8 @@ accept() {
 layouts() {
   cd "$CLONE"
   .venv/bin/python benchmarks/train_throughput.py --model-dir "$MODEL" --work /tmp/layouts --bench "$CLONE" \
-    --out "$OUT/layouts.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
-    ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/layouts.log"
+    --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
+    ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/${RESULT:-layouts}.log"
 }
 
 for phase in "$@"; do

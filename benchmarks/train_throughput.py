@@ -1,8 +1,10 @@
-"""Training throughput on one GPU: plain Hugging Face settings vs the pipeline's train stage, side by side.
+"""Training throughput on one GPU: a plain trl script (the reference) vs the pipeline's train stage, side by side.
 
-Every configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs)
-on the same Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params, each in
-its own process so peak-memory figures do not mix. Printed and saved per configuration: tokens/s
+`plain_trl` is benchmarks/plain_trl.py, QLoRA SFT as the notebooks and trl's docs write it; every other
+configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs) on the same
+Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params. Each run is its own process
+so peak-memory figures do not mix; with --repeats the configurations take turns (a, b, a, b) and each
+figure is the median. Printed and saved per configuration: tokens/s
 (non-padding, after 2 warm-up steps), peak allocated and reserved memory, the planner's prediction,
 MFU (4·N FLOPs a token), the mean training loss over the first K steps, and (where asked) the held-out
 answer loss after training.
@@ -39,12 +41,13 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
                  "train.group_by_length=false"], 32, False),
     # the pipeline's fast setting, same batches in the same order as hf_gc (same math): padding-free varlen
     # attention, Liger kernels, no recomputation
+    # batch 8 and group_by_length as plain_trl runs them (the same rows in the same order)
     "ours_same": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 32, True),
-    # the same under a 16 GiB budget: recomputation back on (still the same batches in the same order)
-    "ours_16gib": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
-                    "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
-                    "train.memory_budget_gib=16"], 32, True),
+                   "train.group_by_length=true", "train.padding_free=true", "train.liger_kernels=true"], 40, False),
+    # the same under a 16 GiB budget (and a 16 GiB cap): the planner picks the layout
+    "ours_16gib": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=auto",
+                    "train.group_by_length=true", "train.padding_free=true", "train.liger_kernels=true",
+                    "train.memory_budget_gib=16"], 40, False),
     # 4x larger micro-batches: more tokens/s, but 4x fewer optimizer steps for the same tokens, so not the same math
     "big_batch": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=false",
                    "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 8, True),
@@ -62,7 +65,60 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     "hf_nogc_b2": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=2", "train.grad_accum=1", "train.gradient_checkpointing=false",
                     "train.group_by_length=false"], 12, False),
 }
-REFERENCE = "hf_gc"
+PLAIN_TRL = "plain_trl"  # benchmarks/plain_trl.py: what a trl user writes; the reference the README divides by
+CONFIGS[PLAIN_TRL] = ([], 40, False)
+REFERENCE = PLAIN_TRL
+
+
+class StepClock:
+    """Tokens/s from the Trainer's non-padding token count, from the end of step `skip` to the end of the last step
+    (kernel warm-up and allocator growth left out); the same measure for the reference and for ours."""
+
+    def __new__(cls, skip: int = 2):
+        from transformers import TrainerCallback
+
+        class _Clock(TrainerCallback):
+            def __init__(self):
+                self.marks: list[tuple[float, int]] = []
+                self.losses: list[float] = []
+
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    self.losses.append(float(logs["loss"]))
+
+            def tokens_per_second(self) -> float | None:
+                if len(self.marks) <= skip + 1:
+                    return None
+                (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
+                return round((n_b - n_a) / (t_b - t_a), 1)
+
+        return _Clock()
+
+
+def run_plain_trl(args, steps: int) -> dict:
+    import torch
+
+    from benchmarks.plain_trl import train_plain_trl
+
+    clock = StepClock()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer = train_plain_trl(args.model_dir, args.bench / "data" / "formatted" / "train.jsonl",
+                              args.work / "plain_trl", steps, [clock])
+    cuda = torch.cuda.is_available()
+    return {"steps": trainer.state.global_step, "micro_batch": 8, "grad_accum": 1,
+            "tokens_seen": int(trainer.state.num_input_tokens_seen), "tokens_per_second": clock.tokens_per_second(),
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+            "predicted_peak_gib": None, "max_micro_batch_tokens": None, "predicted_at_max_micro_batch_gib": None,
+            "gradient_checkpointing": True, "layout_reason": "plain trl defaults", "losses": clock.losses}
 
 
 def run_one(name: str, args) -> dict:
@@ -76,41 +132,42 @@ def run_one(name: str, args) -> dict:
     from tasks.train import load_rows, train
 
     overrides, steps, heldout = CONFIGS[name]
-    work = args.work / name
-    params = bench_params(args.bench, args.model_dir, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
-    os.chdir(workspace(args.bench, work, params))
-    budget = params.train.memory_budget_gib
-    if isinstance(budget, float) and torch.cuda.is_available():  # behave as a card of `budget` GiB would
-        torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-    result: dict = {}
-    losses: list[float] = []
+    if name == PLAIN_TRL:
+        r = run_plain_trl(args, steps)
+    else:
+        work = args.work / name
+        params = bench_params(args.bench, args.model_dir,
+                              [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
+        os.chdir(workspace(args.bench, work, params))
+        budget = params.train.memory_budget_gib
+        if isinstance(budget, float) and torch.cuda.is_available():  # behave as a card of `budget` GiB would
+            torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        result: dict = {}
+        clock = StepClock()
 
-    class HeldOut(TrainerCallback):
-        def on_log(self, _args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
+        class HeldOut(TrainerCallback):
+            def on_train_end(self, _args, state, control, model=None, **kw):
+                if heldout:
+                    tok = load_tokenizer(params.model)
+                    batches = make_batches(tok, load_rows(paths.EVAL_ROWS), params.model.max_length, 8)
+                    model.eval()
+                    result["heldout_loss"] = round(answer_loss(model, batches)[0], 5)
+                    model.train()
 
-        def on_train_end(self, _args, state, control, model=None, **kw):
-            if heldout:
-                tok = load_tokenizer(params.model)
-                batches = make_batches(tok, load_rows(paths.EVAL_ROWS), params.model.max_length, 8)
-                model.eval()
-                result["heldout_loss"] = round(answer_loss(model, batches)[0], 5)
-                model.train()
-
-    metrics = train(params, extra_callbacks=[HeldOut()])
-    tps = metrics["steady_tokens_per_second"]
-    return {
-        "name": name, "overrides": overrides, "steps": metrics["steps"], "micro_batch": metrics["micro_batch"],
-        "grad_accum": metrics["grad_accum"], "tokens_seen": metrics["tokens_seen"],
-        "tokens_per_second": tps, "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4) if tps else None,
-        "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
-        "predicted_peak_gib": metrics["predicted_peak_gib"], "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
-        "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
-        "gradient_checkpointing": metrics["gradient_checkpointing"], "layout_reason": metrics["layout_reason"],
-        "mean_loss": round(sum(losses) / len(losses), 5), "losses": losses, **result,
-        "gpu": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"),
-    }
+        metrics = train(params, extra_callbacks=[clock, HeldOut()])
+        r = {"steps": metrics["steps"], "micro_batch": metrics["micro_batch"], "grad_accum": metrics["grad_accum"],
+             "tokens_seen": metrics["tokens_seen"], "tokens_per_second": clock.tokens_per_second(),
+             "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
+             "predicted_peak_gib": metrics["predicted_peak_gib"],
+             "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
+             "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
+             "gradient_checkpointing": metrics["gradient_checkpointing"], "layout_reason": metrics["layout_reason"],
+             "losses": clock.losses, **result}
+    tps = r["tokens_per_second"]
+    return {"name": name, "overrides": overrides, **r,
+            "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4) if tps else None,
+            "mean_loss": round(sum(r["losses"]) / len(r["losses"]), 5) if r["losses"] else None,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def main() -> None:
