@@ -173,7 +173,28 @@ class Audit:
                                      "to reproduce it)")
             else:
                 link.facts.append("the code here is the release's code (same code hash)")
+        if code.get("stages") and not self.release_only:
+            self._stage_code(link, code["stages"], commit)
         return link
+
+    def _stage_code(self, link: Link, ran: dict[str, dict[str, str]], commit: str | None) -> None:
+        """Per stage, the code it ran (recorded from dvc.lock at publish) against dvc.lock now and the files here."""
+        from tasks.lineage import stage_code_hashes
+
+        def differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
+            return sorted(set(a) ^ set(b) | {f for f in set(a) & set(b) if a[f] != b[f]})
+
+        locked, files = stage_code_hashes(self.root), stage_code_hashes(self.root, from_lock=False)
+        for stage, code in ran.items():
+            if off := differing(code, locked.get(stage, {})):
+                link.warnings.append(f"dvc.lock now records other code for stage {stage} than the release ran "
+                                     f"({', '.join(off[:6])}): the workspace moved on since this release")
+            elif off := differing(code, files.get(stage, {})):
+                link.warnings.append(f"the code here differs from what stage {stage} ran ({', '.join(off[:6])}): "
+                                     f"git checkout {commit[:12] if commit else '?'} to reproduce it")
+        if not link.warnings:
+            link.facts.append(f"each stage's code as it ran ({len(ran)} stages, "
+                              f"{len({f for c in ran.values() for f in c})} modules) matches dvc.lock and the files here")
 
     def training(self) -> Link:
         from tasks.config import Params

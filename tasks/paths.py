@@ -1,6 +1,6 @@
 """Where each stage reads and writes, relative to the project root.
 
-dvc.yaml declares the same paths as deps and outs; tests/test_dvc_yaml.py keeps the two in step.
+dvc.yaml declares the same paths as deps and outs; tests/test_dvc_yaml.py checks the outputs against these.
 """
 
 from pathlib import Path

@@ -150,7 +150,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
     )
 
 
-def _callbacks(resume: bool, main_process: bool = True):
+def _callbacks(resume: bool, live_dir: Path, main_process: bool = True):
     from transformers import TrainerCallback
     from transformers.integrations import DVCLiveCallback
 
@@ -209,7 +209,7 @@ def _callbacks(resume: bool, main_process: bool = True):
         return Guard(), TrainerCallback()
     if not main_process:  # dvclive writes files: rank 0's alone (its logs already hold the loss of all ranks)
         return Guard(), TrainerCallback()
-    live = Live(dir=str(paths.DVCLIVE_DIR), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    live = Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
     return Guard(), DVCLiveCallback(live=live)
 
 
@@ -258,7 +258,10 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
     )
-    guard, live = _callbacks(resume, main_process=world.rank == 0)
+    # dvclive streams into the checkpoint folder (resumed with it) and replaces dvclive/train only once the run
+    # succeeded: a failed run leaves the last good plots in place.
+    live_dir = checkpoint_dir / "dvclive"
+    guard, live = _callbacks(resume, live_dir, main_process=world.rank == 0)
     trainer = SFTTrainer(
         model=model, args=sft_config(params, checkpoint_dir, est, world.size), train_dataset=dataset,
         processing_class=tokenizer, peft_config=lora, callbacks=[guard, live, *(extra_callbacks or [])],
@@ -341,6 +344,9 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         "world_size": layout["world_size"],
     }
     if trainer.is_world_process_zero():
+        if live_dir.exists():
+            with staged_dir(paths.DVCLIVE_DIR) as tmp:
+                shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
         write_json(metrics_path, metrics)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place

@@ -73,6 +73,24 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
     assert report["ok"] and [link["name"] for link in report["links"]][0] == "source"
 
 
+def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_since(project):
+    from tasks.stage_code import STAGES, stage_code
+
+    lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
+    ran = lineage["code"]["stages"]
+    assert tuple(ran) == STAGES and all(sorted(ran[s]) == stage_code(s, project) for s in STAGES)
+    assert "tasks/attention.py" in ran["train"] and "tasks/attention.py" not in ran["download"]
+    code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
+    assert not code.warnings and any("matches dvc.lock and the files here" in f for f in code.facts)
+
+    # An edit to a module train imports only indirectly (train -> attention) is named, for train and not download.
+    with open(project / "tasks" / "attention.py", "a") as f:
+        f.write("\n# an edit after the release\n")
+    code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
+    assert any("stage train ran" in w and "tasks/attention.py" in w for w in code.warnings), code.warnings
+    assert not any("stage download" in w for w in code.warnings)
+
+
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
     _flip_last_byte(project / paths.RELEASE_DIR / "adapter_model.safetensors")
     assert _first_failure(project) == "release"

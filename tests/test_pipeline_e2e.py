@@ -58,6 +58,43 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
     (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran(dvc(project_copy, "repro")) == ["train", "evaluate", "publish"]
 
+    # A failed stage leaves every output of every stage as the last good run left it (dvc.yaml: all persist).
+    outputs = [paths.ADAPTER_DIR, paths.TRAIN_METRICS, paths.DVCLIVE_DIR, paths.EVAL_METRICS, paths.GENERATIONS,
+               paths.EVAL_RUN, paths.RELEASE_DIR]
+    good = snapshot(project_copy, outputs)
+    assert good[str(paths.TRAIN_METRICS)] and any(k.startswith(str(paths.DVCLIVE_DIR)) for k in good)
+    params["train"]["optimizer"] = "paged_adamw_32bit"  # stops in train's preflight on the CPU
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = dvc_fails(project_copy, "repro")
+    assert "paged_adamw_32bit needs a CUDA GPU" in failed
+    assert snapshot(project_copy, outputs) == good
+
+    params["train"]["optimizer"] = "adamw_torch"  # train is up to date again; now evaluate fails on broken rows
+    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (project_copy / paths.EVAL_ROWS).write_text("{not json\n")
+    failed = dvc_fails(project_copy, "repro", "--single-item", "evaluate")
+    assert "Running stage 'evaluate'" in failed
+    assert snapshot(project_copy, outputs) == good
+
+
+def snapshot(project: Path, rels: list) -> dict[str, str]:
+    """sha256 of every file under the given outputs (relative path -> hash)."""
+    from tasks.artifacts import sha256_file
+
+    files = {}
+    for rel in rels:
+        root = project / rel
+        for f in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            files[str(f.relative_to(project))] = sha256_file(f)
+    return files
+
+
+def dvc_fails(project: Path, *args: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
+    assert proc.returncode != 0, f"dvc {' '.join(args)} should have failed:\n{proc.stdout}"
+    return proc.stdout + proc.stderr
+
 
 def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_copy, prefect_harness):
     from flows.pipeline import pipeline

@@ -1,0 +1,50 @@
+"""dvc.yaml and the code: each stage's deps list exactly the code it runs, and its paths are tasks/paths.py's."""
+
+from __future__ import annotations
+
+import yaml
+
+from tasks import paths
+from tasks.stage_code import STAGES, stage_code
+from tests.conftest import ROOT
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_every_stage_depends_on_exactly_the_code_it_runs():
+    """Editing any module a stage imports (directly or not) must re-run that stage, and nothing else is listed."""
+    stages = _stages()
+    assert tuple(stages) == STAGES
+    for stage in STAGES:
+        listed = sorted(d for d in stages[stage]["deps"] if d.endswith(".py"))
+        expected = stage_code(stage, ROOT)
+        assert listed == expected, (
+            f"dvc.yaml stage {stage!r}: code deps differ from what `python -m tasks.{stage}` imports.\n"
+            f"missing: {sorted(set(expected) - set(listed))}\nnot imported: {sorted(set(listed) - set(expected))}")
+        assert stages[stage]["cmd"] == f"python -m tasks.{stage}"
+
+
+def test_the_import_walk_follows_imports_inside_functions(tmp_path):
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "a.py").write_text("from tasks import b\n")
+    (tmp_path / "tasks" / "b.py").write_text("def f():\n    from tasks.c import x\n")
+    (tmp_path / "tasks" / "c.py").write_text("import tasks.d\nimport os\n")
+    (tmp_path / "tasks" / "d.py").write_text("")
+    assert stage_code("a", tmp_path) == ["tasks/a.py", "tasks/b.py", "tasks/c.py", "tasks/d.py"]
+
+
+def test_every_output_persists_and_matches_tasks_paths():
+    """persist: a failed stage keeps the last good outputs (each stage swaps its outputs in only on success)."""
+    declared = {}
+    for stage in _stages().values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                (path, opts), = entry.items()
+                declared[path] = opts
+    assert all(opts.get("persist") is True for opts in declared.values()), declared
+    for expected in (paths.RAW_DIR, paths.VALIDATED_DIR, paths.VALIDATION_REPORT_DIR, paths.VALIDATION_METRICS,
+                     paths.LENGTH_HISTOGRAM, paths.FORMATTED_DIR, paths.ADAPTER_DIR, paths.TRAIN_METRICS,
+                     paths.EVAL_METRICS, paths.GENERATIONS, paths.EVAL_RUN, paths.RELEASE_DIR):
+        assert str(expected) in declared, expected
