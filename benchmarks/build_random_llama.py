@@ -3,7 +3,7 @@
 No Llama weights can be downloaded here; a model with Llama-2-7b-chat-hf's config.json values and
 random weights has the real recipe's speed and memory. Run once per GPU machine (~20-60 s):
 
-    python benchmarks/build_random_llama.py --out /tmp/llama-2-7b-random --tokenizer .bench/llama-2-tokenizer
+    python -m benchmarks.build_random_llama --out /tmp/llama-2-7b-random --tokenizer .bench/llama-2-tokenizer
 """
 
 from __future__ import annotations
@@ -14,17 +14,7 @@ from pathlib import Path
 
 import torch
 
-# config.json of meta-llama/Llama-2-7b-chat-hf (and NousResearch/Llama-2-7b-chat-hf)
-LLAMA2_7B_CHAT = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-    initializer_range=0.02, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, attention_bias=False,
-)
-
-# A tiny model of the same family, for a CPU smoke run of the benchmark scripts.
-SMOKE = {**LLAMA2_7B_CHAT, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 4}
-SHAPES = {"llama2-7b": LLAMA2_7B_CHAT, "smoke": SMOKE}
+from tasks.model_shapes import LLAMA2_7B_CHAT, SHAPES
 
 
 def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: int = 0) -> Path:

@@ -14,26 +14,12 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import Params
+from tasks.config import Params, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench" / "recipe"
 H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak
 LLAMA2_7B_PARAMS = 6.74e9
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`train.batch_size=8`-style overrides (values parsed as YAML) on a params dict."""
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(f"unknown param {key}")
-        node[leaf] = yaml.safe_load(raw)
-    return data
 
 
 def bench_params(bench: Path, model_dir: Path | None, overrides: list[str] = ()) -> Params:
@@ -42,7 +28,8 @@ def bench_params(bench: Path, model_dir: Path | None, overrides: list[str] = ())
         data["model"]["base"] = str(model_dir.resolve())
     if data["model"].get("tokenizer") and not Path(data["model"]["tokenizer"]).is_absolute():
         data["model"]["tokenizer"] = str(ROOT / data["model"]["tokenizer"])
-    return Params.model_validate(apply_overrides(data, list(overrides)))
+    changes = dict(item.split("=", 1) for item in overrides)  # `train.batch_size=8`, values read as YAML
+    return with_overrides(Params.model_validate(data), **{k: yaml.safe_load(v) for k, v in changes.items()})
 
 
 def workspace(bench: Path, work: Path, params: Params) -> Path:
@@ -63,7 +50,7 @@ def save(out: Path, data: dict) -> None:
 def bench_arguments(doc: str) -> argparse.ArgumentParser:
     """The arguments every GPU benchmark takes: the random 7B, a scratch dir, the JSON out, the prepared rows, the
     model shape and param overrides."""
-    from benchmarks.build_random_llama import SHAPES
+    from tasks.model_shapes import SHAPES
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True)

@@ -5,7 +5,7 @@ first human turn, alternate rows with Windows newlines and stray spaces), so the
 duplication. Each stage runs through its public function exactly as `dvc repro` calls it, in a scratch
 project, and the script prints seconds and rows/s per stage and saves them as JSON.
 
-    python benchmarks/data_stages.py --raw ../shared/data/guanaco-raw-1k/train.jsonl \
+    python -m benchmarks.data_stages --raw ../shared/data/guanaco-raw-1k/train.jsonl \
         --tokenizer ../shared/data/llama-2-tokenizer [--rows 10000]
 
 Target on the 2-core CI machine: the three stages together under 30 s for 10k rows.
@@ -22,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import ROOT, save  # noqa: E402
+from benchmarks.common import ROOT, save
 
 
 def perturbed_rows(raw: Path, n: int) -> list[dict]:

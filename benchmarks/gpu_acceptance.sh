@@ -40,7 +40,7 @@ print("venv torch", torch.__version__, "from", torch.__file__)
 print(", ".join(f"{p} {md.version(p)}" for p in ("transformers", "trl", "peft", "bitsandbytes", "prefect", "dvc", "great_expectations")))
 if torch.version.cuda: print("liger-kernel", md.version("liger-kernel"))'
   if [ ! -f "$MODEL/config.json" ]; then
-    .venv/bin/python benchmarks/build_random_llama.py --out "$MODEL" --tokenizer "$KIT/tokenizer" --shape "${SHAPE:-llama2-7b}"
+    .venv/bin/python -m benchmarks.build_random_llama --out "$MODEL" --tokenizer "$KIT/tokenizer" --shape "${SHAPE:-llama2-7b}"
   fi
 }
 
@@ -66,7 +66,7 @@ accept() {
 
 layouts() {
   cd "$CLONE"
-  .venv/bin/python benchmarks/train_throughput.py --model-dir "$MODEL" --work /tmp/layouts --bench "$CLONE" \
+  .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work /tmp/layouts --bench "$CLONE" \
     --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
     ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/${RESULT:-layouts}.log"
 }

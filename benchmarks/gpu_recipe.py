@@ -5,7 +5,7 @@ the guanaco-llama2-1k rows prepared by benchmarks/prepare_bench.py, preset llama
 NF4, LoRA r=64/alpha 16/dropout 0.1 on q,v, paged AdamW 32-bit, lr 2e-4, 1 epoch). Prints tokens/s,
 peak memory beside the planner's prediction, and wall time; any param can be overridden with -S key=value.
 
-    python benchmarks/gpu_recipe.py --model-dir /tmp/llama-2-7b-random --work /tmp/recipe --out recipe.json
+    python -m benchmarks.gpu_recipe --model-dir /tmp/llama-2-7b-random --work /tmp/recipe --out recipe.json
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.build_random_llama import SHAPES, build  # noqa: E402
-from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace  # noqa: E402
+from benchmarks.build_random_llama import SHAPES, build
+from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ per GPU). Each adapter's tensor shapes are compared with the one-GPU run's.
 
 Prints and saves tokens/s (job and per GPU), efficiency, peak memory of each GPU, loss and wall time.
 
-    python benchmarks/multi_gpu.py --model-dir /tmp/llama7b --work /tmp/mg --out multi_gpu.json
+    python -m benchmarks.multi_gpu --model-dir /tmp/llama7b --work /tmp/mg --out multi_gpu.json
 """
 
 from __future__ import annotations
@@ -25,10 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.build_random_llama import SHAPES, build  # noqa: E402
-from benchmarks.common import ROOT, bench_arguments, bench_params, save, workspace  # noqa: E402
+from benchmarks.build_random_llama import SHAPES, build
+from benchmarks.common import ROOT, bench_arguments, bench_params, save, workspace
 
 # name: (mode, processes, global batch in units of the recipe's batch). Most keep each GPU's micro-batch at the
 # recipe's (global batch x N); ddp_recipe_batch keeps the recipe's global batch (each GPU gets 1/N of it).

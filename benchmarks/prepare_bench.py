@@ -4,7 +4,7 @@ Composes preset llama2_7b_guanaco against local files (exactly as `dvc exp run -
 download -> validate -> format through the stage functions with the real Llama-2 tokenizer, into
 .bench/recipe/ (params.yaml + data/ + reports/). The GPU side then needs only train and evaluate.
 
-    python benchmarks/prepare_bench.py --data ../shared/data/guanaco-llama2-1k/train.parquet \
+    python -m benchmarks.prepare_bench --data ../shared/data/guanaco-llama2-1k/train.parquet \
         --tokenizer ../shared/data/llama-2-tokenizer
 """
 
@@ -17,9 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import BENCH, ROOT  # noqa: E402
+from benchmarks.common import BENCH, ROOT
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ figure is the median. Printed and saved per configuration: tokens/s
 MFU (4·N FLOPs a token), the mean training loss over the first K steps, and (where asked) the held-out
 answer loss after training.
 
-    python benchmarks/train_throughput.py --model-dir /tmp/llama-2-7b-random \
+    python -m benchmarks.train_throughput --model-dir /tmp/llama-2-7b-random \
         --work /tmp/tp --out throughput.json [--configs hf_gc,ours_fast]   (after benchmarks/prepare_bench.py)
 """
 
@@ -24,9 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace  # noqa: E402
+from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace
 
 COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
 # name: (param overrides, optimizer steps, measure held-out loss)
@@ -129,7 +127,8 @@ def run_one(name: str, args) -> dict:
     from tasks import paths
     from tasks.base_model import load_tokenizer
     from tasks.evaluate import answer_loss, make_batches
-    from tasks.train import load_rows, train
+    from tasks.formatted import load_rows
+    from tasks.train import train
 
     overrides, steps, heldout = CONFIGS[name]
     if name == PLAIN_TRL:
@@ -190,7 +189,7 @@ def main() -> None:
     for rep in range(args.repeats):
         for name in names:  # interleaved: a, b, a, b, so drift on the machine hits every config alike
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run-one", name], capture_output=True,
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name], capture_output=True,
                                   text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:

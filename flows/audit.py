@@ -155,7 +155,7 @@ class Audit:
         return link
 
     def code(self) -> Link:
-        from tasks.lineage import code_sha256
+        from tasks.stage_code import code_sha256
 
         link, code = Link("code"), self.lineage["code"]
         commit = code.get("git_commit")
@@ -179,7 +179,7 @@ class Audit:
 
     def _stage_code(self, link: Link, ran: dict[str, dict[str, str]], commit: str | None) -> None:
         """Per stage, the code it ran (recorded from dvc.lock at publish) against dvc.lock now and the files here."""
-        from tasks.lineage import stage_code_hashes
+        from tasks.stage_code import stage_code_hashes
 
         def differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
             return sorted(set(a) ^ set(b) | {f for f in set(a) & set(b) if a[f] != b[f]})
@@ -198,7 +198,7 @@ class Audit:
 
     def training(self) -> Link:
         from tasks.config import Params
-        from tasks.train import run_fingerprint
+        from tasks.checkpoints import run_fingerprint
 
         link, tr = Link("training"), self.lineage["training"]
         libs, hw = tr.get("libraries", {}), tr.get("hardware", {})

@@ -106,6 +106,14 @@ class DistributedParams(_Strict):
         return self
 
 
+def batch_split_problem(global_batch: int, processes: int) -> str | None:
+    """Why the global batch (batch_size x grad_accum) cannot be split evenly over the processes, or None."""
+    if global_batch % processes:
+        return (f"the global batch (train.batch_size x train.grad_accum = {global_batch}) does not divide over "
+                f"{processes} processes (train.distributed.num_processes): change train.batch_size or train.grad_accum")
+    return None
+
+
 class TrainParams(_Strict):
     seed: int
     epochs: float = Field(gt=0)
@@ -136,10 +144,8 @@ class TrainParams(_Strict):
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or a positive number")
         # batch_size x grad_accum is the global batch, split evenly over the processes (tasks/train.py).
-        n = self.distributed.num_processes
-        if (self.batch_size * self.grad_accum) % n:
-            raise ValueError(f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) is the global batch and "
-                             f"must divide evenly over distributed.num_processes ({n})")
+        if problem := batch_split_problem(self.batch_size * self.grad_accum, self.distributed.num_processes):
+            raise ValueError(problem)
         return self
 
 
@@ -185,6 +191,24 @@ class Params(_Strict):
 
     def as_dict(self) -> dict:
         return self.model_dump(by_alias=True, mode="json")
+
+
+def with_overrides(params: Params, **changes: object) -> Params:
+    """A copy of params with dotted keys changed: with_overrides(p, **{"train.max_steps": 2}), checked like params.yaml
+    (an unknown key or a wrong type is an error naming it)."""
+    data = params.as_dict()
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise PipelineError(f"unknown param {dotted!r}: {key!r} is not a section")
+            node = node[key]
+        node[leaf] = value
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise PipelineError(_describe(e, Path("overrides"))) from None
 
 
 def _describe(err: ValidationError, path: Path) -> str:

@@ -21,7 +21,7 @@ from tasks.config import Params, load_params
 from tasks.conversation import render_prompt
 from tasks.errors import PipelineError, run_main
 from tasks.tokens import IGNORE, tokenize_rendered, truncate
-from tasks.train import load_rows
+from tasks.formatted import load_rows
 
 log = logging.getLogger(__name__)
 LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")

@@ -26,14 +26,8 @@ def _split_key(conv: Conversation) -> str:
     return hashlib.sha256(near_duplicate_key(conv).encode("utf-8")).hexdigest()
 
 
-def format_rows(params: FormatParams, model: ModelParams, conversations: Path = paths.CONVERSATIONS,
-                out_dir: Path = paths.FORMATTED_DIR) -> dict:
-    if not conversations.exists():
-        raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
-    rows = read_jsonl(conversations)
-    report: dict = {"rows_in": len(rows), "input_sha256": sha256_file(conversations),  # the audit's link to validate
-                    "length_policy": params.length_policy, "max_length": model.max_length}
-
+def apply_policies(rows: list[dict], params: FormatParams, model: ModelParams, report: dict) -> list[dict]:
+    """The duplicate and length policies: the rows kept, with what each policy did counted in `report`."""
     if params.duplicates == "drop":
         report["dropped_duplicates"] = sum(r["is_duplicate"] for r in rows)
         rows = [r for r in rows if not r["is_duplicate"]]
@@ -46,15 +40,18 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
             "Raise model.max_length, or set format.length_policy to 'truncate' or 'drop'."
         )
     if params.length_policy == "drop":
-        rows = [r for r in rows if r["n_tokens"] <= model.max_length]
         report["dropped_over_max_length"] = len(over)
-    else:  # truncate: train cuts at max_length (tokens.truncate); rows left with no answer token go
-        fully = {r["row_index"] for r in over if r["fully_masked_if_truncated"]}
-        rows = [r for r in rows if r["row_index"] not in fully]
-        report["truncated"] = len(over) - len(fully)
-        report["dropped_no_answer_left"] = len(fully)
-        report["answer_tokens_cut"] = sum(r["answer_tokens_cut"] for r in over if r["row_index"] not in fully)
+        return [r for r in rows if r["n_tokens"] <= model.max_length]
+    # truncate: train cuts at max_length (tokens.cut); rows left with no answer token go
+    fully = {r["row_index"] for r in over if r["fully_masked_if_truncated"]}
+    report["truncated"] = len(over) - len(fully)
+    report["dropped_no_answer_left"] = len(fully)
+    report["answer_tokens_cut"] = sum(r["answer_tokens_cut"] for r in over if r["row_index"] not in fully)
+    return [r for r in rows if r["row_index"] not in fully]
 
+
+def split_rows(rows: list[dict], params: FormatParams) -> tuple[list[dict], list[dict]]:
+    """Render each conversation and split train/eval by a content key, near-duplicates on one side only."""
     n_eval = max(params.min_eval_rows, round(params.eval_fraction * len(rows)))
     if n_eval >= len(rows):
         raise PipelineError(
@@ -80,8 +77,18 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
     eval_ids = {row["row_index"] for _, row in keyed[:cut]}
     # Rows keep their input order inside each split, so a diff of the files reads like a diff of the data.
     ordered = [row for _, row in sorted(keyed, key=lambda kv: kv[1]["row_index"])]
-    train = [r for r in ordered if r["row_index"] not in eval_ids]
-    evals = [r for r in ordered if r["row_index"] in eval_ids]
+    return [r for r in ordered if r["row_index"] not in eval_ids], [r for r in ordered if r["row_index"] in eval_ids]
+
+
+def format_rows(params: FormatParams, model: ModelParams, conversations: Path = paths.CONVERSATIONS,
+                out_dir: Path = paths.FORMATTED_DIR) -> dict:
+    if not conversations.exists():
+        raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
+    rows = read_jsonl(conversations)
+    report: dict = {"rows_in": len(rows), "input_sha256": sha256_file(conversations),  # the audit's link to validate
+                    "length_policy": params.length_policy, "max_length": model.max_length}
+    rows = apply_policies(rows, params, model, report)
+    train, evals = split_rows(rows, params)
 
     # Tokens and answer tokens the model will see: what the cut at max_length leaves. tokens.cut keeps a row's
     # first max_length tokens, and validate measured the answer tokens it cuts with that same function.

@@ -20,7 +20,7 @@ from tasks.artifacts import read_json, sha256_file, sha256_text, sha256_tree, st
 from tasks.base_model import load_tokenizer, resolve_base
 from tasks.config import Params, load_params
 from tasks.errors import PipelineError, run_main
-from tasks.lineage import code_version
+from tasks.stage_code import code_version
 
 log = logging.getLogger(__name__)
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")

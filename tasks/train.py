@@ -1,9 +1,9 @@
 """Stage 4, train: QLoRA SFT with trl's SFTTrainer on a 4-bit NF4 base, LoRA through peft.
 
-Read top to bottom: tokenize the formatted rows into ids + answer-only labels, load the 4-bit base,
-build the SFTConfig from params, train (resuming a killed run from its last checkpoint), save the
-adapter atomically, write metrics. Guards: a NaN/inf loss or a CUDA OOM stops the run with a message
-that says what to change, and no adapter is written.
+Read top to bottom, as `train()` does: tokenize the formatted rows (ids + answer-only labels), plan memory and
+load the 4-bit base, build the trainer from params, fit (resuming a killed run from its last checkpoint), save
+the adapter atomically, report metrics. A NaN/inf loss or a CUDA OOM stops the run with a message that says what
+to change, and no adapter is written (tasks/train_callbacks.py holds the callbacks).
 
 With train.distributed.mode ddp/fsdp, `python -m tasks.train` re-launches itself as N workers through
 accelerate (tasks/distributed.py); each worker runs train() below, and rank 0 alone writes the outputs.
@@ -12,9 +12,7 @@ accelerate (tasks/distributed.py); each worker runs train() below, and rank 0 al
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -23,27 +21,21 @@ from pathlib import Path
 
 import torch
 
-from tasks import paths
-from tasks.artifacts import read_jsonl, sha256_file, sha256_text, staged_dir, write_json
 from tasks import attention as attention_impl
-from tasks import distributed
+from tasks import distributed, paths
+from tasks.artifacts import sha256_file, staged_dir, write_json
 from tasks.base_model import load_base_model, load_config, load_tokenizer
-from tasks.config import Params, load_params
+from tasks.checkpoints import resumable_checkpoint, run_fingerprint
+from tasks.config import Params, batch_split_problem, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
+from tasks.formatted import load_rows
 from tasks.lineage import hardware, library_versions
-from tasks.preflight import preflight
 from tasks.memory import Estimate, ModelShape, estimate, plan, resolve_budget, visible_gpu_gib
+from tasks.preflight import preflight
 from tasks.tokens import tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
-FINGERPRINT = "run.json"
-
-
-def load_rows(path: Path) -> list[Rendered]:
-    if not path.exists():
-        raise PipelineError(f"{path} not found: run the format stage first (dvc repro format).")
-    return [Rendered(r["text"], [tuple(s) for s in r["answer_spans"]]) for r in read_jsonl(path)]
 
 
 def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length: int):
@@ -64,29 +56,6 @@ def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
     return shape, est
 
 
-def run_fingerprint(params: Params, train_rows: Path) -> str:
-    """What a checkpoint must match to be resumed: the training params and the exact training data."""
-    relevant = {k: params.as_dict()[k] for k in ("model", "quant", "lora", "train")}
-    return sha256_text(json.dumps(relevant, sort_keys=True) + sha256_file(train_rows))
-
-
-def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
-    """True when checkpoint_dir holds checkpoints of this very run; stale ones are removed."""
-    marker = checkpoint_dir / FINGERPRINT
-    if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
-        for ckpt in checkpoint_dir.glob("checkpoint-*"):
-            if not (ckpt / "trainer_state.json").exists():  # killed while writing it: unusable
-                log.info("removing incomplete checkpoint %s", ckpt)
-                shutil.rmtree(ckpt)
-        return any(checkpoint_dir.glob("checkpoint-*"))
-    if checkpoint_dir.exists():
-        log.info("removing checkpoints of a different run in %s", checkpoint_dir)
-        shutil.rmtree(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"fingerprint": fingerprint})
-    return False
-
-
 def per_rank_batch(micro_batch: int, grad_accum: int, world_size: int) -> tuple[int, int]:
     """Split the planned global batch (micro_batch x grad_accum = batch_size x grad_accum) over the processes.
 
@@ -95,9 +64,8 @@ def per_rank_batch(micro_batch: int, grad_accum: int, world_size: int) -> tuple[
     schedule and so the result do not depend on the number of processes.
     """
     total = micro_batch * grad_accum
-    if total % world_size:
-        raise PipelineError(f"the global batch (train.batch_size x train.grad_accum = {total}) does not divide "
-                            f"over {world_size} processes: change train.batch_size or train.grad_accum")
+    if problem := batch_split_problem(total, world_size):  # params check it too; a user's own launcher may differ
+        raise PipelineError(problem)
     share = total // world_size
     micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
     return micro, share // micro
@@ -139,7 +107,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         save_steps=t.save_steps,
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
-        report_to="none",  # dvclive is attached explicitly below, with our paths
+        report_to="none",  # dvclive is attached by build_trainer, with our paths
         dataset_num_proc=None,
         use_cpu=not torch.cuda.is_available(),
         # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
@@ -148,73 +116,6 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         ddp_find_unused_parameters=False if world_size > 1 else None,
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
     )
-
-
-def _callbacks(resume: bool, live_dir: Path, main_process: bool = True):
-    from transformers import TrainerCallback
-    from transformers.integrations import DVCLiveCallback
-
-    class Guard(TrainerCallback):
-        """Stops on a non-finite loss and adds tokens/s to every log line (and so to dvclive)."""
-
-        def __init__(self):
-            self.t0, self.tokens0 = None, 0
-            self.marks: list[tuple[float, int]] = []  # (time, tokens seen) after each optimizer step
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def watch(self, model) -> None:
-            """Record the largest micro-batch (in tokens) the model is fed: what the peak memory depends on."""
-            self.max_tokens = 0
-
-            def hook(module, args, kwargs):
-                ids = kwargs.get("input_ids", args[0] if args else None)
-                if ids is not None and module.training:
-                    self.max_tokens = max(self.max_tokens, ids.numel())
-
-            model.register_forward_pre_hook(hook, with_kwargs=True)
-
-        def on_train_end(self, args, state, control, **kw):
-            # Read here, before any later callback (a benchmark's held-out pass, say) allocates more.
-            self.peak_allocated = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
-
-        def on_step_end(self, args, state, control, **kw):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
-
-        def steady_tokens_per_second(self, skip: int = 2) -> float | None:
-            """Throughput after the first `skip` steps (kernel warm-up, allocator growth)."""
-            if len(self.marks) <= skip + 1:
-                return None
-            (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
-            return round((n_b - n_a) / (t_b - t_a), 1)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise PipelineError(
-                    f"training loss became {loss} at step {state.global_step}. Lower train.learning_rate, "
-                    "use precision bf16 rather than fp16, or check the data; no adapter was written."
-                )
-            if logs is not None and self.t0 is not None:
-                logs["tokens_per_second"] = round((state.num_input_tokens_seen - self.tokens0) / (time.perf_counter() - self.t0), 1)
-
-    try:
-        from dvclive import Live
-    except ImportError:  # a bare GPU box running only the stage code: train without the live plots
-        log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
-        return Guard(), TrainerCallback()
-    if not main_process:  # dvclive writes files: rank 0's alone (its logs already hold the loss of all ranks)
-        return Guard(), TrainerCallback()
-    live = Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
-    return Guard(), DVCLiveCallback(live=live)
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
 
 
 def _process_group(world: distributed.World):
@@ -229,12 +130,129 @@ def _process_group(world: distributed.World):
     return PartialState(cpu=cpu, backend="gloo" if cpu else None)
 
 
-def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
-          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS,
-          extra_callbacks: list | None = None) -> dict:
+def load_model(params: Params, world: distributed.World):
+    """The 4-bit base on this rank's GPU (DDP), or stored for sharding (FSDP), with padding-free attention."""
+    if params.train.distributed.mode == "fsdp" and world.rank == 0:
+        log.warning("train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
+                    "again from step 0")
+    attention = attention_impl.register() if params.train.padding_free else "sdpa"
+    return load_base_model(params.model, params.quant, attn_implementation=attention, gpu=world.local_rank,
+                           fsdp=params.train.distributed.mode == "fsdp")
+
+
+def build_trainer(params: Params, model, tokenizer, dataset, est: Estimate, world: distributed.World,
+                  checkpoint_dir: Path, resume: bool, extra_callbacks: list):
+    """SFTTrainer with LoRA from params, the NaN stop, the throughput meter and dvclive (streaming into the
+    checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
     from trl import SFTTrainer
 
+    from tasks.train_callbacks import StopOnNonFiniteLoss, ThroughputMeter, live_plots
+
+    lora = LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
+    )
+    meter = ThroughputMeter()
+    live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
+    trainer = SFTTrainer(
+        model=model, args=sft_config(params, checkpoint_dir, est, world.size), train_dataset=dataset,
+        processing_class=tokenizer, peft_config=lora,
+        callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
+    )
+    meter.watch(trainer.model)
+    return trainer, meter
+
+
+def fit(trainer, resume: bool, est: Estimate, params: Params):
+    """trainer.train(), resuming from the last checkpoint; a CUDA OOM becomes advice on what to change."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return trainer.train(resume_from_checkpoint=True if resume else None)
+    except torch.OutOfMemoryError:
+        total = torch.cuda.mem_get_info()[1] / 2**30
+        raise PipelineError(
+            f"CUDA out of memory at micro-batch {est.micro_batch}, max_length {params.model.max_length}; the planner "
+            f"predicted {est.peak_gib:.1f} GiB on a {total:.0f} GiB GPU. Set train.memory_budget_gib to auto (or e.g. "
+            f"{max(1, int(total * 0.8))}) so the planner picks a layout that fits, lower model.max_length, or turn on "
+            "train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
+        ) from None
+
+
+def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, train_rows: Path, layout: dict):
+    """Rank 0 writes the adapter and its run record atomically. Under FSDP the LoRA weights are sharded: gathering
+    them is a collective every rank joins (PEFT's own save misses them, see tasks/fsdp_adapter.py)."""
+    from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter as save_fsdp_adapter
+
+    trainer.accelerator.wait_for_everyone()  # every rank done training (and writing its last checkpoint files)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    name = peft_model.active_adapter
+    fsdp_weights = fsdp_adapter_state(trainer.model, name) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():
+        return
+    with staged_dir(adapter_dir) as tmp:
+        if fsdp_weights is None:
+            peft_model.save_pretrained(tmp)
+        else:
+            save_fsdp_adapter(peft_model, tmp, fsdp_weights, name)
+        # The training environment, recorded where it is true (publish copies it into the lineage).
+        write_json(tmp / "training_run.json", {
+            "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
+            "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
+            "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
+            "distributed": layout,
+        })
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def run_metrics(trainer, result, meter, wall: float, rows: int, params: Params, shape: ModelShape, est: Estimate,
+                resume: bool, layout: dict) -> dict:
+    """metrics/train.json. Under several processes (a collective: every rank calls it): train_loss is the mean over
+    ranks, tokens count all ranks (the whole job's throughput), memory is rank 0's GPU, and micro_batch and
+    grad_accum are per rank (micro x accum x world_size = the global batch)."""
+    state, args, acc = trainer.state, trainer.args, trainer.accelerator
+    # The Trainer's training_loss holds this rank's loss alone after the last logging step: average over ranks.
+    train_loss = acc.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device), "mean").item()
+    peak_per_rank = None
+    if torch.cuda.is_available() and args.world_size > 1:  # each GPU's own peak (rank 0 gathers FSDP weights)
+        peaks = acc.gather(torch.tensor([meter.peak_allocated], device=args.device)).tolist()
+        peak_per_rank = {f"rank{i}": _round(x) for i, x in enumerate(peaks)}  # a dict: `dvc metrics show` flattens it
+    micro = args.per_device_train_batch_size
+    return {
+        "train_loss": round(float(train_loss), 6),
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_rows": rows,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(meter.tokens_this_run(state) / wall, 1),
+        "steady_tokens_per_second": meter.steady_tokens_per_second(),
+        "wall_seconds": round(wall, 2),
+        "resumed": resume,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "peak_memory_gib": _round(meter.peak_allocated),
+        "peak_reserved_gib": _round(meter.peak_reserved),
+        "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
+        "max_micro_batch_tokens": meter.max_tokens,
+        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, micro, meter.max_tokens,
+                                                          est.gradient_checkpointing).peak_gib,
+        "micro_batch": micro,
+        "grad_accum": args.gradient_accumulation_steps,
+        "gradient_checkpointing": est.gradient_checkpointing,
+        "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
+        "layout_reason": est.reason,
+        "distributed_mode": layout["mode"],
+        **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
+        "world_size": layout["world_size"],
+    }
+
+
+def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
+          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS,
+          extra_callbacks: list | None = None) -> dict:
     preflight(params)
     world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
     group = _process_group(world)
@@ -246,111 +264,26 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         shape, est = memory_plan(params)
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
-
-    if params.train.distributed.mode == "fsdp" and world.rank == 0:
-        log.warning("train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
-                    "again from step 0")
-    attention = attention_impl.register() if params.train.padding_free else "sdpa"
-    # Several GPUs: each DDP rank loads onto its own GPU; FSDP shards a float-stored 4-bit base.
-    model = load_base_model(params.model, params.quant, attn_implementation=attention, gpu=world.local_rank,
-                            fsdp=params.train.distributed.mode == "fsdp")
-    lora = LoraConfig(
-        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-        target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
-    )
-    # dvclive streams into the checkpoint folder (resumed with it) and replaces dvclive/train only once the run
-    # succeeded: a failed run leaves the last good plots in place.
-    live_dir = checkpoint_dir / "dvclive"
-    guard, live = _callbacks(resume, live_dir, main_process=world.rank == 0)
-    trainer = SFTTrainer(
-        model=model, args=sft_config(params, checkpoint_dir, est, world.size), train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora, callbacks=[guard, live, *(extra_callbacks or [])],
-    )
-    guard.watch(trainer.model)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    model = load_model(params, world)
+    trainer, meter = build_trainer(params, model, tokenizer, dataset, est, world, checkpoint_dir, resume,
+                                   extra_callbacks or [])
     start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=True if resume else None)
-    except torch.OutOfMemoryError:
-        free = torch.cuda.mem_get_info()[1] / 2**30
-        raise PipelineError(
-            f"CUDA out of memory at micro-batch {est.micro_batch}, max_length {params.model.max_length}; the planner "
-            f"predicted {est.peak_gib:.1f} GiB on a {free:.0f} GiB GPU. Set train.memory_budget_gib (e.g. "
-            f"{max(1, int(free * 0.8))}) so the planner picks a micro-batch that fits, lower model.max_length, "
-            "or turn on train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
-        ) from None
+    result = fit(trainer, resume, est, params)
     wall = time.perf_counter() - start
-    state = trainer.state
-    args = trainer.args
-    layout = {"mode": params.train.distributed.mode, "world_size": args.world_size,
+    layout = {"mode": params.train.distributed.mode, "world_size": trainer.args.world_size,
               "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None}
-
-    # Several processes: all have finished training (and writing their last checkpoint files) before rank 0 saves
-    # and removes the checkpoints. Under FSDP the adapter's weights are sharded: gathering them is a collective that
-    # every rank joins (rank 0 receives the LoRA weights). A no-op in a single process.
-    trainer.accelerator.wait_for_everyone()
-    peft_model = trainer.accelerator.unwrap_model(trainer.model)
-    fsdp_weights = distributed.fsdp_adapter_state(trainer.model, peft_model.active_adapter) if trainer.is_fsdp_enabled else None
-    # The Trainer's training_loss averages the all-gathered loss of each logging window, but the steps after the last
-    # logging step with this rank's loss alone: the mean over ranks makes it all ranks' loss throughout.
-    train_loss = trainer.accelerator.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device),
-                                            reduction="mean").item()
-    # Each GPU's own peak (the ranks differ: rank 0 gathers the FSDP state dict, and their batches differ).
-    peak_per_rank = None
-    if torch.cuda.is_available() and args.world_size > 1:
-        peaks = trainer.accelerator.gather(torch.tensor([guard.peak_allocated], device=args.device)).tolist()
-        peak_per_rank = {f"rank{i}": _round(x) for i, x in enumerate(peaks)}  # a dict: `dvc metrics show` flattens it
+    save_adapter(trainer, params, adapter_dir, fingerprint, train_rows, layout)
+    metrics = run_metrics(trainer, result, meter, wall, len(rows), params, shape, est, resume, layout)
     if trainer.is_world_process_zero():
-        with staged_dir(adapter_dir) as tmp:
-            if fsdp_weights is None:
-                peft_model.save_pretrained(tmp)
-            else:  # sharded weights: gathered above (PEFT's own save misses them under FSDP, see distributed.py)
-                distributed.save_adapter(peft_model, tmp, fsdp_weights, peft_model.active_adapter)
-            # The training environment, recorded where it is true (publish copies it into the lineage).
-            write_json(tmp / "training_run.json", {
-                "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
-                "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
-                "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
-                "distributed": layout,
-            })
-    # Under several processes: train_loss is the mean over ranks, tokens_seen and tokens/s count the tokens of all
-    # ranks (the Trainer all-gathers them): the whole job's throughput, not one GPU's. Memory figures are rank 0's
-    # GPU; micro_batch and grad_accum are per rank (micro x accum x world_size = the global batch).
-    metrics = {
-        "train_loss": round(float(train_loss), 6),
-        "steps": state.global_step,
-        "epochs": round(float(state.epoch or 0), 3),
-        "train_rows": len(rows),
-        "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": round((state.num_input_tokens_seen - guard.tokens0) / wall, 1),  # this run only
-        "steady_tokens_per_second": guard.steady_tokens_per_second(),
-        "wall_seconds": round(wall, 2),
-        "resumed": resume,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "peak_memory_gib": _round(guard.peak_allocated),
-        "peak_reserved_gib": _round(guard.peak_reserved),
-        "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
-        "max_micro_batch_tokens": guard.max_tokens,
-        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, args.per_device_train_batch_size,
-                                                          guard.max_tokens, est.gradient_checkpointing).peak_gib,
-        "micro_batch": args.per_device_train_batch_size,
-        "grad_accum": args.gradient_accumulation_steps,
-        "gradient_checkpointing": est.gradient_checkpointing,
-        "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
-        "layout_reason": est.reason,
-        "distributed_mode": layout["mode"],
-        **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),  # several GPUs: each one's peak
-        "world_size": layout["world_size"],
-    }
-    if trainer.is_world_process_zero():
-        if live_dir.exists():
+        live_dir = checkpoint_dir / "dvclive"
+        if live_dir.exists():  # the run succeeded: its plots replace the last good ones
             with staged_dir(paths.DVCLIVE_DIR) as tmp:
                 shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
         write_json(metrics_path, metrics)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
-    log.info("trained %d steps, loss %.4f, %.0f tokens/s", metrics["steps"], metrics["train_loss"], metrics["tokens_per_second"])
+    log.info("trained %d steps, loss %.4f, %.0f tokens/s", metrics["steps"], metrics["train_loss"],
+             metrics["tokens_per_second"])
     return metrics
 
 

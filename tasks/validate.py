@@ -1,7 +1,7 @@
 """Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
 
-Writes reports/validation/ (result.json, Data Docs HTML, lengths.json, lengths.png) whatever the
-verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl;
+Writes reports/validation/ (result.json, Data Docs HTML, lengths.json), reports/lengths.png and
+metrics/validate.json whatever the verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl;
 on failure it exits non-zero, nothing downstream runs, and the last good conversations stay in place.
 """
 
@@ -52,12 +52,8 @@ def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str
     )
 
 
-def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations: Path = paths.CONVERSATIONS,
-             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS,
-             histogram_path: Path = paths.LENGTH_HISTOGRAM) -> dict:
-    if not raw_rows.exists():
-        raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
-    rows = read_jsonl(raw_rows)
+def parse_rows(rows: list[dict]) -> tuple[list, list[dict]]:
+    """Each raw row parsed into a conversation (None where it cannot be) and its feature row for the suite."""
     convs, features = [], []
     for i, row in enumerate(rows):
         try:
@@ -66,19 +62,33 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
             conv, error = None, str(e)
         convs.append(conv)
         features.append(conversation_features(i, conv, detect_form(row), error))
-    frame = mark_duplicates(pd.DataFrame(features))
-    parse_errors = {f["row_index"]: f["parse_error"] for f in features if f["parse_error"]}
+    return convs, features
 
-    # Token lengths on the exact text that will be trained, for rows the template can render.
+
+def token_lengths(params: Params, tokenizer, convs: list, features: list[dict]) -> tuple[list[int], list[dict]]:
+    """Token lengths on the exact text that will be trained, for the rows the template can render."""
     renderable = [i for i, f in enumerate(features)
                   if f.get("roles_alternate") and f.get("last_role") == "assistant" and f.get("n_turns", 0) >= 2]
-    tokenizer = load_tokenizer(params.model)
     rendered = [render_llama2(convs[i], params.format.system_prompt) for i in renderable]
-    lengths = [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
+    return renderable, [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
+
+
+def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations: Path = paths.CONVERSATIONS,
+             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS,
+             histogram_path: Path = paths.LENGTH_HISTOGRAM) -> dict:
+    if not raw_rows.exists():
+        raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
+    rows = read_jsonl(raw_rows)
+    convs, features = parse_rows(rows)
+    frame = mark_duplicates(pd.DataFrame(features))
+    parse_errors = {f["row_index"]: f["parse_error"] for f in features if f["parse_error"]}
+    tokenizer = load_tokenizer(params.model)
+    renderable, lengths = token_lengths(params, tokenizer, convs, features)
     frame["n_tokens"] = pd.Series({i: ln["n_tokens"] for i, ln in zip(renderable, lengths)}, dtype="Int64")
 
     with staged_dir(report_dir) as tmp:
         result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
+        excluded = excluded_rows(result)
         report = length_report(lengths, params.model.max_length, params.format.length_policy,
                                getattr(tokenizer, "name_or_path", "?"))
         write_json(tmp / paths.LENGTH_REPORT.name, report)
@@ -86,12 +96,11 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
             "success": result["success"], "rules": result["rules"],
             "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
             # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
-            "excluded_rows": {str(i): broke for i, broke in sorted(excluded_rows(result).items())},
+            "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
             "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
             "ge_result": result["ge_result"],
         })
     save_histogram(lengths, params.model.max_length, histogram_path)
-    excluded = excluded_rows(result)
     summary = {
         "success": result["success"],
         "rows": len(rows),

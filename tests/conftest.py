@@ -27,18 +27,6 @@ def needs_shared(*parts: str) -> Path:
     return path
 
 
-def with_params(params: Params, **changes) -> Params:
-    """A copy of params with dotted keys changed: with_params(p, **{"train.max_steps": 2})."""
-    data = params.as_dict()
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return Params.model_validate(data)
-
-
 @pytest.fixture(scope="session")
 def params() -> Params:
     return load_params(ROOT / "params.yaml")

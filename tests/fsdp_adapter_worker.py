@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): a tiny PEFT LoRA model wrapped in FSDP1 as
 accelerate wraps it for FSDP-QLoRA (PEFT's auto-wrap policy, use_orig_params False), one training step, then the
-adapter saved by tasks.distributed on rank 0 beside the same weights saved by PEFT from rank 0's unwrapped copy."""
+adapter saved by tasks.fsdp_adapter on rank 0 beside the same weights saved by PEFT from rank 0's unwrapped copy."""
 
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.distributed import fsdp_adapter_state, save_adapter
+from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")

@@ -22,7 +22,7 @@ def _write(tmp_path: Path, mutate) -> Path:
 def test_committed_params_load(params):
     assert params.model.base == "tiny-llama"
     assert params.lora.r == 64 and params.lora.alpha == 16 and params.lora.dropout == 0.1
-    assert params.train.learning_rate > 0
+    assert params.train.optimizer == "adamw_torch" and params.train.liger_kernels is False  # the CPU preset
 
 
 def test_unknown_key_is_named(tmp_path):

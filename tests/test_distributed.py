@@ -15,11 +15,12 @@ import yaml
 from tasks import paths
 from tasks.distributed import LAUNCHER, launch_command, needs_launch, world
 from tasks.errors import PipelineError
-from tests.conftest import ROOT, with_params
+from tasks.config import with_overrides
+from tests.conftest import ROOT
 
 
 def _mode(params, mode: str, n: int, **more):
-    return with_params(params, **{"train.distributed.mode": mode, "train.distributed.num_processes": n, **more})
+    return with_overrides(params, **{"train.distributed.mode": mode, "train.distributed.num_processes": n, **more})
 
 
 def _flags(cmd: list[str]) -> dict[str, str | bool]:
@@ -47,7 +48,7 @@ def test_ddp_launches_n_torchrun_workers_of_the_same_module(params):
     flags = _flags(cmd)
     assert flags == {"--num_processes": "2", "--num_machines": "1", "--mixed_precision": "no",
                      "--dynamo_backend": "no", "--main_process_port": "0", "--multi_gpu": True}
-    assert _flags(launch_command(with_params(p, **{"train.precision": "bf16"})))["--mixed_precision"] == "bf16"
+    assert _flags(launch_command(with_overrides(p, **{"train.precision": "bf16"})))["--mixed_precision"] == "bf16"
     assert needs_launch(p, env={}) and not needs_launch(p, env={"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert world({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == (1, 1, 2) and world({}) == (0, 0, 1)
 
@@ -78,9 +79,9 @@ def test_accelerate_reads_the_fsdp_command_as_intended(params):
 def test_distributed_params_are_checked(params):
     for mode, n, message in (("ddp", 1, "num_processes >= 2"), ("fsdp", 1, "num_processes >= 2"),
                              ("single", 2, "set num_processes to 1")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(PipelineError, match=message):
             _mode(params, mode, n)
-    with pytest.raises(ValueError, match="global batch"):
+    with pytest.raises(PipelineError, match="global batch"):
         _mode(params, "ddp", 3)  # batch_size 4 x grad_accum 1 does not split over 3 processes
 
 
@@ -154,7 +155,7 @@ def test_two_process_ddp_on_the_cpu_matches_a_single_process_run(workdir, params
     from tasks.format import format_rows
     from tasks.validate import validate
 
-    base = with_params(params, **{"train.max_steps": 4})
+    base = with_overrides(params, **{"train.max_steps": 4})
     download(base.download)
     validate(base)
     format_rows(base.format, base.model)

@@ -12,7 +12,7 @@ import pytest
 
 from tasks.download import download
 from tasks.errors import PipelineError
-from tests.conftest import with_params
+from tasks.config import with_overrides
 
 SAMPLE = Path("data/sample/guanaco_sample.jsonl")
 ROWS = [
@@ -23,7 +23,7 @@ ROWS = [
 
 
 def _dl(params, path: Path | str, tmp: Path, **changes) -> tuple[dict, Path, Path]:
-    p = with_params(params, **{"download.source": "local", "download.path": str(path)},
+    p = with_overrides(params, **{"download.source": "local", "download.path": str(path)},
                     **{f"download.{k}": v for k, v in changes.items()})
     out_rows, out_source = tmp / "out" / "rows.jsonl", tmp / "out" / "source.json"
     return download(p.download, out_rows, out_source), out_rows, out_source
@@ -168,7 +168,7 @@ def test_hub_source_from_local_dataset_dir(params, workdir):
     repo = workdir / "hub_repo"
     repo.mkdir()
     (repo / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    p = with_params(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "train"})
+    p = with_overrides(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "train"})
     out_rows, out_source = workdir / "hub" / "rows.jsonl", workdir / "hub" / "source.json"
     record = download(p.download, out_rows, out_source)
     assert _read_jsonl(out_rows) == ROWS
@@ -184,7 +184,7 @@ def test_hub_unknown_split_is_a_pipeline_error(params, workdir):
     repo = workdir / "hub_repo"
     repo.mkdir()
     (repo / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
-    p = with_params(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "validation"})
+    p = with_overrides(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "validation"})
     with pytest.raises(PipelineError, match=r"could not load Hub dataset .*split 'validation'"):
         download(p.download, workdir / "h" / "rows.jsonl", workdir / "h" / "source.json")
     assert not (workdir / "h" / "rows.jsonl").exists()

@@ -11,7 +11,8 @@ import pytest
 from tasks import paths
 from tasks.artifacts import read_json, sha256_file, write_json
 from tasks.errors import PipelineError
-from tests.conftest import ROOT, with_params
+from tasks.config import with_overrides
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -28,27 +29,24 @@ def trained(tmp_path_factory, params):
     shutil.copy2(ROOT / paths.SAMPLE_DATA, root / paths.SAMPLE_DATA)
     if (ROOT / paths.TINY_BASE_DIR).exists():
         shutil.copytree(ROOT / paths.TINY_BASE_DIR, root / paths.TINY_BASE_DIR)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        p = with_params(params, **{"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1})
+    with pytest.MonkeyPatch.context() as mp:  # the stages use paths relative to the project root
+        mp.chdir(root)
+        p = with_overrides(params, **{"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1})
         download(p.download)
         validate(p)
         format_rows(p.format, p.model)
         metrics = train(p)
         evaluation = evaluate(p)
-        yield root, p, metrics, evaluation
-    finally:
-        os.chdir(cwd)
+    return root, p, metrics, evaluation
 
 
-def test_base_loads_as_bitsandbytes_4bit(trained, params):
+def test_base_loads_as_bitsandbytes_4bit(trained, params, monkeypatch):
     import bitsandbytes as bnb
 
     from tasks.base_model import load_base_model
 
     root, *_ = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     model = load_base_model(params.model, params.quant)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
@@ -79,11 +77,11 @@ def test_evaluate_compares_base_and_tuned_on_same_rows(trained):
     assert [g["prompt"] for g in gens] == p.evaluate.prompts
 
 
-def test_publish_writes_release_with_lineage(trained):
+def test_publish_writes_release_with_lineage(trained, monkeypatch):
     from tasks.publish import publish
 
     root, p, _, ev = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     if ev["tuned"]["loss"] >= ev["base"]["loss"]:
         pytest.fail(f"six steps did not improve the tiny model: {ev}")
     lineage = publish(p)
@@ -99,23 +97,21 @@ def test_publish_writes_release_with_lineage(trained):
     assert "Evaluation" in (release / "README.md").read_text()
 
 
-def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained):
+def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, monkeypatch, tmp_path):
     from tasks.publish import publish
 
-    root, p, _, ev = trained
-    os.chdir(root)
+    shared, p, _, ev = trained
+    root = tmp_path / "project"  # this test rewrites the eval metrics: on its own copy, not the module's project
+    shutil.copytree(shared, root)
+    monkeypatch.chdir(root)
     publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
     good = read_json(root / paths.EVAL_METRICS)
-    worse = {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}}
-    write_json(root / paths.EVAL_METRICS, worse)
-    try:
-        with pytest.raises(PipelineError, match="refusing to publish"):
-            publish(p)
-        assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before
-        publish(with_params(p, **{"publish.require_improvement": False}))  # the override works
-    finally:
-        write_json(root / paths.EVAL_METRICS, good)
+    write_json(root / paths.EVAL_METRICS, {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}})
+    with pytest.raises(PipelineError, match="refusing to publish"):
+        publish(p)
+    assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before
+    publish(with_overrides(p, **{"publish.require_improvement": False}))  # the override works
 
 
 def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, monkeypatch):
@@ -125,7 +121,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     from tasks.publish import publish
 
     root, p, *_ = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     calls = {}
 
     class FakeApi:
@@ -142,7 +138,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     secret = "hf_plantedSECRETtoken123"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    publish(with_params(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}))
+    publish(with_overrides(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}))
     assert calls["token"] == secret and calls["create"] == ("me/adapter", True)
     assert "adapter_model.safetensors" in calls["files"]
     for path in (root / paths.RELEASE_DIR).rglob("*"):
@@ -150,19 +146,19 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
             assert secret.encode() not in path.read_bytes(), path
 
 
-def test_release_is_readable_by_other_users(trained):
+def test_release_is_readable_by_other_users(trained, monkeypatch):
     """0644 files and 0755 folders (under the usual umask 022), even from an adapter folder left private."""
     from tasks.publish import ADAPTER_FILES, publish
 
     root, p, _, _ = trained
-    os.chdir(root)
+    monkeypatch.chdir(root)
     adapter = [root / paths.ADAPTER_DIR / name for name in ADAPTER_FILES]
     modes = [f.stat().st_mode for f in adapter]
     old_umask = os.umask(0o022)
     try:
         for f in adapter:
             f.chmod(0o600)  # as tempfile left them before: the release must not inherit it
-        publish(with_params(p, **{"publish.require_improvement": False}))
+        publish(with_overrides(p, **{"publish.require_improvement": False}))
     finally:
         os.umask(old_umask)
         for f, mode in zip(adapter, modes):

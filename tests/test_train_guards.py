@@ -15,11 +15,12 @@ import pytest
 import yaml
 from transformers import LlamaConfig
 
-from benchmarks.build_random_llama import LLAMA2_7B_CHAT
 from tasks import paths
 from tasks.errors import PipelineError
 from tasks.memory import ModelShape, estimate, plan
-from tests.conftest import ROOT, with_params
+from tasks.model_shapes import LLAMA2_7B_CHAT
+from tasks.config import with_overrides
+from tests.conftest import ROOT
 
 LLAMA_7B = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
 
@@ -36,19 +37,19 @@ def recipe(tmp_path_factory):
 
 
 def test_planner_weights_and_scaling(recipe):
-    p = with_params(recipe, **{"train.batch_size": 8, "train.gradient_checkpointing": False, "train.liger_kernels": False})
+    p = with_overrides(recipe, **{"train.batch_size": 8, "train.gradient_checkpointing": False, "train.liger_kernels": False})
     e = estimate(LLAMA_7B, p)
     assert 3.7 < e.base_weights_gib < 4.0  # 6.5B params at 4.5 bits + bf16 embeddings and lm_head
     assert 0.3 < e.lora_state_gib < 0.45  # 33.5M LoRA params: bf16 weight + grad + fp32 Adam moments
     assert 40 < e.peak_gib < 47  # measured 43.3 GiB on an H100 (benchmarks/results/throughput_h100.json)
-    gc = estimate(LLAMA_7B, with_params(p, **{"train.gradient_checkpointing": True}))
+    gc = estimate(LLAMA_7B, with_overrides(p, **{"train.gradient_checkpointing": True}))
     assert 6.5 < gc.peak_gib < 9 and gc.activations_gib < e.activations_gib / 5
     half = estimate(LLAMA_7B, p, micro_batch=4)
     assert half.activations_gib == pytest.approx(e.activations_gib / 2, rel=1e-3)
 
 
 def test_planner_keeps_the_effective_batch_within_budget(recipe):
-    p = with_params(recipe, **{"train.batch_size": 8, "train.grad_accum": 2, "train.gradient_checkpointing": False})
+    p = with_overrides(recipe, **{"train.batch_size": 8, "train.grad_accum": 2, "train.gradient_checkpointing": False})
     chosen = plan(LLAMA_7B, p, budget_gib=24)
     assert chosen.peak_gib <= 24 and chosen.micro_batch < 8
     assert chosen.micro_batch * chosen.grad_accum == 16
@@ -56,7 +57,7 @@ def test_planner_keeps_the_effective_batch_within_budget(recipe):
 
 
 def test_planner_says_what_to_change_when_nothing_fits(recipe):
-    p = with_params(recipe, **{"train.gradient_checkpointing": False, "model.max_length": 4096})
+    p = with_overrides(recipe, **{"train.gradient_checkpointing": False, "model.max_length": 4096})
     with pytest.raises(PipelineError, match="gradient_checkpointing") as err:
         plan(LLAMA_7B, p, budget_gib=6)
     assert "max_length" in str(err.value) and "6" in str(err.value)
@@ -74,7 +75,7 @@ def test_train_stage_uses_the_planned_micro_batch(workdir, params):
     worst = estimate(ModelShape.from_config(_tiny_config()), params).peak_gib
     budget = estimate(ModelShape.from_config(_tiny_config()), params, micro_batch=2).peak_gib + 1e-4
     assert budget < worst
-    metrics = train(with_params(params, **{"train.memory_budget_gib": budget, "train.max_steps": 2}))
+    metrics = train(with_overrides(params, **{"train.memory_budget_gib": budget, "train.max_steps": 2}))
     assert (metrics["micro_batch"], metrics["grad_accum"]) == (2, 2 * params.train.grad_accum)
 
 
@@ -94,7 +95,7 @@ def test_nan_loss_stops_training_and_writes_no_adapter(workdir, params):
     validate(params)
     format_rows(params.format, params.model)
     with pytest.raises(PipelineError, match="loss became nan"):
-        train(with_params(params, **{"train.learning_rate": 1e6, "train.max_steps": 20, "train.logging_steps": 1}))
+        train(with_overrides(params, **{"train.learning_rate": 1e6, "train.max_steps": 20, "train.logging_steps": 1}))
     assert not paths.ADAPTER_DIR.exists() and not paths.TRAIN_METRICS.exists()
 
 
@@ -102,9 +103,9 @@ def test_preflight_rejects_gpu_only_settings_before_loading(params):
     from tasks.preflight import preflight
 
     with pytest.raises(PipelineError, match="paged_adamw_32bit needs a CUDA GPU"):
-        preflight(with_params(params, **{"train.optimizer": "paged_adamw_32bit"}))
+        preflight(with_overrides(params, **{"train.optimizer": "paged_adamw_32bit"}))
     with pytest.raises(PipelineError, match="liger_kernels needs a CUDA GPU"):
-        preflight(with_params(params, **{"train.liger_kernels": True}))
+        preflight(with_overrides(params, **{"train.liger_kernels": True}))
 
 
 def test_preflight_names_the_install_command_of_a_missing_lever_package(params, monkeypatch):
@@ -113,7 +114,7 @@ def test_preflight_names_the_install_command_of_a_missing_lever_package(params, 
     from tasks.preflight import package_problems
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel` now raises ImportError
-    liger = with_params(params, **{"train.liger_kernels": True})
+    liger = with_overrides(params, **{"train.liger_kernels": True})
     problems = package_problems(liger)
     assert len(problems) == 1 and "train.liger_kernels needs the package liger-kernel" in problems[0]
     assert "pip install -e '.[gpu]'" in problems[0]
@@ -158,7 +159,7 @@ def test_auto_budget_on_the_cpu_plans_nothing(recipe):
 
 
 def test_pinned_checkpointing_is_kept_by_the_planner(recipe):
-    pinned = with_params(recipe, **{"train.gradient_checkpointing": True})
+    pinned = with_overrides(recipe, **{"train.gradient_checkpointing": True})
     assert plan(LLAMA_7B, pinned, 120).gradient_checkpointing is True
 
 
@@ -184,7 +185,7 @@ def _run(root: Path, stage: str) -> None:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
-    p = with_params(params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10,
+    p = with_overrides(params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10,
                                "train.logging_steps": 5})
     straight = _project(tmp_path / "straight", p)
     _run(straight, "train")

@@ -20,7 +20,8 @@ from tasks.conversation import Conversation, near_duplicate_key, parse_text, ren
 from tasks.errors import PipelineError, ValidationFailed
 from tasks.format import format_rows
 from tasks.validate import validate
-from tests.conftest import ROOT, with_params
+from tasks.config import with_overrides
+from tests.conftest import ROOT
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
 ALL_RULES = {"enough_rows", "parseable", "known_form", "non_empty_turns", "roles_alternate", "ends_with_assistant",
@@ -153,7 +154,7 @@ def bad_run(params, project, sample_run) -> tuple[Run, dict[str, list[int]]]:
         for rule in rules:
             expected.setdefault(rule, []).append(len(rows))
         rows.append(row)
-    p = with_params(params, **{"validate.max_duplicate_share": 0.0})  # one duplicate is one too many
+    p = with_overrides(params, **{"validate.max_duplicate_share": 0.0})  # one duplicate is one too many
     run = _validate(p, project, "bad", rows, previous_conversations=sample_run.conversations.read_bytes())
     return run, expected
 
@@ -241,14 +242,14 @@ def short_run(params, project) -> Run:
     for text, messages in [*NEAR_DUPS, _eval_side_pair(sample)]:
         rows.append({"text": text})
         rows.append({"messages": [{"role": r, "content": c} for r, c in messages]})
-    p = with_params(params, **{"model.max_length": 128, "validate.min_share_within_max_length": 0.0})
+    p = with_overrides(params, **{"model.max_length": 128, "validate.min_share_within_max_length": 0.0})
     run = _validate(p, project, "short", rows)
     assert run.error is None, run.error
     return run
 
 
 def _fmt(params, run: Run, out: Path, **changes) -> dict:
-    p = with_params(params, **{"model.max_length": 128, **{f"format.{k}": v for k, v in changes.items()}})
+    p = with_overrides(params, **{"model.max_length": 128, **{f"format.{k}": v for k, v in changes.items()}})
     return format_rows(p.format, p.model, run.conversations, out)
 
 
@@ -324,7 +325,7 @@ def test_near_duplicates_land_on_the_same_side(params, short_run, tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint(params, sample_run, tmp_path):
-    p = with_params(params, **{"format.duplicates": "keep"})
+    p = with_overrides(params, **{"format.duplicates": "keep"})
     a = format_rows(p.format, p.model, sample_run.conversations, tmp_path / "a")
     b = format_rows(p.format, p.model, sample_run.conversations, tmp_path / "b")
     for name in ("train.jsonl", "eval.jsonl"):
@@ -346,7 +347,7 @@ def test_split_is_deterministic_and_disjoint(params, sample_run, tmp_path):
 
 
 def test_split_with_system_prompt(params, sample_run, tmp_path):
-    p = with_params(params, **{"format.system_prompt": "You are helpful."})
+    p = with_overrides(params, **{"format.system_prompt": "You are helpful."})
     format_rows(p.format, p.model, sample_run.conversations, tmp_path)
     train, evals = _split(tmp_path)
     for r in train + evals:
@@ -370,7 +371,7 @@ def _synthetic(path: Path, n_pairs: int) -> Path:
 def test_near_duplicate_pair_is_not_split_at_the_eval_boundary(params, tmp_path):
     # every row has a twin, and 5 eval rows cannot hold whole pairs: the 5th row's twin must follow it
     conversations = _synthetic(tmp_path / "pairs.jsonl", 20)
-    p = with_params(params, **{"format.duplicates": "keep", "format.min_eval_rows": 5})
+    p = with_overrides(params, **{"format.duplicates": "keep", "format.min_eval_rows": 5})
     format_rows(p.format, p.model, conversations, tmp_path / "out")
     train, evals = _split(tmp_path / "out")
     eval_pairs = [r["row_index"] // 2 for r in evals]
@@ -393,7 +394,7 @@ def test_all_rows_near_duplicates_of_eval_is_an_error(params, tmp_path):
     rows = read_jsonl(conversations)
     rows += [dict(rows[0], row_index=i) for i in range(2, 8)]
     conversations.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    p = with_params(params, **{"format.duplicates": "keep", "format.min_eval_rows": 1})
+    p = with_overrides(params, **{"format.duplicates": "keep", "format.min_eval_rows": 1})
     with pytest.raises(PipelineError, match="none to train on"):
         format_rows(p.format, p.model, conversations, tmp_path / "out")
 
@@ -450,7 +451,8 @@ def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
 
 
 def test_truncate_report_counts_what_train_trains(params, project, short_run, tmp_path):
-    from tasks.train import build_dataset, load_rows
+    from tasks.formatted import load_rows
+    from tasks.train import build_dataset
 
     report = _fmt(params, short_run, tmp_path, length_policy="truncate", duplicates="keep")
     train, evals = _split(tmp_path)

@@ -4,7 +4,8 @@ import json
 
 from tasks.artifacts import read_json, read_jsonl, write_jsonl
 from tasks.validate import validate
-from tests.conftest import ROOT, with_params
+from tasks.config import with_overrides
+from tests.conftest import ROOT
 
 
 def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
@@ -12,7 +13,7 @@ def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
     bad = {"text": "### Human: What is 2+2?### Assistant: "}  # empty answer, as in 3 rows of guanaco-llama2-1k
     rows = sample[:30] + [bad] + sample[30:]
     write_jsonl(workdir / "rows.jsonl", rows)
-    p = with_params(params, **{"validate.max_bad_row_share": 0.05})
+    p = with_overrides(params, **{"validate.max_bad_row_share": 0.05})
     summary = validate(p, raw_rows=workdir / "rows.jsonl", out_conversations=workdir / "conv.jsonl",
                        report_dir=workdir / "report", metrics_path=workdir / "m.json", histogram_path=workdir / "h.png")
     assert summary["success"] and summary["rows_excluded"] == 1

@@ -1,0 +1,88 @@
+"""What the train stage attaches to the Trainer: a stop on a non-finite loss, a throughput and memory meter, and
+dvclive's live plots."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from tasks import paths
+from tasks.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A NaN/inf loss stops the run at once (logging_nan_inf_filter is off so this sees the real loss)."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise PipelineError(
+                f"training loss became {loss} at step {state.global_step}. Lower train.learning_rate, "
+                "use precision bf16 rather than fp16, or check the data; no adapter was written."
+            )
+
+
+class ThroughputMeter(TrainerCallback):
+    """Tokens/s on every log line (and so in dvclive), steady tokens/s after warm-up, peak GPU memory, and the
+    largest micro-batch in tokens (what the peak depends on)."""
+
+    def __init__(self):
+        self.t0, self.tokens0, self.max_tokens = None, 0, 0
+        self.peak_allocated = self.peak_reserved = None
+        self.marks: list[tuple[float, int]] = []  # (time, tokens seen) after each optimizer step
+
+    def watch(self, model) -> None:
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and module.training:
+                self.max_tokens = max(self.max_tokens, ids.numel())
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is not None and self.t0 is not None:
+            logs["tokens_per_second"] = round(self.tokens_this_run(state) / (time.perf_counter() - self.t0), 1)
+
+    def on_train_end(self, args, state, control, **kw):
+        # Read here, before any later callback (a benchmark's held-out pass, say) allocates more.
+        if torch.cuda.is_available():
+            self.peak_allocated = torch.cuda.max_memory_allocated() / 2**30
+            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30
+
+    def tokens_this_run(self, state) -> int:
+        return state.num_input_tokens_seen - self.tokens0  # a resumed run counts from where it resumed
+
+    def steady_tokens_per_second(self, skip: int = 2) -> float | None:
+        """Throughput after the first `skip` steps (kernel warm-up, allocator growth)."""
+        if len(self.marks) <= skip + 1:
+            return None
+        (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
+        return round((n_b - n_a) / (t_b - t_a), 1)
+
+
+def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:
+    """dvclive streaming into live_dir (rank 0 only: it writes files); a no-op without dvclive installed."""
+    try:
+        from dvclive import Live
+        from transformers.integrations import DVCLiveCallback
+    except ImportError:  # a bare GPU box running only the stage code: train without the live plots
+        log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
+        return TrainerCallback()
+    if not main_process:  # rank 0's logs already hold the loss of all ranks
+        return TrainerCallback()
+    return DVCLiveCallback(live=Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None))
