@@ -95,7 +95,11 @@ class LoraParams(_Strict):
 class DistributedParams(_Strict):
     mode: Literal["single", "ddp", "fsdp"] = Field(
         description="single: one process; ddp: one full 4-bit copy per process; fsdp: FSDP-QLoRA (CUDA only)")
-    num_processes: int = Field(ge=1, description="processes (GPUs) accelerate launches; 1 for single, >= 2 otherwise")
+    num_processes: int = Field(ge=1, description="processes (GPUs) in the whole job, over all machines; 1 for single")
+    num_machines: int = Field(ge=1, description="hosts taking part; each runs `python -m tasks.train` itself")
+    machine_rank: int = Field(ge=0, description="this host's place among them; 0 is the main host, which writes")
+    main_process_ip: str | None = Field(description="the main host's address, reachable from every host")
+    main_process_port: int | None = Field(ge=1, le=65535, description="a free port on the main host (several hosts)")
 
     @model_validator(mode="after")
     def _processes(self) -> "DistributedParams":
@@ -103,6 +107,18 @@ class DistributedParams(_Strict):
             raise ValueError(f"mode single runs one process: set num_processes to 1 (or mode ddp for {self.num_processes})")
         if self.mode != "single" and self.num_processes < 2:
             raise ValueError(f"mode {self.mode} needs num_processes >= 2 (use mode single for one process)")
+        if self.num_machines > 1:
+            if self.mode == "single":
+                raise ValueError("several machines need mode ddp or fsdp")
+            if self.num_processes % self.num_machines:
+                raise ValueError(f"num_processes ({self.num_processes}, the whole job) must divide evenly over "
+                                 f"num_machines ({self.num_machines})")
+            if self.machine_rank >= self.num_machines:
+                raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines ({self.num_machines})")
+            if not self.main_process_ip or not self.main_process_port:
+                raise ValueError("several machines need main_process_ip and main_process_port (the main host's)")
+        elif self.machine_rank:
+            raise ValueError("machine_rank is for several machines: set num_machines, or machine_rank to 0")
         return self
 
 

@@ -81,13 +81,17 @@ def launch_command(params: Params, module: str = MODULE) -> list[str]:
         return [sys.executable, "-m", module]
     cmd = [
         sys.executable, "-m", LAUNCHER,
-        "--num_processes", str(d.num_processes),
-        "--num_machines", "1",
+        "--num_processes", str(d.num_processes),  # the whole job's: accelerate starts num_processes/num_machines here
+        "--num_machines", str(d.num_machines),
         # The same precision the Trainer is configured with, so launcher and Trainer agree.
         "--mixed_precision", _MIXED_PRECISION[params.train.precision],
         "--dynamo_backend", "no",
-        "--main_process_port", "0",  # a free port: two jobs (or tests) on one host do not collide on 29500
     ]
+    if d.num_machines > 1:  # every host runs this same command with its own rank; they meet at the main host
+        cmd += ["--machine_rank", str(d.machine_rank), "--main_process_ip", d.main_process_ip,
+                "--main_process_port", str(d.main_process_port)]
+    else:
+        cmd += ["--main_process_port", "0"]  # a free port: two jobs (or tests) on one host do not collide on 29500
     # --multi_gpu means "torchrun workers" to accelerate; on a CPU-only box the workers' Trainer runs with
     # use_cpu and joins a gloo group. (--cpu would use the simple launcher: one process unless mpirun is set up.)
     cmd += list(FSDP_FLAGS) if d.mode == "fsdp" else ["--multi_gpu"]

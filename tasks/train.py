@@ -105,6 +105,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         # resumed run would restore the optimizer and step but restart LoRA from its initial weights, silently.
         save_strategy="no" if t.distributed.mode == "fsdp" else "steps",
         save_steps=t.save_steps,
+        save_on_each_node=t.distributed.num_machines > 1,  # each host resumes from its own artifacts/checkpoints
         save_total_limit=2,
         include_num_input_tokens_seen="non_padding",
         report_to="none",  # dvclive is attached by build_trainer, with our paths
@@ -257,8 +258,9 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
     world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
     group = _process_group(world)
     rows = load_rows(train_rows)
-    # Rank 0 first: it builds the tiny base if missing and prunes stale checkpoints; the others then find them done.
-    with group.main_process_first() if group else contextlib.nullcontext():
+    # Each host's first process first: it builds the tiny base if missing and prunes stale checkpoints (files of
+    # this host); the host's other processes then find them done.
+    with group.local_main_process_first() if group else contextlib.nullcontext():
         tokenizer = load_tokenizer(params.model)
         dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
         shape, est = memory_plan(params)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -291,3 +292,72 @@ def test_fsdp_loading_stores_the_4bit_weights_in_a_float_dtype(params):
     fsdp_weight = first_4bit_weight(load_base_model(params.model, params.quant, fsdp=True))
     assert fsdp_weight.dtype == getattr(torch, params.quant.compute_dtype)
     assert first_4bit_weight(load_base_model(params.model, params.quant)).dtype.is_floating_point is False
+
+
+def test_multi_machine_launch_command(params):
+    p = _mode(params, "ddp", 4, **{"train.distributed.num_machines": 2, "train.distributed.machine_rank": 1,
+                                   "train.distributed.main_process_ip": "10.0.0.1",
+                                   "train.distributed.main_process_port": 29555})
+    flags = _flags(launch_command(p))
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("4", "2", "1")
+    assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("10.0.0.1", "29555")
+    for bad, message in (({"train.distributed.main_process_ip": None}, "main_process_ip"),
+                         ({"train.distributed.machine_rank": 2}, "below num_machines"),
+                         ({"train.distributed.num_processes": 3, "train.batch_size": 6}, "divide evenly")):
+        with pytest.raises(PipelineError, match=message):
+            with_overrides(p, **bad)
+
+
+@pytest.mark.slow
+def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, params, monkeypatch):
+    """Two "hosts": two project folders, each running `python -m tasks.train` as its own host would (machine_rank 0
+    and 1, one process each, meeting at 127.0.0.1 over gloo). The main host's adapter equals the adapter of a
+    two-process single-host DDP run of the same global batch, value for value: same ranks, same data, same math."""
+    import socket
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tasks.download import download
+    from tasks.format import format_rows
+    from tasks.validate import validate
+
+    hosts = [tmp_path / "host0", tmp_path / "host1", tmp_path / "onehost"]
+    base = with_overrides(params, **{"train.max_steps": 3})
+    first = hosts[0]
+    shutil.copytree(ROOT / "data" / "sample", first / "data" / "sample")
+    if (ROOT / paths.TINY_BASE_DIR).exists():
+        shutil.copytree(ROOT / paths.TINY_BASE_DIR, first / paths.TINY_BASE_DIR)
+    with monkeypatch.context() as mp:
+        mp.chdir(first)
+        download(base.download)
+        validate(base)
+        format_rows(base.format, base.model)
+    for other in hosts[1:]:
+        shutil.copytree(first, other)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, host in enumerate(hosts[:2]):
+        p = _mode(base, "ddp", 2, **{"train.distributed.num_machines": 2, "train.distributed.machine_rank": rank,
+                                     "train.distributed.main_process_ip": "127.0.0.1",
+                                     "train.distributed.main_process_port": port})
+        (host / "params.yaml").write_text(yaml.safe_dump(p.as_dict(), sort_keys=False))
+        procs.append(subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=host, env=_env(),
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [proc.communicate(timeout=900)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    single_host, _ = _train(hosts[2], _mode(base, "ddp", 2))
+    assert single_host.returncode == 0, single_host.stderr[-3000:]
+
+    two_hosts = load_file(hosts[0] / paths.ADAPTER_DIR / "adapter_model.safetensors")
+    one_host = load_file(hosts[2] / paths.ADAPTER_DIR / "adapter_model.safetensors")
+    assert two_hosts.keys() == one_host.keys() and len(two_hosts) > 0
+    assert any(v.abs().sum() > 0 for k, v in two_hosts.items() if "lora_B" in k)  # trained: LoRA B starts at zero
+    for name in two_hosts:
+        torch.testing.assert_close(two_hosts[name], one_host[name], rtol=1e-5, atol=1e-6)
+    assert not (hosts[1] / paths.ADAPTER_DIR).exists()  # only the main host's rank 0 writes
+    metrics = json.loads((hosts[0] / paths.TRAIN_METRICS).read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3
