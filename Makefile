@@ -7,7 +7,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 
-.PHONY: install venv run test test-fast lint
+.PHONY: install venv run test test-fast lint report-images
 
 # TORCH=skip: the venv sees the host's packages (--system-site-packages). When python3 is itself a venv (as on
 # many GPU images, where a tuned torch lives in /opt/.../.venv), --system-site-packages alone would show only
@@ -51,3 +51,7 @@ test: install
 # Everything but the slow end-to-end tests, for quick local iterations.
 test-fast: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow"
+
+# The README's pictures (docs/*.png) from this workspace's reports, after `make run` (needs chromium).
+report-images: install
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.report_images

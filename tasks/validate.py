@@ -1,6 +1,7 @@
 """Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
 
-Writes reports/validation/ (result.json, Data Docs HTML, lengths.json), reports/lengths.png and
+Writes reports/validation/ (result.json, index.html: the report readable offline, Data Docs HTML, lengths.json),
+reports/lengths.png and
 metrics/validate.json whatever the verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl;
 on failure it exits non-zero, nothing downstream runs, and the last good conversations stay in place.
 """
@@ -21,6 +22,7 @@ from tasks.errors import PipelineError, ValidationFailed, run_main
 from tasks.expectations import conversation_features, excluded_rows, mark_duplicates, run_suite
 from tasks.lengths import length_report, row_lengths, save_histogram
 from tasks.tokens import tokenize_rendered
+from tasks.validation_page import write_validation_page
 
 log = logging.getLogger(__name__)
 MAX_ROWS_LISTED = 20
@@ -100,6 +102,7 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
             "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
             "ge_result": result["ge_result"],
         })
+        write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
     save_histogram(lengths, params.model.max_length, histogram_path)
     summary = {
         "success": result["success"],

@@ -1,0 +1,196 @@
+"""For a team: Prefect on a real PostgreSQL, the deployment on a process work pool run by a worker, one run at a time.
+
+Starts a throwaway PostgreSQL cluster (Debian's `postgresql` binaries, initdb + pg_ctl on a free local port),
+`prefect server start` on it, registers the deployment with `python -m flows.deploy --pool`, starts
+`prefect worker start --pool`, and triggers two runs at once: the first publishes, the second waits for the
+deployment's concurrency slot (limit 1) and then finds everything up to date.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows import history
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+POOL = "guanaco-pool"
+DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str, every: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(every)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _pg_bindir() -> Path | None:
+    """Where initdb and pg_ctl live (Debian keeps them under /usr/lib/postgresql/<version>/bin)."""
+    found = shutil.which("initdb") and shutil.which("pg_ctl")
+    if found:
+        return Path(shutil.which("initdb")).resolve().parent
+    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if Path(d, "initdb").exists() and Path(d, "pg_ctl").exists():
+            return Path(d)
+    return None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a free local port; yields its asyncpg URL, stops and deletes it after."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are absent: apt-get install -y postgresql")
+    as_user: list[str] = []
+    base = Path(tempfile.mkdtemp(prefix="guanaco-pg-"))
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run the cluster as the postgres user
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(base, "postgres", "postgres")
+    data, port = base / "data", _free_port()
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w", "-t", "60",
+        "-o", f"-p {port} -h 127.0.0.1 -k {base} -c fsync=off", "start")
+    try:
+        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect")
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team(postgres, new_project, tmp_path_factory):
+    """Prefect server on PostgreSQL, a process work pool with the deployment on it, and a worker polling it."""
+    tmp = tmp_path_factory.mktemp("team")
+    project = new_project(tmp / "project")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": url,
+           "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+           "PYTHONPATH": str(project),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, *cmd: str) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", *cmd], cwd=project, env=env,
+                             stdout=open(tmp / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    try:
+        start("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
+        subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
+                       cwd=project, env=env, check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", POOL, "--project-dir", str(project),
+                        "--cron", "0 3 * * *"], cwd=project, env=env, check=True, capture_output=True)
+        start("worker", "prefect", "worker", "start", "--pool", POOL)
+        yield project, url, env, tmp
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _client_call(url: str, fn):
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def call():
+        async with get_client() as client:
+            return await fn(client)
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return anyio.run(call)
+
+
+def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
+    project, url, env, tmp = team
+
+    # the server really is on PostgreSQL, and the deployment is on the pool with its schedule and limit
+    assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
+    deployment = _client_call(url, lambda c: c.read_deployment_by_name(DEPLOYMENT))
+    assert deployment.work_pool_name == POOL
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
+    limit = deployment.global_concurrency_limit
+    assert limit is not None and limit.limit == 1
+
+    # two runs at once: one from the CLI, as the README says, one from the client
+    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT], cwd=project, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    first_id = re.search(r"UUID:?\s*([0-9a-f-]{36})", out).group(1)
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        second_id = run_deployment(DEPLOYMENT, timeout=0).id
+
+    def read(run_id):
+        return _client_call(url, lambda c: c.read_flow_run(run_id))
+
+    def both_final():
+        runs = [read(first_id), read(second_id)]
+        return runs if all(r.state.is_final() for r in runs) else None
+
+    start = time.perf_counter()
+    first, second = _wait(both_final, 600, "both flow runs to end", every=2)
+    print(f"\ntwo runs through the worker: {time.perf_counter() - start:.1f} s")
+    logs = (tmp / "worker.log").read_text()
+    assert first.state.type.value == "COMPLETED", logs[-3000:]
+    assert second.state.type.value == "COMPLETED", logs[-3000:]
+
+    # one waited for the other's slot, and they did not overlap
+    names = {}
+    for run in (first, second):
+        states = _client_call(url, lambda c, r=run: c.read_flow_run_states(r.id))
+        names[run.id] = [s.name for s in states]
+    assert any("AwaitingConcurrencySlot" in n for n in names.values()), names
+    a, b = sorted((first, second), key=lambda r: r.start_time)
+    assert a.end_time <= b.start_time, "the two runs overlapped"
+
+    # the first one to run published; the later one found nothing to do
+    assert (project / "release").is_dir()
+    records = history.read(project)
+    assert [r["outcome"] for r in records[-2:]] == ["published", "up to date"], records
+
+    # dvc.lock and the release agree
+    venv_env = {**env, "PYTHONPATH": ""}
+    status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    audit = subprocess.run([sys.executable, "-m", "flows.audit", "release"], cwd=project, env=env,
+                           capture_output=True, text=True)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
