@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
-
-from tasks.artifacts import write_text
 
 HISTORY = Path("runs/history.jsonl")
 
 
 def append(project_dir: Path, record: dict) -> None:
     path = project_dir / HISTORY
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    write_text(path, old + json.dumps(record, ensure_ascii=False) + "\n")  # atomic: never a torn line
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The whole line in one O_APPEND write: a run skipped beside a running one (flows/pipeline.py) may append at
+    # the same moment, and appends cannot drop each other's record the way read-then-rename can; a killed
+    # process leaves the whole line or none.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def read(project_dir: Path) -> list[dict]:

@@ -7,6 +7,10 @@ Prefect adds what DVC lacks: schedules, retries, logs, artifacts and a run histo
 cannot see is a Hub dataset that moved on; `check_source` compares the source's fingerprint with the
 one the last download recorded and, when it changed, has DVC re-run the download. No stage logic
 lives here.
+
+One run at a time: the flow holds the workspace lock (tasks/run_lock.py) from before it composes params to its
+end, because between its `dvc repro --single-item` calls DVC's own lock is free. A run that finds the workspace
+taken changes nothing and ends "skipped" (see `_skipped`).
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from flows import history
 from flows.params import compose_params
-from tasks import paths
+from tasks import paths, run_lock
 from tasks.config import load_params
 from tasks.download import recorded_fingerprint, source_fingerprint
 
@@ -36,8 +42,25 @@ class StageFailed(RuntimeError):
     pass
 
 
+# DVC's per-file lock: a stage of another dvc command holds files this stage reads or writes. It fails at once.
+BUSY = "is busy, it is being blocked by"
+BUSY_WAIT_S = 300
+
+
 def _dvc(args: list[str], project_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=project_dir, capture_output=True, text=True)
+    """`dvc` inside this run: the stages DVC runs belong to this run's workspace lock (tasks/run_lock.py).
+
+    Another dvc command that got in between two of our stages cannot run a stage (ours refuses it at its start:
+    we hold the workspace) but can hold DVC's locks for a few seconds, until it gets there and stops; so this
+    waits for them rather than failing: --wait-for-lock for DVC's repo lock, a retry for its per-file locks."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        proc = subprocess.run(["dvc", "--wait-for-lock", *args], cwd=project_dir, capture_output=True, text=True,
+                              **run_lock.for_children(project_dir))
+        if proc.returncode == 0 or BUSY not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        get_run_logger().info("waiting: another dvc command holds this stage's files (%s)", proc.stderr.strip()[:300])
+        time.sleep(2)
 
 
 @task
@@ -98,12 +121,48 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _record(root: Path, started: str, outcome: str, ran: dict[str, bool], **extra) -> None:
+    lineage = _read(root / paths.RELEASE_DIR / "lineage.json")
+    history.append(root, {
+        "flow_run": str(runtime.flow_run.name or "local"), "flow_run_id": str(runtime.flow_run.id or ""),
+        "started_at": started, "finished_at": _now(), "outcome": outcome,
+        "stages_ran": [s for s, r in ran.items() if r],
+        "release_id": lineage["release"]["id"] if lineage else None, **extra,
+    })
+
+
+SKIPPED = "skipped: another run is in progress"
+
+
+def _skipped(root: Path, started: str, busy: run_lock.RunInProgress):
+    """End a run that found the workspace taken: recorded, summarised, and Completed (named "Skipped").
+
+    Skipped rather than failed: a schedule firing while the last run still trains is the schedule working as
+    designed (that run will produce the result), and a failure would alert someone for nothing and make the
+    failure count meaningless. The skip stays visible: the state's name, the history record (with who held the
+    workspace) and the summary artifact. A workspace that stays taken shows as a row of skips in the history."""
+    get_run_logger().warning("%s", busy)
+    _record(root, started, SKIPPED, {}, detail=str(busy))
+    create_markdown_artifact(f"# Guanaco QLoRA pipeline run\n\n**Outcome**: {SKIPPED}\n\n{busy}",
+                             key="guanaco-pipeline-summary", description="skipped: the workspace was taken")
+    return Completed(name="Skipped", message=str(busy), data={"ran": {}, "outcome": SKIPPED, "detail": str(busy)})
+
+
 @flow(name="guanaco-qlora-pipeline")
 def pipeline(preset: str | None = None, overrides: list[str] | None = None, project_dir: str = ".") -> dict:
     """Run the pipeline; `preset`/`overrides` recompose params.yaml exactly as `dvc exp run -S` would."""
-    logger = get_run_logger()
     root = Path(project_dir).resolve()
     started = _now()
+    try:
+        lock = run_lock.hold_for_flow(root, str(runtime.flow_run.name or "local"))
+    except run_lock.RunInProgress as busy:
+        return _skipped(root, started, busy)
+    with lock:
+        return _run(root, preset, overrides, started)
+
+
+def _run(root: Path, preset: str | None, overrides: list[str] | None, started: str) -> dict:
+    logger = get_run_logger()
     if preset or overrides:
         compose_params(root, ([f"preset={preset}"] if preset else []) + list(overrides or []))
         logger.info("params.yaml composed with preset=%s overrides=%s", preset, overrides)
@@ -123,13 +182,7 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, proj
         outcome = f"failed at {next((s for s in STAGES if s not in ran), 'the end')}"
         raise
     finally:
-        lineage = _read(root / paths.RELEASE_DIR / "lineage.json")
-        history.append(root, {
-            "flow_run": str(runtime.flow_run.name or "local"), "flow_run_id": str(runtime.flow_run.id or ""),
-            "started_at": started, "finished_at": _now(), "outcome": outcome,
-            "stages_ran": [s for s, r in ran.items() if r],
-            "release_id": lineage["release"]["id"] if lineage else None,
-        })
+        _record(root, started, outcome, ran)
         create_markdown_artifact(summary_markdown(root, ran, outcome), key="guanaco-pipeline-summary",
                                  description="validation verdict, lengths, eval metrics and release of this run")
     logger.info("%s: stages run: %s", outcome, [s for s, r in ran.items() if r] or "none")

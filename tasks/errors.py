@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable
@@ -16,10 +17,16 @@ class ValidationFailed(PipelineError):
 
 
 def run_main(stage: str, fn: Callable[[], object]) -> None:
-    """Run a stage entry point: user-fixable errors print one paragraph and exit 2, not a traceback."""
+    """Run a stage entry point: user-fixable errors print one paragraph and exit 2, not a traceback.
+
+    Every stage goes through here, so this is where a stage takes the workspace lock (tasks/run_lock.py): a stage
+    started while another run holds the workspace refuses before it touches anything."""
+    from tasks import run_lock  # imported here: run_lock imports PipelineError from this module
+
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s")
     try:
-        fn()
+        with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
+            fn()
     except PipelineError as e:
         print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
         sys.exit(2)
