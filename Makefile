@@ -44,8 +44,8 @@ lint: $(VENV)/.lint-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The whole test suite, slow end-to-end tests included (what CI runs).
-test: install
+# The lint checks, then the whole test suite, slow end-to-end tests included (what CI runs).
+test: install lint
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra
 
 # Everything but the slow end-to-end tests, for quick local iterations.

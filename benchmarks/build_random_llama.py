@@ -20,9 +20,8 @@ from tasks.model_shapes import LLAMA2_7B_CHAT, SHAPES
 def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.base_model import LLAMA2_CHAT_TEMPLATE
+    from tasks.base_model import LLAMA2_CHAT_TEMPLATE, load_tokenizer
     from tasks.config import ModelParams
-    from tasks.base_model import load_tokenizer
 
     if (out / "config.json").exists():
         print(f"{out} exists; not rebuilding")
@@ -39,7 +38,10 @@ def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: in
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
     tok.save_pretrained(out)
     del model
-    print(f"built {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**30:.1f} GiB) in {time.perf_counter() - start:.0f} s")
+    print(
+        f"built {out} ({sum(f.stat().st_size for f in out.iterdir()) / 2**30:.1f} GiB) "
+        f"in {time.perf_counter() - start:.0f} s"
+    )
     return out
 
 

@@ -60,4 +60,3 @@ def bench_arguments(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--shape", default="llama2-7b", choices=SHAPES, help="llama2-7b, or smoke for a CPU check")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, key=value")
     return ap
-

@@ -57,35 +57,58 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="data-bench-"))
     data_file = work / "input" / "guanaco_10k.jsonl"
     data_file.parent.mkdir(parents=True)
-    data_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in perturbed_rows(args.raw, args.rows)),
-                         encoding="utf-8")
+    data_file.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in perturbed_rows(args.raw, args.rows)), encoding="utf-8"
+    )
     # The recipe's params (max_length 1024, truncate), reading the local file and the real tokenizer.
-    from flows.params import compose_params
     import shutil
 
+    from flows.params import compose_params
+
     shutil.copytree(ROOT / "conf", work / "conf")
-    compose_params(work, ["preset=llama2_7b_guanaco", "download.source=local", f"download.path={data_file}",
-                          f"model.tokenizer={args.tokenizer.resolve()}"])
+    compose_params(
+        work,
+        [
+            "preset=llama2_7b_guanaco",
+            "download.source=local",
+            f"download.path={data_file}",
+            f"model.tokenizer={args.tokenizer.resolve()}",
+        ],
+    )
     os.chdir(work)
     params = load_params("params.yaml")
 
     stages = {}
-    for name, fn in (("download", lambda: download(params.download)), ("validate", lambda: validate(params)),
-                     ("format", lambda: format_rows(params.format, params.model))):
+    for name, fn in (
+        ("download", lambda: download(params.download)),
+        ("validate", lambda: validate(params)),
+        ("format", lambda: format_rows(params.format, params.model)),
+    ):
         start = time.perf_counter()
         out = fn()
         seconds = time.perf_counter() - start
         stages[name] = {"seconds": round(seconds, 2), "rows_per_second": round(args.rows / seconds, 1)}
         print(f"{name:9s} {seconds:7.2f} s   {args.rows / seconds:9.0f} rows/s")
         if name == "validate":
-            stages[name] |= {"rows_excluded": out["rows_excluded"], "tokens_p50": out["tokens_p50"],
-                             "tokens_max": out["tokens_max"]}
+            stages[name] |= {
+                "rows_excluded": out["rows_excluded"],
+                "tokens_p50": out["tokens_p50"],
+                "tokens_max": out["tokens_max"],
+            }
         if name == "format":
             stages[name] |= {"train_rows": out["train_rows"], "eval_rows": out["eval_rows"]}
     total = sum(s["seconds"] for s in stages.values())
     print(f"{'total':9s} {total:7.2f} s   {args.rows / total:9.0f} rows/s  (target: under 30 s for 10k rows)")
-    save(args.out, {"rows": args.rows, "stages": stages, "total_seconds": round(total, 2),
-                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "workspace": str(work)})
+    save(
+        args.out,
+        {
+            "rows": args.rows,
+            "stages": stages,
+            "total_seconds": round(total, 2),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "workspace": str(work),
+        },
+    )
 
 
 if __name__ == "__main__":

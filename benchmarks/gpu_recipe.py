@@ -11,7 +11,6 @@ peak memory beside the planner's prediction, and wall time; any param can be ove
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -48,11 +47,16 @@ def main() -> None:
         "evaluate": eval_metrics,
     }
     save(args.out, result)
-    print(f"train: {train_metrics['steps']} steps, {tps:.0f} tokens/s steady, peak {train_metrics['peak_memory_gib']} GiB "
-          f"(planner worst case {train_metrics['predicted_peak_gib']}, at the largest micro-batch seen "
-          f"{train_metrics['predicted_peak_at_max_micro_batch_gib']}), wall {times['train']} s")
-    print(f"evaluate: base loss {eval_metrics['base']['loss']:.4f}, tuned {eval_metrics['tuned']['loss']:.4f}, "
-          f"stop rate {eval_metrics['tuned']['stop_rate']}, {times['evaluate']} s")
+    print(
+        f"train: {train_metrics['steps']} steps, {tps:.0f} tokens/s steady, "
+        f"peak {train_metrics['peak_memory_gib']} GiB "
+        f"(planner worst case {train_metrics['predicted_peak_gib']}, at the largest micro-batch seen "
+        f"{train_metrics['predicted_peak_at_max_micro_batch_gib']}), wall {times['train']} s"
+    )
+    print(
+        f"evaluate: base loss {eval_metrics['base']['loss']:.4f}, tuned {eval_metrics['tuned']['loss']:.4f}, "
+        f"stop rate {eval_metrics['tuned']['stop_rate']}, {times['evaluate']} s"
+    )
 
 
 if __name__ == "__main__":

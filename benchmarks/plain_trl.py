@@ -24,11 +24,14 @@ def train_plain_trl(model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps
     cuda = torch.cuda.is_available()  # the CPU only for a smoke run of this script (no paged optimizer, no bf16)
     dataset = load_dataset("json", data_files=str(train_jsonl), split="train").select_columns(["text"])
     bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=bnb_config, dtype=torch.bfloat16 if cuda else torch.float32,
+        model_dir,
+        quantization_config=bnb_config,
+        dtype=torch.bfloat16 if cuda else torch.float32,
         device_map={"": 0} if cuda else "cpu",
     )
     model.config.use_cache = False
@@ -57,7 +60,13 @@ def train_plain_trl(model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps
         report_to="none",
         use_cpu=not cuda,
     )
-    trainer = SFTTrainer(model=model, train_dataset=dataset, peft_config=peft_config, processing_class=tokenizer,
-                         args=args, callbacks=callbacks)
+    trainer = SFTTrainer(
+        model=model,
+        train_dataset=dataset,
+        peft_config=peft_config,
+        processing_class=tokenizer,
+        args=args,
+        callbacks=callbacks,
+    )
     trainer.train()
     return trainer

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -39,13 +38,26 @@ def main() -> None:
     (bench / "tokenizer").mkdir(parents=True, exist_ok=True)
     shutil.copy2(args.tokenizer / "tokenizer.model", bench / "tokenizer" / "tokenizer.model")
     shutil.copytree(ROOT / "conf", bench / "conf", dirs_exist_ok=True)
-    compose_params(bench, ["preset=llama2_7b_guanaco", "download.source=local", f"download.path={args.data.resolve()}",
-                           f"model.tokenizer={(bench / 'tokenizer').relative_to(ROOT)}", *args.overrides])
+    compose_params(
+        bench,
+        [
+            "preset=llama2_7b_guanaco",
+            "download.source=local",
+            f"download.path={args.data.resolve()}",
+            f"model.tokenizer={(bench / 'tokenizer').relative_to(ROOT)}",
+            *args.overrides,
+        ],
+    )
     os.chdir(bench)
     params = load_params("params.yaml")
-    params = params.model_copy(update={"model": params.model.model_copy(update={"tokenizer": str(bench / "tokenizer")})})
-    for name, fn in (("download", lambda: download(params.download)), ("validate", lambda: validate(params)),
-                     ("format", lambda: format_rows(params.format, params.model))):
+    params = params.model_copy(
+        update={"model": params.model.model_copy(update={"tokenizer": str(bench / "tokenizer")})}
+    )
+    for name, fn in (
+        ("download", lambda: download(params.download)),
+        ("validate", lambda: validate(params)),
+        ("format", lambda: format_rows(params.format, params.model)),
+    ):
         start = time.perf_counter()
         fn()
         print(f"{name}: {time.perf_counter() - start:.2f} s")

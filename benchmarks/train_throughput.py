@@ -30,28 +30,100 @@ COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=
 # name: (param overrides, optimizer steps, measure held-out loss)
 CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
-    "notebook": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=1", "train.grad_accum=4", "train.precision=fp32", "quant.compute_dtype=float16",
-                  "train.gradient_checkpointing=true", "train.group_by_length=false"], 8, False),
+    "notebook": (
+        [
+            "train.padding_free=false",
+            "train.liger_kernels=false",
+            "train.batch_size=1",
+            "train.grad_accum=4",
+            "train.precision=fp32",
+            "quant.compute_dtype=float16",
+            "train.gradient_checkpointing=true",
+            "train.group_by_length=false",
+        ],
+        8,
+        False,
+    ),
     # plain transformers + peft + trl + bitsandbytes tuned by hand: bf16, batch 8, gradient checkpointing
-    "hf_gc": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=true",
-               "train.group_by_length=false"], 32, True),
-    "hf_nogc": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                 "train.group_by_length=false"], 32, False),
+    "hf_gc": (
+        [
+            "train.padding_free=false",
+            "train.liger_kernels=false",
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=true",
+            "train.group_by_length=false",
+        ],
+        32,
+        True,
+    ),
+    "hf_nogc": (
+        [
+            "train.padding_free=false",
+            "train.liger_kernels=false",
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=false",
+            "train.group_by_length=false",
+        ],
+        32,
+        False,
+    ),
     # the pipeline's fast setting, same batches in the same order as hf_gc (same math): padding-free varlen
     # attention, Liger kernels, no recomputation
     # batch 8 and group_by_length as plain_trl runs them (the same rows in the same order)
-    "ours_same": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                   "train.group_by_length=true", "train.padding_free=true", "train.liger_kernels=true"], 40, False),
+    "ours_same": (
+        [
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=false",
+            "train.group_by_length=true",
+            "train.padding_free=true",
+            "train.liger_kernels=true",
+        ],
+        40,
+        False,
+    ),
     # the same under a 16 GiB budget (and a 16 GiB cap): the planner picks the layout
-    "ours_16gib": (["train.batch_size=8", "train.grad_accum=1", "train.gradient_checkpointing=auto",
-                    "train.group_by_length=true", "train.padding_free=true", "train.liger_kernels=true",
-                    "train.memory_budget_gib=16"], 40, False),
+    "ours_16gib": (
+        [
+            "train.batch_size=8",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=auto",
+            "train.group_by_length=true",
+            "train.padding_free=true",
+            "train.liger_kernels=true",
+            "train.memory_budget_gib=16",
+        ],
+        40,
+        False,
+    ),
     # 4x larger micro-batches: more tokens/s, but 4x fewer optimizer steps for the same tokens, so not the same math
-    "big_batch": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                   "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true"], 8, True),
-    "big_batch_16gib": (["train.batch_size=32", "train.grad_accum=1", "train.gradient_checkpointing=true",
-                         "train.group_by_length=false", "train.padding_free=true", "train.liger_kernels=true",
-                         "train.memory_budget_gib=16"], 8, True),
+    "big_batch": (
+        [
+            "train.batch_size=32",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=false",
+            "train.group_by_length=false",
+            "train.padding_free=true",
+            "train.liger_kernels=true",
+        ],
+        8,
+        True,
+    ),
+    "big_batch_16gib": (
+        [
+            "train.batch_size=32",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=true",
+            "train.group_by_length=false",
+            "train.padding_free=true",
+            "train.liger_kernels=true",
+            "train.memory_budget_gib=16",
+        ],
+        8,
+        True,
+    ),
     # The GPU recipe as shipped (batch 4, group_by_length, memory_budget_gib and gradient_checkpointing auto) against
     # the same with recomputation pinned on (the pre-auto default), and the planner's choice under card-sized caps
     # (a numeric budget also caps this process's CUDA memory at it, as a card of that size would).
@@ -60,8 +132,18 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     "recipe_16gib": (["train.group_by_length=true", "train.memory_budget_gib=16"], 40, False),
     "recipe_24gib": (["train.group_by_length=true", "train.memory_budget_gib=24"], 40, False),
     # a further shape for checking the memory planner: small padded batches, no recomputation
-    "hf_nogc_b2": (["train.padding_free=false", "train.liger_kernels=false", "train.batch_size=2", "train.grad_accum=1", "train.gradient_checkpointing=false",
-                    "train.group_by_length=false"], 12, False),
+    "hf_nogc_b2": (
+        [
+            "train.padding_free=false",
+            "train.liger_kernels=false",
+            "train.batch_size=2",
+            "train.grad_accum=1",
+            "train.gradient_checkpointing=false",
+            "train.group_by_length=false",
+        ],
+        12,
+        False,
+    ),
 }
 PLAIN_TRL = "plain_trl"  # benchmarks/plain_trl.py: what a trl user writes; the reference the README divides by
 CONFIGS[PLAIN_TRL] = ([], 40, False)
@@ -108,15 +190,25 @@ def run_plain_trl(args, steps: int) -> dict:
     clock = StepClock()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer = train_plain_trl(args.model_dir, args.bench / "data" / "formatted" / "train.jsonl",
-                              args.work / "plain_trl", steps, [clock])
+    trainer = train_plain_trl(
+        args.model_dir, args.bench / "data" / "formatted" / "train.jsonl", args.work / "plain_trl", steps, [clock]
+    )
     cuda = torch.cuda.is_available()
-    return {"steps": trainer.state.global_step, "micro_batch": 8, "grad_accum": 1,
-            "tokens_seen": int(trainer.state.num_input_tokens_seen), "tokens_per_second": clock.tokens_per_second(),
-            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-            "predicted_peak_gib": None, "max_micro_batch_tokens": None, "predicted_at_max_micro_batch_gib": None,
-            "gradient_checkpointing": True, "layout_reason": "plain trl defaults", "losses": clock.losses}
+    return {
+        "steps": trainer.state.global_step,
+        "micro_batch": 8,
+        "grad_accum": 1,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": clock.tokens_per_second(),
+        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+        "predicted_peak_gib": None,
+        "max_micro_batch_tokens": None,
+        "predicted_at_max_micro_batch_gib": None,
+        "gradient_checkpointing": True,
+        "layout_reason": "plain trl defaults",
+        "losses": clock.losses,
+    }
 
 
 def run_one(name: str, args) -> dict:
@@ -135,12 +227,15 @@ def run_one(name: str, args) -> dict:
         r = run_plain_trl(args, steps)
     else:
         work = args.work / name
-        params = bench_params(args.bench, args.model_dir,
-                              [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides])
+        params = bench_params(
+            args.bench, args.model_dir, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides]
+        )
         os.chdir(workspace(args.bench, work, params))
         budget = params.train.memory_budget_gib
         if isinstance(budget, float) and torch.cuda.is_available():  # behave as a card of `budget` GiB would
-            torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+            torch.cuda.set_per_process_memory_fraction(
+                budget * 2**30 / torch.cuda.get_device_properties(0).total_memory
+            )
         result: dict = {}
         clock = StepClock()
 
@@ -154,19 +249,31 @@ def run_one(name: str, args) -> dict:
                     model.train()
 
         metrics = train(params, extra_callbacks=[clock, HeldOut()])
-        r = {"steps": metrics["steps"], "micro_batch": metrics["micro_batch"], "grad_accum": metrics["grad_accum"],
-             "tokens_seen": metrics["tokens_seen"], "tokens_per_second": clock.tokens_per_second(),
-             "peak_allocated_gib": metrics["peak_memory_gib"], "peak_reserved_gib": metrics["peak_reserved_gib"],
-             "predicted_peak_gib": metrics["predicted_peak_gib"],
-             "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
-             "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
-             "gradient_checkpointing": metrics["gradient_checkpointing"], "layout_reason": metrics["layout_reason"],
-             "losses": clock.losses, **result}
+        r = {
+            "steps": metrics["steps"],
+            "micro_batch": metrics["micro_batch"],
+            "grad_accum": metrics["grad_accum"],
+            "tokens_seen": metrics["tokens_seen"],
+            "tokens_per_second": clock.tokens_per_second(),
+            "peak_allocated_gib": metrics["peak_memory_gib"],
+            "peak_reserved_gib": metrics["peak_reserved_gib"],
+            "predicted_peak_gib": metrics["predicted_peak_gib"],
+            "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
+            "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
+            "gradient_checkpointing": metrics["gradient_checkpointing"],
+            "layout_reason": metrics["layout_reason"],
+            "losses": clock.losses,
+            **result,
+        }
     tps = r["tokens_per_second"]
-    return {"name": name, "overrides": overrides, **r,
-            "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4) if tps else None,
-            "mean_loss": round(sum(r["losses"]) / len(r["losses"]), 5) if r["losses"] else None,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    return {
+        "name": name,
+        "overrides": overrides,
+        **r,
+        "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4) if tps else None,
+        "mean_loss": round(sum(r["losses"]) / len(r["losses"]), 5) if r["losses"] else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
 
 
 def main() -> None:
@@ -189,19 +296,26 @@ def main() -> None:
     for rep in range(args.repeats):
         for name in names:  # interleaved: a, b, a, b, so drift on the machine hits every config alike
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name], capture_output=True,
-                                  text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
+                capture_output=True,
+                text=True,
+            )
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
                 print(f"{name} (run {rep + 1}): FAILED\n{r['error']}")
             else:
                 r = json.loads(line[7:])
-                print(f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  peak {r['peak_allocated_gib']} GiB "
-                      f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
-                      f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
-                      f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
-                      f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]", flush=True)
+                print(
+                    f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  "
+                    f"peak {r['peak_allocated_gib']} GiB "
+                    f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
+                    f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
+                    f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+                    f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
+                    flush=True,
+                )
             runs[name].append(r)
             save(args.out, {"runs": runs, "reference": REFERENCE})
     results = {name: _median_run(rs) for name, rs in runs.items()}
@@ -212,19 +326,25 @@ def main() -> None:
                 r["speedup_vs_reference"] = round(r["tokens_per_second"] / ref, 2)
                 print(f"{name:13s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
     for name, r in results.items():
-        print(f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
-              f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB")
+        print(
+            f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
+            f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB"
+        )
     save(args.out, {"results": results, "runs": runs, "reference": REFERENCE})
 
 
 def _median_run(rs: list[dict]) -> dict:
-    """The middle run's details, with tokens/s the median over all runs (the mean of the middle two for an even count)."""
+    """The middle run's details, with tokens/s the median over all runs (the mean of the middle two when even)."""
     ok = sorted((r for r in rs if r.get("tokens_per_second")), key=lambda r: r["tokens_per_second"])
     if not ok:
         return rs[-1]
     all_tps = [r["tokens_per_second"] for r in rs if r.get("tokens_per_second")]
-    return {**ok[(len(ok) - 1) // 2], "tokens_per_second": round(statistics.median(all_tps), 1), "repeats": len(ok),
-            "all_tokens_per_second": all_tps}
+    return {
+        **ok[(len(ok) - 1) // 2],
+        "tokens_per_second": round(statistics.median(all_tps), 1),
+        "repeats": len(ok),
+        "all_tokens_per_second": all_tps,
+    }
 
 
 if __name__ == "__main__":

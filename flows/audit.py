@@ -54,8 +54,10 @@ class Audit:
             return recorded
         path = self.root / rel
         if not path.is_file():
-            link.problems.append(f"{what} {rel} is missing: restore the project's artifacts "
-                                 f"(git checkout {self._commit_short()} && dvc pull) or audit with --release-only")
+            link.problems.append(
+                f"{what} {rel} is missing: restore the project's artifacts "
+                f"(git checkout {self._commit_short()} && dvc pull) or audit with --release-only"
+            )
             return None
         actual = sha256_file(path)
         if recorded is not None and actual != recorded:
@@ -86,7 +88,9 @@ class Audit:
     def source(self) -> Link:
         link, src = Link("source"), self.lineage["source"]
         if src.get("source") == "hub":
-            link.facts.append(f"Hub dataset {src.get('hub_id')} split {src.get('split')} at revision {src.get('revision')}")
+            link.facts.append(
+                f"Hub dataset {src.get('hub_id')} split {src.get('split')} at revision {src.get('revision')}"
+            )
             if not src.get("requested_revision"):
                 link.warnings.append("download.revision was not pinned: the Hub may serve different rows today")
         else:
@@ -96,8 +100,10 @@ class Audit:
             if path.is_file() and not self.release_only:
                 actual = sha256_file(path)
                 if actual != src.get("file_sha256"):
-                    link.problems.append(f"{path} has changed since the release was made (sha256 {actual[:16]}...): "
-                                         "its data is not what this adapter was trained on")
+                    link.problems.append(
+                        f"{path} has changed since the release was made (sha256 {actual[:16]}...): "
+                        "its data is not what this adapter was trained on"
+                    )
             else:
                 link.warnings.append(f"{path} is not here: the source file itself was not re-checked")
         link.facts.append(f"{src.get('row_count')} rows, downloaded {src.get('downloaded_at')}")
@@ -113,12 +119,18 @@ class Audit:
         link, val = Link("validation"), self.lineage["validation"]
         if not val["success"]:
             link.problems.append("the lineage records a FAILED validation")
-        link.facts.append(f"suite {'passed' if val['success'] else 'failed'}; rules failed: {val['rules_failed'] or 'none'}")
+        link.facts.append(
+            f"suite {'passed' if val['success'] else 'failed'}; rules failed: {val['rules_failed'] or 'none'}"
+        )
         self._file_hash(link, val["result_path"], val["result_sha256"], "validation result")
         result = self._workspace_json(link, Path(val["result_path"]), "validation result")
         if result is not None:
-            self._same(link, result.get("input", {}).get("sha256"), self.lineage["raw_data"]["sha256"],
-                       "raw rows the suite read vs the release's raw rows")
+            self._same(
+                link,
+                result.get("input", {}).get("sha256"),
+                self.lineage["raw_data"]["sha256"],
+                "raw rows the suite read vs the release's raw rows",
+            )
             if result.get("excluded_rows"):
                 link.facts.append(f"rows left out for breaking a row rule: {', '.join(result['excluded_rows'])}")
         self._file_hash(link, paths.CONVERSATIONS, val["conversations_sha256"], "validated conversations")
@@ -126,32 +138,50 @@ class Audit:
 
     def formatted_data(self) -> Link:
         link, fmt = Link("formatted data"), self.lineage["formatted_data"]
-        link.facts.append(f"{fmt['train_rows']} train / {fmt['eval_rows']} eval rows, length policy {fmt['length_policy']}")
+        link.facts.append(
+            f"{fmt['train_rows']} train / {fmt['eval_rows']} eval rows, length policy {fmt['length_policy']}"
+        )
         self._file_hash(link, fmt["train_path"], fmt["train_sha256"], "train rows")
         self._file_hash(link, fmt["eval_path"], fmt["eval_sha256"], "eval rows")
         report = self._workspace_json(link, paths.FORMAT_REPORT, "format report")
         if report is not None:
-            self._same(link, report.get("input_sha256"), self.lineage["validation"]["conversations_sha256"],
-                       "conversations the format stage read vs the validated conversations")
+            self._same(
+                link,
+                report.get("input_sha256"),
+                self.lineage["validation"]["conversations_sha256"],
+                "conversations the format stage read vs the validated conversations",
+            )
         return link
 
     def params(self) -> Link:
         link, params = Link("params"), self.lineage["params"]
-        self._same(link, sha256_text(json.dumps(params, sort_keys=True)), self.lineage["params_sha256"],
-                   "params in lineage.json vs their recorded hash")
+        self._same(
+            link,
+            sha256_text(json.dumps(params, sort_keys=True)),
+            self.lineage["params_sha256"],
+            "params in lineage.json vs their recorded hash",
+        )
         t, lo = params["train"], params["lora"]
-        link.facts.append(f"base {params['model']['base']}, max_length {params['model']['max_length']}, "
-                          f"LoRA r={lo['r']} alpha={lo['alpha']}, {t['optimizer']} lr {t['learning_rate']}, "
-                          f"{t['epochs']} epoch(s), seed {t['seed']}")
+        link.facts.append(
+            f"base {params['model']['base']}, max_length {params['model']['max_length']}, "
+            f"LoRA r={lo['r']} alpha={lo['alpha']}, {t['optimizer']} lr {t['learning_rate']}, "
+            f"{t['epochs']} epoch(s), seed {t['seed']}"
+        )
         if not self.release_only:
             from tasks.config import load_params
 
             here = load_params(self.root / "params.yaml").as_dict()
-            differ = sorted(f"{section}.{k}" for section in params for k in params[section]
-                            if here.get(section, {}).get(k) != params[section][k])
+            differ = sorted(
+                f"{section}.{k}"
+                for section in params
+                for k in params[section]
+                if here.get(section, {}).get(k) != params[section][k]
+            )
             if differ:
-                link.problems.append(f"{self.root / 'params.yaml'} differs from the release's params at "
-                                     f"{', '.join(differ[:8])}: the workspace moved on (dvc status shows what is stale)")
+                link.problems.append(
+                    f"{self.root / 'params.yaml'} differs from the release's params at "
+                    f"{', '.join(differ[:8])}: the workspace moved on (dvc status shows what is stale)"
+                )
         return link
 
     def code(self) -> Link:
@@ -163,14 +193,22 @@ class Audit:
         if code.get("code_dirty"):
             link.warnings.append("the release was made from a working tree with uncommitted code changes")
         if commit and not self.release_only:
-            known = subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=self.root,
-                                   capture_output=True).returncode == 0
+            known = (
+                subprocess.run(
+                    ["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=self.root, capture_output=True
+                ).returncode
+                == 0
+            )
             if not known:
-                link.problems.append(f"commit {commit} is not in the repository at {self.root}: the code is not recoverable")
+                link.problems.append(
+                    f"commit {commit} is not in the repository at {self.root}: the code is not recoverable"
+                )
         if code.get("code_sha256") and not self.release_only:
             if code_sha256(self.root) != code["code_sha256"]:
-                link.warnings.append(f"the code here differs from the release's (git checkout {commit[:12] if commit else '?'} "
-                                     "to reproduce it)")
+                link.warnings.append(
+                    f"the code here differs from the release's (git checkout {commit[:12] if commit else '?'} "
+                    "to reproduce it)"
+                )
             else:
                 link.facts.append("the code here is the release's code (same code hash)")
         if code.get("stages") and not self.release_only:
@@ -187,45 +225,76 @@ class Audit:
         locked, files = stage_code_hashes(self.root), stage_code_hashes(self.root, from_lock=False)
         for stage, code in ran.items():
             if off := differing(code, locked.get(stage, {})):
-                link.warnings.append(f"dvc.lock now records other code for stage {stage} than the release ran "
-                                     f"({', '.join(off[:6])}): the workspace moved on since this release")
+                link.warnings.append(
+                    f"dvc.lock now records other code for stage {stage} than the release ran "
+                    f"({', '.join(off[:6])}): the workspace moved on since this release"
+                )
             elif off := differing(code, files.get(stage, {})):
-                link.warnings.append(f"the code here differs from what stage {stage} ran ({', '.join(off[:6])}): "
-                                     f"git checkout {commit[:12] if commit else '?'} to reproduce it")
+                link.warnings.append(
+                    f"the code here differs from what stage {stage} ran ({', '.join(off[:6])}): "
+                    f"git checkout {commit[:12] if commit else '?'} to reproduce it"
+                )
         if not link.warnings:
-            link.facts.append(f"each stage's code as it ran ({len(ran)} stages, "
-                              f"{len({f for c in ran.values() for f in c})} modules) matches dvc.lock and the files here")
+            link.facts.append(
+                f"each stage's code as it ran ({len(ran)} stages, "
+                f"{len({f for c in ran.values() for f in c})} modules) matches dvc.lock and the files here"
+            )
 
     def training(self) -> Link:
-        from tasks.config import Params
         from tasks.checkpoints import run_fingerprint
+        from tasks.config import Params
 
         link, tr = Link("training"), self.lineage["training"]
         libs, hw = tr.get("libraries", {}), tr.get("hardware", {})
-        link.facts.append("libraries " + ", ".join(f"{k} {libs.get(k)}" for k in
-                                                   ("torch", "transformers", "peft", "trl", "bitsandbytes") if k in libs))
-        link.facts.append(f"hardware {hw.get('gpu') or hw.get('cpu')} ({hw.get('platform')}), seed {tr.get('seed')}, "
-                          f"{tr['metrics'].get('steps')} steps, final loss {tr['metrics'].get('train_loss')}")
-        self._same(link, tr.get("train_rows_sha256"), self.lineage["formatted_data"]["train_sha256"],
-                   "train rows the trainer read vs the release's train rows")
+        link.facts.append(
+            "libraries "
+            + ", ".join(
+                f"{k} {libs.get(k)}" for k in ("torch", "transformers", "peft", "trl", "bitsandbytes") if k in libs
+            )
+        )
+        link.facts.append(
+            f"hardware {hw.get('gpu') or hw.get('cpu')} ({hw.get('platform')}), seed {tr.get('seed')}, "
+            f"{tr['metrics'].get('steps')} steps, final loss {tr['metrics'].get('train_loss')}"
+        )
+        self._same(
+            link,
+            tr.get("train_rows_sha256"),
+            self.lineage["formatted_data"]["train_sha256"],
+            "train rows the trainer read vs the release's train rows",
+        )
         train_path = self.root / self.lineage["formatted_data"]["train_path"]
         if not self.release_only and train_path.is_file():
-            self._same(link, run_fingerprint(Params.model_validate(self.lineage["params"]), train_path),
-                       tr.get("fingerprint"), "training fingerprint (params + train rows) recomputed vs recorded")
+            self._same(
+                link,
+                run_fingerprint(Params.model_validate(self.lineage["params"]), train_path),
+                tr.get("fingerprint"),
+                "training fingerprint (params + train rows) recomputed vs recorded",
+            )
         if not self.release_only:
-            self._file_hash(link, paths.ADAPTER_DIR / "adapter_model.safetensors", tr.get("adapter_sha256"),
-                            "trained adapter")
+            self._file_hash(
+                link, paths.ADAPTER_DIR / "adapter_model.safetensors", tr.get("adapter_sha256"), "trained adapter"
+            )
         return link
 
     def evaluation(self) -> Link:
         link, ev = Link("evaluation"), self.lineage["evaluation"]
-        link.facts.append(f"{ev['eval_rows']} held-out rows: loss base {ev['base']['loss']} -> tuned {ev['tuned']['loss']}, "
-                          f"stop rate {ev['tuned']['stop_rate']}")
+        link.facts.append(
+            f"{ev['eval_rows']} held-out rows: loss base {ev['base']['loss']} -> tuned {ev['tuned']['loss']}, "
+            f"stop rate {ev['tuned']['stop_rate']}"
+        )
         inputs = ev.get("inputs", {})
-        self._same(link, inputs.get("adapter_sha256"), self.lineage["training"].get("adapter_sha256"),
-                   "adapter evaluated vs adapter trained")
-        self._same(link, inputs.get("eval_rows_sha256"), self.lineage["formatted_data"]["eval_sha256"],
-                   "eval rows evaluated vs the release's eval rows")
+        self._same(
+            link,
+            inputs.get("adapter_sha256"),
+            self.lineage["training"].get("adapter_sha256"),
+            "adapter evaluated vs adapter trained",
+        )
+        self._same(
+            link,
+            inputs.get("eval_rows_sha256"),
+            self.lineage["formatted_data"]["eval_sha256"],
+            "eval rows evaluated vs the release's eval rows",
+        )
         here = self._workspace_json(link, paths.EVAL_METRICS, "eval metrics")
         if here is not None and here != {k: v for k, v in ev.items() if k != "inputs"}:
             link.problems.append(f"{paths.EVAL_METRICS} differs from the metrics recorded in the release")
@@ -242,7 +311,9 @@ class Audit:
             elif name not in recorded:
                 link.problems.append(f"{name} is in the release but not in its lineage (added afterwards?)")
             elif actual[name] != recorded[name]:
-                link.problems.append(f"{name}: sha256 {actual[name][:16]}... but the lineage records {recorded[name][:16]}...")
+                link.problems.append(
+                    f"{name}: sha256 {actual[name][:16]}... but the lineage records {recorded[name][:16]}..."
+                )
         adapter = actual.get("adapter_model.safetensors")
         self._same(link, adapter, self.lineage["training"].get("adapter_sha256"), "released adapter vs adapter trained")
         if adapter and not rel["id"].endswith(adapter[:12]):
@@ -252,15 +323,26 @@ class Audit:
         return link
 
     def run(self) -> list[Link]:
-        return [self.source(), self.raw_data(), self.validation(), self.formatted_data(), self.params(),
-                self.code(), self.training(), self.evaluation(), self.release_files()]
+        return [
+            self.source(),
+            self.raw_data(),
+            self.validation(),
+            self.formatted_data(),
+            self.params(),
+            self.code(),
+            self.training(),
+            self.evaluation(),
+            self.release_files(),
+        ]
 
 
 def audit(release_dir: Path, project: Path | None = None, release_only: bool = False) -> list[Link]:
     release_dir = Path(release_dir)
     if not (release_dir / LINEAGE).is_file():
-        raise FileNotFoundError(f"{release_dir / LINEAGE} not found: is {release_dir} a release folder made by the "
-                                "publish stage? (dvc repro publish, or dvc pull to restore it)")
+        raise FileNotFoundError(
+            f"{release_dir / LINEAGE} not found: is {release_dir} a release folder made by the "
+            "publish stage? (dvc repro publish, or dvc pull to restore it)"
+        )
     return Audit(release_dir, Path(project) if project else release_dir.resolve().parent, release_only).run()
 
 
@@ -273,14 +355,19 @@ def render(links: list[Link]) -> str:
         out += [f"       MISMATCH: {p}" for p in link.problems]
     failed = next((link for link in links if not link.ok), None)
     out.append("")
-    out.append("audit passed: every link of the chain holds" if failed is None
-               else f"audit FAILED at link '{failed.name}': {failed.problems[0]}")
+    out.append(
+        "audit passed: every link of the chain holds"
+        if failed is None
+        else f"audit FAILED at link '{failed.name}': {failed.problems[0]}"
+    )
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("release", nargs="?", type=Path, default=paths.RELEASE_DIR, help="release folder (default: release)")
+    ap.add_argument(
+        "release", nargs="?", type=Path, default=paths.RELEASE_DIR, help="release folder (default: release)"
+    )
     ap.add_argument("--project", type=Path, default=None, help="project root (default: the release folder's parent)")
     ap.add_argument("--release-only", action="store_true", help="check the release folder and its records only")
     ap.add_argument("--json", action="store_true", help="print the links as JSON")
@@ -292,9 +379,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = next((link for link in links if not link.ok), None)
     if args.json:
-        print(json.dumps({"ok": failed is None, "first_failure": failed.name if failed else None,
-                          "links": [{"name": l.name, "ok": l.ok, "facts": l.facts, "warnings": l.warnings,
-                                     "problems": l.problems} for l in links]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "ok": failed is None,
+                    "first_failure": failed.name if failed else None,
+                    "links": [
+                        {
+                            "name": link.name,
+                            "ok": link.ok,
+                            "facts": link.facts,
+                            "warnings": link.warnings,
+                            "problems": link.problems,
+                        }
+                        for link in links
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         print(render(links))
     return 0 if failed is None else 1

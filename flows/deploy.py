@@ -71,13 +71,18 @@ def main() -> None:
     ap.add_argument("--project-dir", type=Path, default=Path("."))
     ap.add_argument("--preset", default=None, help="recompose params.yaml with this preset before each run")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, as dvc exp run -S")
-    ap.add_argument("--pool", default=None, help="register on this work pool (runs go to its workers) and exit, "
-                                                 "instead of serving runs from this process")
+    ap.add_argument(
+        "--pool",
+        default=None,
+        help="register on this work pool (runs go to its workers) and exit, instead of serving runs from this process",
+    )
     args = ap.parse_args()
     if args.pool:
         deployment_id = deploy_to_pool(args.project_dir, args.pool, args.cron, args.preset, args.overrides)
-        print(f"deployment guanaco-qlora-pipeline/{DEPLOYMENT} ({deployment_id}) registered on work pool "
-              f"{args.pool!r}; start a worker: prefect worker start --pool {args.pool}")
+        print(
+            f"deployment guanaco-qlora-pipeline/{DEPLOYMENT} ({deployment_id}) registered on work pool "
+            f"{args.pool!r}; start a worker: prefect worker start --pool {args.pool}"
+        )
         return
     from prefect import serve
 

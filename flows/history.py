@@ -1,7 +1,7 @@
 """The run history: one JSON line per pipeline run (scheduled or not), and the command that lists it.
 
-    python -m flows.history            # a table of past runs, newest last
-    python -m flows.history --json     # the raw records
+python -m flows.history            # a table of past runs, newest last
+python -m flows.history --json     # the raw records
 """
 
 from __future__ import annotations
@@ -49,8 +49,10 @@ def main() -> None:
     print(f"{'finished (UTC)':20s} {'flow run':22s} {'outcome':28s} {'stages run':44s} release")
     for r in runs:
         stages = ",".join(r.get("stages_ran") or []) or "-"
-        print(f"{r.get('finished_at', '?'):20s} {r.get('flow_run', '?')[:22]:22s} {r.get('outcome', '?')[:28]:28s} "
-              f"{stages[:44]:44s} {r.get('release_id') or '-'}")
+        print(
+            f"{r.get('finished_at', '?'):20s} {r.get('flow_run', '?')[:22]:22s} {r.get('outcome', '?')[:28]:28s} "
+            f"{stages[:44]:44s} {r.get('release_id') or '-'}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,13 @@ def _dvc(args: list[str], project_dir: Path) -> subprocess.CompletedProcess:
     waits for them rather than failing: --wait-for-lock for DVC's repo lock, a retry for its per-file locks."""
     deadline = time.monotonic() + BUSY_WAIT_S
     while True:
-        proc = subprocess.run(["dvc", "--wait-for-lock", *args], cwd=project_dir, capture_output=True, text=True,
-                              **run_lock.for_children(project_dir))
+        proc = subprocess.run(
+            ["dvc", "--wait-for-lock", *args],
+            cwd=project_dir,
+            capture_output=True,
+            text=True,
+            **run_lock.for_children(project_dir),
+        )
         if proc.returncode == 0 or BUSY not in proc.stdout + proc.stderr or time.monotonic() > deadline:
             return proc
         get_run_logger().info("waiting: another dvc command holds this stage's files (%s)", proc.stderr.strip()[:300])
@@ -73,8 +78,12 @@ def check_source(project_dir: str) -> bool:
         params = params.model_copy(update={"path": str(root / params.path)})
     now, before = source_fingerprint(params), recorded_fingerprint(root / paths.SOURCE_RECORD)
     changed = now is not None and before is not None and now != before
-    logger.info("source fingerprint now %s, at the last download %s: %s", now, before,
-                "changed" if changed else "unchanged" if now else "cannot tell (keeping what we have)")
+    logger.info(
+        "source fingerprint now %s, at the last download %s: %s",
+        now,
+        before,
+        "changed" if changed else "unchanged" if now else "cannot tell (keeping what we have)",
+    )
     return changed
 
 
@@ -104,31 +113,46 @@ def summary_markdown(project_dir: Path, ran: dict[str, bool], outcome: str) -> s
     lines = ["# Guanaco QLoRA pipeline run", "", f"**Outcome**: {outcome}", "", "| stage | ran |", "|---|---|"]
     lines += [f"| {s} | {'yes' if r else 'up to date'} |" for s, r in ran.items()]
     if val:
-        lines += ["", f"**Validation**: {'passed' if val['success'] else 'FAILED'} on {val['rows']} rows "
-                      f"({val.get('rows_excluded', 0)} left out); report `{paths.VALIDATION_RESULT}`."]
+        lines += [
+            "",
+            f"**Validation**: {'passed' if val['success'] else 'FAILED'} on {val['rows']} rows "
+            f"({val.get('rows_excluded', 0)} left out); report `{paths.VALIDATION_RESULT}`.",
+        ]
     if lengths:
-        lines += [f"**Token lengths** ({lengths['tokenizer']}): p50 {lengths['percentiles']['p50']:.0f}, "
-                  f"p95 {lengths['percentiles']['p95']:.0f}, max {lengths['max']}; {lengths['policy_effect']}."]
+        lines += [
+            f"**Token lengths** ({lengths['tokenizer']}): p50 {lengths['percentiles']['p50']:.0f}, "
+            f"p95 {lengths['percentiles']['p95']:.0f}, max {lengths['max']}; {lengths['policy_effect']}."
+        ]
     if ev:
-        lines += ["", f"**Evaluation** ({ev['eval_rows']} held-out rows): loss base {ev['base']['loss']:.4f} -> "
-                      f"tuned {ev['tuned']['loss']:.4f}; stop rate {ev['tuned']['stop_rate']:.0%}."]
+        lines += [
+            "",
+            f"**Evaluation** ({ev['eval_rows']} held-out rows): loss base {ev['base']['loss']:.4f} -> "
+            f"tuned {ev['tuned']['loss']:.4f}; stop rate {ev['tuned']['stop_rate']:.0%}.",
+        ]
     if lineage:
         lines += ["", f"**Release**: `{lineage['release']['id']}` in `{project_dir / paths.RELEASE_DIR}`."]
     return "\n".join(lines)
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _record(root: Path, started: str, outcome: str, ran: dict[str, bool], **extra) -> None:
     lineage = _read(root / paths.RELEASE_DIR / "lineage.json")
-    history.append(root, {
-        "flow_run": str(runtime.flow_run.name or "local"), "flow_run_id": str(runtime.flow_run.id or ""),
-        "started_at": started, "finished_at": _now(), "outcome": outcome,
-        "stages_ran": [s for s, r in ran.items() if r],
-        "release_id": lineage["release"]["id"] if lineage else None, **extra,
-    })
+    history.append(
+        root,
+        {
+            "flow_run": str(runtime.flow_run.name or "local"),
+            "flow_run_id": str(runtime.flow_run.id or ""),
+            "started_at": started,
+            "finished_at": _now(),
+            "outcome": outcome,
+            "stages_ran": [s for s, r in ran.items() if r],
+            "release_id": lineage["release"]["id"] if lineage else None,
+            **extra,
+        },
+    )
 
 
 SKIPPED = "skipped: another run is in progress"
@@ -143,8 +167,11 @@ def _skipped(root: Path, started: str, busy: run_lock.RunInProgress):
     workspace) and the summary artifact. A workspace that stays taken shows as a row of skips in the history."""
     get_run_logger().warning("%s", busy)
     _record(root, started, SKIPPED, {}, detail=str(busy))
-    create_markdown_artifact(f"# Guanaco QLoRA pipeline run\n\n**Outcome**: {SKIPPED}\n\n{busy}",
-                             key="guanaco-pipeline-summary", description="skipped: the workspace was taken")
+    create_markdown_artifact(
+        f"# Guanaco QLoRA pipeline run\n\n**Outcome**: {SKIPPED}\n\n{busy}",
+        key="guanaco-pipeline-summary",
+        description="skipped: the workspace was taken",
+    )
     return Completed(name="Skipped", message=str(busy), data={"ran": {}, "outcome": SKIPPED, "detail": str(busy)})
 
 
@@ -183,8 +210,11 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
         raise
     finally:
         _record(root, started, outcome, ran)
-        create_markdown_artifact(summary_markdown(root, ran, outcome), key="guanaco-pipeline-summary",
-                                 description="validation verdict, lengths, eval metrics and release of this run")
+        create_markdown_artifact(
+            summary_markdown(root, ran, outcome),
+            key="guanaco-pipeline-summary",
+            description="validation verdict, lengths, eval metrics and release of this run",
+        )
     logger.info("%s: stages run: %s", outcome, [s for s, r in ran.items() if r] or "none")
     return {"ran": ran, "outcome": outcome}
 

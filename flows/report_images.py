@@ -37,10 +37,24 @@ def _chromium(page: Path, *flags: str, timeout: float = 120) -> subprocess.Compl
         raise FileNotFoundError("chromium not found: apt-get install -y chromium")
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         return subprocess.run(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-             *flags, Path(page).resolve().as_uri()],
-            capture_output=True, text=True, timeout=timeout, check=True)
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                *flags,
+                Path(page).resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
 
 
 def dump_dom(page: Path) -> str:

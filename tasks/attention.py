@@ -20,14 +20,24 @@ import torch.nn.functional as F
 NAME = "varlen_sdpa"
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                             scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     cu_seq = kwargs.get("cu_seq_lens_q")
     if cu_seq is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     if query.shape[0] != 1:
         raise ValueError("padding-free attention expects the micro-batch flattened into one row")
     # (1, heads, tokens, dim) -> (tokens, heads, dim), the layout of the varlen kernels
@@ -39,11 +49,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         out = _varlen_kernel()(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, **_causal_kwargs(gqa))
     else:
         bounds = cu_seq.tolist()
-        out = torch.cat([
-            F.scaled_dot_product_attention(*(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                           scale=scaling, enable_gqa=gqa).transpose(0, 1)
-            for s, e in zip(bounds[:-1], bounds[1:])
-        ])
+        out = torch.cat(
+            [
+                F.scaled_dot_product_attention(
+                    *(t[s:e].transpose(0, 1) for t in (q, k, v)), is_causal=True, scale=scaling, enable_gqa=gqa
+                ).transpose(0, 1)
+                for s, e in zip(bounds[:-1], bounds[1:])
+            ]
+        )
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the stock implementations return
 
 

@@ -24,8 +24,14 @@ log = logging.getLogger(__name__)
 
 TINY = "tiny-llama"
 TINY_CONFIG = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
 )
 TINY_VOCAB = 1024
 BUILD_RECORD = "build.json"
@@ -65,11 +71,23 @@ def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
         model_proto = io.BytesIO()
         # One thread and a fixed seed so two machines build the same tokenizer.
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_sample_corpus()), model_writer=model_proto, model_type="bpe",
-            vocab_size=TINY_VOCAB, byte_fallback=True, character_coverage=1.0, split_digits=True,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            max_sentence_length=1 << 16, minloglevel=2,
+            sentence_iterator=iter(_sample_corpus()),
+            model_writer=model_proto,
+            model_type="bpe",
+            vocab_size=TINY_VOCAB,
+            byte_fallback=True,
+            character_coverage=1.0,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            hard_vocab_limit=False,
+            num_threads=1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            max_sentence_length=1 << 16,
+            minloglevel=2,
         )
         (tmp / "tokenizer.model").write_bytes(model_proto.getvalue())
         tok = LlamaTokenizer.from_pretrained(tmp)
@@ -136,8 +154,14 @@ def compute_dtype(quant: QuantParams) -> torch.dtype:
     return getattr(torch, quant.compute_dtype)
 
 
-def load_base_model(model: ModelParams, quant: QuantParams, device: str | None = None, attn_implementation: str = "sdpa",
-                    gpu: int = 0, fsdp: bool = False):
+def load_base_model(
+    model: ModelParams,
+    quant: QuantParams,
+    device: str | None = None,
+    attn_implementation: str = "sdpa",
+    gpu: int = 0,
+    fsdp: bool = False,
+):
     """Load the base for training or evaluation: 4-bit NF4 through bitsandbytes when quant.load_in_4bit.
 
     gpu: the CUDA device to load onto (a DDP rank loads its own copy onto its own GPU: accelerate refuses to train a
@@ -150,8 +174,11 @@ def load_base_model(model: ModelParams, quant: QuantParams, device: str | None =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype(quant)
     storage = (torch.float32 if dtype == torch.float16 else dtype) if fsdp else None
-    kwargs: dict = {"dtype": storage or dtype, "attn_implementation": attn_implementation,
-                    "device_map": None if fsdp else {"": gpu} if device == "cuda" else "cpu"}
+    kwargs: dict = {
+        "dtype": storage or dtype,
+        "attn_implementation": attn_implementation,
+        "device_map": None if fsdp else {"": gpu} if device == "cuda" else "cpu",
+    }
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -28,6 +28,7 @@ class ColumnsParams(_Strict):
     A mapping by field, not one `text_column`: the parser reads `text`, `messages` or Alpaca's three fields,
     and fixed keys can be set with `-S download.columns.text=content` (and a typo is an unknown key).
     """
+
     text: str | None
     messages: str | None
     instruction: str | None
@@ -35,7 +36,7 @@ class ColumnsParams(_Strict):
     output: str | None
 
     @model_validator(mode="after")
-    def _distinct(self) -> "ColumnsParams":
+    def _distinct(self) -> ColumnsParams:
         named = [c for c in self.model_dump().values() if c is not None]
         if len(named) != len(set(named)):
             raise ValueError(f"each column can feed one field only, got {self.model_dump()}")
@@ -94,7 +95,8 @@ class LoraParams(_Strict):
 
 class DistributedParams(_Strict):
     mode: Literal["single", "ddp", "fsdp"] = Field(
-        description="single: one process; ddp: one full 4-bit copy per process; fsdp: FSDP-QLoRA (CUDA only)")
+        description="single: one process; ddp: one full 4-bit copy per process; fsdp: FSDP-QLoRA (CUDA only)"
+    )
     num_processes: int = Field(ge=1, description="processes (GPUs) in the whole job, over all machines; 1 for single")
     num_machines: int = Field(ge=1, description="hosts taking part; each runs `python -m tasks.train` itself")
     machine_rank: int = Field(ge=0, description="this host's place among them; 0 is the main host, which writes")
@@ -102,17 +104,21 @@ class DistributedParams(_Strict):
     main_process_port: int | None = Field(ge=1, le=65535, description="a free port on the main host (several hosts)")
 
     @model_validator(mode="after")
-    def _processes(self) -> "DistributedParams":
+    def _processes(self) -> DistributedParams:
         if self.mode == "single" and self.num_processes != 1:
-            raise ValueError(f"mode single runs one process: set num_processes to 1 (or mode ddp for {self.num_processes})")
+            raise ValueError(
+                f"mode single runs one process: set num_processes to 1 (or mode ddp for {self.num_processes})"
+            )
         if self.mode != "single" and self.num_processes < 2:
             raise ValueError(f"mode {self.mode} needs num_processes >= 2 (use mode single for one process)")
         if self.num_machines > 1:
             if self.mode == "single":
                 raise ValueError("several machines need mode ddp or fsdp")
             if self.num_processes % self.num_machines:
-                raise ValueError(f"num_processes ({self.num_processes}, the whole job) must divide evenly over "
-                                 f"num_machines ({self.num_machines})")
+                raise ValueError(
+                    f"num_processes ({self.num_processes}, the whole job) must divide evenly over "
+                    f"num_machines ({self.num_machines})"
+                )
             if self.machine_rank >= self.num_machines:
                 raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines ({self.num_machines})")
             if not self.main_process_ip or not self.main_process_port:
@@ -125,8 +131,10 @@ class DistributedParams(_Strict):
 def batch_split_problem(global_batch: int, processes: int) -> str | None:
     """Why the global batch (batch_size x grad_accum) cannot be split evenly over the processes, or None."""
     if global_batch % processes:
-        return (f"the global batch (train.batch_size x train.grad_accum = {global_batch}) does not divide over "
-                f"{processes} processes (train.distributed.num_processes): change train.batch_size or train.grad_accum")
+        return (
+            f"the global batch (train.batch_size x train.grad_accum = {global_batch}) does not divide over "
+            f"{processes} processes (train.distributed.num_processes): change train.batch_size or train.grad_accum"
+        )
     return None
 
 
@@ -144,7 +152,8 @@ class TrainParams(_Strict):
     grad_accum: int = Field(ge=1)
     precision: Literal["fp32", "bf16", "fp16"]
     gradient_checkpointing: bool | Literal["auto"] = Field(
-        description="recompute activations in the backward; auto: the memory planner turns it on only when needed")
+        description="recompute activations in the backward; auto: the memory planner turns it on only when needed"
+    )
     answer_only_loss: bool
     group_by_length: bool
     logging_steps: int = Field(ge=1)
@@ -152,11 +161,12 @@ class TrainParams(_Strict):
     padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
     liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
-        description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute")
+        description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute"
+    )
     distributed: DistributedParams
 
     @model_validator(mode="after")
-    def _steps(self) -> "TrainParams":
+    def _steps(self) -> TrainParams:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError("max_steps must be -1 (use epochs) or a positive number")
         # batch_size x grad_accum is the global batch, split evenly over the processes (tasks/train.py).
@@ -180,7 +190,7 @@ class PublishParams(_Strict):
     private: bool
 
     @model_validator(mode="after")
-    def _hub(self) -> "PublishParams":
+    def _hub(self) -> PublishParams:
         if self.push_to_hub and not self.hub_repo_id:
             raise ValueError("push_to_hub is true but hub_repo_id is empty")
         return self
@@ -198,7 +208,7 @@ class Params(_Strict):
     publish: PublishParams
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Params":
+    def _consistent(self) -> Params:
         if self.train.precision == "fp16" and self.quant.compute_dtype == "bfloat16":
             raise ValueError("train.precision fp16 with quant.compute_dtype bfloat16: use bf16 for both")
         if self.validate_.max_tokens_hard_limit < self.model.max_length:
@@ -237,7 +247,9 @@ def _describe(err: ValidationError, path: Path) -> str:
             lines.append(f"  {key}: missing")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{path} has {len(lines)} invalid setting(s):\n" + "\n".join(lines) + "\nFix them in params.yaml and run again."
+    return (
+        f"{path} has {len(lines)} invalid setting(s):\n" + "\n".join(lines) + "\nFix them in params.yaml and run again."
+    )
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

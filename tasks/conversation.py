@@ -20,14 +20,19 @@ USER, ASSISTANT = "user", "assistant"
 TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "### Human:", "### Assistant:")
 
 _ROLE_ALIASES = {
-    "user": USER, "human": USER, "prompter": USER,
-    "assistant": ASSISTANT, "gpt": ASSISTANT, "bot": ASSISTANT, "model": ASSISTANT,
+    "user": USER,
+    "human": USER,
+    "prompter": USER,
+    "assistant": ASSISTANT,
+    "gpt": ASSISTANT,
+    "bot": ASSISTANT,
+    "model": ASSISTANT,
     "system": "system",
 }
 
 _GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
 _LLAMA2_TURN = re.compile(
-    r"<s>\s*\[INST\]\s?(?:<<SYS>>\n(?P<sys>.*?)\n<</SYS>>\n\n)?(?P<user>.*?) \[/INST\](?: (?P<answer>.*?) </s>| ?</s>|(?P<open>.*)$)",
+    r"<s>\s*\[INST\]\s?(?:<<SYS>>\n(?P<sys>.*?)\n<</SYS>>\n\n)?(?P<user>.*?) \[/INST\](?: (?P<answer>.*?) </s>| ?</s>|(?P<open>.*)$)",  # noqa: E501
     re.S,
 )
 
@@ -45,7 +50,7 @@ class Conversation:
         return {"system": self.system, "turns": [{"role": r, "text": t} for r, t in self.turns]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Conversation":
+    def from_dict(cls, d: dict) -> Conversation:
         return cls(turns=tuple((t["role"], t["text"]) for t in d["turns"]), system=d.get("system"))
 
 
@@ -55,7 +60,7 @@ class Rendered:
     answer_spans: list[tuple[int, int]] = field(default_factory=list)  # char spans that carry the loss
 
 
-def near_duplicate_key(conv: "Conversation") -> str:
+def near_duplicate_key(conv: Conversation) -> str:
     """Text with case, punctuation and whitespace folded: equal keys are (near-)duplicates."""
     text = " ".join(t for _, t in conv.turns).lower()
     return re.sub(r"\W+", " ", text).strip()
@@ -71,9 +76,7 @@ def _parse_guanaco(text: str) -> Conversation:
     preamble, rest = parts[0], parts[1:]
     if preamble.strip():
         raise ParseError(f"text before the first '### Human:' marker: {preamble.strip()[:60]!r}")
-    turns = tuple(
-        (USER if role == "Human" else ASSISTANT, _clean(body)) for role, body in zip(rest[::2], rest[1::2])
-    )
+    turns = tuple((USER if role == "Human" else ASSISTANT, _clean(body)) for role, body in zip(rest[::2], rest[1::2]))
     return Conversation(turns=turns)
 
 
@@ -85,7 +88,7 @@ def _parse_llama2(text: str) -> Conversation:
     while pos < len(text):
         m = _LLAMA2_TURN.match(text, pos)
         if not m:
-            raise ParseError(f"Llama-2 template broken at character {pos}: {text[pos:pos + 60]!r}")
+            raise ParseError(f"Llama-2 template broken at character {pos}: {text[pos : pos + 60]!r}")
         if m.group("sys") is not None:
             if turns:
                 raise ParseError("a <<SYS>> block after the first turn")
@@ -172,8 +175,10 @@ def has_readable_column(row: dict) -> bool:
 
 def no_column_message(found) -> str:
     """Why no column can be read, naming the columns `found` and those expected."""
-    return (f"no column to read: found {sorted(found)}; expected `text` (guanaco or Llama-2 text), "
-            "`messages` (role/content list) or `instruction`+`output` (Alpaca)")
+    return (
+        f"no column to read: found {sorted(found)}; expected `text` (guanaco or Llama-2 text), "
+        "`messages` (role/content list) or `instruction`+`output` (Alpaca)"
+    )
 
 
 def parse_row(row: dict) -> Conversation:

@@ -42,16 +42,26 @@ _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 # FSDP-QLoRA, as in PEFT's docs (accelerate/fsdp, "Use PEFT QLoRA and FSDP") and bitsandbytes' fsdp_qlora guide.
 FSDP_FLAGS = (
     "--use_fsdp",
-    "--fsdp_version", "1",  # use_orig_params is an FSDP1 setting; the documented QLoRA recipe is FSDP1
-    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",  # decoder layers, from the model's _no_split_modules
-    "--fsdp_sharding_strategy", "FULL_SHARD",
-    "--fsdp_state_dict_type", "SHARDED_STATE_DICT",  # checkpoints; the adapter is saved from a full gather
-    "--fsdp_use_orig_params", "false",  # needed for the memory savings with frozen 4-bit + trainable LoRA
-    "--fsdp_cpu_ram_efficient_loading", "true",  # rank 0 reads the checkpoint, the others get empty weights
-    "--fsdp_sync_module_states", "true",  # ... and receive rank 0's (required by cpu_ram_efficient_loading)
-    "--fsdp_offload_params", "false",
-    "--fsdp_backward_prefetch", "BACKWARD_PRE",
-    "--fsdp_forward_prefetch", "false",
+    "--fsdp_version",
+    "1",  # use_orig_params is an FSDP1 setting; the documented QLoRA recipe is FSDP1
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",  # decoder layers, from the model's _no_split_modules
+    "--fsdp_sharding_strategy",
+    "FULL_SHARD",
+    "--fsdp_state_dict_type",
+    "SHARDED_STATE_DICT",  # checkpoints; the adapter is saved from a full gather
+    "--fsdp_use_orig_params",
+    "false",  # needed for the memory savings with frozen 4-bit + trainable LoRA
+    "--fsdp_cpu_ram_efficient_loading",
+    "true",  # rank 0 reads the checkpoint, the others get empty weights
+    "--fsdp_sync_module_states",
+    "true",  # ... and receive rank 0's (required by cpu_ram_efficient_loading)
+    "--fsdp_offload_params",
+    "false",
+    "--fsdp_backward_prefetch",
+    "BACKWARD_PRE",
+    "--fsdp_forward_prefetch",
+    "false",
 )
 
 
@@ -80,16 +90,28 @@ def launch_command(params: Params, module: str = MODULE) -> list[str]:
     if d.mode == "single":
         return [sys.executable, "-m", module]
     cmd = [
-        sys.executable, "-m", LAUNCHER,
-        "--num_processes", str(d.num_processes),  # the whole job's: accelerate starts num_processes/num_machines here
-        "--num_machines", str(d.num_machines),
+        sys.executable,
+        "-m",
+        LAUNCHER,
+        "--num_processes",
+        str(d.num_processes),  # the whole job's: accelerate starts num_processes/num_machines here
+        "--num_machines",
+        str(d.num_machines),
         # The same precision the Trainer is configured with, so launcher and Trainer agree.
-        "--mixed_precision", _MIXED_PRECISION[params.train.precision],
-        "--dynamo_backend", "no",
+        "--mixed_precision",
+        _MIXED_PRECISION[params.train.precision],
+        "--dynamo_backend",
+        "no",
     ]
     if d.num_machines > 1:  # every host runs this same command with its own rank; they meet at the main host
-        cmd += ["--machine_rank", str(d.machine_rank), "--main_process_ip", d.main_process_ip,
-                "--main_process_port", str(d.main_process_port)]
+        cmd += [
+            "--machine_rank",
+            str(d.machine_rank),
+            "--main_process_ip",
+            d.main_process_ip,
+            "--main_process_port",
+            str(d.main_process_port),
+        ]
     else:
         cmd += ["--main_process_port", "0"]  # a free port: two jobs (or tests) on one host do not collide on 29500
     # --multi_gpu means "torchrun workers" to accelerate; on a CPU-only box the workers' Trainer runs with
@@ -136,8 +158,12 @@ def launch(params: Params, module: str = MODULE) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     cmd = launch_command(params, module)
-    log.info("launching %d processes (%s): %s", params.train.distributed.num_processes,
-             params.train.distributed.mode, shlex.join(cmd))
+    log.info(
+        "launching %d processes (%s): %s",
+        params.train.distributed.num_processes,
+        params.train.distributed.mode,
+        shlex.join(cmd),
+    )
     args = launch_command_parser().parse_args(cmd[3:])  # what follows `python -m accelerate.commands.launch`
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # torchrun starts the workers from this process
     try:

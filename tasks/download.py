@@ -63,7 +63,9 @@ def _read_jsonl(path: Path) -> list[dict]:
                     "Fix or remove that line; every line must be one JSON object."
                 ) from None
             if not isinstance(row, dict):
-                raise PipelineError(f"{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{\"text\": ...}}.")
+                raise PipelineError(
+                    f'{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{"text": ...}}.'
+                )
             rows.append(row)
     return rows
 
@@ -73,7 +75,9 @@ def read_local(path: Path) -> list[dict]:
     if not path.exists():
         raise PipelineError(f"input file {path} does not exist. Set download.path in params.yaml to your data file.")
     if path.is_dir():
-        raise PipelineError(f"input {path} is a directory; download.path must name one .jsonl/.json/.parquet/.csv file.")
+        raise PipelineError(
+            f"input {path} is a directory; download.path must name one .jsonl/.json/.parquet/.csv file."
+        )
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise PipelineError(f"input file {path} has suffix {suffix!r}; supported: {', '.join(LOCAL_FORMATS)}.")
@@ -114,14 +118,18 @@ def map_columns(rows: list[dict], columns: ColumnsParams, where: str) -> list[di
     found = sorted({k for r in rows for k in r})
     for column, field in renames.items():
         if column not in found:
-            raise PipelineError(f"{where}: download.columns.{field} is {column!r}, but no row has that column "
-                                f"(found {found}). Set it to one of those, or to null.")
+            raise PipelineError(
+                f"{where}: download.columns.{field} is {column!r}, but no row has that column "
+                f"(found {found}). Set it to one of those, or to null."
+            )
     for i, row in enumerate(rows):
         for column, field in renames.items():
             if column in row and field in row:
-                raise PipelineError(f"{where}, row {i} (from 0): has both `{column}` and `{field}`, so "
-                                    f"download.columns.{field}={column!r} would overwrite `{field}`. Drop one of the "
-                                    "two columns, or set the param back to null.")
+                raise PipelineError(
+                    f"{where}, row {i} (from 0): has both `{column}` and `{field}`, so "
+                    f"download.columns.{field}={column!r} would overwrite `{field}`. Drop one of the "
+                    "two columns, or set the param back to null."
+                )
     return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
 
 
@@ -188,8 +196,13 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
         origin = {"source": "local", "path": str(path), "file_sha256": sha256_file(path)}
     else:
         rows, revision = read_hub(params)
-        origin = {"source": "hub", "hub_id": params.hub_id, "requested_revision": params.revision,
-                  "revision": revision, "split": params.split}
+        origin = {
+            "source": "hub",
+            "hub_id": params.hub_id,
+            "requested_revision": params.revision,
+            "revision": revision,
+            "split": params.split,
+        }
     where = params.path if params.source == "local" else params.hub_id
     if not rows:
         raise PipelineError(f"{where} holds no rows. Point download.path/hub_id at a dataset with data.")
@@ -203,10 +216,12 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
         "columns": columns,
         "rows_file": str(out_rows),
         "rows_sha256": sha256_file(out_rows),
-        "downloaded_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "downloaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     write_json(out_source, record)
-    log.info("downloaded %d rows (%s) from %s", len(rows), ", ".join(columns), origin.get("path") or origin.get("hub_id"))
+    log.info(
+        "downloaded %d rows (%s) from %s", len(rows), ", ".join(columns), origin.get("path") or origin.get("hub_id")
+    )
     return record
 
 

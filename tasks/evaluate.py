@@ -20,8 +20,8 @@ from tasks.base_model import load_base_model, load_tokenizer
 from tasks.config import Params, load_params
 from tasks.conversation import render_prompt
 from tasks.errors import PipelineError, run_main
-from tasks.tokens import IGNORE, tokenize_rendered, truncate
 from tasks.formatted import load_rows
+from tasks.tokens import IGNORE, tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
 LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
@@ -66,13 +66,25 @@ def generate(model, tokenizer, prompts: list[str], system: str | None, max_new_t
     out = []
     for prompt in prompts:
         enc = tokenizer(render_prompt(prompt, system), add_special_tokens=False, return_tensors="pt").to(model.device)
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        new = ids[0, enc["input_ids"].shape[1]:].tolist()
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = ids[0, enc["input_ids"].shape[1] :].tolist()
         stopped = tokenizer.eos_token_id in new
         text = tokenizer.decode(new, skip_special_tokens=True)
-        out.append({"prompt": prompt, "output": text, "stopped": stopped, "new_tokens": len(new),
-                    "leaked_template": any(m in text for m in LEAK_MARKERS)})
+        out.append(
+            {
+                "prompt": prompt,
+                "output": text,
+                "stopped": stopped,
+                "new_tokens": len(new),
+                "leaked_template": any(m in text for m in LEAK_MARKERS),
+            }
+        )
     return out
 
 
@@ -86,9 +98,14 @@ def _summary(loss: float, tokens: int, gens: list[dict]) -> dict:
     }
 
 
-def evaluate(params: Params, eval_rows: Path = paths.EVAL_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
-             metrics_path: Path = paths.EVAL_METRICS, generations_path: Path = paths.GENERATIONS,
-             run_path: Path = paths.EVAL_RUN) -> dict:
+def evaluate(
+    params: Params,
+    eval_rows: Path = paths.EVAL_ROWS,
+    adapter_dir: Path = paths.ADAPTER_DIR,
+    metrics_path: Path = paths.EVAL_METRICS,
+    generations_path: Path = paths.GENERATIONS,
+    run_path: Path = paths.EVAL_RUN,
+) -> dict:
     from peft import PeftModel
 
     if not (adapter_dir / "adapter_config.json").exists():
@@ -115,12 +132,27 @@ def evaluate(params: Params, eval_rows: Path = paths.EVAL_ROWS, adapter_dir: Pat
         "loss_improvement": round(base_loss - tuned_loss, 6),
     }
     # What was evaluated, beside the metrics (not in them: `dvc metrics show` is for numbers).
-    write_json(run_path, {"adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
-                          "eval_rows_sha256": sha256_file(eval_rows), "metrics_file": str(metrics_path)})
-    write_jsonl(generations_path, (
-        {"prompt": b["prompt"], "base": b["output"], "tuned": t["output"], "base_stopped": b["stopped"],
-         "tuned_stopped": t["stopped"]} for b, t in zip(base_gens, tuned_gens)
-    ))
+    write_json(
+        run_path,
+        {
+            "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+            "eval_rows_sha256": sha256_file(eval_rows),
+            "metrics_file": str(metrics_path),
+        },
+    )
+    write_jsonl(
+        generations_path,
+        (
+            {
+                "prompt": b["prompt"],
+                "base": b["output"],
+                "tuned": t["output"],
+                "base_stopped": b["stopped"],
+                "tuned_stopped": t["stopped"],
+            }
+            for b, t in zip(base_gens, tuned_gens)
+        ),
+    )
     write_json(metrics_path, metrics)
     log.info("eval loss base %.4f -> tuned %.4f on %d answer tokens", base_loss, tuned_loss, tokens)
     return metrics

@@ -65,8 +65,18 @@ def mark_duplicates(features: pd.DataFrame) -> pd.DataFrame:
     return features
 
 
-ROW_RULES = ("parseable", "known_form", "non_empty_turns", "roles_alternate", "ends_with_assistant", "turn_bounds",
-             "char_bounds", "no_template_markers", "no_replacement_chars", "no_control_chars")
+ROW_RULES = (
+    "parseable",
+    "known_form",
+    "non_empty_turns",
+    "roles_alternate",
+    "ends_with_assistant",
+    "turn_bounds",
+    "char_bounds",
+    "no_template_markers",
+    "no_replacement_chars",
+    "no_control_chars",
+)
 
 
 def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
@@ -82,32 +92,72 @@ def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
     no = [False]
     row = {"mostly": 1 - v.max_bad_row_share}
     return [
-        (Rule("enough_rows", f"at least {v.min_rows} rows", None), E.ExpectTableRowCountToBeBetween(min_value=v.min_rows)),
-        (Rule("parseable", "every row parses into a conversation", "parse_error"), E.ExpectColumnValuesToBeNull(column="parse_error", **row)),
-        (Rule("known_form", "rows are guanaco text, Llama-2 text, messages or Alpaca", "form"),
-         E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"], **row)),
-        (Rule("non_empty_turns", "no empty turn or system prompt", "min_turn_chars"),
-         E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1, **row)),
-        (Rule("roles_alternate", "turns alternate user, assistant, user, ...", "roles_alternate"),
-         E.ExpectColumnValuesToBeInSet(column="roles_alternate", value_set=[True], **row)),
-        (Rule("ends_with_assistant", "the conversation ends with an assistant answer", "last_role"),
-         E.ExpectColumnValuesToBeInSet(column="last_role", value_set=[ASSISTANT], **row)),
-        (Rule("turn_bounds", f"between 2 and {v.max_turns} turns", "n_turns"),
-         E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=2, max_value=v.max_turns, **row)),
-        (Rule("char_bounds", f"between {v.min_chars} and {v.max_chars} characters", "total_chars"),
-         E.ExpectColumnValuesToBeBetween(column="total_chars", min_value=v.min_chars, max_value=v.max_chars, **row)),
-        (Rule("no_template_markers", "no [INST], <<SYS>>, <s>, </s> or ### markers inside content", "has_template_marker"),
-         E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no, **row)),
-        (Rule("no_replacement_chars", "no U+FFFD (text decoded with the wrong encoding)", "has_replacement_char"),
-         E.ExpectColumnValuesToBeInSet(column="has_replacement_char", value_set=no, **row)),
-        (Rule("no_control_chars", "no control characters other than newline and tab", "has_control_char"),
-         E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no, **row)),
-        (Rule("duplicates", f"at most {v.max_duplicate_share:.0%} duplicate or near-duplicate rows", "is_duplicate"),
-         E.ExpectColumnValuesToBeInSet(column="is_duplicate", value_set=no, mostly=1 - v.max_duplicate_share)),
-        (Rule("within_max_length", f"at least {v.min_share_within_max_length:.0%} of rows fit model.max_length={model.max_length} tokens", "n_tokens"),
-         E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=model.max_length, mostly=v.min_share_within_max_length)),
-        (Rule("under_hard_limit", f"no row over {v.max_tokens_hard_limit} tokens", "n_tokens"),
-         E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=v.max_tokens_hard_limit)),
+        (
+            Rule("enough_rows", f"at least {v.min_rows} rows", None),
+            E.ExpectTableRowCountToBeBetween(min_value=v.min_rows),
+        ),
+        (
+            Rule("parseable", "every row parses into a conversation", "parse_error"),
+            E.ExpectColumnValuesToBeNull(column="parse_error", **row),
+        ),
+        (
+            Rule("known_form", "rows are guanaco text, Llama-2 text, messages or Alpaca", "form"),
+            E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"], **row),
+        ),
+        (
+            Rule("non_empty_turns", "no empty turn or system prompt", "min_turn_chars"),
+            E.ExpectColumnValuesToBeBetween(column="min_turn_chars", min_value=1, **row),
+        ),
+        (
+            Rule("roles_alternate", "turns alternate user, assistant, user, ...", "roles_alternate"),
+            E.ExpectColumnValuesToBeInSet(column="roles_alternate", value_set=[True], **row),
+        ),
+        (
+            Rule("ends_with_assistant", "the conversation ends with an assistant answer", "last_role"),
+            E.ExpectColumnValuesToBeInSet(column="last_role", value_set=[ASSISTANT], **row),
+        ),
+        (
+            Rule("turn_bounds", f"between 2 and {v.max_turns} turns", "n_turns"),
+            E.ExpectColumnValuesToBeBetween(column="n_turns", min_value=2, max_value=v.max_turns, **row),
+        ),
+        (
+            Rule("char_bounds", f"between {v.min_chars} and {v.max_chars} characters", "total_chars"),
+            E.ExpectColumnValuesToBeBetween(column="total_chars", min_value=v.min_chars, max_value=v.max_chars, **row),
+        ),
+        (
+            Rule(
+                "no_template_markers",
+                "no [INST], <<SYS>>, <s>, </s> or ### markers inside content",
+                "has_template_marker",
+            ),
+            E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no, **row),
+        ),
+        (
+            Rule("no_replacement_chars", "no U+FFFD (text decoded with the wrong encoding)", "has_replacement_char"),
+            E.ExpectColumnValuesToBeInSet(column="has_replacement_char", value_set=no, **row),
+        ),
+        (
+            Rule("no_control_chars", "no control characters other than newline and tab", "has_control_char"),
+            E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no, **row),
+        ),
+        (
+            Rule("duplicates", f"at most {v.max_duplicate_share:.0%} duplicate or near-duplicate rows", "is_duplicate"),
+            E.ExpectColumnValuesToBeInSet(column="is_duplicate", value_set=no, mostly=1 - v.max_duplicate_share),
+        ),
+        (
+            Rule(
+                "within_max_length",
+                f"at least {v.min_share_within_max_length:.0%} of rows fit model.max_length={model.max_length} tokens",
+                "n_tokens",
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="n_tokens", max_value=model.max_length, mostly=v.min_share_within_max_length
+            ),
+        ),
+        (
+            Rule("under_hard_limit", f"no row over {v.max_tokens_hard_limit} tokens", "n_tokens"),
+            E.ExpectColumnValuesToBeBetween(column="n_tokens", max_value=v.max_tokens_hard_limit),
+        ),
     ]
 
 
@@ -130,7 +180,9 @@ def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
     if not errors:
         return None
     if column and column not in frame:  # features of parsed rows only: no row parsed
-        return f"no row has a `{column}` to check: it is computed for rows that parse, and none did (see rule parseable)"
+        return (
+            f"no row has a `{column}` to check: it is computed for rows that parse, and none did (see rule parseable)"
+        )
     return errors[0].get("exception_message") or "great-expectations raised an error"
 
 
@@ -152,14 +204,20 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
         },
     )
-    batch = context.data_sources.add_pandas("conversations").add_dataframe_asset("rows").add_batch_definition_whole_dataframe("all")
+    batch = (
+        context.data_sources.add_pandas("conversations")
+        .add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all")
+    )
     suite = context.suites.add(gx.ExpectationSuite(name="guanaco_conversations"))
     pairs = rules(v, model)
     columns = {rule.name: rule.column for rule, _ in pairs}
     for rule, expectation in pairs:
         expectation.meta = {"rule": rule.name, "description": rule.description}
         suite.add_expectation(expectation)
-    definition = context.validation_definitions.add(gx.ValidationDefinition(name="conversations", data=batch, suite=suite))
+    definition = context.validation_definitions.add(
+        gx.ValidationDefinition(name="conversations", data=batch, suite=suite)
+    )
     checkpoint = context.checkpoints.add(
         gx.Checkpoint(
             name="validate",
@@ -180,15 +238,17 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
         detail = res.result or {}
         rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
         reason = _not_evaluated(res, columns.get(meta.get("rule")), frame)
-        by_rule.append({
-            "rule": meta.get("rule"),
-            "description": meta.get("description"),
-            "status": "not evaluated" if reason else "passed" if res.success else "failed",
-            "success": None if reason else bool(res.success),
-            **({"reason": reason} if reason else {}),
-            "unexpected_count": detail.get("unexpected_count"),
-            "unexpected_percent": detail.get("unexpected_percent"),
-            "observed_value": detail.get("observed_value"),
-            "rows": rows,
-        })
+        by_rule.append(
+            {
+                "rule": meta.get("rule"),
+                "description": meta.get("description"),
+                "status": "not evaluated" if reason else "passed" if res.success else "failed",
+                "success": None if reason else bool(res.success),
+                **({"reason": reason} if reason else {}),
+                "unexpected_count": detail.get("unexpected_count"),
+                "unexpected_percent": detail.get("unexpected_percent"),
+                "observed_value": detail.get("observed_value"),
+                "rows": rows,
+            }
+        )
     return {"success": bool(result.success), "rules": by_rule, "ge_result": result.to_json_dict()}

@@ -62,8 +62,17 @@ def split_rows(rows: list[dict], params: FormatParams) -> tuple[list[dict], list
     for r in rows:
         conv = Conversation.from_dict(r)
         rendered = render_llama2(conv, params.system_prompt)
-        keyed.append((_split_key(conv), {"row_index": r["row_index"], "text": rendered.text,
-                                         "answer_spans": rendered.answer_spans, "n_tokens": r["n_tokens"]}))
+        keyed.append(
+            (
+                _split_key(conv),
+                {
+                    "row_index": r["row_index"],
+                    "text": rendered.text,
+                    "answer_spans": rendered.answer_spans,
+                    "n_tokens": r["n_tokens"],
+                },
+            )
+        )
     keyed.sort(key=lambda kv: kv[0])
     # Near-duplicates share a key: extend the cut past the last eval key so no group straddles the split.
     cut = n_eval
@@ -80,13 +89,21 @@ def split_rows(rows: list[dict], params: FormatParams) -> tuple[list[dict], list
     return [r for r in ordered if r["row_index"] not in eval_ids], [r for r in ordered if r["row_index"] in eval_ids]
 
 
-def format_rows(params: FormatParams, model: ModelParams, conversations: Path = paths.CONVERSATIONS,
-                out_dir: Path = paths.FORMATTED_DIR) -> dict:
+def format_rows(
+    params: FormatParams,
+    model: ModelParams,
+    conversations: Path = paths.CONVERSATIONS,
+    out_dir: Path = paths.FORMATTED_DIR,
+) -> dict:
     if not conversations.exists():
         raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
     rows = read_jsonl(conversations)
-    report: dict = {"rows_in": len(rows), "input_sha256": sha256_file(conversations),  # the audit's link to validate
-                    "length_policy": params.length_policy, "max_length": model.max_length}
+    report: dict = {
+        "rows_in": len(rows),
+        "input_sha256": sha256_file(conversations),  # the audit's link to validate
+        "length_policy": params.length_policy,
+        "max_length": model.max_length,
+    }
     rows = apply_policies(rows, params, model, report)
     train, evals = split_rows(rows, params)
 
@@ -104,8 +121,10 @@ def format_rows(params: FormatParams, model: ModelParams, conversations: Path = 
         write_jsonl(train_path, train)
         write_jsonl(eval_path, evals)
         report |= {
-            "train_rows": len(train), "eval_rows": len(evals),
-            "train_sha256": sha256_file(train_path), "eval_sha256": sha256_file(eval_path),
+            "train_rows": len(train),
+            "eval_rows": len(evals),
+            "train_sha256": sha256_file(train_path),
+            "eval_sha256": sha256_file(eval_path),
         }
         write_json(tmp / paths.FORMAT_REPORT.name, report)
     log.info("formatted %d train / %d eval rows (%s)", len(train), len(evals), params.length_policy)

@@ -24,8 +24,9 @@ def fsdp_adapter_state(fsdp_model, adapter_name: str) -> dict:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     on_gpu = next(fsdp_model.parameters()).is_cuda  # CPU shards (the tests' gloo runs) stay where they are
-    with FSDP.state_dict_type(fsdp_model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)):
+    with FSDP.state_dict_type(
+        fsdp_model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=on_gpu, rank0_only=True)
+    ):
         full = fsdp_model.state_dict()  # rank 0: every weight, gathered to the CPU; the others: {}
     return lora_weights(full, adapter_name)
 
@@ -44,9 +45,11 @@ def save_adapter(peft_model, out_dir, weights: dict, adapter_name: str) -> None:
     if not weights:
         raise RuntimeError("no LoRA weights were gathered from the FSDP model: refusing to save an empty adapter")
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(Path(out_dir) / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()},
+        str(Path(out_dir) / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = copy.deepcopy(peft_model.peft_config[adapter_name])
     config.inference_mode = True
     config.save_pretrained(str(out_dir))
-

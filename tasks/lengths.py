@@ -20,8 +20,12 @@ PERCENTILES = (50, 90, 95, 99)
 def row_lengths(tok: Tokenized, max_length: int) -> dict:
     """Per-row figures: tokens, answer tokens, and what the cut at max_length (tokens.cut) leaves of them."""
     kept = cut(tok, max_length)
-    return {"n_tokens": len(tok.input_ids), "answer_tokens": tok.answer_tokens,
-            "answer_tokens_cut": tok.answer_tokens - kept.answer_tokens, "fully_masked_if_truncated": kept.answer_tokens == 0}
+    return {
+        "n_tokens": len(tok.input_ids),
+        "answer_tokens": tok.answer_tokens,
+        "answer_tokens_cut": tok.answer_tokens - kept.answer_tokens,
+        "fully_masked_if_truncated": kept.answer_tokens == 0,
+    }
 
 
 def length_report(lengths: list[dict], max_length: int, policy: str, tokenizer_name: str) -> dict:
@@ -31,8 +35,8 @@ def length_report(lengths: list[dict], max_length: int, policy: str, tokenizer_n
     cut = sum(r["answer_tokens_cut"] for r in over)
     effect = {
         "truncate": f"{len(over)} rows cut to {max_length} tokens, losing {cut} answer tokens "
-                    f"({cut / max(answer_total, 1):.1%} of all answer tokens); "
-                    f"{sum(r['fully_masked_if_truncated'] for r in over)} rows keep no answer token and are dropped",
+        f"({cut / max(answer_total, 1):.1%} of all answer tokens); "
+        f"{sum(r['fully_masked_if_truncated'] for r in over)} rows keep no answer token and are dropped",
         "drop": f"{len(over)} rows dropped ({sum(r['n_tokens'] for r in over)} tokens)",
         "fail": f"the format stage fails if any row is over max_length ({len(over)} are)",
     }[policy]

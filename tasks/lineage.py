@@ -12,8 +12,22 @@ from importlib import metadata
 
 import torch
 
-LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "tokenizers",
-             "great_expectations", "dvc", "dvclive", "prefect", "pandas", "pydantic")
+LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "great_expectations",
+    "dvc",
+    "dvclive",
+    "prefect",
+    "pandas",
+    "pydantic",
+)
 
 
 def library_versions() -> dict[str, str | None]:
@@ -27,9 +41,17 @@ def library_versions() -> dict[str, str | None]:
 
 
 def hardware() -> dict:
-    info = {"platform": platform.platform(), "python": sys.version.split()[0], "cpu": platform.processor() or platform.machine()}
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": platform.processor() or platform.machine(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info |= {"gpu": props.name, "gpu_count": torch.cuda.device_count(),
-                 "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+        info |= {
+            "gpu": props.name,
+            "gpu_count": torch.cuda.device_count(),
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "cuda": torch.version.cuda,
+        }
     return info

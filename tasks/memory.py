@@ -48,15 +48,28 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, cfg) -> "ModelShape":
-        return cls(cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_attention_heads,
-                   getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, cfg.vocab_size)
+    def from_config(cls, cfg) -> ModelShape:
+        return cls(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            cfg.vocab_size,
+        )
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         h, i = self.hidden, self.intermediate
         kv = h * self.kv_heads // self.heads
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, h),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (h, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 @dataclass(frozen=True)
@@ -74,18 +87,25 @@ class Estimate:
     reason: str = "as configured"
 
     def describe(self) -> str:
-        return (f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
-                f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
-                f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}, gradient checkpointing "
-                f"{'on' if self.gradient_checkpointing else 'off'} ({self.reason})")
+        return (
+            f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
+            f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
+            f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}, gradient checkpointing "
+            f"{'on' if self.gradient_checkpointing else 'off'} ({self.reason})"
+        )
 
 
 def _dtype_bytes(name: str) -> int:
     return 4 if name == "float32" else 2
 
 
-def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, tokens: int | None = None,
-             checkpointing: bool | None = None) -> Estimate:
+def estimate(
+    shape: ModelShape,
+    params: Params,
+    micro_batch: int | None = None,
+    tokens: int | None = None,
+    checkpointing: bool | None = None,
+) -> Estimate:
     """Peak for a micro-batch of `tokens` tokens (default: the worst case, micro_batch x max_length).
 
     checkpointing: recomputation on or off (default: train.gradient_checkpointing, auto counting as off)."""
@@ -119,9 +139,14 @@ def estimate(shape: ModelShape, params: Params, micro_batch: int | None = None, 
         activations = tokens * shape.layers * per_layer
 
     parts = [weights / GIB, lora_state / GIB, activations / GIB, WORKSPACE_GIB]
-    return Estimate(*[round(p, 3) for p in parts], peak_gib=round(sum(parts), 3), micro_batch=micro_batch,
-                    grad_accum=t.grad_accum * t.batch_size // micro_batch, tokens_per_micro_batch=tokens,
-                    gradient_checkpointing=checkpointing)
+    return Estimate(
+        *[round(p, 3) for p in parts],
+        peak_gib=round(sum(parts), 3),
+        micro_batch=micro_batch,
+        grad_accum=t.grad_accum * t.batch_size // micro_batch,
+        tokens_per_micro_batch=tokens,
+        gradient_checkpointing=checkpointing,
+    )
 
 
 def visible_gpu_gib() -> float | None:
@@ -141,7 +166,7 @@ def resolve_budget(budget: float | str | None, gpu_gib: float | None) -> float |
 
 
 def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimate:
-    """The fastest same-math layout that fits budget_gib (see the module docstring); the configured one without a budget."""
+    """The fastest same-math layout that fits budget_gib (see the module docstring); as configured without one."""
     t = params.train
     choices = [False, True] if t.gradient_checkpointing == "auto" else [t.gradient_checkpointing]
     if budget_gib is None:

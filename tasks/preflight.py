@@ -56,12 +56,15 @@ def package_problems(params: Params) -> list[str]:
             if torch.cuda.is_available():
                 _gpu_smoke(module)
         except ImportError as e:
-            problems.append(f"{setting} needs the package {module.replace('_', '-')}, which does not import "
-                            f"({e}): {install}")
+            problems.append(
+                f"{setting} needs the package {module.replace('_', '-')}, which does not import ({e}): {install}"
+            )
         except Exception as e:  # imports, but its kernels fail on this GPU: a build for another CUDA, say
-            problems.append(f"{setting}: {module} imports but its kernel failed on this GPU "
-                            f"({type(e).__name__}: {str(e)[:300]}); reinstall it for this CUDA "
-                            f"({torch.version.cuda}) or turn the setting off")
+            problems.append(
+                f"{setting}: {module} imports but its kernel failed on this GPU "
+                f"({type(e).__name__}: {str(e)[:300]}); reinstall it for this CUDA "
+                f"({torch.version.cuda}) or turn the setting off"
+            )
     return problems
 
 
@@ -80,15 +83,21 @@ def hardware_problems(params: Params) -> list[str]:
         problems.append("train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA")
     d = t.distributed
     if d.mode == "fsdp" and not cuda:
-        problems.append("train.distributed.mode=fsdp (FSDP-QLoRA) needs CUDA GPUs: it shards bitsandbytes 4-bit "
-                        "weights across GPUs (use mode ddp to run several processes on the CPU)")
+        problems.append(
+            "train.distributed.mode=fsdp (FSDP-QLoRA) needs CUDA GPUs: it shards bitsandbytes 4-bit "
+            "weights across GPUs (use mode ddp to run several processes on the CPU)"
+        )
     if d.mode == "single" and cuda and torch.cuda.device_count() > 1 and not distributed.is_worker():
         # `python -m tasks.train` restarts itself on one GPU; this is for callers of train() in-process.
-        problems.append(f"{torch.cuda.device_count()} GPUs are visible to this one process: set CUDA_VISIBLE_DEVICES "
-                        "to one GPU, or train.distributed.mode=ddp with num_processes to use them all")
+        problems.append(
+            f"{torch.cuda.device_count()} GPUs are visible to this one process: set CUDA_VISIBLE_DEVICES "
+            "to one GPU, or train.distributed.mode=ddp with num_processes to use them all"
+        )
     if d.mode != "single" and cuda and d.num_processes > torch.cuda.device_count():
-        problems.append(f"train.distributed.num_processes={d.num_processes} but {torch.cuda.device_count()} GPU(s) "
-                        "are visible (one process per GPU)")
+        problems.append(
+            f"train.distributed.num_processes={d.num_processes} but {torch.cuda.device_count()} GPU(s) "
+            "are visible (one process per GPU)"
+        )
     return problems
 
 

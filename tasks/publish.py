@@ -29,8 +29,10 @@ LINEAGE = "lineage.json"
 
 def _require(path: Path, stage: str) -> Path:
     if not path.exists():
-        raise PipelineError(f"cannot publish: {path} is missing, so the release record would be incomplete. "
-                            f"Run `dvc repro {stage}` first.")
+        raise PipelineError(
+            f"cannot publish: {path} is missing, so the release record would be incomplete. "
+            f"Run `dvc repro {stage}` first."
+        )
     return path
 
 
@@ -50,8 +52,11 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
     training = read_json(_require(paths.ADAPTER_DIR / "training_run.json", "train"))
     base = resolve_base(params.model)
     return {
-        "release": {"name": params.publish.name, "id": release_id,
-                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+        "release": {
+            "name": params.publish.name,
+            "id": release_id,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
         "source": source,
         "raw_data": {"path": str(paths.RAW_ROWS), "sha256": sha256_file(_require(paths.RAW_ROWS, "download"))},
         "validation": {
@@ -62,21 +67,35 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "conversations_sha256": sha256_file(_require(paths.CONVERSATIONS, "validate")),
         },
         "formatted_data": {
-            "train_path": str(paths.TRAIN_ROWS), "train_sha256": sha256_file(paths.TRAIN_ROWS),
-            "eval_path": str(paths.EVAL_ROWS), "eval_sha256": sha256_file(paths.EVAL_ROWS),
-            "train_rows": formatted["train_rows"], "eval_rows": formatted["eval_rows"],
+            "train_path": str(paths.TRAIN_ROWS),
+            "train_sha256": sha256_file(paths.TRAIN_ROWS),
+            "eval_path": str(paths.EVAL_ROWS),
+            "eval_sha256": sha256_file(paths.EVAL_ROWS),
+            "train_rows": formatted["train_rows"],
+            "eval_rows": formatted["eval_rows"],
             "length_policy": formatted["length_policy"],
         },
         "params": params.as_dict(),
         "params_sha256": sha256_text(json.dumps(params.as_dict(), sort_keys=True)),
         "code": code_version(),
-        "base_model": {"id": params.model.base, "revision": params.model.revision,
-                       "files_sha256": sha256_tree(base) if Path(base).is_dir() else None},
+        "base_model": {
+            "id": params.model.base,
+            "revision": params.model.revision,
+            "files_sha256": sha256_tree(base) if Path(base).is_dir() else None,
+        },
         "training": {**training, "metrics": read_json(_require(paths.TRAIN_METRICS, "train"))},
-        "evaluation": {**read_json(_require(paths.EVAL_METRICS, "evaluate")),
-                       "inputs": read_json(_require(paths.EVAL_RUN, "evaluate"))},
+        "evaluation": {
+            **read_json(_require(paths.EVAL_METRICS, "evaluate")),
+            "inputs": read_json(_require(paths.EVAL_RUN, "evaluate")),
+        },
         "files_sha256": release_files,
     }
+
+
+def _eval_row(name: str, m: dict) -> str:
+    return (
+        f"| {name} | {m['loss']:.4f} | {m['perplexity']:.2f} | {m['stop_rate']:.0%} | {m['template_leak_rate']:.0%} |"
+    )
 
 
 def model_card(params: Params, lineage: dict) -> str:
@@ -92,23 +111,23 @@ tags: [qlora, llama-2, guanaco, sft]
 # {params.publish.name}
 
 LoRA adapter for `{params.model.base}`, trained with QLoRA (4-bit {params.quant.quant_type}) on `{data}`
-({lineage['formatted_data']['train_rows']} training conversations, Llama-2 chat template).
+({lineage["formatted_data"]["train_rows"]} training conversations, Llama-2 chat template).
 
-Release `{lineage['release']['id']}`, code commit `{lineage['code']['git_commit']}`.
+Release `{lineage["release"]["id"]}`, code commit `{lineage["code"]["git_commit"]}`.
 
-## Evaluation (held-out rows: {ev['eval_rows']}, answer tokens only)
+## Evaluation (held-out rows: {ev["eval_rows"]}, answer tokens only)
 
 | model | loss | perplexity | stop rate | template leak rate |
 |---|---|---|---|---|
-| base | {ev['base']['loss']:.4f} | {ev['base']['perplexity']:.2f} | {ev['base']['stop_rate']:.0%} | {ev['base']['template_leak_rate']:.0%} |
-| tuned | {ev['tuned']['loss']:.4f} | {ev['tuned']['perplexity']:.2f} | {ev['tuned']['stop_rate']:.0%} | {ev['tuned']['template_leak_rate']:.0%} |
+{_eval_row("base", ev["base"])}
+{_eval_row("tuned", ev["tuned"])}
 
 ## Training
 
-LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {', '.join(lora.target_modules)};
+LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {", ".join(lora.target_modules)};
 {t.optimizer}, lr {t.learning_rate}, {t.lr_scheduler} schedule, batch {t.batch_size} x {t.grad_accum},
-max_length {params.model.max_length}, seed {t.seed}. {tr['steps']} steps, final train loss {tr['train_loss']:.4f},
-{tr['tokens_per_second']:.0f} tokens/s on {tr['device']}.
+max_length {params.model.max_length}, seed {t.seed}. {tr["steps"]} steps, final train loss {tr["train_loss"]:.4f},
+{tr["tokens_per_second"]:.0f} tokens/s on {tr["device"]}.
 
 ## Use
 

@@ -82,6 +82,7 @@ def stage_code_hashes(root: Path | str = ".", from_lock: bool = True) -> dict[st
 
 def code_version() -> dict:
     """The git commit of the code, whether the working tree differed from it, and the code files' own hash."""
+
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=30).stdout.strip()
@@ -90,5 +91,9 @@ def code_version() -> dict:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no", "--", "tasks", "flows", "dvc.yaml", "pyproject.toml")
-    return {"git_commit": commit, "code_dirty": bool(status) if status is not None else None, "code_sha256": code_sha256(),
-            "stages": stage_code_hashes()}
+    return {
+        "git_commit": commit,
+        "code_dirty": bool(status) if status is not None else None,
+        "code_sha256": code_sha256(),
+        "stages": stage_code_hashes(),
+    }

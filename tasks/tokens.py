@@ -36,12 +36,16 @@ def _labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[in
     return labels
 
 
-def tokenize_rendered(tokenizer, rendered: list[Rendered], answer_only: bool = True, batch: int = 1000) -> list[Tokenized]:
+def tokenize_rendered(
+    tokenizer, rendered: list[Rendered], answer_only: bool = True, batch: int = 1000
+) -> list[Tokenized]:
     out: list[Tokenized] = []
     for k in range(0, len(rendered), batch):
         chunk = rendered[k : k + batch]
         enc = tokenizer(
-            [r.text for r in chunk], add_special_tokens=False, return_offsets_mapping=answer_only,
+            [r.text for r in chunk],
+            add_special_tokens=False,
+            return_offsets_mapping=answer_only,
             return_attention_mask=False,
         )
         for n, r in enumerate(chunk):

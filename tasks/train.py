@@ -49,7 +49,7 @@ def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length
 
 
 def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
-    """Predict peak memory from the base's config; with a budget (auto: this GPU's), pick the fastest layout that fits."""
+    """Predict peak memory from the base's config; with a budget (auto: this GPU's), pick the fastest fitting layout."""
     shape = ModelShape.from_config(load_config(params.model))
     est = plan(shape, params, resolve_budget(params.train.memory_budget_gib, visible_gpu_gib()))
     log.info("memory planner: %s", est.describe())
@@ -134,15 +134,31 @@ def _process_group(world: distributed.World):
 def load_model(params: Params, world: distributed.World):
     """The 4-bit base on this rank's GPU (DDP), or stored for sharding (FSDP), with padding-free attention."""
     if params.train.distributed.mode == "fsdp" and world.rank == 0:
-        log.warning("train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
-                    "again from step 0")
+        log.warning(
+            "train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
+            "again from step 0"
+        )
     attention = attention_impl.register() if params.train.padding_free else "sdpa"
-    return load_base_model(params.model, params.quant, attn_implementation=attention, gpu=world.local_rank,
-                           fsdp=params.train.distributed.mode == "fsdp")
+    return load_base_model(
+        params.model,
+        params.quant,
+        attn_implementation=attention,
+        gpu=world.local_rank,
+        fsdp=params.train.distributed.mode == "fsdp",
+    )
 
 
-def build_trainer(params: Params, model, tokenizer, dataset, est: Estimate, world: distributed.World,
-                  checkpoint_dir: Path, resume: bool, extra_callbacks: list):
+def build_trainer(
+    params: Params,
+    model,
+    tokenizer,
+    dataset,
+    est: Estimate,
+    world: distributed.World,
+    checkpoint_dir: Path,
+    resume: bool,
+    extra_callbacks: list,
+):
     """SFTTrainer with LoRA from params, the NaN stop, the throughput meter and dvclive (streaming into the
     checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
@@ -151,14 +167,21 @@ def build_trainer(params: Params, model, tokenizer, dataset, est: Estimate, worl
     from tasks.train_callbacks import StopOnNonFiniteLoss, ThroughputMeter, live_plots
 
     lora = LoraConfig(
-        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-        target_modules=list(params.lora.target_modules), bias=params.lora.bias, task_type="CAUSAL_LM",
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules),
+        bias=params.lora.bias,
+        task_type="CAUSAL_LM",
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
     trainer = SFTTrainer(
-        model=model, args=sft_config(params, checkpoint_dir, est, world.size), train_dataset=dataset,
-        processing_class=tokenizer, peft_config=lora,
+        model=model,
+        args=sft_config(params, checkpoint_dir, est, world.size),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
         callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
@@ -184,7 +207,8 @@ def fit(trainer, resume: bool, est: Estimate, params: Params):
 def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, train_rows: Path, layout: dict):
     """Rank 0 writes the adapter and its run record atomically. Under FSDP the LoRA weights are sharded: gathering
     them is a collective every rank joins (PEFT's own save misses them, see tasks/fsdp_adapter.py)."""
-    from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter as save_fsdp_adapter
+    from tasks.fsdp_adapter import fsdp_adapter_state
+    from tasks.fsdp_adapter import save_adapter as save_fsdp_adapter
 
     trainer.accelerator.wait_for_everyone()  # every rank done training (and writing its last checkpoint files)
     peft_model = trainer.accelerator.unwrap_model(trainer.model)
@@ -198,20 +222,39 @@ def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, t
         else:
             save_fsdp_adapter(peft_model, tmp, fsdp_weights, name)
         # The training environment, recorded where it is true (publish copies it into the lineage).
-        write_json(tmp / "training_run.json", {
-            "fingerprint": fingerprint, "train_rows_sha256": sha256_file(train_rows), "seed": params.train.seed,
-            "adapter_sha256": sha256_file(tmp / "adapter_model.safetensors"),  # what evaluate and publish must match
-            "base_model": params.model.base, "libraries": library_versions(), "hardware": hardware(),
-            "distributed": layout,
-        })
+        write_json(
+            tmp / "training_run.json",
+            {
+                "fingerprint": fingerprint,
+                "train_rows_sha256": sha256_file(train_rows),
+                "seed": params.train.seed,
+                "adapter_sha256": sha256_file(
+                    tmp / "adapter_model.safetensors"
+                ),  # what evaluate and publish must match
+                "base_model": params.model.base,
+                "libraries": library_versions(),
+                "hardware": hardware(),
+                "distributed": layout,
+            },
+        )
 
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def run_metrics(trainer, result, meter, wall: float, rows: int, params: Params, shape: ModelShape, est: Estimate,
-                resume: bool, layout: dict) -> dict:
+def run_metrics(
+    trainer,
+    result,
+    meter,
+    wall: float,
+    rows: int,
+    params: Params,
+    shape: ModelShape,
+    est: Estimate,
+    resume: bool,
+    layout: dict,
+) -> dict:
     """metrics/train.json. Under several processes (a collective: every rank calls it): train_loss is the mean over
     ranks, tokens count all ranks (the whole job's throughput), memory is rank 0's GPU, and micro_batch and
     grad_accum are per rank (micro x accum x world_size = the global batch)."""
@@ -238,8 +281,9 @@ def run_metrics(trainer, result, meter, wall: float, rows: int, params: Params, 
         "peak_reserved_gib": _round(meter.peak_reserved),
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": meter.max_tokens,
-        "predicted_peak_at_max_micro_batch_gib": estimate(shape, params, micro, meter.max_tokens,
-                                                          est.gradient_checkpointing).peak_gib,
+        "predicted_peak_at_max_micro_batch_gib": estimate(
+            shape, params, micro, meter.max_tokens, est.gradient_checkpointing
+        ).peak_gib,
         "micro_batch": micro,
         "grad_accum": args.gradient_accumulation_steps,
         "gradient_checkpointing": est.gradient_checkpointing,
@@ -251,9 +295,14 @@ def run_metrics(trainer, result, meter, wall: float, rows: int, params: Params, 
     }
 
 
-def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path = paths.ADAPTER_DIR,
-          checkpoint_dir: Path = paths.CHECKPOINT_DIR, metrics_path: Path = paths.TRAIN_METRICS,
-          extra_callbacks: list | None = None) -> dict:
+def train(
+    params: Params,
+    train_rows: Path = paths.TRAIN_ROWS,
+    adapter_dir: Path = paths.ADAPTER_DIR,
+    checkpoint_dir: Path = paths.CHECKPOINT_DIR,
+    metrics_path: Path = paths.TRAIN_METRICS,
+    extra_callbacks: list | None = None,
+) -> dict:
     preflight(params)
     world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
     group = _process_group(world)
@@ -267,13 +316,17 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
     model = load_model(params, world)
-    trainer, meter = build_trainer(params, model, tokenizer, dataset, est, world, checkpoint_dir, resume,
-                                   extra_callbacks or [])
+    trainer, meter = build_trainer(
+        params, model, tokenizer, dataset, est, world, checkpoint_dir, resume, extra_callbacks or []
+    )
     start = time.perf_counter()
     result = fit(trainer, resume, est, params)
     wall = time.perf_counter() - start
-    layout = {"mode": params.train.distributed.mode, "world_size": trainer.args.world_size,
-              "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None}
+    layout = {
+        "mode": params.train.distributed.mode,
+        "world_size": trainer.args.world_size,
+        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+    }
     save_adapter(trainer, params, adapter_dir, fingerprint, train_rows, layout)
     metrics = run_metrics(trainer, result, meter, wall, len(rows), params, shape, est, resume, layout)
     if trainer.is_world_process_zero():
@@ -284,8 +337,12 @@ def train(params: Params, train_rows: Path = paths.TRAIN_ROWS, adapter_dir: Path
         write_json(metrics_path, metrics)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
-    log.info("trained %d steps, loss %.4f, %.0f tokens/s", metrics["steps"], metrics["train_loss"],
-             metrics["tokens_per_second"])
+    log.info(
+        "trained %d steps, loss %.4f, %.0f tokens/s",
+        metrics["steps"],
+        metrics["train_loss"],
+        metrics["tokens_per_second"],
+    )
     return metrics
 
 
@@ -294,8 +351,12 @@ def main() -> None:
     params = load_params()
     pinned = distributed.one_gpu_env(params, torch.cuda.device_count())
     if pinned is not None:  # mode single on a multi-GPU box: restart this stage seeing one GPU (CUDA reads it at start)
-        log.warning("train.distributed.mode=single with %d GPUs visible: training on GPU %s alone (set mode ddp or "
-                    "fsdp and num_processes to use them all)", torch.cuda.device_count(), pinned["CUDA_VISIBLE_DEVICES"])
+        log.warning(
+            "train.distributed.mode=single with %d GPUs visible: training on GPU %s alone (set mode ddp or "
+            "fsdp and num_processes to use them all)",
+            torch.cuda.device_count(),
+            pinned["CUDA_VISIBLE_DEVICES"],
+        )
         os.execve(sys.executable, [sys.executable, "-m", distributed.MODULE], pinned)
     if distributed.needs_launch(params):
         preflight(params)  # fail here, before N processes start

@@ -78,8 +78,9 @@ class ThroughputMeter(TrainerCallback):
 def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:
     """dvclive streaming into live_dir (rank 0 only: it writes files); a no-op without dvclive installed."""
     try:
-        from dvclive import Live
         from transformers.integrations import DVCLiveCallback
+
+        from dvclive import Live
     except ImportError:  # a bare GPU box running only the stage code: train without the live plots
         log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
         return TrainerCallback()

@@ -2,7 +2,8 @@
 
 Writes reports/validation/ (result.json, index.html: the report readable offline, Data Docs HTML, lengths.json),
 reports/lengths.png and
-metrics/validate.json whatever the verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl;
+metrics/validate.json whatever the verdict, so a failed run can be read. Only on success does it write
+data/validated/conversations.jsonl;
 on failure it exits non-zero, nothing downstream runs, and the last good conversations stay in place.
 """
 
@@ -48,9 +49,11 @@ def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str
     if unevaluated:
         lines += ["rules that could not be checked:", *unevaluated]
     return (
-        "the data failed validation, so nothing was trained:\n" + "\n".join(lines) +
-        f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'result.json'} and "
-        f"{report_dir / 'data_docs' / 'index.html'}. Fix the rows, or loosen the threshold under `validate:` in params.yaml."
+        "the data failed validation, so nothing was trained:\n"
+        + "\n".join(lines)
+        + f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'result.json'} and "
+        f"{report_dir / 'data_docs' / 'index.html'}. Fix the rows, or loosen the threshold under `validate:` "
+        "in params.yaml."
     )
 
 
@@ -69,15 +72,23 @@ def parse_rows(rows: list[dict]) -> tuple[list, list[dict]]:
 
 def token_lengths(params: Params, tokenizer, convs: list, features: list[dict]) -> tuple[list[int], list[dict]]:
     """Token lengths on the exact text that will be trained, for the rows the template can render."""
-    renderable = [i for i, f in enumerate(features)
-                  if f.get("roles_alternate") and f.get("last_role") == "assistant" and f.get("n_turns", 0) >= 2]
+    renderable = [
+        i
+        for i, f in enumerate(features)
+        if f.get("roles_alternate") and f.get("last_role") == "assistant" and f.get("n_turns", 0) >= 2
+    ]
     rendered = [render_llama2(convs[i], params.format.system_prompt) for i in renderable]
     return renderable, [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
 
 
-def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations: Path = paths.CONVERSATIONS,
-             report_dir: Path = paths.VALIDATION_REPORT_DIR, metrics_path: Path = paths.VALIDATION_METRICS,
-             histogram_path: Path = paths.LENGTH_HISTOGRAM) -> dict:
+def validate(
+    params: Params,
+    raw_rows: Path = paths.RAW_ROWS,
+    out_conversations: Path = paths.CONVERSATIONS,
+    report_dir: Path = paths.VALIDATION_REPORT_DIR,
+    metrics_path: Path = paths.VALIDATION_METRICS,
+    histogram_path: Path = paths.LENGTH_HISTOGRAM,
+) -> dict:
     if not raw_rows.exists():
         raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
     rows = read_jsonl(raw_rows)
@@ -91,17 +102,22 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
     with staged_dir(report_dir) as tmp:
         result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
         excluded = excluded_rows(result)
-        report = length_report(lengths, params.model.max_length, params.format.length_policy,
-                               getattr(tokenizer, "name_or_path", "?"))
+        report = length_report(
+            lengths, params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
+        )
         write_json(tmp / paths.LENGTH_REPORT.name, report)
-        write_json(tmp / paths.VALIDATION_RESULT.name, {
-            "success": result["success"], "rules": result["rules"],
-            "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
-            # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
-            "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
-            "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
-            "ge_result": result["ge_result"],
-        })
+        write_json(
+            tmp / paths.VALIDATION_RESULT.name,
+            {
+                "success": result["success"],
+                "rules": result["rules"],
+                "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
+                # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
+                "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
+                "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
+                "ge_result": result["ge_result"],
+            },
+        )
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
     save_histogram(lengths, params.model.max_length, histogram_path)
     summary = {
@@ -117,16 +133,25 @@ def validate(params: Params, raw_rows: Path = paths.RAW_ROWS, out_conversations:
         "share_over_max_length": report["share_over_max_length"],
     }
     write_json(metrics_path, summary)
-    log.info("validation %s: %d rows, %d left out for breaking a row rule; %s", "passed" if result["success"] else "FAILED",
-             len(rows), len(excluded), report["policy_effect"])
+    log.info(
+        "validation %s: %d rows, %d left out for breaking a row rule; %s",
+        "passed" if result["success"] else "FAILED",
+        len(rows),
+        len(excluded),
+        report["policy_effect"],
+    )
     if not result["success"]:
         raise ValidationFailed(_failure_message(result, report_dir, parse_errors))
 
     dup = frame["is_duplicate"].tolist()
-    write_jsonl(out_conversations, (
-        {"row_index": i, **convs[i].to_dict(), **ln, "is_duplicate": bool(dup[i])}
-        for i, ln in zip(renderable, lengths) if i not in excluded
-    ))
+    write_jsonl(
+        out_conversations,
+        (
+            {"row_index": i, **convs[i].to_dict(), **ln, "is_duplicate": bool(dup[i])}
+            for i, ln in zip(renderable, lengths)
+            if i not in excluded
+        ),
+    )
     return summary
 
 

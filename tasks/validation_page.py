@@ -65,8 +65,11 @@ def render(result: dict, lengths: dict | None = None) -> str:
     n_failed = sum(r.get("status") == "failed" for r in rules)
     n_passed = sum(r.get("status") == "passed" for r in rules)
     n_not = len(rules) - n_failed - n_passed
-    verdict = ("Validation passed: every rule holds" if ok
-               else f"Validation FAILED: {n_failed} rule(s) broken, nothing downstream runs")
+    verdict = (
+        "Validation passed: every rule holds"
+        if ok
+        else f"Validation FAILED: {n_failed} rule(s) broken, nothing downstream runs"
+    )
     source = result.get("input", {})
     excluded = result.get("excluded_rows", {})
     parse_errors = result.get("parse_errors", {})
@@ -91,13 +94,17 @@ def render(result: dict, lengths: dict | None = None) -> str:
         "<th>rows that break it</th></tr>",
     ]
     for r in rules:
-        parts.append(f"<tr><td><code>{_esc(r.get('rule'))}</code></td><td>{_esc(r.get('description'))}</td>"
-                     f"<td>{_badge(r.get('status', ''))}</td><td>{_rows_cell(r)}</td></tr>")
+        parts.append(
+            f"<tr><td><code>{_esc(r.get('rule'))}</code></td><td>{_esc(r.get('description'))}</td>"
+            f"<td>{_badge(r.get('status', ''))}</td><td>{_rows_cell(r)}</td></tr>"
+        )
     parts.append("</table>")
     if excluded:
-        parts.append("<h2>Rows left out</h2><p class='muted'>They broke a row rule within "
-                     "<code>validate.max_bad_row_share</code>, so they are not in the validated data.</p>"
-                     "<table><tr><th>row</th><th>rules it broke</th></tr>")
+        parts.append(
+            "<h2>Rows left out</h2><p class='muted'>They broke a row rule within "
+            "<code>validate.max_bad_row_share</code>, so they are not in the validated data.</p>"
+            "<table><tr><th>row</th><th>rules it broke</th></tr>"
+        )
         for i, broke in list(excluded.items())[:MAX_ROWS_SHOWN]:
             broke = ", ".join(broke) if isinstance(broke, list) else broke
             parts.append(f"<tr><td>{_esc(i)}</td><td>{_esc(broke)}</td></tr>")
@@ -114,15 +121,24 @@ def render(result: dict, lengths: dict | None = None) -> str:
             f"<p class='muted'>tokenizer <code>{_esc(lengths.get('tokenizer'))}</code>, on the exact text that will be "
             f"trained; <code>max_length</code> {_esc(lengths.get('max_length'))}. Histogram: "
             "<code>reports/lengths.png</code>.</p><div class='stats'>"
-            + "".join(f"<div class='stat'><b>{_esc(round(v) if isinstance(v, float) else v)}</b><span>{k}</span></div>"
-                      for k, v in [("rows", lengths.get("rows")), ("p50", p.get("p50")), ("p95", p.get("p95")),
-                                   ("max", lengths.get("max")),
-                                   ("over max_length", lengths.get("rows_over_max_length"))])
-            + f"</div><p>policy <code>{_esc(lengths.get('policy'))}</code>: {_esc(lengths.get('policy_effect'))}</p>")
-    parts.append("<h2>Files</h2><p><a href='result.json'>result.json</a> (every rule, row and reason, for machines) "
-                 "&middot; <a href='lengths.json'>lengths.json</a> &middot; great-expectations Data Docs: "
-                 "<a href='data_docs/index.html'>data_docs/index.html</a> <span class='muted'>(needs network for its "
-                 "styles and index)</span></p></main></body></html>")
+            + "".join(
+                f"<div class='stat'><b>{_esc(round(v) if isinstance(v, float) else v)}</b><span>{k}</span></div>"
+                for k, v in [
+                    ("rows", lengths.get("rows")),
+                    ("p50", p.get("p50")),
+                    ("p95", p.get("p95")),
+                    ("max", lengths.get("max")),
+                    ("over max_length", lengths.get("rows_over_max_length")),
+                ]
+            )
+            + f"</div><p>policy <code>{_esc(lengths.get('policy'))}</code>: {_esc(lengths.get('policy_effect'))}</p>"
+        )
+    parts.append(
+        "<h2>Files</h2><p><a href='result.json'>result.json</a> (every rule, row and reason, for machines) "
+        "&middot; <a href='lengths.json'>lengths.json</a> &middot; great-expectations Data Docs: "
+        "<a href='data_docs/index.html'>data_docs/index.html</a> <span class='muted'>(needs network for its "
+        "styles and index)</span></p></main></body></html>"
+    )
     return "\n".join(parts)
 
 

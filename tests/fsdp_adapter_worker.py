@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from peft import LoraConfig, get_peft_model
 from peft.utils.other import fsdp_auto_wrap_policy
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter
@@ -18,11 +18,26 @@ from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=4))
-peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-wrapped = FSDP(peft_model, auto_wrap_policy=fsdp_auto_wrap_policy(peft_model), use_orig_params=False,
-               device_id=torch.device("cpu"), sharding_strategy=ShardingStrategy.FULL_SHARD)
+model = LlamaForCausalLM(
+    LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
+)
+peft_model = get_peft_model(
+    model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+)
+wrapped = FSDP(
+    peft_model,
+    auto_wrap_policy=fsdp_auto_wrap_policy(peft_model),
+    use_orig_params=False,
+    device_id=torch.device("cpu"),
+    sharding_strategy=ShardingStrategy.FULL_SHARD,
+)
 optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0)
 ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(dist.get_rank()))
 wrapped(input_ids=ids, labels=ids).loss.backward()
@@ -41,8 +56,10 @@ with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, FullStateDictC
 if dist.get_rank() == 0:
     save_adapter(peft_model, out / "ours", weights, "default")
     torch.manual_seed(0)
-    plain = get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                                      task_type="CAUSAL_LM"))
+    plain = get_peft_model(
+        LlamaForCausalLM(model.config),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     plain.load_state_dict(full)
     plain.save_pretrained(out / "peft")
     (out / "checkpoint_adapter_keys.txt").write_text(str(checkpoint_keys))

@@ -9,9 +9,16 @@ from tasks import attention
 
 def _model(impl: str):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      attn_implementation=impl)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=impl,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -23,9 +30,14 @@ def test_packed_row_matches_each_sequence_alone():
     batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": s} for s in seqs])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, sum(map(len, seqs)))
     with torch.no_grad():
-        packed = packed_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                              cu_seq_lens_q=batch["cu_seq_lens_q"], cu_seq_lens_k=batch["cu_seq_lens_k"],
-                              max_length_q=batch["max_length_q"], max_length_k=batch["max_length_k"]).logits[0]
+        packed = packed_model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            cu_seq_lens_q=batch["cu_seq_lens_q"],
+            cu_seq_lens_k=batch["cu_seq_lens_k"],
+            max_length_q=batch["max_length_q"],
+            max_length_k=batch["max_length_k"],
+        ).logits[0]
         alone = torch.cat([plain_model(input_ids=torch.tensor([s])).logits[0] for s in seqs])
         leaky = plain_model(input_ids=batch["input_ids"]).logits[0]  # one causal row: later sequences see earlier ones
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
@@ -40,5 +52,7 @@ def test_padded_batches_still_take_the_sdpa_path():
     ids = torch.tensor([[5, 17, 3, 9], [7, 12, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     with torch.no_grad():
-        torch.testing.assert_close(packed_model(input_ids=ids, attention_mask=mask).logits,
-                                   plain_model(input_ids=ids, attention_mask=mask).logits)
+        torch.testing.assert_close(
+            packed_model(input_ids=ids, attention_mask=mask).logits,
+            plain_model(input_ids=ids, attention_mask=mask).logits,
+        )

@@ -16,14 +16,23 @@ from pathlib import Path
 
 import pytest
 
-from flows.audit import audit, main as audit_main
+from flows.audit import audit
+from flows.audit import main as audit_main
 from tasks import paths
 from tasks.artifacts import sha256_tree
 
 pytestmark = pytest.mark.slow
 PLANTED = "hf_" + "PLANTED" + "secret0123456789abcdefTOKEN"  # built here so this file does not hold it
-OUTS = ("data/raw", "data/validated", "reports/validation", "data/formatted", "artifacts/adapter",
-        "reports/generations.jsonl", "reports/eval_run.json", "release")
+OUTS = (
+    "data/raw",
+    "data/validated",
+    "reports/validation",
+    "data/formatted",
+    "artifacts/adapter",
+    "reports/generations.jsonl",
+    "reports/eval_run.json",
+    "release",
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +73,18 @@ def _flip_last_byte(path: Path) -> None:
 def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, capsys):
     assert audit_main([str(project / paths.RELEASE_DIR)]) == 0
     out = capsys.readouterr().out
-    for name in ("source", "raw data", "validation", "formatted data", "params", "code", "training",
-                 "evaluation", "release"):
-        assert f"OK   " in out and f". {name}" in out, name
+    for name in (
+        "source",
+        "raw data",
+        "validation",
+        "formatted data",
+        "params",
+        "code",
+        "training",
+        "evaluation",
+        "release",
+    ):
+        assert "OK   " in out and f". {name}" in out, name
     assert "audit passed" in out
     assert audit_main([str(project / paths.RELEASE_DIR), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -146,8 +164,11 @@ def test_the_planted_hub_token_is_in_no_output_log_or_prefect_artifact(published
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    leaks = [str(p) for p in published.rglob("*") if p.is_file() and ".git" not in p.parts
-             and PLANTED.encode() in p.read_bytes()]
+    leaks = [
+        str(p)
+        for p in published.rglob("*")
+        if p.is_file() and ".git" not in p.parts and PLANTED.encode() in p.read_bytes()
+    ]
     assert leaks == []
 
     async def stored() -> str:
@@ -155,8 +176,11 @@ def test_the_planted_hub_token_is_in_no_output_log_or_prefect_artifact(published
             artifacts = await client.read_artifacts()
             logs = await client.read_logs(log_filter=LogFilter(), limit=200)
             runs = await client.read_flow_runs()
-        return json.dumps([a.model_dump(mode="json") for a in artifacts] + [l.model_dump(mode="json") for l in logs]
-                          + [r.model_dump(mode="json") for r in runs])
+        return json.dumps(
+            [a.model_dump(mode="json") for a in artifacts]
+            + [entry.model_dump(mode="json") for entry in logs]
+            + [r.model_dump(mode="json") for r in runs]
+        )
 
     text = anyio.run(stored)
     assert "guanaco-pipeline-summary" in text  # the run's artifact is there to be searched

@@ -57,7 +57,9 @@ def test_guanaco_text_before_first_marker_is_refused():
 
 def test_llama2_text_without_and_with_system_parse_to_same_turns():
     plain = "<s>[INST] Hi [/INST] Hello! </s><s>[INST] Name a color. [/INST] Blue. </s>"
-    with_sys = "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Name a color. [/INST] Blue. </s>"
+    with_sys = (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Name a color. [/INST] Blue. </s>"
+    )
     a, b = parse_row({"text": plain}), parse_row({"text": with_sys})
     expected = ((USER, "Hi"), (ASSISTANT, "Hello!"), (USER, "Name a color."), (ASSISTANT, "Blue."))
     assert a.turns == expected and b.turns == expected
@@ -84,13 +86,15 @@ def test_llama2_prompt_without_answer_is_kept_for_validation():
 
 
 def test_openai_messages_with_system():
-    row = {"messages": [
-        {"role": "system", "content": " You are terse. "},
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Goodbye."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": " You are terse. "},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
     conv = parse_row(row)
     assert detect_form(row) == "messages"
     assert conv.system == "You are terse."
@@ -155,13 +159,20 @@ MULTI = Conversation(turns=((USER, "Hi"), (ASSISTANT, "Hello!"), (USER, "Name a 
 MULTI_SYS = Conversation(turns=MULTI.turns, system="Be brief.")
 
 
-@pytest.mark.parametrize("conv, expected", [
-    (ONE, "<s>[INST] What is 2+2? [/INST] 4. </s>"),
-    (ONE_SYS, "<s>[INST] <<SYS>>\nBe exact.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>"),
-    (MULTI, "<s>[INST] Hi [/INST] Hello! </s><s>[INST] Name a color. [/INST] Blue. </s>"),
-    (MULTI_SYS, "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s>"
-                "<s>[INST] Name a color. [/INST] Blue. </s>"),
-], ids=["single", "single-system", "multi", "multi-system"])
+@pytest.mark.parametrize(
+    "conv, expected",
+    [
+        (ONE, "<s>[INST] What is 2+2? [/INST] 4. </s>"),
+        (ONE_SYS, "<s>[INST] <<SYS>>\nBe exact.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>"),
+        (MULTI, "<s>[INST] Hi [/INST] Hello! </s><s>[INST] Name a color. [/INST] Blue. </s>"),
+        (
+            MULTI_SYS,
+            "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s>"
+            "<s>[INST] Name a color. [/INST] Blue. </s>",
+        ),
+    ],
+    ids=["single", "single-system", "multi", "multi-system"],
+)
 def test_render_golden(conv, expected):
     rendered = render_llama2(conv)
     assert rendered.text == expected
@@ -172,7 +183,8 @@ def test_render_golden(conv, expected):
 
 def test_render_default_system_applies_only_when_conversation_has_none():
     assert render_llama2(ONE, default_system="Default.").text == (
-        "<s>[INST] <<SYS>>\nDefault.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>")
+        "<s>[INST] <<SYS>>\nDefault.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>"
+    )
     assert "Be exact." in render_llama2(ONE_SYS, default_system="Default.").text
     assert "Default." not in render_llama2(ONE_SYS, default_system="Default.").text
 

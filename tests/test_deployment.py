@@ -43,12 +43,21 @@ def _wait(predicate, timeout: float, what: str):
 def prefect_server(tmp_path):
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120, "the Prefect server")
         yield url, env
@@ -68,9 +77,9 @@ def _trigger(url: str) -> str:
 
 
 def _deployment(url: str):
+    import anyio
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
-    import anyio
 
     async def read():
         async with get_client() as client:
@@ -82,10 +91,13 @@ def _deployment(url: str):
 
 def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, prefect_server, tmp_path):
     url, env = prefect_server
-    served = subprocess.Popen([sys.executable, "-m", "flows.deploy", "--project-dir", str(project_copy),
-                               "--cron", "0 3 * * *"], cwd=project_copy,
-                              env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-                              stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT)
+    served = subprocess.Popen(
+        [sys.executable, "-m", "flows.deploy", "--project-dir", str(project_copy), "--cron", "0 3 * * *"],
+        cwd=project_copy,
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         deployment = _wait(lambda: _deployment(url), 120, "the deployment to be registered")
         crons = [s.schedule.cron for s in deployment.schedules]
@@ -103,8 +115,11 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, 
         print(f"\nno-change scheduled run: {no_change_seconds:.1f} s end to end")
 
         sample = project_copy / "data/sample/guanaco_sample.jsonl"
-        sample.write_text(sample.read_text() + json.dumps(
-            {"text": "### Human: Name a prime number above 90.### Assistant: 97 is a prime number."}) + "\n")
+        sample.write_text(
+            sample.read_text()
+            + json.dumps({"text": "### Human: Name a prime number above 90.### Assistant: 97 is a prime number."})
+            + "\n"
+        )
         assert _trigger(url) == "COMPLETED"
         third = history.read(project_copy)[-1]
         assert third["stages_ran"][:3] == ["download", "validate", "format"] and "publish" in third["stages_ran"]

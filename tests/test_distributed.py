@@ -14,9 +14,9 @@ import pytest
 import yaml
 
 from tasks import paths
+from tasks.config import with_overrides
 from tasks.distributed import LAUNCHER, launch_command, needs_launch, world
 from tasks.errors import PipelineError
-from tasks.config import with_overrides
 from tests.conftest import ROOT
 
 
@@ -47,8 +47,14 @@ def test_ddp_launches_n_torchrun_workers_of_the_same_module(params):
     cmd = launch_command(p)
     assert cmd[:3] == [sys.executable, "-m", LAUNCHER] and cmd[-2:] == ["-m", "tasks.train"]
     flags = _flags(cmd)
-    assert flags == {"--num_processes": "2", "--num_machines": "1", "--mixed_precision": "no",
-                     "--dynamo_backend": "no", "--main_process_port": "0", "--multi_gpu": True}
+    assert flags == {
+        "--num_processes": "2",
+        "--num_machines": "1",
+        "--mixed_precision": "no",
+        "--dynamo_backend": "no",
+        "--main_process_port": "0",
+        "--multi_gpu": True,
+    }
     assert _flags(launch_command(with_overrides(p, **{"train.precision": "bf16"})))["--mixed_precision"] == "bf16"
     assert needs_launch(p, env={}) and not needs_launch(p, env={"WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert world({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == (1, 1, 2) and world({}) == (0, 0, 1)
@@ -78,8 +84,11 @@ def test_accelerate_reads_the_fsdp_command_as_intended(params):
 
 
 def test_distributed_params_are_checked(params):
-    for mode, n, message in (("ddp", 1, "num_processes >= 2"), ("fsdp", 1, "num_processes >= 2"),
-                             ("single", 2, "set num_processes to 1")):
+    for mode, n, message in (
+        ("ddp", 1, "num_processes >= 2"),
+        ("fsdp", 1, "num_processes >= 2"),
+        ("single", 2, "set num_processes to 1"),
+    ):
         with pytest.raises(PipelineError, match=message):
             _mode(params, mode, n)
     with pytest.raises(PipelineError, match="global batch"):
@@ -112,8 +121,9 @@ def _env() -> dict:
 def _train(root: Path, params) -> tuple[subprocess.CompletedProcess, float]:
     (root / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tasks.train"], cwd=root, env=_env(), capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.train"], cwd=root, env=_env(), capture_output=True, text=True, timeout=900
+    )
     return proc, time.perf_counter() - start
 
 
@@ -200,8 +210,13 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
     validate(p)
     format_rows(p.format, p.model)
     (workdir / "params.yaml").write_text(yaml.safe_dump(p.as_dict(), sort_keys=False))
-    launcher = subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=workdir, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train"],
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = workdir / paths.CHECKPOINT_DIR / "checkpoint-10" / "trainer_state.json"
     workers: list = []
     deadline = time.time() + 600
@@ -250,17 +265,35 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "tests" / "fsdp_adapter_worker.py"), str(tmp_path)],
-                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "fsdp_adapter_worker.py"),
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, peft = load_file(tmp_path / "ours" / "adapter_model.safetensors"), load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    ours, peft = (
+        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
+        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+    )
     assert sorted(ours) == sorted(peft) and len(ours) == 8  # 2 layers x (q, v) x (A, B)
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) and "_fsdp" not in k for k in ours)
     assert all(torch.equal(ours[k], peft[k]) for k in ours)
     assert max(float(ours[k].abs().max()) for k in ours if "lora_B" in k) > 0  # the trained weights, not the init
-    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == \
-        json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text()) == json.loads(
+        (tmp_path / "peft" / "adapter_config.json").read_text()
+    )
     # The reason FSDP runs write no checkpoints (tasks/train.py sft_config): the Trainer's FSDP checkpoint of a PEFT
     # model holds none of the adapter. When this fails, PEFT/accelerate fixed it: FSDP checkpoints can come back.
     assert (tmp_path / "checkpoint_adapter_keys.txt").read_text() == "0", "FSDP checkpoints now hold the adapter"
@@ -270,8 +303,17 @@ def test_fsdp_writes_no_checkpoints(params):
     from tasks.memory import Estimate
     from tasks.train import sft_config
 
-    est = Estimate(base_weights_gib=0, lora_state_gib=0, activations_gib=0, workspace_gib=0, peak_gib=1.0, micro_batch=4,
-                   grad_accum=1, tokens_per_micro_batch=2048, gradient_checkpointing=False)
+    est = Estimate(
+        base_weights_gib=0,
+        lora_state_gib=0,
+        activations_gib=0,
+        workspace_gib=0,
+        peak_gib=1.0,
+        micro_batch=4,
+        grad_accum=1,
+        tokens_per_micro_batch=2048,
+        gradient_checkpointing=False,
+    )
     # world_size stays 1 here: building a multi-process SFTConfig needs a process group; the mode alone decides this
     assert sft_config(_mode(params, "fsdp", 2), Path("ckpt"), est).save_strategy == "no"
     assert sft_config(_mode(params, "ddp", 2), Path("ckpt"), est).save_strategy == "steps"
@@ -295,15 +337,25 @@ def test_fsdp_loading_stores_the_4bit_weights_in_a_float_dtype(params):
 
 
 def test_multi_machine_launch_command(params):
-    p = _mode(params, "ddp", 4, **{"train.distributed.num_machines": 2, "train.distributed.machine_rank": 1,
-                                   "train.distributed.main_process_ip": "10.0.0.1",
-                                   "train.distributed.main_process_port": 29555})
+    p = _mode(
+        params,
+        "ddp",
+        4,
+        **{
+            "train.distributed.num_machines": 2,
+            "train.distributed.machine_rank": 1,
+            "train.distributed.main_process_ip": "10.0.0.1",
+            "train.distributed.main_process_port": 29555,
+        },
+    )
     flags = _flags(launch_command(p))
     assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("4", "2", "1")
     assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("10.0.0.1", "29555")
-    for bad, message in (({"train.distributed.main_process_ip": None}, "main_process_ip"),
-                         ({"train.distributed.machine_rank": 2}, "below num_machines"),
-                         ({"train.distributed.num_processes": 3, "train.batch_size": 6}, "divide evenly")):
+    for bad, message in (
+        ({"train.distributed.main_process_ip": None}, "main_process_ip"),
+        ({"train.distributed.machine_rank": 2}, "below num_machines"),
+        ({"train.distributed.num_processes": 3, "train.batch_size": 6}, "divide evenly"),
+    ):
         with pytest.raises(PipelineError, match=message):
             with_overrides(p, **bad)
 
@@ -341,12 +393,28 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
         port = s.getsockname()[1]
     procs = []
     for rank, host in enumerate(hosts[:2]):
-        p = _mode(base, "ddp", 2, **{"train.distributed.num_machines": 2, "train.distributed.machine_rank": rank,
-                                     "train.distributed.main_process_ip": "127.0.0.1",
-                                     "train.distributed.main_process_port": port})
+        p = _mode(
+            base,
+            "ddp",
+            2,
+            **{
+                "train.distributed.num_machines": 2,
+                "train.distributed.machine_rank": rank,
+                "train.distributed.main_process_ip": "127.0.0.1",
+                "train.distributed.main_process_port": port,
+            },
+        )
         (host / "params.yaml").write_text(yaml.safe_dump(p.as_dict(), sort_keys=False))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=host, env=_env(),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tasks.train"],
+                cwd=host,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outs = [proc.communicate(timeout=900)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     single_host, _ = _train(hosts[2], _mode(base, "ddp", 2))

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.config import with_overrides
 from tasks.download import download
 from tasks.errors import PipelineError
-from tasks.config import with_overrides
 
 SAMPLE = Path("data/sample/guanaco_sample.jsonl")
 ROWS = [
@@ -23,8 +23,11 @@ ROWS = [
 
 
 def _dl(params, path: Path | str, tmp: Path, **changes) -> tuple[dict, Path, Path]:
-    p = with_overrides(params, **{"download.source": "local", "download.path": str(path)},
-                    **{f"download.{k}": v for k, v in changes.items()})
+    p = with_overrides(
+        params,
+        **{"download.source": "local", "download.path": str(path)},
+        **{f"download.{k}": v for k, v in changes.items()},
+    )
     out_rows, out_source = tmp / "out" / "rows.jsonl", tmp / "out" / "source.json"
     return download(p.download, out_rows, out_source), out_rows, out_source
 
@@ -64,8 +67,10 @@ def test_parquet_list_column_becomes_plain_json(params, workdir):
 
 def test_csv_input(params, workdir):
     path = workdir / "in.csv"
-    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi!"},
-            {"instruction": "Add 1 and 2", "input": "1, 2", "output": "3"}]
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"},
+        {"instruction": "Add 1 and 2", "input": "1, 2", "output": "3"},
+    ]
     pd.DataFrame(rows).to_csv(path, index=False)
     record, out_rows, _ = _dl(params, path, workdir)
     # empty cells stay empty strings (not NaN/None); numbers-looking text stays as pandas reads it
@@ -147,9 +152,21 @@ def _json_scalar(tmp: Path) -> tuple[Path, str]:
     return path, r"expected a JSON list of objects"
 
 
-@pytest.mark.parametrize("make", [_missing, _directory, _txt, _broken_line_jsonl, _list_line_jsonl,
-                                  _truncated_parquet, _empty_jsonl, _not_utf8, _json_scalar],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "make",
+    [
+        _missing,
+        _directory,
+        _txt,
+        _broken_line_jsonl,
+        _list_line_jsonl,
+        _truncated_parquet,
+        _empty_jsonl,
+        _not_utf8,
+        _json_scalar,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_bad_input_is_named_and_outputs_kept(params, workdir, make):
     _, out_rows, out_source = _dl(params, SAMPLE, workdir)  # a good previous run
     before = out_rows.read_bytes(), out_source.read_bytes()
@@ -184,7 +201,9 @@ def test_hub_unknown_split_is_a_pipeline_error(params, workdir):
     repo = workdir / "hub_repo"
     repo.mkdir()
     (repo / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
-    p = with_overrides(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "validation"})
+    p = with_overrides(
+        params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "validation"}
+    )
     with pytest.raises(PipelineError, match=r"could not load Hub dataset .*split 'validation'"):
         download(p.download, workdir / "h" / "rows.jsonl", workdir / "h" / "source.json")
     assert not (workdir / "h" / "rows.jsonl").exists()
@@ -234,8 +253,9 @@ def test_broken_json_message_reads_plainly(params, workdir):
 
 def _content_rows(tmp: Path, n: int = 200) -> Path:
     path = tmp / "content.jsonl"
-    path.write_text("".join(json.dumps({"content": ROWS[i % 3]["text"], "id": i}) + "\n" for i in range(n)),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"content": ROWS[i % 3]["text"], "id": i}) + "\n" for i in range(n)), encoding="utf-8"
+    )
     return path
 
 
@@ -267,11 +287,22 @@ def test_columns_param_maps_alpaca_fields(params, workdir):
     assert _read_jsonl(out_rows) == [{"instruction": "Say hi.", "output": "Hi!"}]
 
 
-@pytest.mark.parametrize("rows, mapping, pattern", [
-    ([{"content": "x"}], {"text": "body"}, r"download.columns.text is 'body', but no row has that column \(found \['content'\]\)"),
-    ([{"text": "x"}, {"content": "y", "text": "z"}], {"text": "content"},
-     r"row 1 \(from 0\): has both `content` and `text`"),
-], ids=["absent", "clash"])
+@pytest.mark.parametrize(
+    "rows, mapping, pattern",
+    [
+        (
+            [{"content": "x"}],
+            {"text": "body"},
+            r"download.columns.text is 'body', but no row has that column \(found \['content'\]\)",
+        ),
+        (
+            [{"text": "x"}, {"content": "y", "text": "z"}],
+            {"text": "content"},
+            r"row 1 \(from 0\): has both `content` and `text`",
+        ),
+    ],
+    ids=["absent", "clash"],
+)
 def test_columns_param_errors_are_named(params, workdir, rows, mapping, pattern):
     path = workdir / "in.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -22,7 +22,8 @@ def test_every_stage_depends_on_exactly_the_code_it_runs():
         expected = stage_code(stage, ROOT)
         assert listed == expected, (
             f"dvc.yaml stage {stage!r}: code deps differ from what `python -m tasks.{stage}` imports.\n"
-            f"missing: {sorted(set(expected) - set(listed))}\nnot imported: {sorted(set(listed) - set(expected))}")
+            f"missing: {sorted(set(expected) - set(listed))}\nnot imported: {sorted(set(listed) - set(expected))}"
+        )
         assert stages[stage]["cmd"] == f"python -m tasks.{stage}"
 
 
@@ -41,10 +42,21 @@ def test_every_output_persists_and_matches_tasks_paths():
     for stage in _stages().values():
         for kind in ("outs", "metrics", "plots"):
             for entry in stage.get(kind, []):
-                (path, opts), = entry.items()
+                ((path, opts),) = entry.items()
                 declared[path] = opts
     assert all(opts.get("persist") is True for opts in declared.values()), declared
-    for expected in (paths.RAW_DIR, paths.VALIDATED_DIR, paths.VALIDATION_REPORT_DIR, paths.VALIDATION_METRICS,
-                     paths.LENGTH_HISTOGRAM, paths.FORMATTED_DIR, paths.ADAPTER_DIR, paths.TRAIN_METRICS,
-                     paths.EVAL_METRICS, paths.GENERATIONS, paths.EVAL_RUN, paths.RELEASE_DIR):
+    for expected in (
+        paths.RAW_DIR,
+        paths.VALIDATED_DIR,
+        paths.VALIDATION_REPORT_DIR,
+        paths.VALIDATION_METRICS,
+        paths.LENGTH_HISTOGRAM,
+        paths.FORMATTED_DIR,
+        paths.ADAPTER_DIR,
+        paths.TRAIN_METRICS,
+        paths.EVAL_METRICS,
+        paths.GENERATIONS,
+        paths.EVAL_RUN,
+        paths.RELEASE_DIR,
+    ):
         assert str(expected) in declared, expected

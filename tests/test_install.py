@@ -20,8 +20,12 @@ from tests.conftest import ROOT
 
 
 def _site_packages(venv: Path) -> Path:
-    out = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return Path(out.stdout.strip())
 
 
@@ -32,8 +36,7 @@ def host_venv(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", host], check=True)
     site = _site_packages(host)
     (site / "torch").mkdir()
-    (site / "torch" / "__init__.py").write_text(
-        "__version__ = '2.11.0+cu130'\nclass version:\n    cuda = '13.0'\n")
+    (site / "torch" / "__init__.py").write_text("__version__ = '2.11.0+cu130'\nclass version:\n    cuda = '13.0'\n")
     meta = site / "torch-2.11.0+cu130.dist-info"
     meta.mkdir()
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0+cu130\n")
@@ -44,27 +47,37 @@ def host_venv(tmp_path_factory) -> Path:
 def _make_venv(dest: Path, host: Path, torch: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{host / 'bin'}:{os.environ['PATH']}"}  # `python3` is the host venv's
     env.pop("VIRTUAL_ENV", None)
-    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "venv", f"VENV={dest}", f"TORCH={torch}"],
-                          env=env, capture_output=True, text=True)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), "venv", f"VENV={dest}", f"TORCH={torch}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_torch_skip_keeps_the_host_venvs_torch(tmp_path, host_venv):
     venv = tmp_path / ".venv"
     proc = _make_venv(venv, host_venv, "skip")
     assert proc.returncode == 0, proc.stderr
-    where = subprocess.run([venv / "bin" / "python", "-c", "import torch; print(torch.__version__, torch.__file__)"],
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import torch; print(torch.__version__, torch.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith("2.11.0+cu130 ") and str(_site_packages(host_venv)) in where
     # pip counts it as installed: with no index to fetch from, torch>=2.4 (pyproject's range) is already satisfied.
-    pip = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "--no-index", "torch>=2.4"],
-                         capture_output=True, text=True)
+    pip = subprocess.run(
+        [venv / "bin" / "python", "-m", "pip", "install", "--no-index", "torch>=2.4"], capture_output=True, text=True
+    )
     assert pip.returncode == 0 and "Requirement already satisfied: torch" in pip.stdout, pip.stdout + pip.stderr
 
 
 def test_without_skip_the_venv_does_not_see_the_host(tmp_path, host_venv):
     venv = tmp_path / ".venv"
-    subprocess.run([host_venv / "bin" / "python3", "-m", "venv", "--system-site-packages", "--without-pip", venv],
-                   check=True)
+    subprocess.run(
+        [host_venv / "bin" / "python3", "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True
+    )
     assert subprocess.run([venv / "bin" / "python", "-c", "import torch"], capture_output=True).returncode != 0
 
 
@@ -74,4 +87,3 @@ def test_torch_skip_without_any_torch_says_what_to_do(tmp_path):
     proc = _make_venv(tmp_path / ".venv", bare, "skip")
     assert proc.returncode != 0
     assert "TORCH=skip keeps the torch of the python3 that runs make" in proc.stderr and "TORCH=torch" in proc.stderr
-

@@ -33,12 +33,28 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
     out = dvc(project_copy, "repro")
     assert ran(out) == STAGES
     release = project_copy / paths.RELEASE_DIR
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "README.md", "lineage.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "README.md",
+        "lineage.json",
+    ):
         assert (release / name).is_file(), name
-    for out_path in (paths.RAW_ROWS, paths.SOURCE_RECORD, paths.CONVERSATIONS, paths.VALIDATION_RESULT,
-                     paths.LENGTH_REPORT, paths.LENGTH_HISTOGRAM, paths.TRAIN_ROWS, paths.EVAL_ROWS,
-                     paths.TRAIN_METRICS, paths.EVAL_METRICS, paths.GENERATIONS):
+    for out_path in (
+        paths.RAW_ROWS,
+        paths.SOURCE_RECORD,
+        paths.CONVERSATIONS,
+        paths.VALIDATION_RESULT,
+        paths.LENGTH_REPORT,
+        paths.LENGTH_HISTOGRAM,
+        paths.TRAIN_ROWS,
+        paths.EVAL_ROWS,
+        paths.TRAIN_METRICS,
+        paths.EVAL_METRICS,
+        paths.GENERATIONS,
+    ):
         assert (project_copy / out_path).is_file(), out_path
     assert (project_copy / paths.VALIDATION_REPORT_DIR / "data_docs" / "index.html").is_file()
 
@@ -59,8 +75,15 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
     assert ran(dvc(project_copy, "repro")) == ["train", "evaluate", "publish"]
 
     # A failed stage leaves every output of every stage as the last good run left it (dvc.yaml: all persist).
-    outputs = [paths.ADAPTER_DIR, paths.TRAIN_METRICS, paths.DVCLIVE_DIR, paths.EVAL_METRICS, paths.GENERATIONS,
-               paths.EVAL_RUN, paths.RELEASE_DIR]
+    outputs = [
+        paths.ADAPTER_DIR,
+        paths.TRAIN_METRICS,
+        paths.DVCLIVE_DIR,
+        paths.EVAL_METRICS,
+        paths.GENERATIONS,
+        paths.EVAL_RUN,
+        paths.RELEASE_DIR,
+    ]
     good = snapshot(project_copy, outputs)
     assert good[str(paths.TRAIN_METRICS)] and any(k.startswith(str(paths.DVCLIVE_DIR)) for k in good)
     params["train"]["optimizer"] = "paged_adamw_32bit"  # stops in train's preflight on the CPU
@@ -111,7 +134,8 @@ def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_c
 
 
 def test_a_failed_validation_fails_its_task_with_the_report_location_and_nothing_downstream_runs(
-        project_copy, prefect_harness):
+    project_copy, prefect_harness
+):
     import anyio
     from prefect.client.orchestration import get_client
 

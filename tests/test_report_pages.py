@@ -17,9 +17,22 @@ from tasks.validation_page import render
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-RULES = ["enough_rows", "parseable", "known_form", "non_empty_turns", "roles_alternate", "ends_with_assistant",
-         "turn_bounds", "char_bounds", "no_template_markers", "no_replacement_chars", "no_control_chars",
-         "duplicates", "within_max_length", "under_hard_limit"]
+RULES = [
+    "enough_rows",
+    "parseable",
+    "known_form",
+    "non_empty_turns",
+    "roles_alternate",
+    "ends_with_assistant",
+    "turn_bounds",
+    "char_bounds",
+    "no_template_markers",
+    "no_replacement_chars",
+    "no_control_chars",
+    "duplicates",
+    "within_max_length",
+    "under_hard_limit",
+]
 
 
 def _text(dom: str) -> str:
@@ -39,9 +52,14 @@ def report_dir(params, tmp_path_factory) -> Path:
     raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in read_jsonl(SAMPLE)), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        validate(params, raw_rows=raw, out_conversations=root / "validated/conversations.jsonl",
-                 report_dir=root / "reports/validation", metrics_path=root / "metrics/validate.json",
-                 histogram_path=root / "reports/lengths.png")
+        validate(
+            params,
+            raw_rows=raw,
+            out_conversations=root / "validated/conversations.jsonl",
+            report_dir=root / "reports/validation",
+            metrics_path=root / "metrics/validate.json",
+            histogram_path=root / "reports/lengths.png",
+        )
     return root / "reports/validation"
 
 
@@ -55,12 +73,28 @@ def test_the_validate_stage_writes_a_self_contained_page(report_dir):
 
 
 def test_a_failed_run_reads_as_failed_with_its_rows():
-    result = {"success": False, "input": {"path": "data/raw/rows.jsonl", "sha256": "ab" * 32},
-              "rules": [{"rule": "parseable", "description": "every row parses into a conversation",
-                         "status": "failed", "rows": [3, 7], "observed_value": None},
-                        {"rule": "duplicates", "description": "at most 5% duplicate rows", "status": "not evaluated",
-                         "reason": "no row parsed", "rows": []}],
-              "excluded_rows": {}, "parse_errors": {"3": "no '### Assistant:' turn", "7": "empty text"}}
+    result = {
+        "success": False,
+        "input": {"path": "data/raw/rows.jsonl", "sha256": "ab" * 32},
+        "rules": [
+            {
+                "rule": "parseable",
+                "description": "every row parses into a conversation",
+                "status": "failed",
+                "rows": [3, 7],
+                "observed_value": None,
+            },
+            {
+                "rule": "duplicates",
+                "description": "at most 5% duplicate rows",
+                "status": "not evaluated",
+                "reason": "no row parsed",
+                "rows": [],
+            },
+        ],
+        "excluded_rows": {},
+        "parse_errors": {"3": "no '### Assistant:' turn", "7": "empty text"},
+    }
     text = _text(render(result))
     assert "Validation FAILED: 1 rule(s) broken" in text
     assert "2: 3, 7" in text and "no row parsed" in text and "no '### Assistant:' turn" in text

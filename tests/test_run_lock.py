@@ -23,7 +23,9 @@ ENV.pop(run_lock.COVER_ENV, None)
 # A stage process of another run: takes the workspace lock exactly as a stage entry does, then stays in its stage.
 HOLD_AS_STAGE = "import sys, time; from tasks import run_lock; lock = run_lock.hold_for_stage(sys.argv[1]); print('held', flush=True); time.sleep(600)"  # noqa: E501
 # A dvc command in progress: DVC's repo lock taken through DVC's own lock library, as `dvc repro` takes it.
-HOLD_AS_DVC = "import time, zc.lockfile; lock = zc.lockfile.LockFile('.dvc/tmp/lock'); print('held', flush=True); time.sleep(600)"  # noqa: E501
+HOLD_AS_DVC = (
+    "import time, zc.lockfile; lock = zc.lockfile.LockFile('.dvc/tmp/lock'); print('held', flush=True); time.sleep(600)"  # noqa: E501
+)
 # A dvc command running a stage: DVC has let go of its repo lock and holds the stage's files in its per-file lock.
 HOLD_AS_DVC_STAGE = """
 import os, time
@@ -38,8 +40,14 @@ with rwlock('.dvc/tmp', localfs, 'dvc repro (a stage starting up)', [], [os.path
 
 @contextlib.contextmanager
 def holding(project: Path, code: str, *args: str):
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=project, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=project,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "held", f"the holder did not take the lock: {line}{proc.stdout.read()}"
@@ -56,13 +64,17 @@ def stage(project: Path, name: str) -> subprocess.CompletedProcess:
 def snapshot(project: Path) -> dict[str, bytes]:
     """Every file of the workspace but git's, the lock's own and the run history: what a refused run must not touch."""
     skip = (".git", ".dvc/tmp", "runs")
-    return {str(p.relative_to(project)): p.read_bytes() for p in sorted(project.rglob("*"))
-            if p.is_file() and not str(p.relative_to(project)).startswith(skip)}
+    return {
+        str(p.relative_to(project)): p.read_bytes()
+        for p in sorted(project.rglob("*"))
+        if p.is_file() and not str(p.relative_to(project)).startswith(skip)
+    }
 
 
 def dvc(project: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(["dvc", *args], cwd=project, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["dvc", *args], cwd=project, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_a_stage_refuses_while_another_run_holds_the_workspace_and_a_killed_holder_blocks_nothing(project_copy):
@@ -70,8 +82,9 @@ def test_a_stage_refuses_while_another_run_holds_the_workspace_and_a_killed_hold
     with holding(project_copy, HOLD_AS_STAGE, "train") as holder:
         refused = stage(project_copy, "download")
         assert refused.returncode == 2, refused.stderr
-        assert re.search(rf"another run is in progress \(started \S+, pid {holder.pid}\): stage 'train'",
-                         refused.stderr), refused.stderr
+        assert re.search(
+            rf"another run is in progress \(started \S+, pid {holder.pid}\): stage 'train'", refused.stderr
+        ), refused.stderr
         assert "changed nothing" in refused.stderr and "Traceback" not in refused.stderr
         assert snapshot(project_copy) == before  # the refused stage wrote nothing
         holder.send_signal(signal.SIGKILL)  # killed mid-stage: its sidecar stays behind, naming a dead pid
@@ -104,11 +117,16 @@ print(json.dumps({"covered": covered, "child": child, "outsider_refused": refuse
 
 
 def test_the_holder_covers_its_children_and_its_re_executed_self_but_no_one_else(project_copy):
-    out = subprocess.run([sys.executable, "-c", REEXEC, CHECK_COVER], cwd=project_copy, env=ENV,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", REEXEC, CHECK_COVER], cwd=project_copy, env=ENV, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
-        "covered": True, "child": "None", "outsider_refused": True, "forged_refused": True}
+        "covered": True,
+        "child": "None",
+        "outsider_refused": True,
+        "forged_refused": True,
+    }
     assert not (project_copy / paths.RAW_DIR).exists()
 
 
@@ -143,14 +161,16 @@ def _flow_in_thread(project: Path) -> tuple[threading.Thread, dict]:
 
 
 @pytest.mark.slow
-def test_a_flow_skips_while_a_stage_or_a_dvc_command_is_at_work_and_touches_nothing(
-        project_copy, prefect_harness):
+def test_a_flow_skips_while_a_stage_or_a_dvc_command_is_at_work_and_touches_nothing(project_copy, prefect_harness):
     from flows import history
     from flows.pipeline import SKIPPED, pipeline
 
     before = snapshot(project_copy)
-    for code, args, names in ((HOLD_AS_STAGE, ["train"], "stage 'train'"), (HOLD_AS_DVC, [], "holding DVC's lock"),
-                              (HOLD_AS_DVC_STAGE, [], "`dvc repro (a stage starting up)` running a stage")):
+    for code, args, names in (
+        (HOLD_AS_STAGE, ["train"], "stage 'train'"),
+        (HOLD_AS_DVC, [], "holding DVC's lock"),
+        (HOLD_AS_DVC_STAGE, [], "`dvc repro (a stage starting up)` running a stage"),
+    ):
         with holding(project_copy, code, *args) as holder:
             state = pipeline(project_dir=str(project_copy), overrides=["train.max_steps=2"], return_state=True)
         assert state.is_completed() and state.name == "Skipped"
@@ -164,7 +184,8 @@ def test_a_flow_skips_while_a_stage_or_a_dvc_command_is_at_work_and_touches_noth
 
 @pytest.mark.slow
 def test_while_a_flow_holds_the_workspace_a_stage_and_a_second_flow_refuse_and_the_flow_goes_on(
-        project_copy, prefect_harness):
+    project_copy, prefect_harness
+):
     from flows import history
     from flows.pipeline import SKIPPED, pipeline
 
@@ -176,8 +197,14 @@ def test_while_a_flow_holds_the_workspace_a_stage_and_a_second_flow_refuse_and_t
     # Pin the flow between its stages: as soon as it holds the workspace, a "dvc command" takes DVC's repo lock
     # (the flow's next `dvc repro` waits for it: --wait-for-lock), and holds data/raw in DVC's per-file lock table
     # (which fails a `dvc repro` at once: the flow retries). Meanwhile the flow holds the workspace.
-    pin = subprocess.Popen([sys.executable, "-c", PIN_WHEN_FLOW_HOLDS], cwd=project_copy, env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pin = subprocess.Popen(
+        [sys.executable, "-c", PIN_WHEN_FLOW_HOLDS],
+        cwd=project_copy,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         thread, box = _flow_in_thread(project_copy)
         assert pin.stdout.readline().strip() == "held", pin.stdout.read()
@@ -186,8 +213,9 @@ def test_while_a_flow_holds_the_workspace_a_stage_and_a_second_flow_refuse_and_t
         before = snapshot(project_copy)
         refused = stage(project_copy, "download")
         assert refused.returncode == 2, refused.stderr
-        assert re.search(rf"another run is in progress \(started \S+, pid {os.getpid()}\): Prefect flow run",
-                         refused.stderr), refused.stderr
+        assert re.search(
+            rf"another run is in progress \(started \S+, pid {os.getpid()}\): Prefect flow run", refused.stderr
+        ), refused.stderr
         second = pipeline(project_dir=str(project_copy), return_state=True)
         assert second.name == "Skipped" and f"pid {os.getpid()}" in second.result()["detail"]
         assert pin.stdout.readline().strip() == "repo lock released", pin.stdout.read()  # after 4 s: > DVC's retries

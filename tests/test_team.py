@@ -76,14 +76,26 @@ def postgres():
     data, port = base / "data", _free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w", "-t", "60",
-        "-o", f"-p {port} -h 127.0.0.1 -k {base} -c fsync=off", "start")
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(data),
+        "-l",
+        str(base / "postgres.log"),
+        "-w",
+        "-t",
+        "60",
+        "-o",
+        f"-p {port} -h 127.0.0.1 -k {base} -c fsync=off",
+        "start",
+    )
     try:
         run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect")
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -94,26 +106,56 @@ def team(postgres, new_project, tmp_path_factory):
     project = new_project(tmp / "project")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": url,
-           "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
-           "PYTHONPATH": str(project),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp / "prefect-home"),
+        "PREFECT_API_URL": url,
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PYTHONPATH": str(project),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *cmd: str) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", *cmd], cwd=project, env=env,
-                             stdout=open(tmp / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            [sys.executable, "-m", *cmd],
+            cwd=project,
+            env=env,
+            stdout=open(tmp / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         procs.append(p)
         return p
 
     try:
         start("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
         _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
-        subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
-                       cwd=project, env=env, check=True, capture_output=True)
-        subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", POOL, "--project-dir", str(project),
-                        "--cron", "0 3 * * *"], cwd=project, env=env, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
+            cwd=project,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "flows.deploy",
+                "--pool",
+                POOL,
+                "--project-dir",
+                str(project),
+                "--cron",
+                "0 3 * * *",
+            ],
+            cwd=project,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         start("worker", "prefect", "worker", "start", "--pool", POOL)
         yield project, url, env, tmp
     finally:
@@ -150,8 +192,14 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
     assert limit is not None and limit.limit == 1
 
     # two runs at once: one from the CLI, as the README says, one from the client
-    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT], cwd=project, env=env,
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT],
+        cwd=project,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     first_id = re.search(r"UUID:?\s*([0-9a-f-]{36})", out).group(1)
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -191,6 +239,7 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
     venv_env = {**env, "PYTHONPATH": ""}
     status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
-    audit = subprocess.run([sys.executable, "-m", "flows.audit", "release"], cwd=project, env=env,
-                           capture_output=True, text=True)
+    audit = subprocess.run(
+        [sys.executable, "-m", "flows.audit", "release"], cwd=project, env=env, capture_output=True, text=True
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr

@@ -14,11 +14,16 @@ BOS, EOS = 1, 2
 SYSTEM = "You are a careful assistant. Answer briefly."
 USERS = ["What is the capital of France?", "And how many people live there?"]
 ANSWERS = ["The capital of France is Paris.", "About 2.1 million people live in Paris proper."]
-MESSAGES = [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": USERS[0]}, {"role": "assistant", "content": ANSWERS[0]},
-            {"role": "user", "content": USERS[1]}, {"role": "assistant", "content": ANSWERS[1]}]
-CONV = Conversation(turns=((USER, USERS[0]), (ASSISTANT, ANSWERS[0]), (USER, USERS[1]), (ASSISTANT, ANSWERS[1])),
-                    system=SYSTEM)
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": USERS[0]},
+    {"role": "assistant", "content": ANSWERS[0]},
+    {"role": "user", "content": USERS[1]},
+    {"role": "assistant", "content": ANSWERS[1]},
+]
+CONV = Conversation(
+    turns=((USER, USERS[0]), (ASSISTANT, ANSWERS[0]), (USER, USERS[1]), (ASSISTANT, ANSWERS[1])), system=SYSTEM
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 
 from tasks import paths
 from tasks.artifacts import read_json, sha256_file, write_json
-from tasks.errors import PipelineError
 from tasks.config import with_overrides
+from tasks.errors import PipelineError
 from tests.conftest import ROOT
 
 
@@ -88,7 +88,9 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
     release = root / paths.RELEASE_DIR
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "lineage.json"):
         assert (release / name).exists(), name
-    assert sha256_file(release / "adapter_model.safetensors") == sha256_file(root / paths.ADAPTER_DIR / "adapter_model.safetensors")
+    assert sha256_file(release / "adapter_model.safetensors") == sha256_file(
+        root / paths.ADAPTER_DIR / "adapter_model.safetensors"
+    )
     assert lineage["files_sha256"]["adapter_model.safetensors"] == sha256_file(release / "adapter_model.safetensors")
     assert lineage["raw_data"]["sha256"] == sha256_file(root / paths.RAW_ROWS)
     assert lineage["validation"]["success"] is True
@@ -164,7 +166,8 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
         for f, mode in zip(adapter, modes):
             f.chmod(mode)
     release = root / paths.RELEASE_DIR
-    found = {p.relative_to(release).as_posix() or ".": oct(p.stat().st_mode & 0o777)
-             for p in [release, *release.rglob("*")]}
+    found = {
+        p.relative_to(release).as_posix() or ".": oct(p.stat().st_mode & 0o777) for p in [release, *release.rglob("*")]
+    }
     assert "adapter_model.safetensors" in found and "lineage.json" in found
     assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}

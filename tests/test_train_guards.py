@@ -16,10 +16,10 @@ import yaml
 from transformers import LlamaConfig
 
 from tasks import paths
+from tasks.config import with_overrides
 from tasks.errors import PipelineError
 from tasks.memory import ModelShape, estimate, plan
 from tasks.model_shapes import LLAMA2_7B_CHAT
-from tasks.config import with_overrides
 from tests.conftest import ROOT
 
 LLAMA_7B = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
@@ -37,7 +37,9 @@ def recipe(tmp_path_factory):
 
 
 def test_planner_weights_and_scaling(recipe):
-    p = with_overrides(recipe, **{"train.batch_size": 8, "train.gradient_checkpointing": False, "train.liger_kernels": False})
+    p = with_overrides(
+        recipe, **{"train.batch_size": 8, "train.gradient_checkpointing": False, "train.liger_kernels": False}
+    )
     e = estimate(LLAMA_7B, p)
     assert 3.7 < e.base_weights_gib < 4.0  # 6.5B params at 4.5 bits + bf16 embeddings and lm_head
     assert 0.3 < e.lora_state_gib < 0.45  # 33.5M LoRA params: bf16 weight + grad + fp32 Adam moments
@@ -185,15 +187,21 @@ def _run(root: Path, stage: str) -> None:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
-    p = with_overrides(params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10,
-                               "train.logging_steps": 5})
+    p = with_overrides(
+        params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10, "train.logging_steps": 5}
+    )
     straight = _project(tmp_path / "straight", p)
     _run(straight, "train")
     _run(straight, "evaluate")
 
     killed = _project(tmp_path / "killed", p)
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.train"], cwd=killed, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasks.train"],
+        cwd=killed,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = killed / paths.CHECKPOINT_DIR / "checkpoint-10" / "trainer_state.json"
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -205,7 +213,10 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
     _run(killed, "train")
     _run(killed, "evaluate")
     resumed = json.loads((killed / paths.TRAIN_METRICS).read_text())
-    assert resumed["resumed"] is True and resumed["steps"] == json.loads((straight / paths.TRAIN_METRICS).read_text())["steps"]
+    assert (
+        resumed["resumed"] is True
+        and resumed["steps"] == json.loads((straight / paths.TRAIN_METRICS).read_text())["steps"]
+    )
     a = json.loads((straight / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     b = json.loads((killed / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     assert abs(a - b) < 1e-3, (a, b)

@@ -16,17 +16,30 @@ import pytest
 
 from tasks.artifacts import read_jsonl
 from tasks.base_model import load_tokenizer
+from tasks.config import with_overrides
 from tasks.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
 from tasks.errors import PipelineError, ValidationFailed
 from tasks.format import format_rows
 from tasks.validate import validate
-from tasks.config import with_overrides
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-ALL_RULES = {"enough_rows", "parseable", "known_form", "non_empty_turns", "roles_alternate", "ends_with_assistant",
-             "turn_bounds", "char_bounds", "no_template_markers", "no_replacement_chars", "no_control_chars",
-             "duplicates", "within_max_length", "under_hard_limit"}
+ALL_RULES = {
+    "enough_rows",
+    "parseable",
+    "known_form",
+    "non_empty_turns",
+    "roles_alternate",
+    "ends_with_assistant",
+    "turn_bounds",
+    "char_bounds",
+    "no_template_markers",
+    "no_replacement_chars",
+    "no_control_chars",
+    "duplicates",
+    "within_max_length",
+    "under_hard_limit",
+}
 LLAMA2_ROW = re.compile(r"^(<s>\[INST\] (<<SYS>>\n.*?\n<</SYS>>\n\n)?.+? \[/INST\] .*? </s>)+$", re.S)
 
 
@@ -71,9 +84,14 @@ def project(tmp_path_factory) -> Path:
 def _validate(params, project: Path, name: str, rows: list[dict], previous_conversations: bytes | None = None) -> Run:
     d = project / name
     d.mkdir()
-    run = Run(dir=d, raw=d / "raw.jsonl", conversations=d / "validated" / "conversations.jsonl",
-              report_dir=d / "reports" / "validation", metrics=d / "metrics" / "validate.json",
-              histogram=d / "reports" / "lengths.png")
+    run = Run(
+        dir=d,
+        raw=d / "raw.jsonl",
+        conversations=d / "validated" / "conversations.jsonl",
+        report_dir=d / "reports" / "validation",
+        metrics=d / "metrics" / "validate.json",
+        histogram=d / "reports" / "lengths.png",
+    )
     run.raw.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     if previous_conversations is not None:
         run.conversations.parent.mkdir(parents=True)
@@ -82,8 +100,14 @@ def _validate(params, project: Path, name: str, rows: list[dict], previous_conve
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
         try:
-            run.summary = validate(params, raw_rows=run.raw, out_conversations=run.conversations,
-                                   report_dir=run.report_dir, metrics_path=run.metrics, histogram_path=run.histogram)
+            run.summary = validate(
+                params,
+                raw_rows=run.raw,
+                out_conversations=run.conversations,
+                report_dir=run.report_dir,
+                metrics_path=run.metrics,
+                histogram_path=run.histogram,
+            )
         except PipelineError as e:
             run.error = e
     return run
@@ -131,13 +155,29 @@ def _bad_rows(sample: list[dict]) -> list[tuple[tuple[str, ...], dict]]:
     msg = lambda *pairs: {"messages": [{"role": r, "content": c} for r, c in pairs]}  # noqa: E731
     return [
         (("non_empty_turns",), {"text": "### Human: Tell me something interesting?### Assistant: "}),
-        (("roles_alternate",), msg(("user", "First question here?"), ("user", "Second question here?"),
-                                   ("assistant", "One answer for both."))),
-        (("ends_with_assistant",), msg(("user", "Hello there, friend."), ("assistant", "Hi! How can I help?"),
-                                       ("user", "Never mind, thanks."))),
-        (("no_template_markers",), {"text": "### Human: What does [INST] mean in a prompt?### Assistant: It opens a turn."}),
+        (
+            ("roles_alternate",),
+            msg(
+                ("user", "First question here?"),
+                ("user", "Second question here?"),
+                ("assistant", "One answer for both."),
+            ),
+        ),
+        (
+            ("ends_with_assistant",),
+            msg(
+                ("user", "Hello there, friend."), ("assistant", "Hi! How can I help?"), ("user", "Never mind, thanks.")
+            ),
+        ),
+        (
+            ("no_template_markers",),
+            {"text": "### Human: What does [INST] mean in a prompt?### Assistant: It opens a turn."},
+        ),
         (("no_control_chars",), {"text": "### Human: Ring the bell\x07 please.### Assistant: Ding ding, done."}),
-        (("no_replacement_chars",), {"text": "### Human: What is a caf\ufffd?### Assistant: A place that serves coffee."}),
+        (
+            ("no_replacement_chars",),
+            {"text": "### Human: What is a caf\ufffd?### Assistant: A place that serves coffee."},
+        ),
         (("duplicates",), dict(sample[5])),
         # no readable column / a non-string text: neither parses nor has a known form
         (("parseable", "known_form"), {"prompt": "What is 2+2?", "response": "4"}),
@@ -211,10 +251,14 @@ def test_row_over_hard_limit_fails(params, project):
 # --- length policy and split on a short max_length ---------------------------------------------
 
 NEAR_DUPS = [  # (guanaco text, the same conversation as messages differing only in case/punctuation)
-    ("### Human: What is the boiling point of water?### Assistant: It is 100 degrees Celsius at sea level.",
-     [("user", "what is the boiling point of water"), ("assistant", "It is 100 degrees celsius, at sea level!")]),
-    ("### Human: Name three primary colors.### Assistant: Red, yellow and blue.",
-     [("user", "NAME THREE PRIMARY COLORS"), ("assistant", "red -- yellow -- and blue")]),
+    (
+        "### Human: What is the boiling point of water?### Assistant: It is 100 degrees Celsius at sea level.",
+        [("user", "what is the boiling point of water"), ("assistant", "It is 100 degrees celsius, at sea level!")],
+    ),
+    (
+        "### Human: Name three primary colors.### Assistant: Red, yellow and blue.",
+        [("user", "NAME THREE PRIMARY COLORS"), ("assistant", "red -- yellow -- and blue")],
+    ),
 ]
 
 
@@ -358,12 +402,21 @@ def test_split_with_system_prompt(params, sample_run, tmp_path):
 def _synthetic(path: Path, n_pairs: int) -> Path:
     rows = []
     for k in range(n_pairs):
-        for dup, (q, a) in enumerate([(f"What is {k} plus one?", f"It is {k + 1}."),
-                                      (f"what is {k} plus one", f"it is {k + 1}!")]):
-            rows.append({"row_index": len(rows), "system": None,
-                         "turns": [{"role": "user", "text": q}, {"role": "assistant", "text": a}],
-                         "n_tokens": 20, "answer_tokens": 6, "answer_tokens_cut": 0,
-                         "fully_masked_if_truncated": False, "is_duplicate": bool(dup)})
+        for dup, (q, a) in enumerate(
+            [(f"What is {k} plus one?", f"It is {k + 1}."), (f"what is {k} plus one", f"it is {k + 1}!")]
+        ):
+            rows.append(
+                {
+                    "row_index": len(rows),
+                    "system": None,
+                    "turns": [{"role": "user", "text": q}, {"role": "assistant", "text": a}],
+                    "n_tokens": 20,
+                    "answer_tokens": 6,
+                    "answer_tokens_cut": 0,
+                    "fully_masked_if_truncated": False,
+                    "is_duplicate": bool(dup),
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -429,8 +482,16 @@ def unparsed_run(params, project) -> Run:
 
 def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
     rules = {r["rule"]: r for r in unparsed_run.result()["rules"]}
-    unevaluated = {"non_empty_turns", "roles_alternate", "ends_with_assistant", "turn_bounds", "char_bounds",
-                   "no_template_markers", "no_replacement_chars", "no_control_chars"}
+    unevaluated = {
+        "non_empty_turns",
+        "roles_alternate",
+        "ends_with_assistant",
+        "turn_bounds",
+        "char_bounds",
+        "no_template_markers",
+        "no_replacement_chars",
+        "no_control_chars",
+    }
     assert {n for n, r in rules.items() if r["status"] == "not evaluated"} == unevaluated
     for name in unevaluated:
         assert rules[name]["success"] is None, name  # not false: nothing broke it
@@ -468,5 +529,6 @@ def test_truncate_report_counts_what_train_trains(params, project, short_run, tm
     convs = {c["row_index"]: c for c in read_jsonl(short_run.conversations)}
     kept = [convs[r["row_index"]] for r in train + evals]
     assert report["answer_tokens_cut"] == sum(c["answer_tokens_cut"] for c in kept) > 0
-    assert report["train_answer_tokens"] + report["eval_answer_tokens"] + report["answer_tokens_cut"] == \
-        sum(c["answer_tokens"] for c in kept)
+    assert report["train_answer_tokens"] + report["eval_answer_tokens"] + report["answer_tokens_cut"] == sum(
+        c["answer_tokens"] for c in kept
+    )

@@ -3,8 +3,8 @@
 import json
 
 from tasks.artifacts import read_json, read_jsonl, write_jsonl
-from tasks.validate import validate
 from tasks.config import with_overrides
+from tasks.validate import validate
 from tests.conftest import ROOT
 
 
@@ -14,8 +14,14 @@ def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
     rows = sample[:30] + [bad] + sample[30:]
     write_jsonl(workdir / "rows.jsonl", rows)
     p = with_overrides(params, **{"validate.max_bad_row_share": 0.05})
-    summary = validate(p, raw_rows=workdir / "rows.jsonl", out_conversations=workdir / "conv.jsonl",
-                       report_dir=workdir / "report", metrics_path=workdir / "m.json", histogram_path=workdir / "h.png")
+    summary = validate(
+        p,
+        raw_rows=workdir / "rows.jsonl",
+        out_conversations=workdir / "conv.jsonl",
+        report_dir=workdir / "report",
+        metrics_path=workdir / "m.json",
+        histogram_path=workdir / "h.png",
+    )
     assert summary["success"] and summary["rows_excluded"] == 1
     kept = [r["row_index"] for r in read_jsonl(workdir / "conv.jsonl")]
     assert 30 not in kept and len(kept) == len(rows) - 1
