@@ -86,6 +86,11 @@ def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
     reported and left out of the validated data; past that share the run stops. Duplicates and token
     lengths have their own shares; the hard token limit tolerates nothing.
     """
+    return _content_rules(v) + _share_rules(v, model)
+
+
+def _content_rules(v: ValidateParams) -> list[tuple[Rule, object]]:
+    """The row count, then the row rules: each tolerates validate.max_bad_row_share of rows breaking it."""
     import great_expectations as gx
 
     E = gx.expectations
@@ -140,6 +145,16 @@ def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
             Rule("no_control_chars", "no control characters other than newline and tab", "has_control_char"),
             E.ExpectColumnValuesToBeInSet(column="has_control_char", value_set=no, **row),
         ),
+    ]
+
+
+def _share_rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
+    """Rules with a share of their own (duplicates, lengths), and the hard token limit, which tolerates nothing."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    no = [False]
+    return [
         (
             Rule("duplicates", f"at most {v.max_duplicate_share:.0%} duplicate or near-duplicate rows", "is_duplicate"),
             E.ExpectColumnValuesToBeInSet(column="is_duplicate", value_set=no, mostly=1 - v.max_duplicate_share),
@@ -186,12 +201,9 @@ def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
     return errors[0].get("exception_message") or "great-expectations raised an error"
 
 
-def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
-    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}.
-
-    Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
-    `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
-    """
+def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
+    """An ephemeral great-expectations context with the suite, a pandas batch and a checkpoint that builds Data Docs
+    into docs_dir. Returns the checkpoint and each rule's feature column."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -211,7 +223,6 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
     )
     suite = context.suites.add(gx.ExpectationSuite(name="guanaco_conversations"))
     pairs = rules(v, model)
-    columns = {rule.name: rule.column for rule, _ in pairs}
     for rule, expectation in pairs:
         expectation.meta = {"rule": rule.name, "description": rule.description}
         suite.add_expectation(expectation)
@@ -226,29 +237,40 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
             result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]},
         )
     )
+    return checkpoint, {rule.name: rule.column for rule, _ in pairs}
+
+
+def _rule_report(res, columns: dict, frame: pd.DataFrame) -> dict:
+    """One rule's entry in result.json: its status (or why it could not be evaluated) and the rows that broke it."""
+    meta = res.expectation_config.meta or {}
+    detail = res.result or {}
+    rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
+    reason = _not_evaluated(res, columns.get(meta.get("rule")), frame)
+    return {
+        "rule": meta.get("rule"),
+        "description": meta.get("description"),
+        "status": "not evaluated" if reason else "passed" if res.success else "failed",
+        "success": None if reason else bool(res.success),
+        **({"reason": reason} if reason else {}),
+        "unexpected_count": detail.get("unexpected_count"),
+        "unexpected_percent": detail.get("unexpected_percent"),
+        "observed_value": detail.get("observed_value"),
+        "rows": rows,
+    }
+
+
+def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
+    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}.
+
+    Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
+    `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
+    """
+    checkpoint, columns = _checkpoint(docs_dir, v, model)
     frame = features.drop(columns=["near_key"], errors="ignore")
     for col in ("roles_alternate", "has_template_marker", "has_replacement_char", "has_control_char", "is_duplicate"):
         if col in frame:
             frame[col] = frame[col].astype("object")
     run = checkpoint.run(batch_parameters={"dataframe": frame})
     result = next(iter(run.run_results.values()))
-    by_rule = []
-    for res in result.results:
-        meta = res.expectation_config.meta or {}
-        detail = res.result or {}
-        rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
-        reason = _not_evaluated(res, columns.get(meta.get("rule")), frame)
-        by_rule.append(
-            {
-                "rule": meta.get("rule"),
-                "description": meta.get("description"),
-                "status": "not evaluated" if reason else "passed" if res.success else "failed",
-                "success": None if reason else bool(res.success),
-                **({"reason": reason} if reason else {}),
-                "unexpected_count": detail.get("unexpected_count"),
-                "unexpected_percent": detail.get("unexpected_percent"),
-                "observed_value": detail.get("observed_value"),
-                "rows": rows,
-            }
-        )
+    by_rule = [_rule_report(res, columns, frame) for res in result.results]
     return {"success": bool(result.success), "rules": by_rule, "ge_result": result.to_json_dict()}

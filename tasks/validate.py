@@ -81,6 +81,35 @@ def token_lengths(params: Params, tokenizer, convs: list, features: list[dict]) 
     return renderable, [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
 
 
+def _result_record(result: dict, raw_rows: Path, excluded: dict, parse_errors: dict) -> dict:
+    """reports/validation/result.json: every rule with its rows, and the rows left out or unparseable, with why."""
+    return {
+        "success": result["success"],
+        "rules": result["rules"],
+        "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
+        # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
+        "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
+        "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
+        "ge_result": result["ge_result"],
+    }
+
+
+def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_excluded: int) -> dict:
+    """metrics/validate.json: the verdict, rule counts and the token-length figures `dvc metrics` compares."""
+    return {
+        "success": result["success"],
+        "rows": n_rows,
+        "rows_excluded": n_excluded,
+        "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
+        "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
+        "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
+        "tokens_p50": report["percentiles"]["p50"],
+        "tokens_p95": report["percentiles"]["p95"],
+        "tokens_max": report["max"],
+        "share_over_max_length": report["share_over_max_length"],
+    }
+
+
 def validate(
     params: Params,
     raw_rows: Path = paths.RAW_ROWS,
@@ -106,32 +135,10 @@ def validate(
             lengths, params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
         )
         write_json(tmp / paths.LENGTH_REPORT.name, report)
-        write_json(
-            tmp / paths.VALIDATION_RESULT.name,
-            {
-                "success": result["success"],
-                "rules": result["rules"],
-                "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
-                # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
-                "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
-                "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
-                "ge_result": result["ge_result"],
-            },
-        )
+        write_json(tmp / paths.VALIDATION_RESULT.name, _result_record(result, raw_rows, excluded, parse_errors))
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
     save_histogram(lengths, params.model.max_length, histogram_path)
-    summary = {
-        "success": result["success"],
-        "rows": len(rows),
-        "rows_excluded": len(excluded),
-        "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
-        "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
-        "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
-        "tokens_p50": report["percentiles"]["p50"],
-        "tokens_p95": report["percentiles"]["p95"],
-        "tokens_max": report["max"],
-        "share_over_max_length": report["share_over_max_length"],
-    }
+    summary = _summary(result, report, frame, len(rows), len(excluded))
     write_json(metrics_path, summary)
     log.info(
         "validation %s: %d rows, %d left out for breaking a row rule; %s",

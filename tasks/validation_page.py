@@ -58,6 +58,49 @@ def _rows_cell(rule: dict) -> str:
     return f"{len(rows)}: {shown}{more}"
 
 
+def _row_tables(excluded: dict, parse_errors: dict) -> list[str]:
+    """The rows left out, and the rows that do not parse, each with why."""
+    parts: list[str] = []
+    if excluded:
+        parts.append(
+            "<h2>Rows left out</h2><p class='muted'>They broke a row rule within "
+            "<code>validate.max_bad_row_share</code>, so they are not in the validated data.</p>"
+            "<table><tr><th>row</th><th>rules it broke</th></tr>"
+        )
+        for i, broke in list(excluded.items())[:MAX_ROWS_SHOWN]:
+            broke = ", ".join(broke) if isinstance(broke, list) else broke
+            parts.append(f"<tr><td>{_esc(i)}</td><td>{_esc(broke)}</td></tr>")
+        parts.append("</table>")
+    if parse_errors:
+        parts.append("<h2>Rows that do not parse</h2><table><tr><th>row</th><th>why</th></tr>")
+        for i, why in list(parse_errors.items())[:MAX_ROWS_SHOWN]:
+            parts.append(f"<tr><td>{_esc(i)}</td><td>{_esc(why)}</td></tr>")
+        parts.append("</table>")
+    return parts
+
+
+def _lengths_section(lengths: dict) -> str:
+    """Token-length figures from lengths.json."""
+    p = lengths.get("percentiles", {})
+    return (
+        "<h2>Token lengths</h2>"
+        f"<p class='muted'>tokenizer <code>{_esc(lengths.get('tokenizer'))}</code>, on the exact text that will be "
+        f"trained; <code>max_length</code> {_esc(lengths.get('max_length'))}. Histogram: "
+        "<code>reports/lengths.png</code>.</p><div class='stats'>"
+        + "".join(
+            f"<div class='stat'><b>{_esc(round(v) if isinstance(v, float) else v)}</b><span>{k}</span></div>"
+            for k, v in [
+                ("rows", lengths.get("rows")),
+                ("p50", p.get("p50")),
+                ("p95", p.get("p95")),
+                ("max", lengths.get("max")),
+                ("over max_length", lengths.get("rows_over_max_length")),
+            ]
+        )
+        + f"</div><p>policy <code>{_esc(lengths.get('policy'))}</code>: {_esc(lengths.get('policy_effect'))}</p>"
+    )
+
+
 def render(result: dict, lengths: dict | None = None) -> str:
     """The page's HTML, from result.json's dict (and lengths.json's, when there is one)."""
     rules = result.get("rules", [])
@@ -99,40 +142,9 @@ def render(result: dict, lengths: dict | None = None) -> str:
             f"<td>{_badge(r.get('status', ''))}</td><td>{_rows_cell(r)}</td></tr>"
         )
     parts.append("</table>")
-    if excluded:
-        parts.append(
-            "<h2>Rows left out</h2><p class='muted'>They broke a row rule within "
-            "<code>validate.max_bad_row_share</code>, so they are not in the validated data.</p>"
-            "<table><tr><th>row</th><th>rules it broke</th></tr>"
-        )
-        for i, broke in list(excluded.items())[:MAX_ROWS_SHOWN]:
-            broke = ", ".join(broke) if isinstance(broke, list) else broke
-            parts.append(f"<tr><td>{_esc(i)}</td><td>{_esc(broke)}</td></tr>")
-        parts.append("</table>")
-    if parse_errors:
-        parts.append("<h2>Rows that do not parse</h2><table><tr><th>row</th><th>why</th></tr>")
-        for i, why in list(parse_errors.items())[:MAX_ROWS_SHOWN]:
-            parts.append(f"<tr><td>{_esc(i)}</td><td>{_esc(why)}</td></tr>")
-        parts.append("</table>")
+    parts += _row_tables(excluded, parse_errors)
     if lengths:
-        p = lengths.get("percentiles", {})
-        parts.append(
-            "<h2>Token lengths</h2>"
-            f"<p class='muted'>tokenizer <code>{_esc(lengths.get('tokenizer'))}</code>, on the exact text that will be "
-            f"trained; <code>max_length</code> {_esc(lengths.get('max_length'))}. Histogram: "
-            "<code>reports/lengths.png</code>.</p><div class='stats'>"
-            + "".join(
-                f"<div class='stat'><b>{_esc(round(v) if isinstance(v, float) else v)}</b><span>{k}</span></div>"
-                for k, v in [
-                    ("rows", lengths.get("rows")),
-                    ("p50", p.get("p50")),
-                    ("p95", p.get("p95")),
-                    ("max", lengths.get("max")),
-                    ("over max_length", lengths.get("rows_over_max_length")),
-                ]
-            )
-            + f"</div><p>policy <code>{_esc(lengths.get('policy'))}</code>: {_esc(lengths.get('policy_effect'))}</p>"
-        )
+        parts.append(_lengths_section(lengths))
     parts.append(
         "<h2>Files</h2><p><a href='result.json'>result.json</a> (every rule, row and reason, for machines) "
         "&middot; <a href='lengths.json'>lengths.json</a> &middot; great-expectations Data Docs: "
