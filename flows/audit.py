@@ -6,11 +6,13 @@
     guanaco-audit release                  # the console script
 
 The chain: source -> raw data -> validation -> formatted data -> params -> code -> training ->
-evaluation -> release. Each stage recorded the hash of what it read, so every link is checked twice:
-the file on disk against the release's lineage.json, and the lineage against what the next stage says
-it consumed. Exit 0 when every link holds; 1 naming the first link that does not; 2 when the release
-cannot be read at all. `--release-only` checks only the release folder and its own records (for a
-release downloaded without its project); otherwise the project's artifacts must be present (`dvc pull`).
+evaluation -> release -> signature. Each stage recorded the hash of what it read, so every link is
+checked twice: the file on disk against the release's lineage.json, and the lineage against what the
+next stage says it consumed; the last link verifies the release's OpenSSF model signature as
+`model_signing verify key` does, and names the key that made it. Exit 0 when every link holds; 1 naming
+the first link that does not; 2 when the release cannot be read at all. `--release-only` checks only the
+release folder and its own records (for a release downloaded without its project); otherwise the
+project's artifacts must be present (`dvc pull`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks import paths
+from tasks import paths, signing
 from tasks.artifacts import read_json, sha256_file, sha256_text, sha256_tree
 
 LINEAGE = "lineage.json"
@@ -304,7 +306,8 @@ class Audit:
         link, rel = Link("release"), self.lineage["release"]
         link.facts.append(f"release {rel['id']} created {rel['created_at']} in {self.release}")
         recorded = self.lineage["files_sha256"]
-        actual = {k: v for k, v in sha256_tree(self.release).items() if k != LINEAGE}
+        # model.sig is written after lineage.json, over it: the lineage cannot list it (the signature link checks it)
+        actual = {k: v for k, v in sha256_tree(self.release).items() if k not in (LINEAGE, signing.SIGNATURE)}
         for name in sorted(set(recorded) | set(actual)):
             if name not in actual:
                 link.problems.append(f"{name} is listed in the lineage but missing from the release")
@@ -322,6 +325,41 @@ class Audit:
             link.facts.append(f"{len(actual)} files, every sha256 matches")
         return link
 
+    def signature(self) -> Link:
+        """The release's OpenSSF model signature over every file, verified as the standard CLI verifies it."""
+        link, signed = Link("signature"), self.lineage.get("signing")
+        if signed is None:
+            link.problems.append(
+                "the lineage records no signature: the release's files are tied to no signer "
+                "(made before releases were signed? publish again to sign it)"
+            )
+            return link
+        if signed["method"] == "sigstore":
+            link.facts.append(f"signed keyless with Sigstore ({signed['signature']})")
+            link.warnings.append(
+                "a Sigstore signature is checked against the signer's identity, which needs the "
+                "network: model_signing verify sigstore <release> --signature <release>/model.sig "
+                "--identity <signer> --identity_provider <issuer>"
+            )
+            return link
+        try:
+            key = signing.verify(self.release)
+        except signing.SignatureError as e:
+            link.problems.append(str(e))
+            return link
+        link.facts.append(
+            f"every file matches {signed['signature']}, signed by the key in {signed['public_key']}: sha256 {key}"
+        )
+        link.facts.append(f"anyone can check it: {signing.verify_command(str(self.release))}")
+        self._same(link, key, signed.get("public_key_sha256"), "signer's key vs the key the lineage records")
+        if signed.get("key_source") == signing.PROJECT_KEY:
+            link.warnings.append(
+                f"signed with the key publish made in {paths.SIGNING_KEY.parent}/ on its machine: "
+                f"for releases others rely on, sign with your own key (publish.signing_key or "
+                f"${signing.KEY_ENV}) and publish its fingerprint"
+            )
+        return link
+
     def run(self) -> list[Link]:
         return [
             self.source(),
@@ -333,6 +371,7 @@ class Audit:
             self.training(),
             self.evaluation(),
             self.release_files(),
+            self.signature(),
         ]
 
 

@@ -188,6 +188,9 @@ class PublishParams(_Strict):
     push_to_hub: bool
     hub_repo_id: str | None
     private: bool
+    signing: Literal["key", "sigstore"]
+    # A path only: the key itself is read at signing time and never written anywhere (tasks/signing.py).
+    signing_key: str | None
 
     @model_validator(mode="after")
     def _hub(self) -> PublishParams:

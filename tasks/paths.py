@@ -32,6 +32,7 @@ GENERATIONS = Path("reports/generations.jsonl")
 EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows sha256), for the audit
 
 RELEASE_DIR = Path("release")  # publish: the versioned release folder
+SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
 
 TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/base_model.py)
 SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")

@@ -1,8 +1,10 @@
 """Stage 6, publish: gate on evaluation, then write the release folder (and optionally push it to the Hub).
 
-release/ holds the adapter (safetensors + config), the tokenizer, a model card (README.md) and
-lineage.json: source and hashes, validation verdict, params, code commit, training environment,
-metrics, and the sha256 of every released file, so `python -m flows.audit release` can check it.
+release/ holds the adapter (safetensors + config), the tokenizer, a model card (README.md),
+lineage.json (source and hashes, validation verdict, params, code commit, training environment,
+metrics, and the sha256 of every released file, so `python -m flows.audit release` can check it),
+the same provenance as an in-toto/SLSA statement (provenance.intoto.json, tasks/provenance.py), and an
+OpenSSF model signature over all of them with its public key (model.sig, signing_key.pub, tasks/signing.py).
 Publishing refuses an adapter that is worse than its base, or whose record is incomplete.
 """
 
@@ -15,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tasks import paths
+from tasks import paths, provenance, signing
 from tasks.artifacts import read_json, sha256_file, sha256_text, sha256_tree, staged_dir, write_json, write_text
 from tasks.base_model import load_tokenizer, resolve_base
 from tasks.config import Params, load_params
@@ -45,7 +47,7 @@ def check_gate(eval_metrics: dict, require_improvement: bool) -> None:
         )
 
 
-def build_lineage(params: Params, release_files: dict[str, str], release_id: str) -> dict:
+def build_lineage(params: Params, release_files: dict[str, str], release_id: str, signed: dict) -> dict:
     source = read_json(_require(paths.SOURCE_RECORD, "download"))
     validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))
     formatted = read_json(_require(paths.FORMAT_REPORT, "format"))
@@ -88,6 +90,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             **read_json(_require(paths.EVAL_METRICS, "evaluate")),
             "inputs": read_json(_require(paths.EVAL_RUN, "evaluate")),
         },
+        "signing": signed,
         "files_sha256": release_files,
     }
 
@@ -143,9 +146,29 @@ prompt = "<s>[INST] Your question [/INST]"
 ## Lineage
 
 `lineage.json` records the data source and its hashes, the validation verdict, every parameter, the
-code commit, library versions and hardware, and the sha256 of each file here. Verify it with
+code commit, library versions and hardware, and the sha256 of each file here; `{provenance.FILE}` says
+the same as an in-toto statement with SLSA provenance v1. Verify the chain with
 `python -m flows.audit <this folder>`.
+
+## Signature
+
+{_signature_section(lineage["signing"])}
 """
+
+
+def _signature_section(signed: dict) -> str:
+    if signed["method"] == "sigstore":
+        return (
+            f"Every file here is signed with Sigstore (keyless) in `{signed['signature']}`. Verify it with "
+            "`model_signing verify sigstore <this folder> --signature <this folder>/model.sig "
+            "--identity <the signer> --identity_provider <its OIDC issuer>`."
+        )
+    return (
+        f"Every file here is signed with OpenSSF model signing in `{signed['signature']}`, by the key "
+        f"`{signed['public_key']}` (sha256 of its DER: `{signed['public_key_sha256']}`). Verify it with\n\n"
+        f"```bash\npip install model-signing pyopenssl\n{signing.verify_command('<this folder>')}\n```\n\n"
+        "and check that the key's fingerprint is the one its publisher announced."
+    )
 
 
 def push_to_hub(release_dir: Path, repo_id: str, private: bool, revision_note: str) -> str:
@@ -167,17 +190,29 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
     if not validation["success"]:
         raise PipelineError(f"cannot publish: {paths.VALIDATION_RESULT} records a failed validation.")
 
+    started = provenance.now()
+    signer = signing.signer(params.publish)  # before anything is built: a missing or bad key stops here
     with staged_dir(release_dir) as tmp:
         for name in ADAPTER_FILES:
             # contents only: the release's files get ordinary modes, whatever the adapter folder's were
             shutil.copyfile(paths.ADAPTER_DIR / name, tmp / name)
         load_tokenizer(params.model).save_pretrained(tmp)
+        signer.write_public_key(tmp)
         release_id = f"{params.publish.name}-{sha256_file(tmp / 'adapter_model.safetensors')[:12]}"
-        lineage = build_lineage(params, {}, release_id)
+        lineage = build_lineage(params, {}, release_id, signer.record())
         write_text(tmp / "README.md", model_card(params, lineage))
+        # Each record covers what came before it: the statement the released files, lineage.json the statement
+        # too, and the signature, written last, every file (all but itself).
+        write_json(tmp / provenance.FILE, provenance.statement(lineage, sha256_tree(tmp), started, provenance.now()))
         lineage["files_sha256"] = sha256_tree(tmp)
         write_json(tmp / LINEAGE, lineage)
-    log.info("published %s to %s", release_id, release_dir)
+        signer.sign(tmp, release_id)
+    log.info(
+        "published %s to %s, signed (%s)",
+        release_id,
+        release_dir,
+        f"key sha256 {signer.record()['public_key_sha256']}" if signer.method == "key" else "Sigstore",
+    )
     if params.publish.push_to_hub:
         url = push_to_hub(release_dir, params.publish.hub_repo_id, params.publish.private, f"Release {release_id}")
         log.info("pushed to the Hub: %s", url)

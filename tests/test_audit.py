@@ -1,8 +1,8 @@
 """Lineage you can check: the audit command, tampering caught at the right link, no secrets in any output,
 and artifacts that survive the machine through the DVC remote.
 
-One real pipeline run (the Prefect flow, through DVC) with a planted Hub token feeds every test here;
-each test works on its own copy of that project.
+One real pipeline run (the Prefect flow, through DVC) with a planted Hub token and a planted signing key feeds
+every test here; each test works on its own copy of that project.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import pytest
 
 from flows.audit import audit
 from flows.audit import main as audit_main
-from tasks import paths
-from tasks.artifacts import sha256_tree
+from tasks import paths, signing
+from tasks.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
 pytestmark = pytest.mark.slow
 PLANTED = "hf_" + "PLANTED" + "secret0123456789abcdefTOKEN"  # built here so this file does not hold it
+KEY_PASSWORD = "planted-" + "signing-password-0451"
 OUTS = (
     "data/raw",
     "data/validated",
@@ -36,17 +38,24 @@ OUTS = (
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory, prefect_harness, new_project):
-    """A fresh project taken through the whole flow with HF_TOKEN set, as a scheduled run would be."""
+def signing_key(tmp_path_factory) -> Path:
+    """An encrypted EC key outside the project, as a CI secret would be; its password is KEY_PASSWORD."""
+    key = tmp_path_factory.mktemp("secrets") / "release.pem"
+    key.write_bytes(ec_key_pem(KEY_PASSWORD))
+    return key
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, prefect_harness, new_project, signing_key):
+    """A fresh project taken through the whole flow with HF_TOKEN and a signing key set, as a scheduled run would be."""
     from flows.pipeline import pipeline
 
     project = new_project(tmp_path_factory.mktemp("audit") / "project")
-    old = os.environ.get("HF_TOKEN")
-    os.environ["HF_TOKEN"] = PLANTED
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", PLANTED)
+        mp.setenv(signing.KEY_ENV, str(signing_key))
+        mp.setenv(signing.PASSWORD_ENV, KEY_PASSWORD)
         result = pipeline(project_dir=str(project))
-    finally:
-        os.environ.pop("HF_TOKEN") if old is None else os.environ.__setitem__("HF_TOKEN", old)
     assert result["outcome"] == "published"
     return project
 
@@ -83,6 +92,7 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
         "training",
         "evaluation",
         "release",
+        "signature",
     ):
         assert "OK   " in out and f". {name}" in out, name
     assert "audit passed" in out
@@ -114,6 +124,25 @@ def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(proj
     assert _first_failure(project) == "release"
     assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
     assert "audit FAILED at link 'release': adapter_model.safetensors" in capsys.readouterr().out
+
+
+def test_the_signature_link_names_the_signers_key_and_catches_a_card_edited_behind_the_lineage(project, signing_key):
+    release = project / paths.RELEASE_DIR
+    link = next(link for link in audit(release) if link.name == "signature")
+    assert link.ok and not link.warnings  # signed with a key of its own, not the machine-local one
+    assert any(fingerprint_of(signing_key.read_bytes(), KEY_PASSWORD) in fact for fact in link.facts)
+    verify = signing.verify_command("release").split()
+    cli = [str(Path(sys.executable).parent / verify[0]), *verify[1:]]
+    assert subprocess.run(cli, cwd=project, capture_output=True).returncode == 0
+
+    # The card edited and its hash rewritten in lineage.json: every lineage link holds, the signature does not.
+    card = release / "README.md"
+    card.write_text(card.read_text().replace("LoRA adapter", "Safe, audited LoRA adapter", 1))
+    lineage = read_json(release / "lineage.json")
+    lineage["files_sha256"]["README.md"] = sha256_file(card)
+    write_json(release / "lineage.json", lineage)
+    assert _first_failure(project) == "signature"
+    assert subprocess.run(cli, cwd=project, capture_output=True).returncode == 1
 
 
 def test_an_edited_formatted_row_fails_at_the_formatted_data_link(project):
@@ -158,17 +187,18 @@ def test_the_audit_says_when_the_folder_is_not_a_release(tmp_path, capsys):
     assert "lineage.json not found" in capsys.readouterr().err
 
 
-def test_the_planted_hub_token_is_in_no_output_log_or_prefect_artifact(published, prefect_harness):
+def test_the_planted_hub_token_and_signing_key_are_in_no_output_log_or_prefect_artifact(
+    published, prefect_harness, signing_key
+):
     """Every file the run wrote (DVC cache, release, metrics, history, lock...) and everything Prefect stored."""
     import anyio
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter
 
-    leaks = [
-        str(p)
-        for p in published.rglob("*")
-        if p.is_file() and ".git" not in p.parts and PLANTED.encode() in p.read_bytes()
-    ]
+    planted = [PLANTED, *key_secrets(signing_key.read_bytes(), KEY_PASSWORD)]
+    written = [p for p in published.rglob("*") if p.is_file() and ".git" not in p.parts]
+    assert {"params.yaml", "lineage.json", "README.md", "provenance.intoto.json"} <= {p.name for p in written}
+    leaks = [str(p) for p in written for secret in planted if secret.encode() in p.read_bytes()]
     assert leaks == []
 
     async def stored() -> str:
@@ -184,7 +214,7 @@ def test_the_planted_hub_token_is_in_no_output_log_or_prefect_artifact(published
 
     text = anyio.run(stored)
     assert "guanaco-pipeline-summary" in text  # the run's artifact is there to be searched
-    assert PLANTED not in text
+    assert [secret for secret in planted if secret in text] == []
 
 
 def test_artifacts_survive_the_machine_through_the_dvc_remote(project):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tasks import paths
+from tasks import paths, provenance, signing
 from tasks.artifacts import read_json, sha256_file, write_json
 from tasks.config import with_overrides
 from tasks.errors import PipelineError
@@ -171,3 +176,166 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
     }
     assert "adapter_model.safetensors" in found and "lineage.json" in found
     assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}
+
+
+# -- signed releases and their provenance statement -------------------------------------------------------------
+FLOW_RUN_ID = "0b6f8d2e-7c1a-4e0f-9a3b-5d2c1e4f6a70"
+
+
+@pytest.fixture(scope="module")
+def signed(trained, tmp_path_factory):
+    """A release published in its own copy of the project, with dvc.yaml beside it and a Prefect flow run id in the
+    environment (as a deployment's run sets it), signed with the project key made on first use."""
+    from tasks.publish import publish
+
+    shared, p, *_ = trained
+    root = tmp_path_factory.mktemp("signed") / "project"
+    shutil.copytree(shared, root)
+    shutil.rmtree(root / ".keys", ignore_errors=True)
+    shutil.copy2(ROOT / "dvc.yaml", root / "dvc.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("PREFECT__FLOW_RUN_ID", FLOW_RUN_ID)
+        mp.delenv(signing.KEY_ENV, raising=False)
+        lineage = publish(p)
+    return root, lineage
+
+
+def standard_cli_verify(release_parent: Path) -> subprocess.CompletedProcess:
+    """README's command, run by the standard CLI from this venv's bin: all a person with the folder needs."""
+    command = signing.verify_command("release").split()
+    return subprocess.run(
+        [str(Path(sys.executable).parent / command[0]), *command[1:]],
+        cwd=release_parent,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
+    from flows.audit import audit
+
+    root, lineage = signed
+    release = root / paths.RELEASE_DIR
+    key = signing.fingerprint((release / signing.PUBLIC_KEY).read_bytes())
+    assert lineage["signing"] == {
+        "method": "key",
+        "signature": signing.SIGNATURE,
+        "public_key": signing.PUBLIC_KEY,
+        "public_key_sha256": key,
+        "key_source": signing.PROJECT_KEY,
+    }
+    assert (root / paths.SIGNING_KEY).is_file() and not (release / paths.SIGNING_KEY.name).exists()
+    # lineage.json lists every file but itself and the signature, which is written after it, over it.
+    assert set(lineage["files_sha256"]) | {"lineage.json", signing.SIGNATURE} == {p.name for p in release.iterdir()}
+    proc = standard_cli_verify(root)
+    assert proc.returncode == 0 and "Verification succeeded" in proc.stdout, proc.stderr
+    bundle = json.loads((release / signing.SIGNATURE).read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    assert statement["subject"][0]["name"] == lineage["release"]["id"]  # named for the release, not its temp folder
+    assert sorted(r["name"] for r in statement["predicate"]["resources"]) == sorted(
+        p.name for p in release.iterdir() if p.name != signing.SIGNATURE
+    )
+    links = {link.name: link for link in audit(release, release_only=True)}
+    assert all(link.ok for link in links.values()), [(n, link.problems) for n, link in links.items() if not link.ok]
+    assert any(key in fact for fact in links["signature"].facts)
+    assert any("made in .keys/" in w for w in links["signature"].warnings)
+    card = (release / "README.md").read_text()
+    assert key in card and signing.verify_command("<this folder>") in card
+
+
+def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
+    from tasks.stage_code import STAGES
+
+    root, lineage = signed
+    release = root / paths.RELEASE_DIR
+    statement = read_json(release / provenance.FILE)
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+    unlisted = {provenance.FILE, "lineage.json", signing.SIGNATURE}  # itself, and the records written after it
+    assert subjects == {p.name: sha256_file(p) for p in release.iterdir() if p.name not in unlisted}
+    assert {"adapter_model.safetensors", "README.md", "tokenizer.json", signing.PUBLIC_KEY} <= set(subjects)
+    assert lineage["files_sha256"][provenance.FILE] == sha256_file(release / provenance.FILE)
+
+    build = statement["predicate"]["buildDefinition"]
+    assert build["buildType"] == provenance.BUILD_TYPE and build["externalParameters"] == lineage["params"]
+    assert build["internalParameters"] == {"stages": {s: f"python -m tasks.{s}" for s in STAGES}}
+    deps = {d.get("name") or d.get("uri"): d for d in build["resolvedDependencies"]}
+    source = lineage["source"]
+    assert deps[source["path"]]["digest"] == {"sha256": source["file_sha256"]}
+    for path in (paths.RAW_ROWS, paths.VALIDATION_RESULT, paths.CONVERSATIONS, paths.TRAIN_ROWS, paths.EVAL_ROWS):
+        assert deps[str(path)]["digest"] == {"sha256": sha256_file(root / path)}, path
+    torch_version = lineage["training"]["libraries"]["torch"]
+    assert any(d.get("uri") == f"pkg:pypi/torch@{torch_version}" for d in build["resolvedDependencies"])
+    assert any(name.startswith("tiny-llama/") for name in deps)  # the base model's files
+
+    run = statement["predicate"]["runDetails"]
+    assert run["builder"]["id"] == provenance.BUILDER_PREFECT and run["metadata"]["invocationId"] == FLOW_RUN_ID
+    assert run["metadata"]["startedOn"] <= run["metadata"]["finishedOn"] <= lineage["release"]["created_at"][:19] + "Z"
+    assert run["byproducts"][0]["annotations"]["hardware"] == lineage["training"]["hardware"]
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "README.md", provenance.FILE])
+def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(signed, tmp_path, name):
+    from flows.audit import audit
+
+    root, _ = signed
+    release = tmp_path / "release"
+    shutil.copytree(root / paths.RELEASE_DIR, release)
+    data = bytearray((release / name).read_bytes())
+    data[-1] ^= 0x01
+    (release / name).write_bytes(bytes(data))
+
+    proc = standard_cli_verify(tmp_path)
+    assert proc.returncode != 0 and "Hash mismatch for" in proc.stderr and name in proc.stderr, proc.stderr
+    links = {link.name: link for link in audit(release, release_only=True)}
+    assert links["signature"].problems == [
+        f"model.sig does not verify with signing_key.pub: changed since they were signed: {name}"
+    ]
+
+    # Covering the tracks in lineage.json still leaves the signature broken (and the adapter the trained one).
+    lineage = read_json(release / "lineage.json")
+    lineage["files_sha256"][name] = sha256_file(release / name)
+    write_json(release / "lineage.json", lineage)
+    links = audit(release, release_only=True)
+    first = next(link.name for link in links if not link.ok)
+    assert first == ("release" if name == "adapter_model.safetensors" else "signature")
+    assert not links[-1].ok and standard_cli_verify(tmp_path).returncode != 0
+
+
+def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path, monkeypatch, caplog, capfd):
+    """The key named by the environment (encrypted, its password beside it) signs; neither is written anywhere."""
+    from tasks.publish import publish
+    from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
+
+    shared, p, *_ = trained
+    root = tmp_path / "project"
+    shutil.copytree(shared, root)
+    password = "planted-" + "password-4711"
+    pem = ec_key_pem(password)
+    key_file = tmp_path / "secrets" / "release.pem"  # outside the project, as a CI secret would be
+    key_file.parent.mkdir()
+    key_file.write_bytes(pem)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv(signing.KEY_ENV, str(key_file))
+    monkeypatch.setenv(signing.PASSWORD_ENV, password)
+    caplog.set_level(logging.DEBUG)
+
+    lineage = publish(p)
+
+    assert lineage["signing"]["public_key_sha256"] == fingerprint_of(pem, password)
+    assert lineage["signing"]["key_source"] == f"${signing.KEY_ENV}"
+    assert standard_cli_verify(root).returncode == 0
+    planted = key_secrets(pem, password)
+    written = [f for f in root.rglob("*") if f.is_file()]
+    assert {"lineage.json", "README.md", provenance.FILE} <= {f.name for f in written}
+    leaks = [str(f) for f in written for secret in planted if secret.encode() in f.read_bytes()]
+    out, err = capfd.readouterr()
+    leaks += [
+        where
+        for where, text in (("logs", caplog.text), ("stdout", out), ("stderr", err))
+        for secret in planted
+        if secret in text
+    ]
+    assert leaks == []
