@@ -47,13 +47,60 @@ def write_json(path: Path | str, obj: object) -> Path:
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+class HashingWriter:
+    """A binary file that keeps the sha256 of what went into it, so a large output is not read back to hash it."""
+
+    def __init__(self, f):
+        self._f, self._h = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._h.update(data)
+        self._f.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path | str) -> Iterator[HashingWriter]:
+    """Stream into a file that appears at `path` only when the block ends without error (else the old one stays)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "xb", buffering=1 << 20) as f:
+            yield HashingWriter(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def jsonl_line(row: dict) -> bytes:
+    """One row as the pipeline writes it in every .jsonl file: compact-ish JSON, UTF-8 kept, one line."""
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_jsonl(path: Path | str, rows: Iterable[dict]) -> Path:
-    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    with atomic_writer(path) as out:
+        for r in rows:
+            out.write(jsonl_line(r))
+    return Path(path)
 
 
 def read_jsonl(path: Path | str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: Path | str, hasher=None) -> Iterator[dict]:
+    """The rows of a .jsonl file the pipeline wrote, one at a time; `hasher` (a hashlib object) sees every byte."""
+    with open(path, "rb", buffering=1 << 20) as f:
+        for line in f:
+            if hasher is not None:
+                hasher.update(line)
+            if line.strip():
+                yield json.loads(line)
 
 
 def read_json(path: Path | str) -> dict:

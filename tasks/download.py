@@ -12,10 +12,11 @@ import datetime as dt
 import json
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 from tasks import paths
-from tasks.artifacts import sha256_file, write_json, write_jsonl
+from tasks.artifacts import atomic_writer, jsonl_line, sha256_file, write_json
 from tasks.config import ColumnsParams, DownloadParams, load_params
 from tasks.conversation import has_readable_column, no_column_message
 from tasks.errors import PipelineError, run_main
@@ -23,6 +24,7 @@ from tasks.errors import PipelineError, run_main
 log = logging.getLogger(__name__)
 
 LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+BLOCK_ROWS = 10_000  # rows held at a time while streaming a source into data/raw/rows.jsonl
 # Text files are read as utf-8-sig: plain UTF-8, and a leading byte-order mark (Windows tools and spreadsheet
 # exports write one) is dropped instead of breaking line 1.
 TEXT_ENCODING = "utf-8-sig"
@@ -49,8 +51,8 @@ def _json_problem(e: json.JSONDecodeError, line: bool = True) -> str:
     return f"{e.msg.removesuffix(' at')} at {where}"
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
+def _jsonl_blocks(path: Path) -> Iterator[list[dict]]:
+    block = []
     with open(path, encoding=TEXT_ENCODING) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -66,12 +68,42 @@ def _read_jsonl(path: Path) -> list[dict]:
                 raise PipelineError(
                     f'{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{"text": ...}}.'
                 )
-            rows.append(row)
-    return rows
+            block.append(row)
+            if len(block) == BLOCK_ROWS:
+                yield block
+                block = []
+    if block:
+        yield block
 
 
-def read_local(path: Path) -> list[dict]:
-    """Rows of a local file; every way it can be unreadable becomes one clear PipelineError."""
+def _json_blocks(path: Path) -> Iterator[list[dict]]:
+    # A JSON document is parsed whole (the format has no rows to stream); large data belongs in .jsonl or .parquet.
+    data = json.loads(path.read_text(encoding=TEXT_ENCODING))
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else data
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
+    for k in range(0, len(data), BLOCK_ROWS):
+        yield data[k : k + BLOCK_ROWS]
+
+
+def _parquet_blocks(path: Path) -> Iterator[list[dict]]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
+        yield [{str(k): _plain(v) for k, v in rec.items()} for rec in batch.to_pylist()]
+
+
+def _csv_blocks(path: Path) -> Iterator[list[dict]]:
+    import pandas as pd
+
+    for frame in pd.read_csv(path, keep_default_na=False, encoding=TEXT_ENCODING, chunksize=BLOCK_ROWS):
+        yield [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+
+
+def read_local(path: Path) -> Iterator[list[dict]]:
+    """The rows of a local file, in blocks; every way it can be unreadable becomes one clear PipelineError."""
     if not path.exists():
         raise PipelineError(f"input file {path} does not exist. Set download.path in params.yaml to your data file.")
     if path.is_dir():
@@ -81,24 +113,9 @@ def read_local(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix not in LOCAL_FORMATS:
         raise PipelineError(f"input file {path} has suffix {suffix!r}; supported: {', '.join(LOCAL_FORMATS)}.")
+    reader = {".jsonl": _jsonl_blocks, ".json": _json_blocks, ".parquet": _parquet_blocks, ".csv": _csv_blocks}
     try:
-        if suffix == ".jsonl":
-            return _read_jsonl(path)
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding=TEXT_ENCODING))
-            if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
-                lists = [v for v in data.values() if isinstance(v, list)]
-                data = lists[0] if len(lists) == 1 else data
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
-            return data
-        import pandas as pd
-
-        if suffix == ".parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path, keep_default_na=False, encoding=TEXT_ENCODING)
-        return [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+        yield from reader[suffix](path)
     except PipelineError:
         raise
     except UnicodeDecodeError as e:
@@ -112,39 +129,56 @@ def read_local(path: Path) -> list[dict]:
         ) from None
 
 
-def map_columns(rows: list[dict], columns: ColumnsParams, where: str) -> list[dict]:
-    """Rename the columns download.columns maps onto the fields the parser reads ({"content": ...} -> {"text": ...})."""
-    renames = {column: field for field, column in columns.model_dump().items() if column not in (None, field)}
-    found = sorted({k for r in rows for k in r})
-    for column, field in renames.items():
-        if column not in found:
-            raise PipelineError(
-                f"{where}: download.columns.{field} is {column!r}, but no row has that column "
-                f"(found {found}). Set it to one of those, or to null."
-            )
-    for i, row in enumerate(rows):
-        for column, field in renames.items():
+class ColumnMapper:
+    """Renames the columns download.columns maps onto the fields the parser reads ({"content": ...} -> {"text":
+    ...}), row by row, and keeps what the whole-file checks need: the columns found, whether any row is readable."""
+
+    def __init__(self, columns: ColumnsParams, where: str):
+        self.renames = {column: f for f, column in columns.model_dump().items() if column not in (None, f)}
+        self.where = where
+        self.found: set[str] = set()  # columns as in the source
+        self.columns: set[str] = set()  # columns as written, after the renames
+        self.readable = False
+        self.rows = 0
+
+    def map(self, row: dict) -> dict:
+        self.found.update(row)
+        for column, field in self.renames.items():
             if column in row and field in row:
                 raise PipelineError(
-                    f"{where}, row {i} (from 0): has both `{column}` and `{field}`, so "
+                    f"{self.where}, row {self.rows} (from 0): has both `{column}` and `{field}`, so "
                     f"download.columns.{field}={column!r} would overwrite `{field}`. Drop one of the "
                     "two columns, or set the param back to null."
                 )
-    return [{renames.get(k, k): v for k, v in row.items()} for row in rows]
+        if self.renames:
+            row = {self.renames.get(k, k): v for k, v in row.items()}
+        self.columns.update(row)
+        self.readable = self.readable or has_readable_column(row)
+        self.rows += 1
+        return row
+
+    def check(self) -> None:
+        """After the last row: stop on a mapped column no row has, on no rows, or on no readable column."""
+        if not self.rows:
+            raise PipelineError(f"{self.where} holds no rows. Point download.path/hub_id at a dataset with data.")
+        found = sorted(self.found)
+        for column, field in self.renames.items():
+            if column not in self.found:
+                raise PipelineError(
+                    f"{self.where}: download.columns.{field} is {column!r}, but no row has that column "
+                    f"(found {found}). Set it to one of those, or to null."
+                )
+        if not self.readable:
+            raise PipelineError(
+                f"{self.where}: {no_column_message(self.found)}. Rename the column in the data, or map it "
+                "with the download.columns param: `dvc exp run -S download.columns.text=<column>` (or .messages, or "
+                ".instruction and .output)."
+            )
 
 
-def require_readable_column(rows: list[dict], where: str) -> None:
-    """Stop here, naming the columns, when no row has a column the parser reads: every row would fail validation."""
-    if not any(has_readable_column(r) for r in rows):
-        raise PipelineError(
-            f"{where}: {no_column_message({k for r in rows for k in r})}. Rename the column in the data, or map it "
-            "with the download.columns param: `dvc exp run -S download.columns.text=<column>` (or .messages, or "
-            ".instruction and .output)."
-        )
-
-
-def read_hub(params: DownloadParams) -> tuple[list[dict], str | None]:
-    """Rows of a Hub dataset split and the commit sha they came from."""
+def read_hub(params: DownloadParams) -> tuple[Iterator[list[dict]], str | None]:
+    """Rows of a Hub dataset split, in blocks read from its Arrow files (never all in Python at once), and the
+    commit sha they came from."""
     import datasets
 
     try:
@@ -155,7 +189,13 @@ def read_hub(params: DownloadParams) -> tuple[list[dict], str | None]:
             f"{params.split!r}): {type(e).__name__}: {e}. Check the id and your network/HF_TOKEN, or download "
             "the file and set download.source=local with download.path pointing at it."
         ) from None
-    return [{k: _plain(v) for k, v in row.items()} for row in ds], resolve_hub_revision(params)
+
+    def blocks() -> Iterator[list[dict]]:
+        for batch in ds.iter(batch_size=BLOCK_ROWS):
+            names = list(batch)
+            yield [{k: _plain(v) for k, v in zip(names, values)} for values in zip(*batch.values())]
+
+    return blocks(), resolve_hub_revision(params)
 
 
 def resolve_hub_revision(params: DownloadParams) -> str | None:
@@ -189,13 +229,17 @@ def recorded_fingerprint(record_path: Path = paths.SOURCE_RECORD) -> str | None:
 
 
 def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source: Path = paths.SOURCE_RECORD) -> dict:
-    """Fetch the rows, write them and their source record; returns the source record."""
+    """Fetch the rows, write them and their source record; returns the source record.
+
+    Rows stream from the source to data/raw/rows.jsonl a block at a time; the file appears only once every row
+    has been read and the whole-file checks passed, so a bad input leaves the last good download in place.
+    """
     if params.source == "local":
         path = Path(params.path)
-        rows = read_local(path)
-        origin = {"source": "local", "path": str(path), "file_sha256": sha256_file(path)}
+        blocks = read_local(path)
+        origin = {"source": "local", "path": str(path), "file_sha256": sha256_file(path) if path.is_file() else None}
     else:
-        rows, revision = read_hub(params)
+        blocks, revision = read_hub(params)
         origin = {
             "source": "hub",
             "hub_id": params.hub_id,
@@ -203,24 +247,26 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
             "revision": revision,
             "split": params.split,
         }
-    where = params.path if params.source == "local" else params.hub_id
-    if not rows:
-        raise PipelineError(f"{where} holds no rows. Point download.path/hub_id at a dataset with data.")
-    rows = map_columns(rows, params.columns, where)
-    require_readable_column(rows, where)
-    columns = sorted({k for r in rows for k in r})
-    write_jsonl(out_rows, rows)
+    mapper = ColumnMapper(params.columns, params.path if params.source == "local" else params.hub_id)
+    with atomic_writer(out_rows) as out:
+        for block in blocks:
+            for row in block:
+                out.write(jsonl_line(mapper.map(row)))
+        mapper.check()
     record = {
         **origin,
-        "row_count": len(rows),
-        "columns": columns,
+        "row_count": mapper.rows,
+        "columns": sorted(mapper.columns),
         "rows_file": str(out_rows),
-        "rows_sha256": sha256_file(out_rows),
+        "rows_sha256": out.hexdigest(),
         "downloaded_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
     write_json(out_source, record)
     log.info(
-        "downloaded %d rows (%s) from %s", len(rows), ", ".join(columns), origin.get("path") or origin.get("hub_id")
+        "downloaded %d rows (%s) from %s",
+        mapper.rows,
+        ", ".join(record["columns"]),
+        origin.get("path") or origin.get("hub_id"),
     )
     return record
 

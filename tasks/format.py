@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 from tasks import paths
-from tasks.artifacts import read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
+from tasks.artifacts import atomic_writer, iter_jsonl, jsonl_line, staged_dir, write_json
 from tasks.config import FormatParams, ModelParams, load_params
 from tasks.conversation import Conversation, near_duplicate_key, render_llama2
 from tasks.errors import PipelineError, run_main
@@ -50,30 +50,15 @@ def apply_policies(rows: list[dict], params: FormatParams, model: ModelParams, r
     return [r for r in rows if r["row_index"] not in fully]
 
 
-def split_rows(rows: list[dict], params: FormatParams) -> tuple[list[dict], list[dict]]:
-    """Render each conversation and split train/eval by a content key, near-duplicates on one side only."""
+def eval_row_indices(rows: list[dict], params: FormatParams) -> set[int]:
+    """The row indices that go to eval: the first keys in content-key order, near-duplicates on one side only."""
     n_eval = max(params.min_eval_rows, round(params.eval_fraction * len(rows)))
     if n_eval >= len(rows):
         raise PipelineError(
             f"only {len(rows)} conversation(s) left after filtering, too few for {n_eval} eval row(s) and any "
             "training: add data or lower format.min_eval_rows / format.eval_fraction."
         )
-    keyed = []
-    for r in rows:
-        conv = Conversation.from_dict(r)
-        rendered = render_llama2(conv, params.system_prompt)
-        keyed.append(
-            (
-                _split_key(conv),
-                {
-                    "row_index": r["row_index"],
-                    "text": rendered.text,
-                    "answer_spans": rendered.answer_spans,
-                    "n_tokens": r["n_tokens"],
-                },
-            )
-        )
-    keyed.sort(key=lambda kv: kv[0])
+    keyed = sorted((r["content_key"], r["row_index"]) for r in rows)
     # Near-duplicates share a key: extend the cut past the last eval key so no group straddles the split.
     cut = n_eval
     while cut < len(keyed) and keyed[cut][0] == keyed[cut - 1][0]:
@@ -83,10 +68,31 @@ def split_rows(rows: list[dict], params: FormatParams) -> tuple[list[dict], list
             f"all {len(rows)} conversation(s) are near-duplicates of the eval rows, leaving none to train on: "
             "add data or lower format.min_eval_rows / format.eval_fraction."
         )
-    eval_ids = {row["row_index"] for _, row in keyed[:cut]}
-    # Rows keep their input order inside each split, so a diff of the files reads like a diff of the data.
-    ordered = [row for _, row in sorted(keyed, key=lambda kv: kv[1]["row_index"])]
-    return [r for r in ordered if r["row_index"] not in eval_ids], [r for r in ordered if r["row_index"] in eval_ids]
+    return {index for _, index in keyed[:cut]}
+
+
+def _measures(conversations: Path, hasher) -> list[dict]:
+    """Each validated conversation's figures without its text (what the policies and the split decide on)."""
+    keep = ("row_index", "n_tokens", "answer_tokens", "answer_tokens_cut", "fully_masked_if_truncated", "is_duplicate")
+    rows = []
+    for r in iter_jsonl(conversations, hasher):
+        # content_key is carried from validate; conversations validated before it was carried get it computed here
+        key = r.get("content_key") or _split_key(Conversation.from_dict(r))
+        rows.append({**{k: r[k] for k in keep}, "content_key": key})
+    return rows
+
+
+def _write_splits(conversations: Path, params: FormatParams, kept: set[int], eval_ids: set[int], tmp: Path) -> dict:
+    """Render the kept conversations into train.jsonl and eval.jsonl (input order in each); their sha256s."""
+    with atomic_writer(tmp / paths.TRAIN_ROWS.name) as train, atomic_writer(tmp / paths.EVAL_ROWS.name) as evals:
+        for r in iter_jsonl(conversations):
+            if r["row_index"] not in kept:
+                continue
+            rendered = render_llama2(Conversation.from_dict(r), params.system_prompt)
+            row = {"row_index": r["row_index"], "text": rendered.text, "answer_spans": rendered.answer_spans}
+            out = evals if r["row_index"] in eval_ids else train
+            out.write(jsonl_line({**row, "n_tokens": r["n_tokens"]}))
+    return {"train_sha256": train.hexdigest(), "eval_sha256": evals.hexdigest()}
 
 
 def format_rows(
@@ -95,39 +101,36 @@ def format_rows(
     conversations: Path = paths.CONVERSATIONS,
     out_dir: Path = paths.FORMATTED_DIR,
 ) -> dict:
+    """Two streaming passes over the validated conversations: their figures decide what is kept and where it goes,
+    then the kept ones are rendered into the split files. No text is held in memory."""
     if not conversations.exists():
         raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
-    rows = read_jsonl(conversations)
+    hasher = hashlib.sha256()
+    rows = _measures(conversations, hasher)
     report: dict = {
         "rows_in": len(rows),
-        "input_sha256": sha256_file(conversations),  # the audit's link to validate
+        "input_sha256": hasher.hexdigest(),  # the audit's link to validate
         "length_policy": params.length_policy,
         "max_length": model.max_length,
     }
     rows = apply_policies(rows, params, model, report)
-    train, evals = split_rows(rows, params)
+    eval_ids = eval_row_indices(rows, params)
 
     # Tokens and answer tokens the model will see: what the cut at max_length leaves. tokens.cut keeps a row's
     # first max_length tokens, and validate measured the answer tokens it cuts with that same function.
-    measured = {r["row_index"]: r for r in rows}
+    train = [r for r in rows if r["row_index"] not in eval_ids]
+    evals = [r for r in rows if r["row_index"] in eval_ids]
     for name, split in (("train", train), ("eval", evals)):
-        rs = [measured[r["row_index"]] for r in split]
-        report[f"{name}_tokens"] = sum(min(r["n_tokens"], model.max_length) for r in rs)
-        report[f"{name}_answer_tokens"] = sum(r["answer_tokens"] - r["answer_tokens_cut"] for r in rs)
+        report[f"{name}_tokens"] = sum(min(r["n_tokens"], model.max_length) for r in split)
+        report[f"{name}_answer_tokens"] = sum(r["answer_tokens"] - r["answer_tokens_cut"] for r in split)
+    report |= {"train_rows": len(train), "eval_rows": len(evals)}
 
     # The three files are swapped in together: train, eval and their report always belong to one run.
     with staged_dir(out_dir) as tmp:
-        train_path, eval_path = tmp / paths.TRAIN_ROWS.name, tmp / paths.EVAL_ROWS.name
-        write_jsonl(train_path, train)
-        write_jsonl(eval_path, evals)
-        report |= {
-            "train_rows": len(train),
-            "eval_rows": len(evals),
-            "train_sha256": sha256_file(train_path),
-            "eval_sha256": sha256_file(eval_path),
-        }
+        kept = {r["row_index"] for r in rows}
+        report |= _write_splits(conversations, params, kept, eval_ids, tmp)
         write_json(tmp / paths.FORMAT_REPORT.name, report)
-    log.info("formatted %d train / %d eval rows (%s)", len(train), len(evals), params.length_policy)
+    log.info("formatted %d train / %d eval rows (%s)", report["train_rows"], report["eval_rows"], params.length_policy)
     return report
 
 

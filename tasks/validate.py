@@ -10,19 +10,19 @@ on failure it exits non-zero, nothing downstream runs, and the last good convers
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from tasks import paths
-from tasks.artifacts import read_jsonl, sha256_file, staged_dir, write_json, write_jsonl
+from tasks.artifacts import atomic_writer, staged_dir, write_json
 from tasks.base_model import load_tokenizer
 from tasks.config import Params, load_params
-from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
 from tasks.errors import PipelineError, ValidationFailed, run_main
-from tasks.expectations import conversation_features, excluded_rows, mark_duplicates, run_suite
-from tasks.lengths import length_report, row_lengths, save_histogram
-from tasks.tokens import tokenize_rendered
+from tasks.expectations import excluded_rows, run_suite
+from tasks.lengths import length_report, save_histogram
+from tasks.scan import Scan, scan_rows
 from tasks.validation_page import write_validation_page
 
 log = logging.getLogger(__name__)
@@ -57,36 +57,12 @@ def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str
     )
 
 
-def parse_rows(rows: list[dict]) -> tuple[list, list[dict]]:
-    """Each raw row parsed into a conversation (None where it cannot be) and its feature row for the suite."""
-    convs, features = [], []
-    for i, row in enumerate(rows):
-        try:
-            conv, error = parse_row(row), None
-        except ParseError as e:
-            conv, error = None, str(e)
-        convs.append(conv)
-        features.append(conversation_features(i, conv, detect_form(row), error))
-    return convs, features
-
-
-def token_lengths(params: Params, tokenizer, convs: list, features: list[dict]) -> tuple[list[int], list[dict]]:
-    """Token lengths on the exact text that will be trained, for the rows the template can render."""
-    renderable = [
-        i
-        for i, f in enumerate(features)
-        if f.get("roles_alternate") and f.get("last_role") == "assistant" and f.get("n_turns", 0) >= 2
-    ]
-    rendered = [render_llama2(convs[i], params.format.system_prompt) for i in renderable]
-    return renderable, [row_lengths(t, params.model.max_length) for t in tokenize_rendered(tokenizer, rendered)]
-
-
-def _result_record(result: dict, raw_rows: Path, excluded: dict, parse_errors: dict) -> dict:
+def _result_record(result: dict, raw_rows: Path, input_sha256: str, excluded: dict, parse_errors: dict) -> dict:
     """reports/validation/result.json: every rule with its rows, and the rows left out or unparseable, with why."""
     return {
         "success": result["success"],
         "rules": result["rules"],
-        "input": {"path": str(raw_rows), "sha256": sha256_file(raw_rows)},  # the audit's link to download
+        "input": {"path": str(raw_rows), "sha256": input_sha256},  # the audit's link to download
         # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
         "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
         "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
@@ -120,14 +96,23 @@ def validate(
 ) -> dict:
     if not raw_rows.exists():
         raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
-    rows = read_jsonl(raw_rows)
-    convs, features = parse_rows(rows)
-    frame = mark_duplicates(pd.DataFrame(features))
-    parse_errors = {f["row_index"]: f["parse_error"] for f in features if f["parse_error"]}
     tokenizer = load_tokenizer(params.model)
-    renderable, lengths = token_lengths(params, tokenizer, convs, features)
-    frame["n_tokens"] = pd.Series({i: ln["n_tokens"] for i, ln in zip(renderable, lengths)}, dtype="Int64")
+    # Conversations go to a hidden candidates file during the pass; they replace the last good ones only if the
+    # suite passes, less the rows it leaves out.
+    candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
+    try:
+        scan = scan_rows(raw_rows, tokenizer, params.model.max_length, params.format.system_prompt, candidates)
+        summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
+        _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
+    finally:
+        candidates.unlink(missing_ok=True)
+    return summary
 
+
+def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer) -> tuple[dict, dict]:
+    """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict."""
+    frame = scan.frame()
+    lengths = scan.lengths()
     with staged_dir(report_dir) as tmp:
         result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
         excluded = excluded_rows(result)
@@ -135,31 +120,33 @@ def validate(
             lengths, params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
         )
         write_json(tmp / paths.LENGTH_REPORT.name, report)
-        write_json(tmp / paths.VALIDATION_RESULT.name, _result_record(result, raw_rows, excluded, parse_errors))
+        record = _result_record(result, raw_rows, scan.input_sha256, excluded, scan.parse_errors)
+        write_json(tmp / paths.VALIDATION_RESULT.name, record)
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
-    save_histogram(lengths, params.model.max_length, histogram_path)
-    summary = _summary(result, report, frame, len(rows), len(excluded))
+    save_histogram(lengths[:, 0], params.model.max_length, histogram_path)
+    summary = _summary(result, report, frame, scan.rows, len(excluded))
     write_json(metrics_path, summary)
     log.info(
         "validation %s: %d rows, %d left out for breaking a row rule; %s",
         "passed" if result["success"] else "FAILED",
-        len(rows),
+        scan.rows,
         len(excluded),
         report["policy_effect"],
     )
     if not result["success"]:
-        raise ValidationFailed(_failure_message(result, report_dir, parse_errors))
+        raise ValidationFailed(_failure_message(result, report_dir, scan.parse_errors))
+    return summary, excluded
 
-    dup = frame["is_duplicate"].tolist()
-    write_jsonl(
-        out_conversations,
-        (
-            {"row_index": i, **convs[i].to_dict(), **ln, "is_duplicate": bool(dup[i])}
-            for i, ln in zip(renderable, lengths)
-            if i not in excluded
-        ),
-    )
-    return summary
+
+def _keep_candidates(candidates: Path, renderable: list[int], excluded: dict, out: Path) -> None:
+    """Make the candidates the validated conversations, less the excluded rows (line k holds row renderable[k])."""
+    if not any(i in excluded for i in renderable):
+        os.replace(candidates, out)
+        return
+    with open(candidates, "rb") as lines, atomic_writer(out) as kept:
+        for i, line in zip(renderable, lines):
+            if i not in excluded:
+                kept.write(line)
 
 
 def main() -> None:

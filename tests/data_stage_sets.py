@@ -109,6 +109,19 @@ def _file_sha(path: Path) -> str | None:
     return _sha(path.read_bytes()) if path.exists() else None
 
 
+def _conversations_sha(path: Path) -> str | None:
+    """sha256 of the validated conversations as written before validate carried each one's content_key: the
+    file's own sha256 for a file without that key."""
+    if not path.exists():
+        return None
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        row.pop("content_key", None)
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    return _sha("".join(lines).encode("utf-8"))
+
+
 def fingerprint(input_path: Path, overrides: list[str], project: Path) -> dict:
     """Run the three data stages on input_path in a scratch project at `project`; what they produced, hashed."""
     from flows.params import compose_params
@@ -161,7 +174,7 @@ def _summarize(project: Path, passed: bool) -> dict:
         "parse_errors": _sha(result["parse_errors"]),
         "lengths": _sha(json.loads((project / "reports/validation/lengths.json").read_text(encoding="utf-8"))),
         "validate_metrics": json.loads((project / "metrics/validate.json").read_text(encoding="utf-8")),
-        "conversations_sha256": _file_sha(project / "data/validated/conversations.jsonl"),
+        "conversations_sha256": _conversations_sha(project / "data/validated/conversations.jsonl"),
     }
     if passed:
         report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
