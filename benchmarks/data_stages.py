@@ -1,14 +1,21 @@
-"""Data-stage speed: download -> validate -> format on 10,000 conversations, with the real Llama-2 tokenizer.
+"""Data-stage speed and memory at scale: download -> validate -> format against the tokenizer floor.
 
-The rows are the 1k real guanaco rows (raw guanaco form) repeated and perturbed (a variant tag in the
-first human turn, alternate rows with Windows newlines and stray spaces), so the suite sees no mass
-duplication. Each stage runs through its public function exactly as `dvc repro` calls it, in a scratch
-project, and the script prints seconds and rows/s per stage and saves them as JSON.
+The rows are the 1k real guanaco rows (raw guanaco form) repeated and perturbed (a variant tag in the first human
+turn, alternate rows with Windows newlines and stray spaces), so the suite sees no mass duplication. For each size
+in --rows, in a scratch project with the recipe's params (max_length 1024, truncate) and the real Llama-2
+tokenizer, the script:
 
-    python -m benchmarks.data_stages --raw ../shared/data/guanaco-raw-1k/train.jsonl \
-        --tokenizer ../shared/data/llama-2-tokenizer [--rows 10000]
+  1. times the floor: the fast tokenizer alone, batched as a user calls it (`tokenizer(texts)`, 1,000 texts a
+     call), on the exact texts validate tokenizes (the rendered conversations); the bare Rust backend
+     (`backend_tokenizer.encode_batch`) is timed too and printed beside it;
+  2. runs each stage as `dvc repro` does (`python -m tasks.download`, `tasks.validate`, `tasks.format`), each its
+     own process, timing it and reading its peak RSS from the kernel (wait4);
+  3. prints seconds, rows/s, the ratio of the three stages to the floor and the largest peak RSS, and saves all of
+     it as JSON.
 
-Target on the 2-core CI machine: the three stages together under 30 s for 10k rows.
+    python -m benchmarks.data_stages --rows 10000,100000,1000000 [--raw ...] [--tokenizer ...]
+
+Targets (issue 12, 2-core machine): 1M rows in at most 1.3x the floor, peak RSS at most 3 GB, cost linear in rows.
 """
 
 from __future__ import annotations
@@ -17,98 +24,174 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from benchmarks.common import ROOT, save
 
+STAGES = ("download", "validate", "format")
+FLOOR_BATCH = 1000
 
-def perturbed_rows(raw: Path, n: int) -> list[dict]:
+
+def iter_perturbed_rows(raw: Path, n: int) -> Iterator[dict]:
     base = [json.loads(line) for line in raw.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = []
     for i in range(n):
         k, text = divmod(i, len(base))[0], base[i % len(base)]["text"]
         if k:
             text = text.replace("### Human: ", f"### Human: (variant {k}) ", 1)
             if k % 2:
                 text = "  " + text.replace("\n", "\r\n") + " "  # Windows newlines and stray spaces
-        rows.append({"text": text})
-    return rows
+        yield {"text": text}
+
+
+def perturbed_rows(raw: Path, n: int) -> list[dict]:
+    return list(iter_perturbed_rows(raw, n))
+
+
+def write_rows(raw: Path, n: int, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in iter_perturbed_rows(raw, n):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[list[str]]:
+    """The texts validate tokenizes (renderable rows, rendered), FLOOR_BATCH at a time, never all in memory."""
+    from tasks.conversation import ParseError, parse_row, render_llama2
+
+    batch: list[str] = []
+    with open(data_file, encoding="utf-8") as f:
+        for line in f:
+            try:
+                conv = parse_row(json.loads(line))
+            except ParseError:
+                continue
+            batch.append(render_llama2(conv, system_prompt).text)
+            if len(batch) == FLOOR_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None) -> dict:
+    """Seconds the fast tokenizer alone takes on the texts (parsing and rendering them is not timed)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    backend = tokenizer.backend_tokenizer
+    call = bare = 0.0
+    tokens = texts = 0
+    for batch in _rendered_batches(data_file, system_prompt):
+        start = time.perf_counter()
+        enc = tokenizer(batch, add_special_tokens=False)
+        call += time.perf_counter() - start
+        start = time.perf_counter()
+        backend.encode_batch(batch, add_special_tokens=False)
+        bare += time.perf_counter() - start
+        tokens += sum(len(ids) for ids in enc["input_ids"])
+        texts += len(batch)
+    return {"seconds": round(call, 2), "backend_seconds": round(bare, 2), "texts": texts, "tokens": tokens}
+
+
+def run_stage(name: str, project: Path) -> dict:
+    """One stage as dvc runs it, in its own process: wall seconds and the process's peak RSS."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", f"tasks.{name}"], cwd=project, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"stage {name} failed (exit {proc.returncode}) in {project}")
+    return {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
+
+
+def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
+    from flows.params import compose_params
+
+    project = work / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    compose_params(
+        project,
+        [
+            "preset=llama2_7b_guanaco",
+            "download.source=local",
+            f"download.path={data_file}",
+            f"model.tokenizer={tokenizer_dir.resolve()}",
+        ],
+    )
+    return project
+
+
+def measure(rows: int, args) -> dict:
+    from tasks.config import load_params
+
+    work = Path(tempfile.mkdtemp(prefix=f"data-bench-{rows}-", dir=args.work))
+    data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl")
+    project = make_project(work, data_file, args.tokenizer)
+    floor = tokenizer_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt)
+    stages = {name: run_stage(name, project) for name in STAGES}
+    total = sum(s["seconds"] for s in stages.values())
+    metrics = json.loads((project / "metrics/validate.json").read_text(encoding="utf-8"))
+    report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
+    result = {
+        "rows": rows,
+        "input_gb": round(data_file.stat().st_size / 1e9, 3),
+        "floor": floor,
+        "stages": stages,
+        "total_seconds": round(total, 2),
+        "ratio_to_floor": round(total / floor["seconds"], 3),
+        "ratio_to_backend_floor": round(total / floor["backend_seconds"], 3),
+        "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()),
+        "seconds_per_1k_rows": round(total / rows * 1000, 3),
+        "validated": {k: metrics[k] for k in ("success", "rows_excluded", "tokens_p50", "tokens_max")},
+        "formatted": {k: report[k] for k in ("train_rows", "eval_rows")},
+    }
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _print(r: dict) -> None:
+    s = r["stages"]
+    print(
+        f"{r['rows']:>9,d} rows  "
+        + "  ".join(f"{n} {s[n]['seconds']:7.1f}s" for n in STAGES)
+        + f"  total {r['total_seconds']:7.1f}s  floor {r['floor']['seconds']:7.1f}s"
+        f" (backend {r['floor']['backend_seconds']:.1f}s)  ratio {r['ratio_to_floor']:.2f}"
+        f" (to backend {r['ratio_to_backend_floor']:.2f})  peak RSS {r['peak_rss_gb']:.2f} GB"
+        f"  {r['seconds_per_1k_rows']:.3f} s/1k rows",
+        flush=True,
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw", type=Path, default=ROOT.parent / "shared/data/guanaco-raw-1k/train.jsonl")
     ap.add_argument("--tokenizer", type=Path, default=ROOT.parent / "shared/data/llama-2-tokenizer")
-    ap.add_argument("--rows", type=int, default=10_000)
+    ap.add_argument("--rows", default="10000", help="comma-separated sizes, e.g. 10000,100000,1000000")
+    ap.add_argument("--work", type=Path, default=None, help="where the scratch projects go (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data_stages_cpu.json")
     args = ap.parse_args()
     for path in (args.raw, args.tokenizer):
         if not path.exists():
             sys.exit(f"{path} not found: pass --raw / --tokenizer (the reference data lives in ../shared/data)")
-
-    from tasks.config import load_params
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
-
-    work = Path(tempfile.mkdtemp(prefix="data-bench-"))
-    data_file = work / "input" / "guanaco_10k.jsonl"
-    data_file.parent.mkdir(parents=True)
-    data_file.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in perturbed_rows(args.raw, args.rows)), encoding="utf-8"
-    )
-    # The recipe's params (max_length 1024, truncate), reading the local file and the real tokenizer.
-    import shutil
-
-    from flows.params import compose_params
-
-    shutil.copytree(ROOT / "conf", work / "conf")
-    compose_params(
-        work,
-        [
-            "preset=llama2_7b_guanaco",
-            "download.source=local",
-            f"download.path={data_file}",
-            f"model.tokenizer={args.tokenizer.resolve()}",
-        ],
-    )
-    os.chdir(work)
-    params = load_params("params.yaml")
-
-    stages = {}
-    for name, fn in (
-        ("download", lambda: download(params.download)),
-        ("validate", lambda: validate(params)),
-        ("format", lambda: format_rows(params.format, params.model)),
-    ):
-        start = time.perf_counter()
-        out = fn()
-        seconds = time.perf_counter() - start
-        stages[name] = {"seconds": round(seconds, 2), "rows_per_second": round(args.rows / seconds, 1)}
-        print(f"{name:9s} {seconds:7.2f} s   {args.rows / seconds:9.0f} rows/s")
-        if name == "validate":
-            stages[name] |= {
-                "rows_excluded": out["rows_excluded"],
-                "tokens_p50": out["tokens_p50"],
-                "tokens_max": out["tokens_max"],
-            }
-        if name == "format":
-            stages[name] |= {"train_rows": out["train_rows"], "eval_rows": out["eval_rows"]}
-    total = sum(s["seconds"] for s in stages.values())
-    print(f"{'total':9s} {total:7.2f} s   {args.rows / total:9.0f} rows/s  (target: under 30 s for 10k rows)")
-    save(
-        args.out,
-        {
-            "rows": args.rows,
-            "stages": stages,
-            "total_seconds": round(total, 2),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "workspace": str(work),
-        },
-    )
+    results = []
+    for rows in (int(n) for n in args.rows.split(",")):
+        results.append(measure(rows, args))
+        _print(results[-1])
+        save(
+            args.out,
+            {"runs": results, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}},
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import orjson
+
 
 # Temporary files and folders are named here and made like any file, 0666/0777 less the umask (so the
 # ordinary 0644/0755), not by tempfile: it makes them private (0600/0700), and renamed into place they stayed
@@ -94,13 +96,18 @@ def read_jsonl(path: Path | str) -> list[dict]:
 
 
 def iter_jsonl(path: Path | str, hasher=None) -> Iterator[dict]:
-    """The rows of a .jsonl file the pipeline wrote, one at a time; `hasher` (a hashlib object) sees every byte."""
+    """The rows of a .jsonl file the pipeline wrote, one at a time; `hasher` (a hashlib object) sees every byte.
+
+    orjson parses about three times faster than json, to the same values for what the pipeline writes (strings,
+    ints, floats, bools); files from outside the pipeline are read with json (download, scan), which also takes
+    what orjson refuses (NaN, integers past 64 bits).
+    """
     with open(path, "rb", buffering=1 << 20) as f:
         for line in f:
             if hasher is not None:
                 hasher.update(line)
             if line.strip():
-                yield json.loads(line)
+                yield orjson.loads(line)
 
 
 def read_json(path: Path | str) -> dict:

@@ -51,7 +51,7 @@ def _json_problem(e: json.JSONDecodeError, line: bool = True) -> str:
     return f"{e.msg.removesuffix(' at')} at {where}"
 
 
-def _jsonl_blocks(path: Path) -> Iterator[list[dict]]:
+def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
     block = []
     with open(path, encoding=TEXT_ENCODING) as f:
         for lineno, line in enumerate(f, 1):
@@ -68,7 +68,7 @@ def _jsonl_blocks(path: Path) -> Iterator[list[dict]]:
                 raise PipelineError(
                     f'{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{"text": ...}}.'
                 )
-            block.append(row)
+            block.append((row, line.strip()))
             if len(block) == BLOCK_ROWS:
                 yield block
                 block = []
@@ -76,7 +76,7 @@ def _jsonl_blocks(path: Path) -> Iterator[list[dict]]:
         yield block
 
 
-def _json_blocks(path: Path) -> Iterator[list[dict]]:
+def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     # A JSON document is parsed whole (the format has no rows to stream); large data belongs in .jsonl or .parquet.
     data = json.loads(path.read_text(encoding=TEXT_ENCODING))
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
@@ -85,25 +85,26 @@ def _json_blocks(path: Path) -> Iterator[list[dict]]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
     for k in range(0, len(data), BLOCK_ROWS):
-        yield data[k : k + BLOCK_ROWS]
+        yield [(row, None) for row in data[k : k + BLOCK_ROWS]]
 
 
-def _parquet_blocks(path: Path) -> Iterator[list[dict]]:
+def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     import pyarrow.parquet as pq
 
     for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
-        yield [{str(k): _plain(v) for k, v in rec.items()} for rec in batch.to_pylist()]
+        yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in batch.to_pylist()]
 
 
-def _csv_blocks(path: Path) -> Iterator[list[dict]]:
+def _csv_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     import pandas as pd
 
     for frame in pd.read_csv(path, keep_default_na=False, encoding=TEXT_ENCODING, chunksize=BLOCK_ROWS):
-        yield [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+        yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in frame.to_dict(orient="records")]
 
 
-def read_local(path: Path) -> Iterator[list[dict]]:
-    """The rows of a local file, in blocks; every way it can be unreadable becomes one clear PipelineError."""
+def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
+    """The rows of a local file in blocks of (row, its JSON line as read: .jsonl only, else None); every way the
+    file can be unreadable becomes one clear PipelineError."""
     if not path.exists():
         raise PipelineError(f"input file {path} does not exist. Set download.path in params.yaml to your data file.")
     if path.is_dir():
@@ -176,7 +177,7 @@ class ColumnMapper:
             )
 
 
-def read_hub(params: DownloadParams) -> tuple[Iterator[list[dict]], str | None]:
+def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]], str | None]:
     """Rows of a Hub dataset split, in blocks read from its Arrow files (never all in Python at once), and the
     commit sha they came from."""
     import datasets
@@ -190,10 +191,10 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[dict]], str | None]:
             "the file and set download.source=local with download.path pointing at it."
         ) from None
 
-    def blocks() -> Iterator[list[dict]]:
+    def blocks() -> Iterator[list[tuple[dict, None]]]:
         for batch in ds.iter(batch_size=BLOCK_ROWS):
             names = list(batch)
-            yield [{k: _plain(v) for k, v in zip(names, values)} for values in zip(*batch.values())]
+            yield [({k: _plain(v) for k, v in zip(names, values)}, None) for values in zip(*batch.values())]
 
     return blocks(), resolve_hub_revision(params)
 
@@ -250,8 +251,11 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
     mapper = ColumnMapper(params.columns, params.path if params.source == "local" else params.hub_id)
     with atomic_writer(out_rows) as out:
         for block in blocks:
-            for row in block:
-                out.write(jsonl_line(mapper.map(row)))
+            for row, line in block:
+                mapped = mapper.map(row)
+                # A .jsonl line with no column renamed is written as read (whitespace around it dropped): the same
+                # values, and no time spent serializing them again.
+                out.write((line + "\n").encode("utf-8") if line is not None and mapped is row else jsonl_line(mapped))
         mapper.check()
     record = {
         **origin,
