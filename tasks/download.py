@@ -4,6 +4,9 @@ Sources: a Hub dataset (`datasets.load_dataset`, revision pinnable) or a local .
 .parquet/.csv file (the shipped sample is one). Output: data/raw/rows.jsonl (one JSON object a row,
 values unchanged, columns renamed only where download.columns says) and data/raw/source.json (origin,
 revision or sha256, row count, time). Data with no column the parser can read stops here.
+
+Rows stream through in blocks (jsonl lines, parquet row groups, csv chunks, the Hub's Arrow batches), so a
+million-row file needs no more memory than a small one; only a .json document is parsed whole.
 """
 
 from __future__ import annotations

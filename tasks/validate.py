@@ -1,10 +1,11 @@
 """Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
 
-Writes reports/validation/ (result.json, index.html: the report readable offline, Data Docs HTML, lengths.json),
-reports/lengths.png and
-metrics/validate.json whatever the verdict, so a failed run can be read. Only on success does it write
-data/validated/conversations.jsonl;
-on failure it exits non-zero, nothing downstream runs, and the last good conversations stay in place.
+One streaming pass (tasks/scan.py) parses, renders and tokenizes each row once and keeps a compact feature table;
+the suite runs over that table, not over the texts. Writes reports/validation/ (result.json, index.html: the
+report readable offline, Data Docs HTML, lengths.json), reports/lengths.png and metrics/validate.json whatever the
+verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl (each
+conversation with its token counts and content key); on failure it exits non-zero, nothing downstream runs, and
+the last good conversations stay in place.
 """
 
 from __future__ import annotations
