@@ -122,9 +122,14 @@ def dvc_fails(project: Path, *args: str) -> str:
 def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_copy, prefect_harness):
     from flows.pipeline import pipeline
 
-    first = pipeline(project_dir=str(project_copy))
+    state = pipeline(project_dir=str(project_copy), return_state=True)
+    first = state.result()
     assert first["ran"] == {s: True for s in STAGES}
     assert (project_copy / paths.RELEASE_DIR / "lineage.json").is_file()
+    # The release's provenance names the flow run that made it, also when the flow is called directly.
+    statement = json.loads((project_copy / paths.RELEASE_DIR / "provenance.intoto.json").read_text())
+    metadata = statement["predicate"]["runDetails"]["metadata"]
+    assert metadata["invocationId"] == str(state.state_details.flow_run_id)
     # The flow went through DVC: dvc.lock is complete, and `dvc repro` finds nothing to do.
     lock = yaml.safe_load((project_copy / "dvc.lock").read_text())
     assert sorted(lock["stages"]) == sorted(STAGES)

@@ -14,25 +14,10 @@ from flows.report_images import dump_dom, find_chromium, screenshot
 from tasks.artifacts import read_jsonl
 from tasks.validate import validate
 from tasks.validation_page import render
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SUITE_RULES
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-RULES = [
-    "enough_rows",
-    "parseable",
-    "known_form",
-    "non_empty_turns",
-    "roles_alternate",
-    "ends_with_assistant",
-    "turn_bounds",
-    "char_bounds",
-    "no_template_markers",
-    "no_replacement_chars",
-    "no_control_chars",
-    "duplicates",
-    "within_max_length",
-    "under_hard_limit",
-]
+RULES = list(SUITE_RULES)
 
 
 def _text(dom: str) -> str:

@@ -21,25 +21,10 @@ from tasks.conversation import Conversation, near_duplicate_key, parse_text, ren
 from tasks.errors import PipelineError, ValidationFailed
 from tasks.format import format_rows
 from tasks.validate import validate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SUITE_RULES
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-ALL_RULES = {
-    "enough_rows",
-    "parseable",
-    "known_form",
-    "non_empty_turns",
-    "roles_alternate",
-    "ends_with_assistant",
-    "turn_bounds",
-    "char_bounds",
-    "no_template_markers",
-    "no_replacement_chars",
-    "no_control_chars",
-    "duplicates",
-    "within_max_length",
-    "under_hard_limit",
-}
+ALL_RULES = set(SUITE_RULES)
 LLAMA2_ROW = re.compile(r"^(<s>\[INST\] (<<SYS>>\n.*?\n<</SYS>>\n\n)?.+? \[/INST\] .*? </s>)+$", re.S)
 
 
