@@ -160,6 +160,9 @@ class TrainParams(_Strict):
     save_steps: int = Field(ge=1)
     padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
     liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
+    compile: bool = Field(
+        description="regional torch.compile: each decoder layer compiled (dynamic shapes), the rest eager (CUDA only)"
+    )
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute"
     )

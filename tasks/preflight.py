@@ -75,6 +75,15 @@ def hardware_problems(params: Params) -> list[str]:
         problems.append(f"train.optimizer={t.optimizer} needs a CUDA GPU (use adamw_torch on the CPU)")
     if not cuda and t.liger_kernels:
         problems.append("train.liger_kernels needs a CUDA GPU")
+    if not cuda and t.compile:
+        problems.append("train.compile needs a CUDA GPU (inductor's Triton kernels)")
+    if t.compile and t.liger_kernels:
+        # Seen on an H200 (torch 2.11, liger-kernel 0.8.5): dynamo cannot trace Liger's RMSNorm autograd function
+        # (an AssertionError at the first step; benchmarks/results/vs_plain_trl_levers_h200.log)
+        problems.append(
+            "train.compile does not work with train.liger_kernels (torch.compile fails on Liger's RMSNorm "
+            "at the first step): turn one of them off"
+        )
     if not cuda and t.precision == "fp16":
         problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
     if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():

@@ -185,7 +185,34 @@ def build_trainer(
         callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
+    if params.train.compile:
+        log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
     return trainer, meter
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether an exception came out of torch.compile (dynamo or inductor), whatever its type."""
+    import traceback
+
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any("/torch/_dynamo/" in f.filename or "/torch/_inductor/" in f.filename for f in frames)
+
+
+def compile_layers(model) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (nn.Module.compile, so parameter names, the saved
+    adapter and recomputation are unchanged), the embeddings, loss and optimizer eager. All layers share one compiled
+    graph (same code, parameters as inputs), traced with dynamic shapes, since padding-free micro-batches vary in
+    length. Compilation happens at the first step; a failure there stops the run (fit), never falls back silently."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise PipelineError(
+            f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile: false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def fit(trainer, resume: bool, est: Estimate, params: Params):
@@ -202,6 +229,13 @@ def fit(trainer, resume: bool, est: Estimate, params: Params):
             f"{max(1, int(total * 0.8))}) so the planner picks a layout that fits, lower model.max_length, or turn on "
             "train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
         ) from None
+    except Exception as e:
+        if params.train.compile and compile_failure(e):
+            raise PipelineError(
+                f"train.compile: torch.compile failed on the decoder layers ({type(e).__name__}: {str(e)[:500]}); "
+                "set train.compile: false to train eagerly."
+            ) from e
+        raise
 
 
 def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, train_rows: Path, layout: dict):

@@ -108,6 +108,39 @@ def test_preflight_rejects_gpu_only_settings_before_loading(params):
         preflight(with_overrides(params, **{"train.optimizer": "paged_adamw_32bit"}))
     with pytest.raises(PipelineError, match="liger_kernels needs a CUDA GPU"):
         preflight(with_overrides(params, **{"train.liger_kernels": True}))
+    with pytest.raises(PipelineError, match="train.compile needs a CUDA GPU"):
+        preflight(with_overrides(params, **{"train.compile": True}))
+    with pytest.raises(PipelineError, match="train.compile does not work with train.liger_kernels"):
+        preflight(with_overrides(params, **{"train.compile": True, "train.liger_kernels": True}))
+
+
+def test_compile_is_regional_and_its_failures_stop_the_run(params):
+    """train.compile compiles each decoder layer in place (names and saved adapter unchanged, the rest eager); a
+    torch.compile error at the first step becomes a PipelineError that says how to turn it off."""
+    import torch
+
+    from tasks.train import compile_layers, fit
+
+    class LlamaDecoderLayer(torch.nn.Linear):
+        pass
+
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 2), LlamaDecoderLayer(2, 2), LlamaDecoderLayer(2, 2))
+    names = [n for n, _ in model.named_parameters()]
+    assert compile_layers(model) == 2  # lazy: nothing is traced until the first forward
+    assert [n for n, _ in model.named_parameters()] == names
+    assert model[1]._compiled_call_impl is not None and model[0]._compiled_call_impl is None
+    with pytest.raises(PipelineError, match="no decoder layers"):
+        compile_layers(torch.nn.Linear(2, 2))
+
+    class Trainer:
+        def train(self, resume_from_checkpoint=None):
+            raise torch._dynamo.exc.InternalTorchDynamoError("AssertionError: ")
+
+    on = with_overrides(params, **{"train.compile": True})
+    with pytest.raises(PipelineError, match="set train.compile: false"):
+        fit(Trainer(), False, None, on)
+    with pytest.raises(torch._dynamo.exc.InternalTorchDynamoError):  # with compile off, not reworded
+        fit(Trainer(), False, None, params)
 
 
 def test_preflight_names_the_install_command_of_a_missing_lever_package(params, monkeypatch):
