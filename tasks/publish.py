@@ -79,7 +79,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
         },
         "params": params.as_dict(),
         "params_sha256": sha256_text(json.dumps(params.as_dict(), sort_keys=True)),
-        "code": code_version(),
+        "code": code_version(running="publish"),
         "base_model": {
             "id": params.model.base,
             "revision": params.model.revision,

@@ -61,12 +61,14 @@ def _md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()  # DVC's own file hash, so records compare with dvc.lock
 
 
-def stage_code_hashes(root: Path | str = ".", from_lock: bool = True) -> dict[str, dict[str, str]]:
+def stage_code_hashes(
+    root: Path | str = ".", from_lock: bool = True, running: str | None = None
+) -> dict[str, dict[str, str]]:
     """What code each stage ran: {stage: {file: md5}} over exactly the modules it imports (tasks/stage_code.py).
 
     For a stage DVC ran, the md5s dvc.lock recorded when it ran (the code of that run, even if the files changed
-    since); for the others (publish itself, or stages called without DVC), and with from_lock=False, the files
-    as they are now.
+    since); for the stage `running` now (publish, recording itself: dvc.lock still holds its previous run until it
+    ends), for stages called without DVC, and with from_lock=False, the files as they are now.
     """
     import yaml
 
@@ -75,13 +77,14 @@ def stage_code_hashes(root: Path | str = ".", from_lock: bool = True) -> dict[st
     locked = yaml.safe_load(lock_file.read_text())["stages"] if from_lock and lock_file.exists() else {}
     record = {}
     for stage in STAGES:
-        ran = {d["path"]: d.get("md5") for d in locked.get(stage, {}).get("deps", [])}
+        ran = {} if stage == running else {d["path"]: d.get("md5") for d in locked.get(stage, {}).get("deps", [])}
         record[stage] = {f: ran.get(f) or _md5(root / f) for f in stage_code(stage, root)}
     return record
 
 
-def code_version() -> dict:
-    """The git commit of the code, whether the working tree differed from it, and the code files' own hash."""
+def code_version(running: str | None = None) -> dict:
+    """The git commit of the code, whether the working tree differed from it, the code files' own hash, and each
+    stage's code (`running`: the stage recording this, whose dvc.lock entry is still its last run's)."""
 
     def git(*args: str) -> str | None:
         try:
@@ -95,5 +98,5 @@ def code_version() -> dict:
         "git_commit": commit,
         "code_dirty": bool(status) if status is not None else None,
         "code_sha256": code_sha256(),
-        "stages": stage_code_hashes(),
+        "stages": stage_code_hashes(running=running),
     }

@@ -237,3 +237,23 @@ def test_artifacts_survive_the_machine_through_the_dvc_remote(project):
     dvc("pull")
     assert {out: sha256_tree(project / out) for out in OUTS} == before
     assert _first_failure(project) is None
+
+
+def test_publish_records_its_own_code_as_it_runs_not_its_last_lock_entry(tmp_path):
+    """While publish runs, dvc.lock still holds publish's previous run: the record must not take that code for
+    the code running now (else the audit of a fresh release warns that the workspace moved on)."""
+    import yaml
+
+    from tasks.stage_code import _md5, stage_code, stage_code_hashes
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "tasks", tmp_path / "tasks")
+    stale = {
+        "stages": {
+            s: {"deps": [{"path": f, "md5": "0" * 32} for f in stage_code(s, root)]} for s in ("train", "publish")
+        }
+    }
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(stale))
+    record = stage_code_hashes(tmp_path, running="publish")
+    assert set(record["train"].values()) == {"0" * 32}  # a stage DVC ran: the code of that run
+    assert record["publish"] == {f: _md5(tmp_path / f) for f in stage_code("publish", tmp_path)}
