@@ -63,14 +63,19 @@ def write_rows(raw: Path, n: int, path: Path) -> Path:
 
 def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[list[str]]:
     """The texts validate tokenizes (renderable rows, rendered), FLOOR_BATCH at a time, never all in memory."""
-    from tasks.conversation import ParseError, parse_row, render_llama2
+    from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
+    from tasks.expectations import conversation_features
+    from tasks.scan import renderable
 
     batch: list[str] = []
     with open(data_file, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(f):
+            row = json.loads(line)
             try:
-                conv = parse_row(json.loads(line))
+                conv = parse_row(row)
             except ParseError:
+                continue
+            if not renderable(conversation_features(i, conv, detect_form(row), None)):
                 continue
             batch.append(render_llama2(conv, system_prompt).text)
             if len(batch) == FLOOR_BATCH:

@@ -27,6 +27,9 @@ from pathlib import Path
 from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace
 
 COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
+# plain_trl's batches (batch 8, no accumulation, length-grouped) as the stage takes them, padding-free
+SAME_MATH = ["train.batch_size=8", "train.grad_accum=1", "train.group_by_length=true", "train.padding_free=true"]
+BUDGET_16GIB = ["train.gradient_checkpointing=auto", "train.memory_budget_gib=16"]
 # name: (param overrides, optimizer steps, measure held-out loss)
 CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
@@ -82,74 +85,22 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         32,
         False,
     ),
-    # the pipeline's fast setting, same batches in the same order as hf_gc (same math): padding-free varlen
-    # attention, Liger kernels, no recomputation
-    # batch 8 and group_by_length as plain_trl runs them (the same rows in the same order)
-    "ours_same": (
-        [
-            "train.batch_size=8",
-            "train.grad_accum=1",
-            "train.gradient_checkpointing=false",
-            "train.group_by_length=true",
-            "train.padding_free=true",
-            "train.liger_kernels=true",
-        ],
-        40,
-        False,
-    ),
+    # the pipeline's fast setting (padding-free varlen attention, Liger kernels, no recomputation) on plain_trl's
+    # batches: batch 8 and group_by_length, so the same rows in the same order (same math)
+    "ours_same": ([*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=true"], 40, False),
     # the same under a 16 GiB budget (and a 16 GiB cap): the planner picks the layout
-    "ours_16gib": (
-        [
-            "train.batch_size=8",
-            "train.grad_accum=1",
-            "train.gradient_checkpointing=auto",
-            "train.group_by_length=true",
-            "train.padding_free=true",
-            "train.liger_kernels=true",
-            "train.memory_budget_gib=16",
-        ],
-        40,
-        False,
-    ),
+    "ours_16gib": ([*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=true"], 40, False),
     # levers on top of ours_same / ours_16gib: regional torch.compile of the decoder layers. With Liger on, torch 2.11
     # fails to trace Liger's RMSNorm (vs_plain_trl_levers_h200.log), so preflight refuses the pair and compile stands
     # in for Liger's fusions here (inductor fuses RMSNorm/SwiGLU itself); ours_noliger is its baseline
-    "ours_noliger": (
-        [
-            "train.batch_size=8",
-            "train.grad_accum=1",
-            "train.gradient_checkpointing=false",
-            "train.group_by_length=true",
-            "train.padding_free=true",
-            "train.liger_kernels=false",
-        ],
-        40,
-        False,
-    ),
+    "ours_noliger": ([*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false"], 40, False),
     "ours_compile": (
-        [
-            "train.batch_size=8",
-            "train.grad_accum=1",
-            "train.gradient_checkpointing=false",
-            "train.group_by_length=true",
-            "train.padding_free=true",
-            "train.liger_kernels=false",
-            "train.compile=true",
-        ],
+        [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false", "train.compile=true"],
         40,
         False,
     ),
     "ours_16gib_compile": (
-        [
-            "train.batch_size=8",
-            "train.grad_accum=1",
-            "train.gradient_checkpointing=auto",
-            "train.group_by_length=true",
-            "train.padding_free=true",
-            "train.liger_kernels=false",
-            "train.memory_budget_gib=16",
-            "train.compile=true",
-        ],
+        [*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=false", "train.compile=true"],
         40,
         False,
     ),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def _dvc(args: list[str], project_dir: Path) -> subprocess.CompletedProcess:
     we hold the workspace) but can hold DVC's locks for a few seconds, until it gets there and stops; so this
     waits for them rather than failing: --wait-for-lock for DVC's repo lock, a retry for its per-file locks."""
     deadline = time.monotonic() + BUSY_WAIT_S
-    env = run_lock.for_children(project_dir).get("env", dict(os.environ))
+    env = run_lock.child_env(project_dir)
     if runtime.flow_run.id:  # the stage's provenance names this flow run (a deployment sets it; a direct call not)
         env["PREFECT__FLOW_RUN_ID"] = str(runtime.flow_run.id)
     while True:

@@ -18,15 +18,19 @@ from tasks.tokens import Tokenized, cut, tokenize_rendered
 PERCENTILES = (50, 90, 95, 99)
 
 
+def _figures(n_tokens: int, answer_tokens: int, answer_tokens_cut: int) -> dict:
+    """A row's figures as validated conversations carry them."""
+    return {
+        "n_tokens": n_tokens,
+        "answer_tokens": answer_tokens,
+        "answer_tokens_cut": answer_tokens_cut,
+        "fully_masked_if_truncated": answer_tokens - answer_tokens_cut == 0,
+    }
+
+
 def row_lengths(tok: Tokenized, max_length: int) -> dict:
     """Per-row figures: tokens, answer tokens, and what the cut at max_length (tokens.cut) leaves of them."""
-    kept = cut(tok, max_length)
-    return {
-        "n_tokens": len(tok.input_ids),
-        "answer_tokens": tok.answer_tokens,
-        "answer_tokens_cut": tok.answer_tokens - kept.answer_tokens,
-        "fully_masked_if_truncated": kept.answer_tokens == 0,
-    }
+    return _figures(len(tok.input_ids), tok.answer_tokens, tok.answer_tokens - cut(tok, max_length).answer_tokens)
 
 
 def _first_over(enc, n: int, part: int, value: int) -> int:
@@ -71,8 +75,7 @@ def measure_rendered(tokenizer, rendered: list[Rendered], max_length: int) -> np
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         for k, tok in enumerate(tokenize_rendered(tokenizer, rendered)):
-            ln = row_lengths(tok, max_length)
-            out[k] = (ln["n_tokens"], ln["answer_tokens"], ln["answer_tokens_cut"])
+            out[k] = (len(tok.input_ids), tok.answer_tokens, tok.answer_tokens - cut(tok, max_length).answer_tokens)
         return out
     encodings = backend.encode_batch([r.text for r in rendered], add_special_tokens=False)
     for k, (enc, r) in enumerate(zip(encodings, rendered)):
@@ -83,15 +86,7 @@ def measure_rendered(tokenizer, rendered: list[Rendered], max_length: int) -> np
 
 def length_rows(measured: np.ndarray) -> list[dict]:
     """measure_rendered's figures as row_lengths' dicts (what each validated conversation carries)."""
-    return [
-        {
-            "n_tokens": int(n),
-            "answer_tokens": int(a),
-            "answer_tokens_cut": int(c),
-            "fully_masked_if_truncated": bool(a - c == 0),
-        }
-        for n, a, c in measured.tolist()
-    ]
+    return [_figures(*row) for row in measured.tolist()]
 
 
 def length_report(measured: np.ndarray, max_length: int, policy: str, tokenizer_name: str) -> dict:

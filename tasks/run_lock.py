@@ -6,7 +6,7 @@ and the flow runs one `dvc repro --single-item` per stage, so between two of its
 and a second flow, or a user's `dvc repro`, could slip in and interleave stages. So:
 
 - the flow takes this lock before it touches anything and keeps it to its end (`hold_for_flow`); the `dvc`
-  processes it starts get an environment variable naming it (`for_children`), so the stages they run know they are
+  processes it starts get an environment variable naming it (`child_env`), so the stages they run know they are
   part of the holder's run;
 - every stage entry (`tasks.errors.run_main`) takes it unless its run already holds it (`hold_for_stage`), so a
   stage of a user's `dvc repro` refuses while a flow runs; and a flow refuses to start while a dvc command is at
@@ -183,16 +183,16 @@ def hold_for_flow(root: Path, flow_run: str) -> RunLock:
     return lock
 
 
-def for_children(root: Path) -> dict:
-    """subprocess arguments that put a child in this process's run (the token in its environment); {} when this
-    process holds no lock on `root`.
+def child_env(root: Path) -> dict[str, str]:
+    """The environment for a child process of this run: this one's, plus the lock's token when this process holds
+    the lock on `root`, so the stages the child runs know they belong to this run.
 
     The lock's descriptor itself is not handed to `dvc`: DVC forks copies of itself that wait on its background
     daemons (analytics, updater), and those would keep the workspace locked after the run ended. The price: if the
     flow is killed while a stage runs, that stage finishes without this lock; a new flow still refuses while it
     runs (`_dvc_at_work` sees its dvc), and DVC's per-file locks keep a user's `dvc repro` off its files."""
     lock = _held.get(Path(root).resolve())
-    return {"env": {**os.environ, COVER_ENV: lock.token}} if lock else {}
+    return {**os.environ, COVER_ENV: lock.token} if lock else dict(os.environ)
 
 
 def hold_for_stage(stage: str) -> RunLock | None:

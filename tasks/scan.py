@@ -88,6 +88,13 @@ def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
         yield block
 
 
+def renderable(features: dict) -> bool:
+    """Whether the chat template can render a row (user/assistant turns alternating, ending with an answer): the
+    rows that are tokenized, measured and can be trained on."""
+    alternate, last = features.get("roles_alternate"), features.get("last_role")
+    return bool(alternate) and last == "assistant" and features.get("n_turns", 0) >= 2
+
+
 @dataclass
 class _Parsed:
     """One block, parsed: the renderable rows' conversations, their rendering and their content keys."""
@@ -114,7 +121,7 @@ def _parse_block(block, scan: Scan, seen: set[bytes], system_prompt: str | None)
             seen.add(digest.digest())
             key = digest.hexdigest()
         scan.is_duplicate.append(duplicate)
-        if features.get("roles_alternate") and features.get("last_role") == "assistant" and features["n_turns"] >= 2:
+        if renderable(features):
             parsed.rows.append((i, conv, duplicate, key))
             parsed.rendered.append(render_llama2(conv, system_prompt))
     return parsed

@@ -88,3 +88,18 @@ def test_measured_lengths_equal_the_label_counts_train_uses(max_length):
     expected = [row_lengths(t, max_length) for t in tokenize_rendered(tokenizer, rendered)]
     assert measured == [[e["n_tokens"], e["answer_tokens"], e["answer_tokens_cut"]] for e in expected]
     assert any(m[2] for m in measured)  # some answers are cut: the cut count is exercised
+
+
+def test_control_character_regex_is_exactly_unicode_cc_but_newline_and_tab():
+    """expectations._CONTROL replaced a per-character unicodedata.category loop: the same set, every code point."""
+    import sys
+    import unicodedata
+
+    from tasks.expectations import _CONTROL
+
+    differ = [
+        c
+        for c in range(sys.maxunicode + 1)
+        if (unicodedata.category(chr(c)) == "Cc" and chr(c) not in "\n\t") != bool(_CONTROL.match(chr(c)))
+    ]
+    assert differ == []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,34 +13,16 @@ from pathlib import Path
 import pytest
 
 from flows import history
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
 ALL = ["download", "validate", "format", "train", "evaluate", "publish"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -59,7 +40,7 @@ def prefect_server(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120, "the Prefect server")
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 120, "the Prefect server")
         yield url, env
     finally:
         server.terminate()
@@ -99,7 +80,7 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, 
         stderr=subprocess.STDOUT,
     )
     try:
-        deployment = _wait(lambda: _deployment(url), 120, "the deployment to be registered")
+        deployment = wait_for(lambda: _deployment(url), 120, "the deployment to be registered")
         crons = [s.schedule.cron for s in deployment.schedules]
         assert crons == ["0 3 * * *"]
 

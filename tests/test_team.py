@@ -12,7 +12,6 @@ import glob
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,30 +22,12 @@ from pathlib import Path
 import pytest
 
 from flows import history
+from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "guanaco-pool"
 DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str, every: float = 1.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception:
-            pass
-        time.sleep(every)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 def _pg_bindir() -> Path | None:
@@ -73,7 +54,7 @@ def postgres():
             pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
         as_user = ["runuser", "-u", "postgres", "--"]
         shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", _free_port()
+    data, port = base / "data", free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
     run(
@@ -104,7 +85,7 @@ def team(postgres, new_project, tmp_path_factory):
     """Prefect server on PostgreSQL, a process work pool with the deployment on it, and a worker polling it."""
     tmp = tmp_path_factory.mktemp("team")
     project = new_project(tmp / "project")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
@@ -131,7 +112,7 @@ def team(postgres, new_project, tmp_path_factory):
 
     try:
         start("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
         subprocess.run(
             [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
             cwd=project,
@@ -215,7 +196,7 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
         return runs if all(r.state.is_final() for r in runs) else None
 
     start = time.perf_counter()
-    first, second = _wait(both_final, 600, "both flow runs to end", every=2)
+    first, second = wait_for(both_final, 600, "both flow runs to end", every=2)
     print(f"\ntwo runs through the worker: {time.perf_counter() - start:.1f} s")
     logs = (tmp / "worker.log").read_text()
     assert first.state.type.value == "COMPLETED", logs[-3000:]
