@@ -158,6 +158,13 @@ def fingerprint(input_path: Path, overrides: list[str], project: Path) -> dict:
     return _summarize(project, passed)
 
 
+def _portable(lengths: dict) -> dict:
+    """The length report with the tokenizer's absolute path made relative to shared/data: the report records the
+    path the params name, which differs between this machine and a CI checkout."""
+    tokenizer = Path(lengths["tokenizer"])
+    return lengths | {"tokenizer": str(tokenizer.relative_to(SHARED_DATA.resolve()))}
+
+
 def _summarize(project: Path, passed: bool) -> dict:
     result = json.loads((project / "reports/validation/result.json").read_text(encoding="utf-8"))
     rules = {
@@ -172,7 +179,7 @@ def _summarize(project: Path, passed: bool) -> dict:
         },
         "excluded_rows": _sha(result["excluded_rows"]),
         "parse_errors": _sha(result["parse_errors"]),
-        "lengths": _sha(json.loads((project / "reports/validation/lengths.json").read_text(encoding="utf-8"))),
+        "lengths": _sha(_portable(json.loads((project / "reports/validation/lengths.json").read_text("utf-8")))),
         "validate_metrics": json.loads((project / "metrics/validate.json").read_text(encoding="utf-8")),
         "conversations_sha256": _conversations_sha(project / "data/validated/conversations.jsonl"),
     }
