@@ -1,0 +1,178 @@
+"""Where a training step's GPU time goes: torch.profiler over a few steps of the train stage, kernels grouped by kind.
+
+Runs one configuration of benchmarks/train_throughput.py (its CONFIGS: the same params the throughput figures come
+from) through the stage's own train(), profiles steps `--skip`+1 .. `--skip`+`--active` (after warm-up), and
+prints and saves per step: wall time, GPU busy time (the union of kernel intervals; the rest is the GPU waiting on
+the CPU), and kernel time per kind (4-bit dequantization, GEMMs, attention, Liger/Triton, elementwise, optimizer,
+copies). A kind's share bounds what a lever aimed at it can win: a faster dequantization kernel cannot save more
+than the dequantization row, CUDA graphs no more than the idle time.
+
+    python -m benchmarks.profile_train --model-dir /tmp/llama-2-7b-random --work /tmp/prof \
+        --out profile.json --config ours_same          (after benchmarks/prepare_bench.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from benchmarks.common import bench_arguments, bench_params, save, workspace
+from benchmarks.train_throughput import COMMON, CONFIGS, StepClock
+
+# First match wins: the order puts the specific names before the generic ones.
+KINDS = [
+    ("dequant_4bit", r"dequantize|kDequant"),
+    ("gemm_4bit_inference", r"kgemm_4bit|gemv_4bit"),
+    ("attention", r"flash|fmha|attn|attention"),
+    ("gemm", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|wgmma|splitK"),
+    ("optimizer", r"adam|optimizer|multi_tensor"),
+    ("liger_triton", r"triton|liger|_rms_norm|swiglu|cross_entropy"),
+    ("dropout_rng", r"dropout|fused_dropout|philox|bernoulli"),
+    ("copy_cast", r"copy|Memcpy|Memset|cast|to_copy|cat_"),
+    ("reduce", r"reduce|norm|sum|mean"),
+    ("elementwise", r"elementwise|vectorized|unrolled|pointwise|index|mul|add"),
+]
+
+
+def kind_of(name: str) -> str:
+    return next((kind for kind, pattern in KINDS if re.search(pattern, name, re.IGNORECASE)), "other")
+
+
+def busy_time_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time the GPU ran at least one kernel."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+def summarize(prof, steps: int, wall_s: float) -> dict:
+    """Per-step figures from the profiler's kernel events (CPU ops when there is no GPU, for a smoke run)."""
+    from torch.autograd import DeviceType
+
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    on_gpu = bool(events)
+    if not on_gpu:
+        events = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+    per_kind: dict[str, float] = {}
+    per_name: dict[str, list[float]] = {}
+    for e in events:
+        us = e.time_range.end - e.time_range.start
+        per_kind[kind_of(e.name)] = per_kind.get(kind_of(e.name), 0.0) + us
+        per_name.setdefault(e.name, []).append(us)
+    busy = busy_time_us([(e.time_range.start, e.time_range.end) for e in events]) if on_gpu else None
+    step_ms = wall_s * 1000 / steps
+    top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
+    return {
+        "device": "cuda" if on_gpu else "cpu (aten ops, overlapping)",
+        "steps_profiled": steps,
+        "step_ms": round(step_ms, 2),
+        "gpu_busy_ms_per_step": round(busy / 1000 / steps, 2) if busy is not None else None,
+        "gpu_idle_share": round(1 - busy / 1000 / steps / step_ms, 4) if busy is not None else None,
+        "kernel_ms_per_step": {
+            k: round(v / 1000 / steps, 2) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
+        },
+        "kernel_share_of_step": {
+            k: round(v / 1000 / steps / step_ms, 4) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
+        },
+        "top_kernels": [
+            {"name": n[:160], "kind": kind_of(n), "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
+            for n, t in top
+        ],
+    }
+
+
+def profile_config(name: str, args) -> dict:
+    import torch
+    from transformers import TrainerCallback
+
+    from tasks.train import train
+
+    overrides, _, _ = CONFIGS[name]
+    steps = args.skip + args.active
+    overrides_all = [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides]
+    params = bench_params(args.bench, args.model_dir, overrides_all)
+    os.chdir(workspace(args.bench, args.work / name, params))
+    budget = params.train.memory_budget_gib
+    if isinstance(budget, float) and torch.cuda.is_available():  # as train_throughput: behave as a card that size
+        torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+    out: dict = {}
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class Profile(TrainerCallback):
+        """Profiles whole optimizer steps skip+1 .. skip+active, between synchronizations."""
+
+        def __init__(self):
+            self.prof = None
+            self.start = 0.0
+            self.tokens_at_start = 0
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == args.skip and self.prof is None:
+                sync()
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+                self.tokens_at_start = state.num_input_tokens_seen
+
+        def on_step_end(self, a, state, control, **kw):
+            if self.prof is not None and state.global_step == args.skip + args.active:
+                sync()
+                wall = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
+                out.update(summarize(self.prof, args.active, wall))
+                out["tokens_per_step"] = (state.num_input_tokens_seen - self.tokens_at_start) / args.active
+                self.prof = None
+
+    profiler = Profile()
+    clock = StepClock()
+    metrics = train(params, extra_callbacks=[profiler, clock])
+    return {
+        "name": name,
+        "overrides": overrides,
+        "micro_batch": metrics["micro_batch"],
+        "grad_accum": metrics["grad_accum"],
+        "gradient_checkpointing": metrics["gradient_checkpointing"],
+        "peak_allocated_gib": metrics["peak_memory_gib"],
+        "tokens_per_second_unprofiled": clock.tokens_per_second(),
+        **out,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+
+
+def main() -> None:
+    ap = bench_arguments(__doc__)
+    ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
+    ap.add_argument("--skip", type=int, default=4, help="warm-up steps before profiling")
+    ap.add_argument("--active", type=int, default=3, help="steps profiled")
+    args = ap.parse_args()
+    args.work, args.out = args.work.resolve(), args.out.resolve()
+    if args.config == "plain_trl":
+        raise SystemExit("profile_train profiles the stage's configurations; plain_trl is not the stage")
+    from benchmarks.build_random_llama import SHAPES, build
+
+    if not (args.model_dir / "config.json").exists():
+        build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
+    result = profile_config(args.config, args)
+    print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}, indent=1))
+    for k in result.get("top_kernels", [])[:15]:
+        print(f"{k['ms_per_step']:9.2f} ms  x{k['calls_per_step']:<6g} {k['kind']:14s} {k['name'][:90]}")
+    save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
