@@ -58,7 +58,9 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures from the profiler's kernel events (CPU ops when there is no GPU, for a smoke run)."""
     from torch.autograd import DeviceType
 
-    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    # Kernels and copies only: a GPU user annotation (the optimizer's "Optimizer.step#AdamW.step") spans kernels
+    # that are counted on their own, and would count the gaps between them as busy.
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
     on_gpu = bool(events)
     if not on_gpu:
         events = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
@@ -148,7 +150,17 @@ def profile_config(name: str, args) -> dict:
         "grad_accum": metrics["grad_accum"],
         "gradient_checkpointing": metrics["gradient_checkpointing"],
         "peak_allocated_gib": metrics["peak_memory_gib"],
-        "tokens_per_second_unprofiled": clock.tokens_per_second(),
+        # every step's wall time and tokens (synchronized at each step's end), profiled ones marked: time against
+        # tokens tells a fixed per-step cost (the CPU issuing kernels) from a per-token one
+        "step_times": [
+            {
+                "step": i + 1,
+                "seconds": round(t_b - t_a, 4),
+                "tokens": n_b - n_a,
+                "profiled": args.skip < i + 1 <= args.skip + args.active,
+            }
+            for i, ((t_a, n_a), (t_b, n_b)) in enumerate(zip(clock.marks, clock.marks[1:]), start=1)
+        ],
         **out,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
