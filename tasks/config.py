@@ -45,7 +45,9 @@ class ColumnsParams(_Strict):
 
 class DownloadParams(_Strict):
     source: Literal["local", "hub"]
-    path: str = Field(description="local .jsonl/.json/.parquet/.csv file (used when source=local)")
+    path: str = Field(
+        description="local .jsonl/.json/.parquet/.csv/.tsv file, text ones also .gz/.bz2/.xz (used when source=local)"
+    )
     hub_id: str = Field(description="Hub dataset id (used when source=hub)")
     revision: str | None = Field(description="Hub commit sha or tag; pin it for reproducible runs")
     split: str

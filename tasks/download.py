@@ -1,9 +1,10 @@
 """Stage 1, download: fetch the raw rows exactly as published, and record where they came from.
 
-Sources: a Hub dataset (`datasets.load_dataset`, revision pinnable) or a local .jsonl/.json/
-.parquet/.csv file (the shipped sample is one). Output: data/raw/rows.jsonl (one JSON object a row,
-values unchanged, columns renamed only where download.columns says) and data/raw/source.json (origin,
-revision or sha256, row count, time). Data with no column the parser can read stops here.
+Sources: a Hub dataset (`datasets.load_dataset`, revision pinnable) or a local .jsonl/.json/.parquet/.csv/.tsv
+file (the shipped sample is one), the text formats also compressed (.gz, .bz2, .xz). Output: data/raw/rows.jsonl
+(one JSON object a row, values unchanged, columns renamed only where download.columns says) and
+data/raw/source.json (origin, revision or sha256, row count, time). Data with no column the parser can read
+stops here.
 
 Rows stream through in blocks (jsonl lines, parquet row groups, csv chunks, the Hub's Arrow batches), so a
 million-row file needs no more memory than a small one; only a .json document is parsed whole.
@@ -11,9 +12,12 @@ million-row file needs no more memory than a small one; only a .json document is
 
 from __future__ import annotations
 
+import bz2
 import datetime as dt
+import gzip
 import json
 import logging
+import lzma
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +30,10 @@ from tasks.errors import PipelineError, run_main
 
 log = logging.getLogger(__name__)
 
-LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv")
+LOCAL_FORMATS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+# Text formats may come compressed, as Hub exports and data dumps often do (rows.jsonl.gz); read as they stream.
+COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_FORMATS_TEXT = f"{'/'.join(LOCAL_FORMATS)} (text formats also {'/'.join(COMPRESSIONS)})"
 BLOCK_ROWS = 10_000  # rows held at a time while streaming a source into data/raw/rows.jsonl
 # Text files are read as utf-8-sig: plain UTF-8, and a leading byte-order mark (Windows tools and spreadsheet
 # exports write one) is dropped instead of breaking line 1.
@@ -54,9 +61,15 @@ def _json_problem(e: json.JSONDecodeError, line: bool = True) -> str:
     return f"{e.msg.removesuffix(' at')} at {where}"
 
 
+def _open_text(path: Path):
+    """The file as text, decompressed on the fly when its last suffix names a compression."""
+    opener = COMPRESSIONS.get(path.suffix.lower())
+    return opener(path, "rt", encoding=TEXT_ENCODING) if opener else open(path, encoding=TEXT_ENCODING)
+
+
 def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
     block = []
-    with open(path, encoding=TEXT_ENCODING) as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -81,7 +94,8 @@ def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
 
 def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     # A JSON document is parsed whole (the format has no rows to stream); large data belongs in .jsonl or .parquet.
-    data = json.loads(path.read_text(encoding=TEXT_ENCODING))
+    with _open_text(path) as f:
+        data = json.loads(f.read())
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
@@ -98,11 +112,25 @@ def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
         yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in batch.to_pylist()]
 
 
-def _csv_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
+def _csv_blocks(path: Path, sep: str = ",") -> Iterator[list[tuple[dict, None]]]:
     import pandas as pd
 
-    for frame in pd.read_csv(path, keep_default_na=False, encoding=TEXT_ENCODING, chunksize=BLOCK_ROWS):
-        yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in frame.to_dict(orient="records")]
+    with _open_text(path) as f:
+        frames = pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS)
+        for frame in frames:
+            yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in frame.to_dict(orient="records")]
+
+
+def _tsv_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
+    yield from _csv_blocks(path, sep="\t")
+
+
+def local_format(path: Path) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of a file name: rows.jsonl.gz -> (".jsonl", ".gz")."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        return (suffixes[-2] if len(suffixes) > 1 else ""), suffixes[-1]
+    return (suffixes[-1] if suffixes else ""), None
 
 
 def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
@@ -111,25 +139,39 @@ def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
     if not path.exists():
         raise PipelineError(f"input file {path} does not exist. Set download.path in params.yaml to your data file.")
     if path.is_dir():
-        raise PipelineError(
-            f"input {path} is a directory; download.path must name one .jsonl/.json/.parquet/.csv file."
-        )
-    suffix = path.suffix.lower()
-    if suffix not in LOCAL_FORMATS:
-        raise PipelineError(f"input file {path} has suffix {suffix!r}; supported: {', '.join(LOCAL_FORMATS)}.")
-    reader = {".jsonl": _jsonl_blocks, ".json": _json_blocks, ".parquet": _parquet_blocks, ".csv": _csv_blocks}
+        raise PipelineError(f"input {path} is a directory; download.path must name one {_FORMATS_TEXT} file.")
+    fmt, compression = local_format(path)
+    if fmt not in LOCAL_FORMATS or (compression and fmt == ".parquet"):
+        if compression and fmt == ".parquet":
+            why = "parquet compresses inside the file; decompress it to a plain .parquet"
+        elif compression:
+            why = f"a {compression} file must say its format before {compression} (rows.jsonl{compression})"
+        else:
+            why = f"supported: {_FORMATS_TEXT}"
+        shown = "".join(path.suffixes[-2:]) if compression else path.suffix
+        raise PipelineError(f"input file {path} has suffix {shown!r}; {why}.")
+    reader = {
+        ".jsonl": _jsonl_blocks,
+        ".json": _json_blocks,
+        ".parquet": _parquet_blocks,
+        ".csv": _csv_blocks,
+        ".tsv": _tsv_blocks,
+    }
+    unpacked = f" (after {compression} decompression)" if compression else ""
     try:
-        yield from reader[suffix](path)
+        yield from reader[fmt](path)
     except PipelineError:
         raise
     except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}). Re-save it as UTF-8.") from None
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({_json_problem(e)}).") from None
-    except Exception as e:  # pyarrow/pandas raise many types for a truncated or foreign file
         raise PipelineError(
-            f"{path}: could not be read as {suffix[1:]} ({type(e).__name__}: {e}). "
-            "The file may be truncated or not of that format; re-export it."
+            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}{unpacked}). Re-save it as UTF-8."
+        ) from None
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{path}: not valid JSON ({_json_problem(e)}{unpacked}).") from None
+    except Exception as e:  # pyarrow/pandas/gzip raise many types for a truncated or foreign file
+        raise PipelineError(
+            f"{path}: could not be read as {fmt[1:]}{f' ({compression[1:]})' if compression else ''} "
+            f"({type(e).__name__}: {e}). The file may be truncated or not of that format; re-export it."
         ) from None
 
 

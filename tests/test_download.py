@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import os
 from pathlib import Path
 
@@ -47,6 +50,28 @@ def test_local_jsonl_rows_unchanged(params, workdir):
     assert source["row_count"] == 64
     assert source["columns"] == ["text"]
     assert source["rows_sha256"] == hashlib.sha256(out_rows.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl.gz", "rows.jsonl.bz2", "rows.JSONL.XZ", "rows.json.gz", "rows.csv.gz"])
+def test_compressed_text_files_are_read_as_they_stream(params, workdir, name):
+    fmt = name.lower().split(".")[1]
+    text = {"jsonl": "".join(json.dumps(r) + "\n" for r in ROWS), "json": json.dumps(ROWS)}.get(fmt)
+    text = text if text is not None else pd.DataFrame(ROWS).to_csv(index=False)
+    pack = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[Path(name.lower()).suffix]
+    path = workdir / name
+    path.write_bytes(pack(text.encode("utf-8")))
+    record, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == ROWS
+    assert record["file_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()  # the file as given, compressed
+
+
+def test_tsv_input_keeps_commas_and_quotes(params, workdir):
+    rows = [{"text": '### Human: a, b and "c"?### Assistant: yes, all three.'}, *ROWS]
+    path = workdir / "rows.tsv"
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    record, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == rows
+    assert record["columns"] == ["text"]
 
 
 def test_parquet_input(params, workdir):
@@ -146,6 +171,25 @@ def _not_utf8(tmp: Path) -> tuple[Path, str]:
     return path, r"not UTF-8"
 
 
+def _bare_gz(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.gz"
+    path.write_bytes(gzip.compress(json.dumps(ROWS[0]).encode() + b"\n"))
+    return path, r"must say its format before \.gz \(rows\.jsonl\.gz\)"
+
+
+def _parquet_gz(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.parquet.gz"
+    path.write_bytes(gzip.compress(b"PAR1"))
+    return path, r"parquet compresses inside the file"
+
+
+def _corrupt_gz(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in ROWS * 50).encode())
+    path.write_bytes(whole[: len(whole) // 2])  # a download cut short
+    return path, r"could not be read as jsonl \(gz\) \(EOFError"
+
+
 def _json_scalar(tmp: Path) -> tuple[Path, str]:
     path = tmp / "scalar.json"
     path.write_text("42", encoding="utf-8")
@@ -164,6 +208,9 @@ def _json_scalar(tmp: Path) -> tuple[Path, str]:
         _empty_jsonl,
         _not_utf8,
         _json_scalar,
+        _bare_gz,
+        _parquet_gz,
+        _corrupt_gz,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
