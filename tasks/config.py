@@ -256,7 +256,10 @@ def _describe(err: ValidationError, path: Path) -> str:
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return (
-        f"{path} has {len(lines)} invalid setting(s):\n" + "\n".join(lines) + "\nFix them in params.yaml and run again."
+        f"{path} has {len(lines)} invalid setting(s):\n"
+        + "\n".join(lines)
+        + "\nFix them where they were set (a `-S` of `dvc exp run`, conf/, or params.yaml itself for `dvc repro`) "
+        "and run again."
     )
 
 
