@@ -30,3 +30,12 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
     except PipelineError as e:
         print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        # Ctrl-C (or a scheduler's SIGINT): each output is replaced whole or not at all, so none is half-written;
+        # say so instead of a traceback. 130 is the shell's code for a SIGINT.
+        print(
+            f"\n[{stage}] interrupted: no output is half-written (each is replaced whole or not at all); "
+            "run it again to finish.\n",
+            file=sys.stderr,
+        )
+        sys.exit(130)

@@ -1,0 +1,57 @@
+"""Ctrl-C in the middle of a stage: a one-line message and exit 130, no traceback, no half-written output, and the
+last good outputs in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import yaml
+
+from tasks.config import with_overrides
+from tests.conftest import ROOT, wait_for
+
+
+def _stage(name: str, cwd, **kw):
+    cmd = [sys.executable, "-m", f"tasks.{name}"]
+    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _set_input(workdir, params, path) -> None:
+    p = with_overrides(params, **{"download.source": "local", "download.path": str(path)})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p.as_dict(), sort_keys=False))
+
+
+def test_ctrl_c_in_validate_keeps_the_last_good_outputs(workdir, params):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stages run from the scratch dir, as dvc runs them
+    _set_input(workdir, params, "data/sample/guanaco_sample.jsonl")
+    for stage in ("download", "validate"):  # a good run first
+        proc = _stage(stage, workdir, env=env)
+        _, err = proc.communicate(timeout=600)  # communicate, not wait: a full pipe would block the stage
+        assert proc.returncode == 0, err
+    validated = workdir / "data" / "validated"
+    good = (validated / "conversations.jsonl").read_bytes()
+
+    sample = (workdir / "data/sample/guanaco_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    big = workdir / "big.jsonl"
+    with open(big, "w", encoding="utf-8") as f:  # enough rows that validate is still scanning when interrupted
+        for i in range(40_000):
+            row = json.loads(sample[i % len(sample)])
+            row["text"] += f" ({i})"
+            f.write(json.dumps(row) + "\n")
+    _set_input(workdir, params, big)
+    proc = _stage("download", workdir, env=env)
+    assert proc.communicate(timeout=600) and proc.returncode == 0
+
+    proc = _stage("validate", workdir, env=env)
+    wait_for(lambda: list(validated.glob(".*.tmp")), timeout=300, what="validate's scan to start", every=0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "[validate] interrupted: no output is half-written" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in validated.iterdir()) == ["conversations.jsonl"]  # no temp file left
+    assert (validated / "conversations.jsonl").read_bytes() == good
