@@ -83,15 +83,28 @@ def _causal_kwargs(gqa: bool) -> dict:
     return kwargs
 
 
-def available() -> bool:
-    """Whether padding-free training can run here: any CPU, or a CUDA PyTorch with varlen attention."""
+# PyTorch's varlen attention is its FlashAttention kernel, built for Ampere (compute capability 8.0) and newer: on a
+# T4 or V100 it fails at the first forward, so preflight says so before the base loads.
+MIN_CAPABILITY = (8, 0)
+
+
+def unavailable_reason() -> str | None:
+    """Why padding-free training cannot run here, or None: any CPU can; on CUDA it needs a PyTorch with varlen
+    attention and an Ampere-or-newer GPU."""
     if not torch.cuda.is_available():
-        return True
+        return None
     try:
         _varlen_kernel()
-        return True
     except ImportError:
-        return False
+        return "train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA"
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_CAPABILITY:
+        return (
+            f"train.padding_free uses PyTorch's FlashAttention, which needs an Ampere or newer GPU (compute "
+            f"capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+); this {torch.cuda.get_device_name()} is "
+            f"{capability[0]}.{capability[1]}: set train.padding_free=false"
+        )
+    return None
 
 
 def _mask(*args, attention_mask=None, **kwargs):

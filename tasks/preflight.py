@@ -88,8 +88,8 @@ def hardware_problems(params: Params) -> list[str]:
         problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
     if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():
         problems.append("this GPU has no bf16: set train.precision=fp16 and quant.compute_dtype=float16")
-    if t.padding_free and not attention_impl.available():
-        problems.append("train.padding_free needs PyTorch >= 2.10 (torch.nn.attention.varlen) on CUDA")
+    if t.padding_free and (why := attention_impl.unavailable_reason()):
+        problems.append(why)
     d = t.distributed
     if d.mode == "fsdp" and not cuda:
         problems.append(

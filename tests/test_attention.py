@@ -5,6 +5,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tasks import attention
+from tasks.config import with_overrides
 
 
 def _model(impl: str):
@@ -56,3 +57,26 @@ def test_padded_batches_still_take_the_sdpa_path():
             packed_model(input_ids=ids, attention_mask=mask).logits,
             plain_model(input_ids=ids, attention_mask=mask).logits,
         )
+
+
+def test_preflight_names_a_gpu_too_old_for_varlen_attention(monkeypatch, params):
+    # A T4 (7.5) as the CUDA device: PyTorch's varlen FlashAttention would fail at the first forward there.
+    from tasks import preflight
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    why = attention.unavailable_reason()
+    assert why is not None and "Tesla T4 is 7.5" in why and "train.padding_free=false" in why
+    t4_recipe = with_overrides(
+        params,
+        **{"train.padding_free": True, "train.liger_kernels": False, "train.optimizer": "adamw_torch"},
+        **{"train.precision": "bf16"},
+    )
+    problems = preflight.hardware_problems(t4_recipe)
+    assert why in problems and any("no bf16" in p for p in problems)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100 or H200
+    assert attention.unavailable_reason() is None
