@@ -2,9 +2,9 @@
 
 4-bit NF4 base (bf16 compute), `use_cache=False`, pad = eos with right padding, peft's default LoRA targets
 for Llama (q_proj, v_proj) at r=64 / alpha 16 / dropout 0.1, and `SFTTrainer` on the `text` column with
-trl's defaults (gradient checkpointing on, no packing, loss on every token), batch 8, paged AdamW 32-bit,
-group_by_length as the notebooks set it, max_length 1024. It trains on the `text` of the same formatted rows
-the pipeline trains on (data/formatted/train.jsonl), so both see the same conversations.
+trl's defaults (gradient checkpointing on, no packing, loss on every token, logged every 10 steps), batch 8,
+paged AdamW 32-bit, group_by_length as the notebooks set it, max_length 1024. It trains on the `text` of the
+same formatted rows the pipeline trains on (data/formatted/train.jsonl), so both see the same conversations.
 
 benchmarks/train_throughput.py runs it as the configuration `plain_trl`, interleaved with ours.
 """
@@ -55,7 +55,6 @@ def train_plain_trl(model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps
         dataset_text_field="text",
         include_num_input_tokens_seen="non_padding",
         max_steps=max_steps,
-        logging_steps=1,
         save_strategy="no",
         report_to="none",
         use_cpu=not cuda,

@@ -13,14 +13,16 @@ than the dequantization row, CUDA graphs no more than the idle time.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 from benchmarks.common import bench_arguments, bench_params, save, workspace
-from benchmarks.train_throughput import COMMON, CONFIGS, StepClock
+from benchmarks.train_throughput import COMMON, CONFIGS, LOGGING_STEPS, StepClock
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [
@@ -54,6 +56,46 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def idle_gaps(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The stretches between kernels when no kernel ran (the window's edges left out)."""
+    gaps, end = [], None
+    for s, e in sorted(intervals):
+        if end is not None and s > end:
+            gaps.append((end, s))
+        end = e if end is None else max(end, e)
+    return gaps
+
+
+def idle_by_cpu_op(gaps: list[tuple[float, float]], cpu_events: list[tuple[int, float, float, str]]) -> dict:
+    """GPU idle time (us) by what the CPU was inside at the middle of each gap: on each thread the innermost CPU
+    range open then (an aten op, an autograd node, the optimizer step, the data loader), and of those the one that
+    began last. "(python)" when no range was open: the CPU was in plain Python between ops."""
+    threads: dict[int, list[tuple[float, float, str]]] = {}
+    for thread, start, end, name in cpu_events:
+        threads.setdefault(thread, []).append((start, end, name))
+    mids = sorted(((s + e) / 2, e - s) for s, e in gaps)
+    found: list[list[tuple[float, str]]] = [[] for _ in mids]
+    for events in threads.values():  # events of one thread nest, so a stack sweep finds the innermost open one
+        events.sort()
+        stack: list[tuple[float, float, str]] = []
+        i = 0
+        for k, (m, _) in enumerate(mids):
+            while i < len(events) and events[i][0] <= m:
+                while stack and stack[-1][1] < events[i][0]:
+                    stack.pop()
+                stack.append(events[i])
+                i += 1
+            while stack and stack[-1][1] < m:
+                stack.pop()
+            if stack:
+                found[k].append((stack[-1][0], stack[-1][2]))
+    out: dict[str, float] = {}
+    for (_, length), open_ranges in zip(mids, found):
+        name = max(open_ranges)[1] if open_ranges else "(python)"
+        out[name] = out.get(name, 0.0) + length
+    return out
+
+
 def summarize(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures from the profiler's kernel events (CPU ops when there is no GPU, for a smoke run)."""
     from torch.autograd import DeviceType
@@ -70,7 +112,16 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         us = e.time_range.end - e.time_range.start
         per_kind[kind_of(e.name)] = per_kind.get(kind_of(e.name), 0.0) + us
         per_name.setdefault(e.name, []).append(us)
-    busy = busy_time_us([(e.time_range.start, e.time_range.end) for e in events]) if on_gpu else None
+    intervals = [(e.time_range.start, e.time_range.end) for e in events]
+    busy = busy_time_us(intervals) if on_gpu else None
+    idle = {}
+    if on_gpu:
+        cpu = [
+            (e.thread, e.time_range.start, e.time_range.end, e.name)
+            for e in prof.events()
+            if e.device_type == DeviceType.CPU
+        ]
+        idle = idle_by_cpu_op(idle_gaps(intervals), cpu)
     step_ms = wall_s * 1000 / steps
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
     return {
@@ -84,6 +135,10 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         },
         "kernel_share_of_step": {
             k: round(v / 1000 / steps / step_ms, 4) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
+        },
+        # where the GPU waited: by the CPU op in progress at each gap's middle, the 25 largest
+        "gpu_idle_ms_per_step_by_cpu_op": {
+            n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle.items(), key=lambda kv: -kv[1])[:25]
         },
         "top_kernels": [
             {"name": n[:160], "kind": kind_of(n), "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
@@ -100,7 +155,8 @@ def profile_config(name: str, args) -> dict:
 
     overrides, _, _ = CONFIGS[name]
     steps = args.skip + args.active
-    overrides_all = [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides]
+    overrides_all = [*COMMON, f"train.logging_steps={LOGGING_STEPS}", f"train.max_steps={steps}", *overrides]
+    overrides_all += args.overrides
     params = bench_params(args.bench, args.model_dir, overrides_all)
     os.chdir(workspace(args.bench, args.work / name, params))
     budget = params.train.memory_budget_gib
@@ -137,6 +193,12 @@ def profile_config(name: str, args) -> dict:
                 wall = time.perf_counter() - self.start
                 self.prof.__exit__(None, None, None)
                 out.update(summarize(self.prof, args.active, wall))
+                if args.trace:  # the whole timeline, for chrome://tracing or Perfetto
+                    raw = args.trace.with_suffix("")
+                    self.prof.export_chrome_trace(str(raw))
+                    with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+                    raw.unlink()
                 out["tokens_per_step"] = (state.num_input_tokens_seen - self.tokens_at_start) / args.active
                 self.prof = None
 
@@ -154,12 +216,12 @@ def profile_config(name: str, args) -> dict:
         # tokens tells a fixed per-step cost (the CPU issuing kernels) from a per-token one
         "step_times": [
             {
-                "step": i + 1,
-                "seconds": round(t_b - t_a, 4),
-                "tokens": n_b - n_a,
-                "profiled": args.skip < i + 1 <= args.skip + args.active,
+                "step": i + 2,
+                "seconds": round(seconds, 4),
+                "tokens": tokens,
+                "profiled": args.skip < i + 2 <= args.skip + args.active,
             }
-            for i, ((t_a, n_a), (t_b, n_b)) in enumerate(zip(clock.marks, clock.marks[1:]), start=1)
+            for i, (seconds, tokens) in enumerate(clock.timer.step_times())
         ],
         **out,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -171,8 +233,10 @@ def main() -> None:
     ap.add_argument("--config", required=True, choices=sorted(CONFIGS))
     ap.add_argument("--skip", type=int, default=4, help="warm-up steps before profiling")
     ap.add_argument("--active", type=int, default=3, help="steps profiled")
+    ap.add_argument("--trace", type=Path, help="also save the profiled steps' timeline here (a .json.gz)")
     args = ap.parse_args()
     args.work, args.out = args.work.resolve(), args.out.resolve()
+    args.trace = args.trace.resolve() if args.trace else None
     if args.config == "plain_trl":
         raise SystemExit("profile_train profiles the stage's configurations; plain_trl is not the stage")
     from benchmarks.build_random_llama import SHAPES, build

@@ -6,7 +6,7 @@ Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params
 so peak-memory figures do not mix; with --repeats the configurations take turns (a, b, a, b) and each
 figure is the median. Printed and saved per configuration: tokens/s
 (non-padding, after 2 warm-up steps), peak allocated and reserved memory, the planner's prediction,
-MFU (4·N FLOPs a token), the mean training loss over the first K steps, and (where asked) the held-out
+MFU (4·N FLOPs a token), the mean training loss over the K steps, and (where asked) the held-out
 answer loss after training.
 
     python -m benchmarks.train_throughput --model-dir /tmp/llama-2-7b-random \
@@ -26,7 +26,11 @@ from pathlib import Path
 
 from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace
 
-COMMON = ["train.max_grad_norm=0.3", "train.logging_steps=1", "train.save_steps=100000"]
+COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000"]
+# Loss logged every 10 steps, trl's default (SFTConfig.logging_steps) and so what plain_trl gets: each log reads the
+# loss off the GPU, a synchronize, and logging every step would charge both sides that stall ten times over. Each
+# logged loss is the mean over its 10 steps, so their mean is still the mean over all steps.
+LOGGING_STEPS = 10
 # plain_trl's batches (batch 8, no accumulation, length-grouped) as the stage takes them, padding-free
 SAME_MATH = ["train.batch_size=8", "train.grad_accum=1", "train.group_by_length=true", "train.padding_free=true"]
 BUDGET_16GIB = ["train.gradient_checkpointing=auto", "train.memory_budget_gib=16"]
@@ -158,32 +162,28 @@ REFERENCE = PLAIN_TRL
 
 class StepClock:
     """Tokens/s from the Trainer's non-padding token count, from the end of step `skip` to the end of the last step
-    (kernel warm-up and allocator growth left out); the same measure for the reference and for ours."""
+    (tasks.train_callbacks.StepTimer: CUDA events, no synchronize between steps), and the logged losses; the same
+    measure for the reference and for ours."""
 
     def __new__(cls, skip: int = 2):
         from transformers import TrainerCallback
 
+        from tasks.train_callbacks import StepTimer
+
         class _Clock(TrainerCallback):
             def __init__(self):
-                self.marks: list[tuple[float, int]] = []
+                self.timer = StepTimer()
                 self.losses: list[float] = []
 
             def on_step_end(self, args, state, control, **kw):
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+                self.timer.mark(state.num_input_tokens_seen)
 
             def on_log(self, args, state, control, logs=None, **kw):
                 if logs and "loss" in logs:
                     self.losses.append(float(logs["loss"]))
 
             def tokens_per_second(self) -> float | None:
-                if len(self.marks) <= skip + 1:
-                    return None
-                (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
-                return round((n_b - n_a) / (t_b - t_a), 1)
+                return self.timer.tokens_per_second(skip)
 
         return _Clock()
 
@@ -234,7 +234,15 @@ def run_one(name: str, args) -> dict:
     else:
         work = args.work / name
         params = bench_params(
-            args.bench, args.model_dir, [*COMMON, f"train.max_steps={steps}", *overrides, *args.overrides]
+            args.bench,
+            args.model_dir,
+            [
+                *COMMON,
+                f"train.logging_steps={min(LOGGING_STEPS, steps)}",
+                f"train.max_steps={steps}",
+                *overrides,
+                *args.overrides,
+            ],
         )
         os.chdir(workspace(args.bench, work, params))
         budget = params.train.memory_budget_gib

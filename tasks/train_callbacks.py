@@ -29,6 +29,48 @@ class StopOnNonFiniteLoss(TrainerCallback):
             )
 
 
+class StepTimer:
+    """When each optimizer step ended and how many tokens had been seen by then, without stopping the GPU.
+
+    On CUDA each mark is an event recorded on the stream: the CPU runs on into the next step while the GPU finishes
+    this one (a synchronize at every step end left the GPU idle while the CPU prepared the next step), and the
+    events are read once, at the end. Without CUDA, the wall clock."""
+
+    def __init__(self):
+        self.marks: list[tuple[object, int]] = []  # (CUDA event or perf_counter seconds, tokens seen)
+
+    def mark(self, tokens: int) -> None:
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((event, tokens))
+        else:
+            self.marks.append((time.perf_counter(), tokens))
+
+    def seconds_between(self, a: int, b: int) -> float:
+        """Seconds from the end of step a+1 to the end of step b+1 (indices into marks)."""
+        (t_a, _), (t_b, _) = self.marks[a], self.marks[b]
+        if isinstance(t_a, float):
+            return t_b - t_a
+        t_b.synchronize()
+        return t_a.elapsed_time(t_b) / 1000
+
+    def step_times(self) -> list[tuple[float, int]]:
+        """(seconds, tokens) of every step after the first."""
+        return [
+            (self.seconds_between(i, i + 1), self.marks[i + 1][1] - self.marks[i][1])
+            for i in range(len(self.marks) - 1)
+        ]
+
+    def tokens_per_second(self, skip: int = 2) -> float | None:
+        """Tokens/s from the end of step `skip` to the end of the last step (kernel warm-up and allocator growth
+        left out)."""
+        if len(self.marks) <= skip + 1:
+            return None
+        seconds = self.seconds_between(skip - 1, len(self.marks) - 1)
+        return round((self.marks[-1][1] - self.marks[skip - 1][1]) / seconds, 1)
+
+
 class ThroughputMeter(TrainerCallback):
     """Tokens/s on every log line (and so in dvclive), steady tokens/s after warm-up, peak GPU memory, and the
     largest micro-batch in tokens (what the peak depends on)."""
@@ -36,7 +78,7 @@ class ThroughputMeter(TrainerCallback):
     def __init__(self):
         self.t0, self.tokens0, self.max_tokens = None, 0, 0
         self.peak_allocated = self.peak_reserved = None
-        self.marks: list[tuple[float, int]] = []  # (time, tokens seen) after each optimizer step
+        self.timer = StepTimer()
 
     def watch(self, model) -> None:
         def hook(module, args, kwargs):
@@ -50,11 +92,10 @@ class ThroughputMeter(TrainerCallback):
         self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kw):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        self.timer.mark(state.num_input_tokens_seen)
 
     def on_log(self, args, state, control, logs=None, **kw):
+        # wall clock: the Trainer has just read the loss off the GPU, so the time is not ahead of the work
         if logs is not None and self.t0 is not None:
             logs["tokens_per_second"] = round(self.tokens_this_run(state) / (time.perf_counter() - self.t0), 1)
 
@@ -69,10 +110,7 @@ class ThroughputMeter(TrainerCallback):
 
     def steady_tokens_per_second(self, skip: int = 2) -> float | None:
         """Throughput after the first `skip` steps (kernel warm-up, allocator growth)."""
-        if len(self.marks) <= skip + 1:
-            return None
-        (t_a, n_a), (t_b, n_b) = self.marks[skip - 1], self.marks[-1]
-        return round((n_b - n_a) / (t_b - t_a), 1)
+        return self.timer.tokens_per_second(skip)
 
 
 def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:

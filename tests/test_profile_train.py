@@ -1,0 +1,35 @@
+"""The profiler benchmark's idle-time attribution (benchmarks/profile_train.py), on hand-made timelines."""
+
+from __future__ import annotations
+
+from benchmarks.profile_train import busy_time_us, idle_by_cpu_op, idle_gaps, kind_of
+
+
+def test_gaps_between_overlapping_kernels():
+    kernels = [(0, 10), (5, 12), (20, 30), (31, 40), (100, 110)]
+    assert busy_time_us(kernels) == 12 + 10 + 9 + 10
+    assert idle_gaps(kernels) == [(12, 20), (30, 31), (40, 100)]
+
+
+def test_idle_goes_to_the_innermost_cpu_range_open_at_the_gap():
+    gaps = [(12, 20), (30, 31), (40, 100), (150, 160)]
+    cpu = [
+        (1, 0, 140, "train step"),
+        (1, 12, 19, "aten::mm"),
+        (1, 40, 100, "Optimizer.step#AdamW.step"),
+        (1, 50, 60, "aten::add"),  # ended before the gap's middle
+        (2, 29, 32, "autograd::engine::evaluate_function: MulBackward0"),  # the backward thread, began last
+    ]
+    assert idle_by_cpu_op(gaps, cpu) == {
+        "aten::mm": 8,
+        "autograd::engine::evaluate_function: MulBackward0": 1,
+        "Optimizer.step#AdamW.step": 60,
+        "(python)": 10,
+    }
+
+
+def test_kernel_kinds():
+    assert kind_of("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>") == "dequant_4bit"
+    assert kind_of("nvjet_sm90_tst_256x160_64x4_2x1_v_bz_coopA_NNT") == "gemm"
+    assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
+    assert kind_of("_rms_norm_forward_kernel") == "liger_triton"
