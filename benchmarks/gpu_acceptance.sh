@@ -4,7 +4,12 @@
 #           wheelhouse; a Llama-2-7B-shaped base with random weights and the real Llama-2 tokenizer
 #   accept  dvc exp run -S preset=llama2_7b_guanaco (local guanaco-llama2-1k, the random 7B as model.base):
 #           all six stages; then the audit; then one run of the Prefect flow against a local prefect server
-#   layouts the memory planner's layouts timed against recomputation pinned on (benchmarks/train_throughput.py)
+#   layouts the memory planner's layouts timed against recomputation pinned on (benchmarks/train_throughput.py);
+#           LAYOUTS picks the configurations (e.g. plain_trl,ours_same,ours_16gib), REPEATS the turns
+#   prepare the formatted rows for layouts/profile without a full run (benchmarks/prepare_bench.py into
+#           $CLONE/.bench/recipe); layouts and profile then take BENCH=$CLONE/.bench/recipe
+#   profile torch.profiler over a few steps of each PROFILE configuration (benchmarks/profile_train.py),
+#           with its timeline (profile_<config>.json and .trace.json.gz in $OUT)
 #
 #   bash benchmarks/gpu_acceptance.sh setup accept [layouts]      run from the repository root
 #
@@ -66,9 +71,25 @@ accept() {
 
 layouts() {
   cd "$CLONE"
-  .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work /tmp/layouts --bench "$CLONE" \
+  .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work /tmp/layouts --bench "${BENCH:-$CLONE}" \
     --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
     ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/${RESULT:-layouts}.log"
+}
+
+prepare() {
+  cd "$CLONE"
+  .venv/bin/python -m benchmarks.prepare_bench --data "$KIT/data/train.parquet" --tokenizer "$KIT/tokenizer" \
+    --bench "$CLONE/.bench/recipe" 2>&1 | tail -3
+}
+
+profile() {
+  cd "$CLONE"
+  for config in $(echo "${PROFILE:-ours_same,ours_16gib}" | tr , ' '); do
+    .venv/bin/python -m benchmarks.profile_train --model-dir "$MODEL" --work /tmp/profile --bench "${BENCH:-$CLONE}" \
+      --config "$config" --out "$OUT/profile_$config.json" --trace "$OUT/profile_$config.trace.json.gz" ${EXTRA_S:-} \
+      > "$OUT/profile_$config.log" 2>&1 || echo "profile $config failed: see $OUT/profile_$config.log"
+    grep -v "it/s\]" "$OUT/profile_$config.log" | tail -45
+  done
 }
 
 for phase in "$@"; do
