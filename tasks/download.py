@@ -112,9 +112,23 @@ def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
         yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in batch.to_pylist()]
 
 
-def _csv_blocks(path: Path, sep: str = ",") -> Iterator[list[tuple[dict, None]]]:
+def csv_separator(path: Path) -> str:
+    """The separator of a .csv, read off its header line: a comma, unless the header has none and has a semicolon
+    (what spreadsheets write in locales where the comma is the decimal mark), a tab or a pipe. The header, not the
+    rows: column names rarely hold punctuation, while conversation text is full of commas."""
+    with _open_text(path) as f:
+        header = f.readline()
+    if "," in header:
+        return ","
+    return next((sep for sep in (";", "\t", "|") if sep in header), ",")
+
+
+def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict, None]]]:
     import pandas as pd
 
+    sep = sep or csv_separator(path)
+    if sep != ",":
+        log.info("%s: columns separated by %r (from its header line)", path, sep)
     with _open_text(path) as f:
         frames = pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS)
         for frame in frames:

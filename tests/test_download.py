@@ -74,6 +74,16 @@ def test_tsv_input_keeps_commas_and_quotes(params, workdir):
     assert record["columns"] == ["text"]
 
 
+@pytest.mark.parametrize("sep", [";", "|", "\t"])
+def test_csv_separator_is_read_off_the_header(params, workdir, sep):
+    # A spreadsheet in a comma-decimal locale writes semicolons; the rows' commas must not split the text.
+    rows = [{"id": i, "text": r["text"].replace("?", ", then?")} for i, r in enumerate(ROWS)]
+    path = workdir / "export.csv"
+    pd.DataFrame(rows).to_csv(path, sep=sep, index=False)
+    _, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == rows
+
+
 def test_parquet_input(params, workdir):
     path = workdir / "in.parquet"
     pd.DataFrame(ROWS).to_parquet(path)
