@@ -52,9 +52,9 @@ def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str
     return (
         "the data failed validation, so nothing was trained:\n"
         + "\n".join(lines)
-        + f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'result.json'} and "
-        f"{report_dir / 'data_docs' / 'index.html'}. Fix the rows, or loosen the threshold under `validate:` "
-        "in params.yaml."
+        + f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'index.html'} (open it in a "
+        f"browser; it reads offline) and {report_dir / 'result.json'}. Fix the rows, or loosen the threshold under "
+        "`validate:` (`dvc exp run -S validate.<setting>=...`, or params.yaml for `dvc repro`)."
     )
 
 
