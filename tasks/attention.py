@@ -84,7 +84,7 @@ def _causal_kwargs(gqa: bool) -> dict:
 
 
 # PyTorch's varlen attention is its FlashAttention kernel, built for Ampere (compute capability 8.0) and newer: on a
-# T4 or V100 it fails at the first forward, so preflight says so before the base loads.
+# T4 or V100 it would fail at the first forward (not run here: no such GPU), so preflight says so before the base loads.
 MIN_CAPABILITY = (8, 0)
 
 

@@ -11,6 +11,7 @@ so every problem is reported by one suite. It only refuses rows it cannot read a
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -85,6 +86,11 @@ def near_duplicate_key(conv: Conversation) -> str:
         elif folded := _NON_WORD.sub(" ", word).strip():
             words.append(folded)
     return " ".join(words)
+
+
+def content_key(conv: Conversation) -> str:
+    """sha256 of the near-duplicate key: what validate finds duplicates by and format splits train/eval on."""
+    return hashlib.sha256(near_duplicate_key(conv).encode("utf-8")).hexdigest()
 
 
 def _clean(text: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bz2
 import datetime as dt
+import functools
 import gzip
 import json
 import logging
@@ -112,12 +113,10 @@ def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
         yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in batch.to_pylist()]
 
 
-def csv_separator(path: Path) -> str:
+def csv_separator(header: str) -> str:
     """The separator of a .csv, read off its header line: a comma, unless the header has none and has a semicolon
     (what spreadsheets write in locales where the comma is the decimal mark), a tab or a pipe. The header, not the
     rows: column names rarely hold punctuation, while conversation text is full of commas."""
-    with _open_text(path) as f:
-        header = f.readline()
     if "," in header:
         return ","
     return next((sep for sep in (";", "\t", "|") if sep in header), ",")
@@ -126,17 +125,14 @@ def csv_separator(path: Path) -> str:
 def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict, None]]]:
     import pandas as pd
 
-    sep = sep or csv_separator(path)
-    if sep != ",":
-        log.info("%s: columns separated by %r (from its header line)", path, sep)
     with _open_text(path) as f:
-        frames = pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS)
-        for frame in frames:
+        if sep is None:
+            sep = csv_separator(f.readline())
+            f.seek(0)
+            if sep != ",":
+                log.info("%s: columns separated by %r (from its header line)", path, sep)
+        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS):
             yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in frame.to_dict(orient="records")]
-
-
-def _tsv_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
-    yield from _csv_blocks(path, sep="\t")
 
 
 def local_format(path: Path) -> tuple[str, str | None]:
@@ -155,13 +151,14 @@ def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
     if path.is_dir():
         raise PipelineError(f"input {path} is a directory; download.path must name one {_FORMATS_TEXT} file.")
     fmt, compression = local_format(path)
-    if fmt not in LOCAL_FORMATS or (compression and fmt == ".parquet"):
-        if compression and fmt == ".parquet":
-            why = "parquet compresses inside the file; decompress it to a plain .parquet"
-        elif compression:
+    why = None
+    if compression and fmt == ".parquet":
+        why = "parquet compresses inside the file; decompress it to a plain .parquet"
+    elif fmt not in LOCAL_FORMATS:
+        why = f"supported: {_FORMATS_TEXT}"
+        if compression:
             why = f"a {compression} file must say its format before {compression} (rows.jsonl{compression})"
-        else:
-            why = f"supported: {_FORMATS_TEXT}"
+    if why:
         shown = "".join(path.suffixes[-2:]) if compression else path.suffix
         raise PipelineError(f"input file {path} has suffix {shown!r}; {why}.")
     reader = {
@@ -169,7 +166,7 @@ def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
         ".json": _json_blocks,
         ".parquet": _parquet_blocks,
         ".csv": _csv_blocks,
-        ".tsv": _tsv_blocks,
+        ".tsv": functools.partial(_csv_blocks, sep="\t"),
     }
     unpacked = f" (after {compression} decompression)" if compression else ""
     try:

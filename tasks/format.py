@@ -16,14 +16,10 @@ from pathlib import Path
 from tasks import paths
 from tasks.artifacts import atomic_writer, iter_jsonl, jsonl_line, staged_dir, write_json
 from tasks.config import FormatParams, ModelParams, load_params
-from tasks.conversation import Conversation, near_duplicate_key, render_llama2
+from tasks.conversation import Conversation, content_key, render_llama2
 from tasks.errors import PipelineError, run_main
 
 log = logging.getLogger(__name__)
-
-
-def _split_key(conv: Conversation) -> str:
-    return hashlib.sha256(near_duplicate_key(conv).encode("utf-8")).hexdigest()
 
 
 def apply_policies(rows: list[dict], params: FormatParams, model: ModelParams, report: dict) -> list[dict]:
@@ -77,7 +73,7 @@ def _measures(conversations: Path, hasher) -> list[dict]:
     rows = []
     for r in iter_jsonl(conversations, hasher):
         # content_key is carried from validate; conversations validated before it was carried get it computed here
-        key = r.get("content_key") or _split_key(Conversation.from_dict(r))
+        key = r.get("content_key") or content_key(Conversation.from_dict(r))
         rows.append({**{k: r[k] for k in keep}, "content_key": key})
     return rows
 

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.artifacts import atomic_writer, jsonl_line
-from tasks.conversation import ParseError, detect_form, near_duplicate_key, parse_row, render_llama2
+from tasks.conversation import ParseError, content_key, detect_form, parse_row, render_llama2
 from tasks.errors import PipelineError
 from tasks.expectations import FEATURES, conversation_features
 from tasks.lengths import length_rows, measure_rendered
@@ -116,10 +116,10 @@ def _parse_block(block, scan: Scan, seen: set[bytes], system_prompt: str | None)
             column.append(features.get(name))
         duplicate, key = False, None
         if conv is not None:
-            digest = hashlib.sha256(near_duplicate_key(conv).encode("utf-8"))
-            duplicate = digest.digest() in seen
-            seen.add(digest.digest())
-            key = digest.hexdigest()
+            key = content_key(conv)
+            digest = bytes.fromhex(key)  # 32 bytes a row held, not the 64-character hex string
+            duplicate = digest in seen
+            seen.add(digest)
         scan.is_duplicate.append(duplicate)
         if renderable(features):
             parsed.rows.append((i, conv, duplicate, key))

@@ -12,26 +12,12 @@ from pathlib import Path
 import pytest
 
 from tasks.config import Params, load_params
+from tasks.expectations import ROW_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # The suite's rules in the order it runs them (tasks/expectations.py): tests check reports name each one.
-SUITE_RULES = (
-    "enough_rows",
-    "parseable",
-    "known_form",
-    "non_empty_turns",
-    "roles_alternate",
-    "ends_with_assistant",
-    "turn_bounds",
-    "char_bounds",
-    "no_template_markers",
-    "no_replacement_chars",
-    "no_control_chars",
-    "duplicates",
-    "within_max_length",
-    "under_hard_limit",
-)
+SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit")
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
