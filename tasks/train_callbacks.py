@@ -32,9 +32,9 @@ class StopOnNonFiniteLoss(TrainerCallback):
 class StepTimer:
     """When each optimizer step ended and how many tokens had been seen by then, without stopping the GPU.
 
-    On CUDA each mark is an event recorded on the stream: the CPU runs on into the next step while the GPU finishes
-    this one (a synchronize at every step end left the GPU idle while the CPU prepared the next step), and the
-    events are read once, at the end. Without CUDA, the wall clock."""
+    On CUDA each mark is an event recorded on the stream: the CPU can run on into the next step while the GPU
+    finishes this one (a synchronize at every step end made it wait, so the GPU waited in turn while the next step
+    was prepared), and the events are read once, at the end. Without CUDA, the wall clock."""
 
     def __init__(self):
         self.marks: list[tuple[object, int]] = []  # (CUDA event or perf_counter seconds, tokens seen)
