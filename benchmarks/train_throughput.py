@@ -31,9 +31,21 @@ COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000"]
 # loss off the GPU, a synchronize, and logging every step would charge both sides that stall ten times over. Each
 # logged loss is the mean over its 10 steps, so their mean is still the mean over all steps.
 LOGGING_STEPS = 10
-# plain_trl's batches (batch 8, no accumulation, length-grouped) as the stage takes them, padding-free
-SAME_MATH = ["train.batch_size=8", "train.grad_accum=1", "train.group_by_length=true", "train.padding_free=true"]
+# plain_trl's math as the stage takes it: batch 8, no accumulation, length-grouped (the same rows in the same order),
+# loss on every token as trl puts it on a `text` column; padding-free, which changes no math
+SAME_MATH = [
+    "train.batch_size=8",
+    "train.grad_accum=1",
+    "train.group_by_length=true",
+    "train.padding_free=true",
+    "train.answer_only_loss=false",
+]
 BUDGET_16GIB = ["train.gradient_checkpointing=auto", "train.memory_budget_gib=16"]
+# the step-overlap levers (tasks/step_overlap.py, the allocator) off, to measure what they give
+OVERLAP_OFF = ["train.sync_free_step=false", "train.expandable_segments=false"]
+# A same-math configuration's logged losses (each the mean over LOGGING_STEPS steps) must stay within this relative
+# distance of the reference's at the same steps. Only dropout masks differ (drawn for differently shaped tensors).
+LOSS_TOLERANCE = 0.01
 # name: (param overrides, optimizer steps, measure held-out loss)
 CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
@@ -94,6 +106,13 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     "ours_same": ([*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=true"], 40, False),
     # the same under a 16 GiB budget (and a 16 GiB cap): the planner picks the layout
     "ours_16gib": ([*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=true"], 40, False),
+    # both without the step-overlap levers: what they give
+    "ours_same_sync": (
+        [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=true", *OVERLAP_OFF],
+        40,
+        False,
+    ),
+    "ours_16gib_sync": ([*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=true", *OVERLAP_OFF], 40, False),
     # levers on top of ours_same / ours_16gib: regional torch.compile of the decoder layers. With Liger on, torch 2.11
     # fails to trace Liger's RMSNorm (vs_plain_trl_levers_h200.log), so preflight refuses the pair and compile stands
     # in for Liger's fusions here (inductor fuses RMSNorm/SwiGLU itself); ours_noliger is its baseline
@@ -339,12 +358,37 @@ def main() -> None:
             if r.get("tokens_per_second"):
                 r["speedup_vs_reference"] = round(r["tokens_per_second"] / ref, 2)
                 print(f"{name:13s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
+    check_losses(results, runs)
     for name, r in results.items():
         print(
             f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
             f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB"
         )
     save(args.out, {"results": results, "runs": runs, "reference": REFERENCE})
+
+
+def loss_gap(losses: list[float], reference: list[float]) -> float | None:
+    """The largest relative distance between two runs' logged losses at the same steps; None if nothing to compare."""
+    pairs = list(zip(losses, reference))
+    if not pairs or len(losses) != len(reference):
+        return None
+    return max(abs(a - b) / abs(b) for a, b in pairs)
+
+
+def check_losses(results: dict[str, dict], runs: dict[str, list[dict]]) -> None:
+    """The same-math check: every run of a same-math configuration against every run of the reference, logged loss
+    by logged loss (the same rows in the same order, so the same steps see the same tokens)."""
+    references = [r["losses"] for r in runs.get(REFERENCE, []) if r.get("losses")]
+    for name, r in results.items():
+        if name == REFERENCE or not set(SAME_MATH) <= set(CONFIGS[name][0]) or not references:
+            continue
+        gaps = [loss_gap(run["losses"], ref) for run in runs[name] if run.get("losses") for ref in references]
+        worst = None if not gaps or None in gaps else max(gaps)
+        r["loss_max_rel_gap_vs_reference"] = None if worst is None else round(worst, 5)
+        r["same_math_loss_check"] = "pass" if worst is not None and worst <= LOSS_TOLERANCE else "FAIL"
+        shown = "n/a" if worst is None else f"{worst:.3%}"
+        verdict = r["same_math_loss_check"]
+        print(f"{name:13s} same-math loss check: {verdict} (largest gap {shown}, limit {LOSS_TOLERANCE:.0%})")
 
 
 def _median_run(rs: list[dict]) -> dict:

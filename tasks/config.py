@@ -165,6 +165,14 @@ class TrainParams(_Strict):
     compile: bool = Field(
         description="regional torch.compile: each decoder layer compiled (dynamic shapes), the rest eager (CUDA only)"
     )
+    sync_free_step: bool = Field(
+        description="no CUDA synchronize inside a step: bitsandbytes' optimizer without its per-parameter waits, "
+        "padding-free tokens counted on the host (tasks/step_overlap.py)"
+    )
+    expandable_segments: bool = Field(
+        description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "
+        "instead of fragmenting it; a PYTORCH_CUDA_ALLOC_CONF the user set wins"
+    )
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute"
     )

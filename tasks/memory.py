@@ -158,6 +158,23 @@ def visible_gpu_gib() -> float | None:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
 
 
+def use_expandable_segments() -> bool:
+    """Switch this process's CUDA allocator to expandable segments, unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
+
+    Padding-free micro-batches differ in size at every step; the default allocator carves fixed segments and, near a
+    memory cap, frees its cache and retries (a device-wide synchronize) when no cached block fits. Expandable segments
+    grow one mapping instead. Set at run time (PyTorch reads the variable only when the allocator starts, which a
+    benchmark's memory cap may already have done). Returns whether it was switched on."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available() or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return False
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
+
+
 def resolve_budget(budget: float | str | None, gpu_gib: float | None) -> float | None:
     """train.memory_budget_gib as GiB: auto is AUTO_BUDGET_SHARE of the visible GPU (None on the CPU)."""
     if budget == "auto":

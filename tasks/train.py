@@ -31,7 +31,15 @@ from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.formatted import load_rows
 from tasks.lineage import hardware, library_versions
-from tasks.memory import Estimate, ModelShape, estimate, plan, resolve_budget, visible_gpu_gib
+from tasks.memory import (
+    Estimate,
+    ModelShape,
+    estimate,
+    plan,
+    resolve_budget,
+    use_expandable_segments,
+    visible_gpu_gib,
+)
 from tasks.preflight import preflight
 from tasks.tokens import tokenize_rendered, truncate
 
@@ -162,8 +170,8 @@ def build_trainer(
     """SFTTrainer with LoRA from params, the NaN stop, the throughput meter and dvclive (streaming into the
     checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
-    from trl import SFTTrainer
 
+    from tasks.step_overlap import trainer_class
     from tasks.train_callbacks import StopOnNonFiniteLoss, ThroughputMeter, live_plots
 
     lora = LoraConfig(
@@ -176,7 +184,7 @@ def build_trainer(
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
-    trainer = SFTTrainer(
+    trainer = trainer_class(params.train.sync_free_step)(
         model=model,
         args=sft_config(params, checkpoint_dir, est, world.size),
         train_dataset=dataset,
@@ -338,6 +346,8 @@ def train(
     extra_callbacks: list | None = None,
 ) -> dict:
     preflight(params)
+    if params.train.expandable_segments:
+        use_expandable_segments()
     world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
     group = _process_group(world)
     rows = load_rows(train_rows)
