@@ -32,8 +32,10 @@ COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000"]
 # logged loss is the mean over its 10 steps, so their mean is still the mean over all steps.
 LOGGING_STEPS = 10
 # plain_trl's math as the stage takes it: batch 8, no accumulation, length-grouped (the same rows in the same order),
-# loss on every token as trl puts it on a `text` column; padding-free, which changes no math
+# loss on every token as trl puts it on a `text` column, and its constant learning rate (the recipe's default is
+# cosine); padding-free, which changes no math
 SAME_MATH = [
+    "train.lr_scheduler=constant",
     "train.batch_size=8",
     "train.grad_accum=1",
     "train.group_by_length=true",
