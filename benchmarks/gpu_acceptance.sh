@@ -5,7 +5,8 @@
 #   accept  dvc exp run -S preset=llama2_7b_guanaco (local guanaco-llama2-1k, the random 7B as model.base):
 #           all six stages; then the audit; then one run of the Prefect flow against a local prefect server
 #   layouts the memory planner's layouts timed against recomputation pinned on (benchmarks/train_throughput.py);
-#           LAYOUTS picks the configurations (e.g. plain_trl,ours_same,ours_16gib), REPEATS the turns
+#           LAYOUTS picks the configurations (e.g. plain_trl,ours_same,ours_16gib), REPEATS the turns; RESUME=1
+#           keeps the runs already in $OUT/$RESULT.json and runs the missing turns (one schedule over two commands)
 #   prepare the formatted rows for layouts/profile without a full run (benchmarks/prepare_bench.py into
 #           $CLONE/.bench/recipe); layouts and profile then take BENCH=$CLONE/.bench/recipe
 #   profile torch.profiler over a few steps of each PROFILE configuration (benchmarks/profile_train.py),
@@ -73,7 +74,7 @@ layouts() {
   cd "$CLONE"
   .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work /tmp/layouts --bench "${BENCH:-$CLONE}" \
     --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
-    ${EXTRA_S:-} 2>&1 | stamp | tee "$OUT/${RESULT:-layouts}.log"
+    ${RESUME:+--resume} ${EXTRA_S:-} 2>&1 | stamp | tee -a "$OUT/${RESULT:-layouts}.log"
 }
 
 prepare() {

@@ -315,6 +315,12 @@ def main() -> None:
     ap = bench_arguments(__doc__)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--repeats", type=int, default=1, help="run the configs in turn this many times (interleaved)")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the runs already saved in --out and run only the missing turns, in the same order (a schedule "
+        "split over several commands on one machine)",
+    )
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.work = args.work.resolve()
@@ -328,31 +334,34 @@ def main() -> None:
         build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    for rep in range(args.repeats):
-        for name in names:  # interleaved: a, b, a, b, so drift on the machine hits every config alike
-            start = time.perf_counter()
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
-                capture_output=True,
-                text=True,
+    if args.resume and args.out.exists():
+        saved = json.loads(args.out.read_text()).get("runs", {})
+        runs.update({name: saved.get(name, []) for name in names})
+    for rep, name in turns(names, args.repeats, runs):
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
+            capture_output=True,
+            text=True,
+        )
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
+            print(f"{name} (run {rep + 1}): FAILED\n{r['error']}")
+        else:
+            r = json.loads(line[7:])
+            print(
+                f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  "
+                f"peak {r['peak_allocated_gib']} GiB "
+                f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
+                f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
+                f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+                f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
+                flush=True,
             )
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
-                print(f"{name} (run {rep + 1}): FAILED\n{r['error']}")
-            else:
-                r = json.loads(line[7:])
-                print(
-                    f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  "
-                    f"peak {r['peak_allocated_gib']} GiB "
-                    f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
-                    f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
-                    f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
-                    f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
-                    flush=True,
-                )
-            runs[name].append(r)
-            save(args.out, {"runs": runs, "reference": REFERENCE})
+        r["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole process: load, compile, steps
+        runs[name].append(r)
+        save(args.out, {"runs": runs, "reference": REFERENCE})
     results = {name: _median_run(rs) for name, rs in runs.items()}
     ref = results.get(REFERENCE, {}).get("tokens_per_second")
     if ref:
@@ -367,6 +376,12 @@ def main() -> None:
             f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB"
         )
     save(args.out, {"results": results, "runs": runs, "reference": REFERENCE})
+
+
+def turns(names: list[str], repeats: int, done: dict[str, list]) -> list[tuple[int, str]]:
+    """(repetition, config) in the order they run: interleaved (a, b, a, b), so drift on the machine hits every
+    config alike; turns already in `done` (an earlier command's, with --resume) are left out."""
+    return [(rep, name) for rep in range(repeats) for name in names if len(done.get(name, [])) <= rep]
 
 
 def loss_gap(losses: list[float], reference: list[float]) -> float | None:

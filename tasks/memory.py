@@ -5,15 +5,18 @@ Peak allocated memory = 4-bit base weights + unquantized weights (embeddings, lm
 the logits to chunks, so they add nothing measurable).
 Activation bytes per token per layer come from the tensors autograd keeps in a Llama decoder layer
 (norms, LoRA dropout inputs, RoPE'd q/k, SDPA inputs/outputs, the SwiGLU MLP); with gradient
-checkpointing only each layer's input is kept, plus one layer recomputed at a time. The constants
+checkpointing only each recomputed layer's input is kept, plus one layer recomputed at a time; the other
+layers keep all of theirs. The constants
 were fitted on one H100 run and checked on other configurations in another (README, Performance).
 
 Given train.memory_budget_gib (GiB, or auto: the visible GPU's memory), `plan()` keeps the math (the
 effective batch batch_size x grad_accum, hence the same optimizer steps on the same rows in the same
 order) and picks the fastest layout that fits: no recomputation when it fits at the configured
-micro-batch, else recomputation at the largest micro-batch that fits; or says what to change when
-nothing does. train.gradient_checkpointing true/false pins recomputation; auto leaves it to
-the planner (off when there is no budget to plan for, as on the CPU).
+micro-batch, else recomputation of as few decoder layers as fit at that micro-batch (each layer left out
+saves its share of the recompute), else recomputation of every layer at the largest micro-batch that
+fits; or says what to change when nothing does. train.gradient_checkpointing true/false pins
+recomputation (true: every layer); auto leaves it to the planner (off when there is no budget to plan
+for, as on the CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ WORKSPACE_GIB = 0.0  # trl's fused LM head keeps only chunks of logits; no other
 # auto budget: the share of the GPU's memory the planner may fill. The rest covers the CUDA context, the
 # allocator's reserved-but-free blocks and the gap between the fit and a given run (measured within 6%).
 AUTO_BUDGET_SHARE = 0.85
+# A layout that recomputes only some layers fills the budget with kept activations, where the fit is least sure
+# (it under-predicted no recomputation by 2.5% on an H200): those must fit with this much to spare.
+PARTIAL_RECOMPUTE_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -83,15 +89,23 @@ class Estimate:
     grad_accum: int
     tokens_per_micro_batch: int
     gradient_checkpointing: bool
+    recompute_layers: int = 0  # decoder layers recomputed in the backward: 0, or some, or all of them
+    layers: int = 0
     budget_gib: float | None = None
     reason: str = "as configured"
 
     def describe(self) -> str:
+        if not self.gradient_checkpointing:
+            recompute = "off"
+        elif self.recompute_layers == self.layers:
+            recompute = "on"
+        else:
+            recompute = f"on for {self.recompute_layers} of {self.layers} layers"
         return (
             f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
             f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
             f"at micro-batch {self.micro_batch} x accumulation {self.grad_accum}, gradient checkpointing "
-            f"{'on' if self.gradient_checkpointing else 'off'} ({self.reason})"
+            f"{recompute} ({self.reason})"
         )
 
 
@@ -105,10 +119,12 @@ def estimate(
     micro_batch: int | None = None,
     tokens: int | None = None,
     checkpointing: bool | None = None,
+    recompute_layers: int | None = None,
 ) -> Estimate:
     """Peak for a micro-batch of `tokens` tokens (default: the worst case, micro_batch x max_length).
 
-    checkpointing: recomputation on or off (default: train.gradient_checkpointing, auto counting as off)."""
+    checkpointing: recomputation on or off (default: train.gradient_checkpointing, auto counting as off);
+    recompute_layers: with it on, how many decoder layers are recomputed (default: all)."""
     t, q, lora = params.train, params.quant, params.lora
     micro_batch = micro_batch or t.batch_size
     if checkpointing is None:
@@ -133,10 +149,11 @@ def estimate(
 
     per_layer = ACT_PER_H * shape.hidden + (ACT_PER_I_LIGER if t.liger_kernels else ACT_PER_I) * shape.intermediate
     per_layer *= act_bytes / 2
-    if checkpointing:  # each layer's input kept, one layer's activations rebuilt at a time
-        activations = tokens * (shape.layers * shape.hidden * act_bytes + per_layer)
-    else:
-        activations = tokens * shape.layers * per_layer
+    recomputed = (shape.layers if recompute_layers is None else recompute_layers) if checkpointing else 0
+    # a recomputed layer keeps its input, and one of them is rebuilt at a time; the others keep everything
+    activations = tokens * (recomputed * shape.hidden * act_bytes + (shape.layers - recomputed) * per_layer)
+    if recomputed:
+        activations += tokens * per_layer
 
     parts = [weights / GIB, lora_state / GIB, activations / GIB, WORKSPACE_GIB]
     return Estimate(
@@ -146,6 +163,8 @@ def estimate(
         grad_accum=t.grad_accum * t.batch_size // micro_batch,
         tokens_per_micro_batch=tokens,
         gradient_checkpointing=checkpointing,
+        recompute_layers=recomputed,
+        layers=shape.layers,
     )
 
 
@@ -182,6 +201,14 @@ def resolve_budget(budget: float | str | None, gpu_gib: float | None) -> float |
     return budget
 
 
+def _partial_margin(shape: ModelShape, params: Params, micro_batch: int, recompute_layers: int) -> float:
+    """GiB to keep spare for a layout recomputing some but not all layers: a share of its kept activations."""
+    if not 0 < recompute_layers < shape.layers:
+        return 0.0
+    none_recomputed = estimate(shape, params, micro_batch=micro_batch, checkpointing=False).activations_gib
+    return PARTIAL_RECOMPUTE_MARGIN * none_recomputed * (shape.layers - recompute_layers) / shape.layers
+
+
 def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimate:
     """The fastest same-math layout that fits budget_gib (see the module docstring); as configured without one."""
     t = params.train
@@ -193,13 +220,17 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
     # Fastest first. Each micro-batch dequantizes the whole 4-bit base again, so shrinking the micro-batch costs
     # more than recomputation does (H200, 7B recipe: recompute at micro 4 ran 4,431 tokens/s, no recompute at
     # micro 2 x 2 ran 3,800): no recomputation is tried at the configured micro-batch only.
-    candidates = [(False, micros[0])] if False in choices else []
-    candidates += [(True, m) for m in micros] if True in choices else []
+    # (recompute, micro-batch, layers recomputed) fastest first. Under auto, between no recomputation and all of it:
+    # the fewest recomputed layers that fit at the configured micro-batch (pinned true recomputes every layer).
+    candidates = [(False, micros[0], 0)] if False in choices else []
+    if False in choices and True in choices:
+        candidates += [(True, micros[0], k) for k in range(1, shape.layers)]
+    candidates += [(True, m, shape.layers) for m in micros] if True in choices else []
     if choices == [False]:
-        candidates = [(False, m) for m in micros]
-    for gc, micro in candidates:
-        candidate = estimate(shape, params, micro_batch=micro, checkpointing=gc)
-        if candidate.peak_gib <= budget_gib:
+        candidates = [(False, m, 0) for m in micros]
+    for gc, micro, k in candidates:
+        candidate = estimate(shape, params, micro_batch=micro, checkpointing=gc, recompute_layers=k)
+        if candidate.peak_gib + _partial_margin(shape, params, micro, k) <= budget_gib:
             why = f"fastest layout within {budget_gib:g} GiB" if len(choices) > 1 else f"fits {budget_gib:g} GiB"
             return replace(candidate, budget_gib=budget_gib, reason=why)
     smallest = estimate(shape, params, micro_batch=1, checkpointing=choices[-1])

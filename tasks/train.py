@@ -172,7 +172,7 @@ def build_trainer(
     from peft import LoraConfig
 
     from tasks.step_overlap import trainer_class
-    from tasks.train_callbacks import StopOnNonFiniteLoss, ThroughputMeter, live_plots
+    from tasks.train_callbacks import RecomputeSomeLayers, StopOnNonFiniteLoss, ThroughputMeter, live_plots
 
     lora = LoraConfig(
         r=params.lora.r,
@@ -184,6 +184,8 @@ def build_trainer(
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
+    if est.gradient_checkpointing and est.recompute_layers < est.layers:  # the planner's partial layout
+        extra_callbacks = [RecomputeSomeLayers(est.recompute_layers), *extra_callbacks]
     trainer = trainer_class(params.train.sync_free_step)(
         model=model,
         args=sft_config(params, checkpoint_dir, est, world.size),
@@ -324,11 +326,12 @@ def run_metrics(
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": meter.max_tokens,
         "predicted_peak_at_max_micro_batch_gib": estimate(
-            shape, params, micro, meter.max_tokens, est.gradient_checkpointing
+            shape, params, micro, meter.max_tokens, est.gradient_checkpointing, est.recompute_layers
         ).peak_gib,
         "micro_batch": micro,
         "grad_accum": args.gradient_accumulation_steps,
         "gradient_checkpointing": est.gradient_checkpointing,
+        "recompute_layers": est.recompute_layers,  # of the model's decoder layers; the planner may pick some only
         "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
         "layout_reason": est.reason,
         "distributed_mode": layout["mode"],

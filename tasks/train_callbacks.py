@@ -113,6 +113,25 @@ class ThroughputMeter(TrainerCallback):
         return self.timer.tokens_per_second(skip)
 
 
+class RecomputeSomeLayers(TrainerCallback):
+    """Gradient checkpointing on the first `layers` decoder layers only, the memory planner's partial layout.
+
+    The Trainer turns recomputation on for every layer when training begins; this runs right after and turns it off
+    for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory."""
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(decoder_layers):
+            layer.gradient_checkpointing = index < self.layers
+        total = len(decoder_layers)
+        log.info("recomputation on for %d of %d decoder layers", min(self.layers, total), total)
+
+
 def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:
     """dvclive streaming into live_dir (rank 0 only: it writes files); a no-op without dvclive installed."""
     try:

@@ -253,3 +253,64 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
     a = json.loads((straight / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     b = json.loads((killed / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     assert abs(a - b) < 1e-3, (a, b)
+
+
+def test_planner_recomputes_only_the_layers_that_do_not_fit(recipe):
+    """Between no recomputation and all of it, auto recomputes as few decoder layers as fit at the configured
+    micro-batch, with a margin on the activations it keeps; pinned true still recomputes every layer."""
+    from tasks.memory import PARTIAL_RECOMPUTE_MARGIN
+
+    p = with_overrides(recipe, **{"train.batch_size": 8, "train.liger_kernels": True})
+    none = estimate(LLAMA_7B, p, checkpointing=False)
+    every = estimate(LLAMA_7B, p, checkpointing=True)
+    assert (none.recompute_layers, every.recompute_layers) == (0, LLAMA_7B.layers)
+    chosen = [plan(LLAMA_7B, p, budget) for budget in (12, 16, 24, 30)]
+    counts = [c.recompute_layers for c in chosen]
+    assert all(0 < k < LLAMA_7B.layers for k in counts) and counts == sorted(counts, reverse=True)
+    for c, budget in zip(chosen, (12, 16, 24, 30)):
+        assert c.micro_batch == 8 and c.gradient_checkpointing
+        kept = none.activations_gib * (LLAMA_7B.layers - c.recompute_layers) / LLAMA_7B.layers
+        assert c.peak_gib + PARTIAL_RECOMPUTE_MARGIN * kept <= budget
+        one_fewer = estimate(LLAMA_7B, p, checkpointing=True, recompute_layers=c.recompute_layers - 1)
+        assert one_fewer.peak_gib + PARTIAL_RECOMPUTE_MARGIN * (kept + none.activations_gib / 32) > budget
+        assert f"on for {c.recompute_layers} of 32 layers" in c.describe()
+    assert none.peak_gib > 30 and every.peak_gib < 12  # so these budgets lie between the two
+    pinned = with_overrides(p, **{"train.gradient_checkpointing": True})
+    assert plan(LLAMA_7B, pinned, 24).recompute_layers == LLAMA_7B.layers
+
+
+def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypatch):
+    """A partial layout from the planner through the train stage: the first layer recomputed, the other keeping its
+    activations while training, and the loss the one without recomputation (recomputing changes memory, not
+    results). The tiny base has 2 layers, too few for the planner to pick a partial layout itself (recomputing one
+    of two saves nothing), so its choice is set here."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import tasks.train
+    from tasks.download import download
+    from tasks.format import format_rows
+    from tasks.validate import validate
+
+    download(params.download)
+    validate(params)
+    format_rows(params.format, params.model)
+    base = with_overrides(params, **{"train.max_steps": 2, "train.gradient_checkpointing": False})
+    none = tasks.train.train(base)
+    assert none["recompute_layers"] == 0
+
+    shape = ModelShape.from_config(_tiny_config())
+    monkeypatch.setattr(
+        tasks.train, "plan", lambda shape, p, budget: estimate(shape, p, checkpointing=True, recompute_layers=1)
+    )
+    seen = []
+
+    class Flags(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            seen.append([m.gradient_checkpointing for m in layers])
+
+    partial = tasks.train.train(base, extra_callbacks=[Flags()])
+    assert partial["recompute_layers"] == 1 < shape.layers and partial["gradient_checkpointing"] is True
+    assert seen == [[True, False]] * 2
+    assert partial["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
