@@ -314,3 +314,49 @@ def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypa
     assert partial["recompute_layers"] == 1 < shape.layers and partial["gradient_checkpointing"] is True
     assert seen == [[True, False]] * 2
     assert partial["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
+    """train.compile with the planner's partial layout: each decoder layer compiled in place (dynamic shapes), the
+    first recomputed and the others not, gives the eager model's loss and LoRA gradients at two sequence lengths
+    (inductor's CPU backend here; the two layer variants are two graphs, not one per length)."""
+    import torch
+    import torch._dynamo.utils
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.train import compile_layers
+    from tasks.train_callbacks import RecomputeSomeLayers
+
+    def build():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=100
+        )
+        model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so every LoRA weight gets a gradient
+                torch.nn.init.normal_(p, std=0.02)
+        model.train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        RecomputeSomeLayers(1).on_train_begin(None, None, None, model=model)
+        return model
+
+    def step(model, ids):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, compiled = build(), build()
+    assert compile_layers(compiled) == 3
+    torch._dynamo.utils.counters.clear()
+    for length in (33, 47):
+        ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        (loss_e, grads_e), (loss_c, grads_c) = step(eager, ids), step(compiled, ids)
+        assert loss_c == pytest.approx(loss_e, rel=1e-5)
+        assert grads_e.keys() == grads_c.keys() and len(grads_e) == 3 * 2 * 2  # q/v lora_A/B in 3 layers
+        for name in grads_e:
+            torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
