@@ -3,7 +3,8 @@
 `plain_trl` is benchmarks/plain_trl.py, QLoRA SFT as the notebooks and trl's docs write it; every other
 configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs) on the same
 Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params. Each run is its own process
-so peak-memory figures do not mix; with --repeats the configurations take turns (a, b, a, b) and each
+so peak-memory figures do not mix; one discarded warm-up run of the first configuration goes first (the first
+GPU process on a machine ran slow here); with --repeats the configurations take turns (a, b, a, b) and each
 figure is the median. Printed and saved per configuration: tokens/s
 (non-padding, after 2 warm-up steps), peak allocated and reserved memory, the planner's prediction,
 MFU (4·N FLOPs a token), the mean training loss over the K steps, and (where asked) the held-out
@@ -311,6 +312,33 @@ def run_one(name: str, args) -> dict:
     }
 
 
+def run_process(name: str, label: str) -> dict:
+    """One configuration in its own process (so peak-memory figures do not mix); prints and returns its result."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
+        capture_output=True,
+        text=True,
+    )
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
+        print(f"{name} ({label}): FAILED\n{r['error']}")
+    else:
+        r = json.loads(line[7:])
+        print(
+            f"{name:13s} {label}: {r['tokens_per_second'] or 0:8.0f} tok/s  "
+            f"peak {r['peak_allocated_gib']} GiB "
+            f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
+            f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
+            f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+            f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
+            flush=True,
+        )
+    r["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole process: load, compile, steps
+    return r
+
+
 def main() -> None:
     ap = bench_arguments(__doc__)
     ap.add_argument("--configs", default=",".join(CONFIGS))
@@ -320,6 +348,12 @@ def main() -> None:
         action="store_true",
         help="keep the runs already saved in --out and run only the missing turns, in the same order (a schedule "
         "split over several commands on one machine)",
+    )
+    ap.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the discarded first run of the first config (on by default)",
     )
     ap.add_argument("--run-one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -337,31 +371,14 @@ def main() -> None:
     if args.resume and args.out.exists():
         saved = json.loads(args.out.read_text()).get("runs", {})
         runs.update({name: saved.get(name, []) for name in names})
+    warmup = None
+    if args.warmup:
+        # The first GPU process on a fresh machine ran slower in every invocation here (plain trl's first run 20-35%
+        # below its second), which would bias whichever config runs first: one discarded run of it goes before.
+        warmup = run_process(names[0], "warm-up, not counted")
     for rep, name in turns(names, args.repeats, runs):
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
-            capture_output=True,
-            text=True,
-        )
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            r = {"name": name, "error": (proc.stderr or proc.stdout)[-3000:]}
-            print(f"{name} (run {rep + 1}): FAILED\n{r['error']}")
-        else:
-            r = json.loads(line[7:])
-            print(
-                f"{name:13s} run {rep + 1}: {r['tokens_per_second'] or 0:8.0f} tok/s  "
-                f"peak {r['peak_allocated_gib']} GiB "
-                f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
-                f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
-                f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
-                f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
-                flush=True,
-            )
-        r["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole process: load, compile, steps
-        runs[name].append(r)
-        save(args.out, {"runs": runs, "reference": REFERENCE})
+        runs[name].append(run_process(name, f"run {rep + 1}"))
+        save(args.out, {"runs": runs, "reference": REFERENCE, "warmup": warmup})
     results = {name: _median_run(rs) for name, rs in runs.items()}
     ref = results.get(REFERENCE, {}).get("tokens_per_second")
     if ref:
@@ -375,7 +392,7 @@ def main() -> None:
             f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
             f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB"
         )
-    save(args.out, {"results": results, "runs": runs, "reference": REFERENCE})
+    save(args.out, {"results": results, "runs": runs, "reference": REFERENCE, "warmup": warmup})
 
 
 def turns(names: list[str], repeats: int, done: dict[str, list]) -> list[tuple[int, str]]:
