@@ -125,6 +125,18 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         40,
         False,
     ),
+    # ours_compile on a base dequantized once for the run (train.dequantized_base): no per-step dequantization
+    "ours_compile_deq": (
+        [
+            *SAME_MATH,
+            "train.gradient_checkpointing=false",
+            "train.liger_kernels=false",
+            "train.compile=true",
+            "train.dequantized_base=true",
+        ],
+        40,
+        False,
+    ),
     "ours_16gib_compile": (
         [*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=false", "train.compile=true"],
         40,

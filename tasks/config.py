@@ -173,6 +173,10 @@ class TrainParams(_Strict):
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "
         "instead of fragmenting it; a PYTORCH_CUDA_ALLOC_CONF the user set wins"
     )
+    dequantized_base: bool = Field(
+        description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "
+        "dequantization per step, 2 bytes a weight instead of ~0.5 (tasks/dequantized_base.py)"
+    )
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute"
     )

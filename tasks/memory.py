@@ -134,7 +134,7 @@ def estimate(
     modules = shape.module_shapes()
 
     linear = sum(a * b for a, b in modules.values()) * shape.layers
-    if q.load_in_4bit:
+    if q.load_in_4bit and not t.dequantized_base:
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
     else:
         per_param = _dtype_bytes(q.compute_dtype)

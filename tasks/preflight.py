@@ -84,6 +84,13 @@ def hardware_problems(params: Params) -> list[str]:
             "train.compile does not work with train.liger_kernels (torch.compile fails on Liger's RMSNorm "
             "at the first step): turn one of them off"
         )
+    if t.dequantized_base and not params.quant.load_in_4bit:
+        problems.append("train.dequantized_base keeps a 4-bit base dequantized; quant.load_in_4bit is false")
+    if t.dequantized_base and t.distributed.mode != "single":
+        problems.append(
+            f"train.dequantized_base runs on one GPU only (train.distributed.mode={t.distributed.mode}: DDP would "
+            "broadcast the dequantized weights every step, FSDP exists to save that memory): set it to false"
+        )
     if not cuda and t.precision == "fp16":
         problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
     if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():

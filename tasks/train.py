@@ -171,6 +171,7 @@ def build_trainer(
     checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
 
+    from tasks.dequantized_base import dequantize_base
     from tasks.step_overlap import trainer_class
     from tasks.train_callbacks import RecomputeSomeLayers, StopOnNonFiniteLoss, ThroughputMeter, live_plots
 
@@ -195,6 +196,8 @@ def build_trainer(
         callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
+    if params.train.dequantized_base:
+        log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
     if params.train.compile:
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
     return trainer, meter

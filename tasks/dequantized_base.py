@@ -1,0 +1,60 @@
+"""train.dequantized_base: the 4-bit base dequantized once for the whole run, where memory allows.
+
+In training, bitsandbytes' 4-bit linear dequantizes its NF4 weight to the compute dtype in every forward and again in
+every backward, then runs an ordinary matmul (`MatMul4Bit`): 448 dequantizations a step for Llama-2-7B, each a
+kernel plus a custom op's Python on the CPU, which is the bottleneck on the fast path (README, Performance). The base
+is frozen, so every one of them yields the same tensor. This replaces each 4-bit linear with a frozen linear holding
+that tensor, computed once: the same weights, rounded by NF4, and the same products, for 2 bytes a weight instead of
+about 0.5 (Llama-2-7B: 12.6 GiB instead of 3.5). The adapter, its training and what is saved do not change.
+
+One process on one GPU only: DDP would broadcast these buffers every step, and FSDP exists to save the memory this
+spends (preflight refuses both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class DequantizedLinear(torch.nn.Module):
+    """A frozen linear with a bitsandbytes 4-bit layer's weight dequantized: its forward, minus the dequantization."""
+
+    def __init__(self, layer):
+        import bitsandbytes.functional as bnb_functional
+
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.compute_dtype = layer.compute_dtype
+        weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        if self.compute_dtype is not None:
+            weight = weight.to(self.compute_dtype)  # what MatMul4Bit casts it to before its matmul
+        # A buffer, not a parameter: frozen, outside the optimizer and the saved adapter, and not in the state dict.
+        self.register_buffer("weight", weight, persistent=False)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias).to(inp_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+def dequantize_base(model) -> int:
+    """Swap every bitsandbytes 4-bit linear in `model` (LoRA-wrapped or not) for a DequantizedLinear, in place; the
+    4-bit weights are then freed. Returns how many were swapped."""
+    import bitsandbytes as bnb
+
+    swaps = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, bnb.nn.Linear4bit)
+    ]
+    for parent, name, child in swaps:
+        setattr(parent, name, DequantizedLinear(child))
+    return len(swaps)
