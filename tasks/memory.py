@@ -88,19 +88,27 @@ class Estimate:
     micro_batch: int
     grad_accum: int
     tokens_per_micro_batch: int
-    gradient_checkpointing: bool
-    recompute_layers: int = 0  # decoder layers recomputed in the backward: 0, or some, or all of them
-    layers: int = 0
+    recompute_layers: int  # decoder layers recomputed in the backward: none, some, or all of `layers`
+    layers: int
     budget_gib: float | None = None
     reason: str = "as configured"
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.recompute_layers > 0
+
+    @property
+    def partial_recompute(self) -> bool:
+        """Some layers recomputed and the others not (the Trainer's switch recomputes all: RecomputeSomeLayers)."""
+        return 0 < self.recompute_layers < self.layers
 
     def describe(self) -> str:
         if not self.gradient_checkpointing:
             recompute = "off"
-        elif self.recompute_layers == self.layers:
-            recompute = "on"
-        else:
+        elif self.partial_recompute:
             recompute = f"on for {self.recompute_layers} of {self.layers} layers"
+        else:
+            recompute = "on"
         return (
             f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
             f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
@@ -162,7 +170,6 @@ def estimate(
         micro_batch=micro_batch,
         grad_accum=t.grad_accum * t.batch_size // micro_batch,
         tokens_per_micro_batch=tokens,
-        gradient_checkpointing=checkpointing,
         recompute_layers=recomputed,
         layers=shape.layers,
     )
@@ -217,19 +224,18 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
         return estimate(shape, params, checkpointing=choices[0])
     effective = t.batch_size * t.grad_accum
     micros = sorted((m for m in range(1, t.batch_size + 1) if effective % m == 0), reverse=True)
-    # Fastest first. Each micro-batch dequantizes the whole 4-bit base again, so shrinking the micro-batch costs
-    # more than recomputation does (H200, 7B recipe: recompute at micro 4 ran 4,431 tokens/s, no recompute at
-    # micro 2 x 2 ran 3,800): no recomputation is tried at the configured micro-batch only.
-    # (recompute, micro-batch, layers recomputed) fastest first. Under auto, between no recomputation and all of it:
-    # the fewest recomputed layers that fit at the configured micro-batch (pinned true recomputes every layer).
-    candidates = [(False, micros[0], 0)] if False in choices else []
-    if False in choices and True in choices:
-        candidates += [(True, micros[0], k) for k in range(1, shape.layers)]
-    candidates += [(True, m, shape.layers) for m in micros] if True in choices else []
+    # (micro-batch, layers recomputed), fastest first. Each micro-batch dequantizes the whole 4-bit base again, so
+    # shrinking the micro-batch costs more than recomputation does (H200, 7B recipe: recompute at micro 4 ran 4,431
+    # tokens/s, no recompute at micro 2 x 2 ran 3,800): under auto, the configured micro-batch with no layer
+    # recomputed, then with as few as fit, then every layer at smaller micro-batches. Pinned true recomputes every
+    # layer; pinned false shrinks the micro-batch only.
     if choices == [False]:
-        candidates = [(False, m, 0) for m in micros]
-    for gc, micro, k in candidates:
-        candidate = estimate(shape, params, micro_batch=micro, checkpointing=gc, recompute_layers=k)
+        candidates = [(m, 0) for m in micros]
+    else:
+        first = range(0 if False in choices else shape.layers, shape.layers)
+        candidates = [(micros[0], k) for k in first] + [(m, shape.layers) for m in micros]
+    for micro, k in candidates:
+        candidate = estimate(shape, params, micro_batch=micro, checkpointing=k > 0, recompute_layers=k)
         if candidate.peak_gib + _partial_margin(shape, params, micro, k) <= budget_gib:
             why = f"fastest layout within {budget_gib:g} GiB" if len(choices) > 1 else f"fits {budget_gib:g} GiB"
             return replace(candidate, budget_gib=budget_gib, reason=why)

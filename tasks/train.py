@@ -185,7 +185,7 @@ def build_trainer(
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
-    if est.gradient_checkpointing and est.recompute_layers < est.layers:  # the planner's partial layout
+    if est.partial_recompute:
         extra_callbacks = [RecomputeSomeLayers(est.recompute_layers), *extra_callbacks]
     trainer = trainer_class(params.train.sync_free_step)(
         model=model,

@@ -117,7 +117,8 @@ class RecomputeSomeLayers(TrainerCallback):
     """Gradient checkpointing on the first `layers` decoder layers only, the memory planner's partial layout.
 
     The Trainer turns recomputation on for every layer when training begins; this runs right after and turns it off
-    for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory."""
+    for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory.
+    (transformers' own `every_n_layers` recomputes 1/n of the layers; the planner needs any count from 1 to all.)"""
 
     def __init__(self, layers: int):
         self.layers = layers

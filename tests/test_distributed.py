@@ -313,7 +313,8 @@ def test_fsdp_writes_no_checkpoints(params):
         micro_batch=4,
         grad_accum=1,
         tokens_per_micro_batch=2048,
-        gradient_checkpointing=False,
+        recompute_layers=0,
+        layers=2,
     )
     # world_size stays 1 here: building a multi-process SFTConfig needs a process group; the mode alone decides this
     assert sft_config(_mode(params, "fsdp", 2), Path("ckpt"), est).save_strategy == "no"
