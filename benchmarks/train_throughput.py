@@ -142,6 +142,18 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         40,
         False,
     ),
+    # the same with every micro-batch recomputing the layers the longest needs (train.adaptive_recompute off)
+    "ours_16gib_compile_static": (
+        [
+            *SAME_MATH,
+            *BUDGET_16GIB,
+            "train.liger_kernels=false",
+            "train.compile=true",
+            "train.adaptive_recompute=false",
+        ],
+        40,
+        False,
+    ),
     # 4x larger micro-batches: more tokens/s, but 4x fewer optimizer steps for the same tokens, so not the same math
     "big_batch": (
         [
@@ -309,6 +321,8 @@ def run_one(name: str, args) -> dict:
             "max_micro_batch_tokens": metrics["max_micro_batch_tokens"],
             "predicted_at_max_micro_batch_gib": metrics["predicted_peak_at_max_micro_batch_gib"],
             "gradient_checkpointing": metrics["gradient_checkpointing"],
+            "recompute_layers": metrics["recompute_layers"],
+            "recompute_layers_mean": metrics["recompute_layers_mean"],
             "layout_reason": metrics["layout_reason"],
             "losses": clock.losses,
             **result,
@@ -343,7 +357,7 @@ def run_process(name: str, label: str) -> dict:
             f"peak {r['peak_allocated_gib']} GiB "
             f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
             f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
-            f"recompute {r['gradient_checkpointing']}  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
+            f"recompute {r.get('recompute_layers_mean')} layers  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
             f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
             flush=True,
         )

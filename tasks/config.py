@@ -173,6 +173,10 @@ class TrainParams(_Strict):
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "
         "instead of fragmenting it; a PYTORCH_CUDA_ALLOC_CONF the user set wins"
     )
+    adaptive_recompute: bool = Field(
+        description="with the planner's recomputation (gradient_checkpointing auto, under a budget): each micro-batch "
+        "recomputes only as many decoder layers as its token count needs, the plan's count for the longest"
+    )
     dequantized_base: bool = Field(
         description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "
         "dequantization per step, 2 bytes a weight instead of ~0.5 (tasks/dequantized_base.py)"

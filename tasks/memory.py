@@ -14,7 +14,9 @@ effective batch batch_size x grad_accum, hence the same optimizer steps on the s
 order) and picks the fastest layout that fits: no recomputation when it fits at the configured
 micro-batch, else recomputation of as few decoder layers as fit at that micro-batch (each layer left out
 saves its share of the recompute), else recomputation of every layer at the largest micro-batch that
-fits; or says what to change when nothing does. train.gradient_checkpointing true/false pins
+fits; or says what to change when nothing does. That layout fits the worst case, every row max_length long;
+under auto with train.adaptive_recompute, each padding-free micro-batch then recomputes only as many layers as its
+own token count needs (recompute_thresholds). train.gradient_checkpointing true/false pins
 recomputation (true: every layer); auto leaves it to the planner (off when there is no budget to plan
 for, as on the CPU).
 """
@@ -92,6 +94,9 @@ class Estimate:
     layers: int
     budget_gib: float | None = None
     reason: str = "as configured"
+    # train.adaptive_recompute: entry k, the most tokens a micro-batch may hold with k layers recomputed (None: the
+    # count above for every micro-batch)
+    recompute_thresholds: tuple[int, ...] | None = None
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -109,6 +114,8 @@ class Estimate:
             recompute = f"on for {self.recompute_layers} of {self.layers} layers"
         else:
             recompute = "on"
+        if self.recompute_thresholds:
+            recompute += f" at the longest micro-batch, none up to {self.recompute_thresholds[0]} tokens"
         return (
             f"predicted peak {self.peak_gib:.2f} GiB (weights {self.base_weights_gib:.2f}, LoRA+optimizer "
             f"{self.lora_state_gib:.2f}, activations {self.activations_gib:.2f}) "
@@ -138,7 +145,6 @@ def estimate(
     if checkpointing is None:
         checkpointing = t.gradient_checkpointing is True
     tokens = tokens or micro_batch * params.model.max_length
-    act_bytes = 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
     modules = shape.module_shapes()
 
     linear = sum(a * b for a, b in modules.values()) * shape.layers
@@ -155,13 +161,8 @@ def estimate(
     optim = 2 if "8bit" in t.optimizer else 8
     lora_state = n_lora * (2 * lora_param + optim)
 
-    per_layer = ACT_PER_H * shape.hidden + (ACT_PER_I_LIGER if t.liger_kernels else ACT_PER_I) * shape.intermediate
-    per_layer *= act_bytes / 2
     recomputed = (shape.layers if recompute_layers is None else recompute_layers) if checkpointing else 0
-    # a recomputed layer keeps its input, and one of them is rebuilt at a time; the others keep everything
-    activations = tokens * (recomputed * shape.hidden * act_bytes + (shape.layers - recomputed) * per_layer)
-    if recomputed:
-        activations += tokens * per_layer
+    activations = tokens * _activation_bytes_per_token(shape, params, recomputed)
 
     parts = [weights / GIB, lora_state / GIB, activations / GIB, WORKSPACE_GIB]
     return Estimate(
@@ -173,6 +174,25 @@ def estimate(
         recompute_layers=recomputed,
         layers=shape.layers,
     )
+
+
+def _activation_bytes(params: Params) -> int:
+    t, q = params.train, params.quant
+    return 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
+
+
+def _layer_bytes_per_token(shape: ModelShape, params: Params) -> float:
+    """What one decoder layer keeps for the backward, per token, when it is not recomputed."""
+    i_share = ACT_PER_I_LIGER if params.train.liger_kernels else ACT_PER_I
+    return (ACT_PER_H * shape.hidden + i_share * shape.intermediate) * _activation_bytes(params) / 2
+
+
+def _activation_bytes_per_token(shape: ModelShape, params: Params, recomputed: int) -> float:
+    """Kept activations per token with `recomputed` of the decoder layers recomputed: a recomputed layer keeps its
+    input, and one of them is rebuilt at a time; the others keep everything."""
+    per_layer = _layer_bytes_per_token(shape, params)
+    kept = recomputed * shape.hidden * _activation_bytes(params) + (shape.layers - recomputed) * per_layer
+    return kept + (per_layer if recomputed else 0)
 
 
 def visible_gpu_gib() -> float | None:
@@ -238,7 +258,10 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
         candidate = estimate(shape, params, micro_batch=micro, checkpointing=k > 0, recompute_layers=k)
         if candidate.peak_gib + _partial_margin(shape, params, micro, k) <= budget_gib:
             why = f"fastest layout within {budget_gib:g} GiB" if len(choices) > 1 else f"fits {budget_gib:g} GiB"
-            return replace(candidate, budget_gib=budget_gib, reason=why)
+            chosen = replace(candidate, budget_gib=budget_gib, reason=why)
+            if t.adaptive_recompute and len(choices) > 1 and chosen.gradient_checkpointing:
+                chosen = replace(chosen, recompute_thresholds=tuple(recompute_thresholds(shape, params, chosen)))
+            return chosen
     smallest = estimate(shape, params, micro_batch=1, checkpointing=choices[-1])
     hints = []
     if choices[-1] is False:
@@ -251,3 +274,27 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
         f"{t.memory_budget_gib}): even micro-batch 1 needs {smallest.describe()}. To fit, {', or '.join(hints)}, "
         "or raise the budget."
     )
+
+
+def recompute_thresholds(shape: ModelShape, params: Params, est: Estimate) -> list[int]:
+    """Token-adaptive recomputation (train.adaptive_recompute): entry k is the most tokens a micro-batch may hold
+    with only its first k decoder layers recomputed, k from 0 to the plan's count, within the plan's budget.
+
+    The plan fits the worst case, every row max_length long; padding-free micro-batches are mostly far shorter, and
+    activations grow with the tokens, so a short one fits with fewer layers recomputed (each recomputed layer costs a
+    share of a forward pass). Kept activations carry PARTIAL_RECOMPUTE_MARGIN here at every k, none recomputed too:
+    this is where the fit is least sure. The last entry is never below the plan's own micro-batch."""
+    fixed = (est.base_weights_gib + est.lora_state_gib + est.workspace_gib) * GIB
+    room = (est.budget_gib or 0) * GIB - fixed
+    per_layer = _layer_bytes_per_token(shape, params)
+    thresholds = []
+    for k in range(est.recompute_layers + 1):
+        margin = PARTIAL_RECOMPUTE_MARGIN * per_layer * (shape.layers - k) if k < shape.layers else 0.0
+        thresholds.append(max(0, int(room // (_activation_bytes_per_token(shape, params, k) + margin))))
+    thresholds[-1] = max(thresholds[-1], est.tokens_per_micro_batch)  # what plan() checked, with its own margin
+    return thresholds
+
+
+def layers_to_recompute(thresholds: list[int], tokens: int) -> int:
+    """The fewest recomputed layers whose threshold holds `tokens` (the plan's count when none does)."""
+    return next((k for k, most in enumerate(thresholds) if tokens <= most), len(thresholds) - 1)

@@ -35,6 +35,7 @@ from tasks.memory import (
     Estimate,
     ModelShape,
     estimate,
+    layers_to_recompute,
     plan,
     resolve_budget,
     use_expandable_segments,
@@ -185,8 +186,8 @@ def build_trainer(
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
-    if est.partial_recompute:
-        extra_callbacks = [RecomputeSomeLayers(est.recompute_layers), *extra_callbacks]
+    if est.partial_recompute or est.recompute_thresholds:
+        extra_callbacks = [RecomputeSomeLayers(est.recompute_layers, est.recompute_thresholds), *extra_callbacks]
     trainer = trainer_class(params.train.sync_free_step)(
         model=model,
         args=sft_config(params, checkpoint_dir, est, world.size),
@@ -286,6 +287,14 @@ def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, t
         )
 
 
+def _mean_recomputed(trainer, est: Estimate) -> float:
+    from tasks.train_callbacks import RecomputeSomeLayers
+
+    switch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, RecomputeSomeLayers)), None)
+    mean = switch.mean_recomputed() if switch else None
+    return float(est.recompute_layers) if mean is None else mean
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
@@ -313,6 +322,9 @@ def run_metrics(
         peaks = acc.gather(torch.tensor([meter.peak_allocated], device=args.device)).tolist()
         peak_per_rank = {f"rank{i}": _round(x) for i, x in enumerate(peaks)}  # a dict: `dvc metrics show` flattens it
     micro = args.per_device_train_batch_size
+    recomputed_at_max = est.recompute_layers
+    if est.recompute_thresholds:  # the longest micro-batch seen may have needed fewer
+        recomputed_at_max = layers_to_recompute(est.recompute_thresholds, meter.max_tokens)
     return {
         "train_loss": round(float(train_loss), 6),
         "steps": state.global_step,
@@ -329,12 +341,14 @@ def run_metrics(
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": meter.max_tokens,
         "predicted_peak_at_max_micro_batch_gib": estimate(
-            shape, params, micro, meter.max_tokens, est.gradient_checkpointing, est.recompute_layers
+            shape, params, micro, meter.max_tokens, est.gradient_checkpointing, recomputed_at_max
         ).peak_gib,
         "micro_batch": micro,
         "grad_accum": args.gradient_accumulation_steps,
         "gradient_checkpointing": est.gradient_checkpointing,
         "recompute_layers": est.recompute_layers,  # of the model's decoder layers; the planner may pick some only
+        # train.adaptive_recompute: layers recomputed per micro-batch on average (recompute_layers at the longest)
+        "recompute_layers_mean": _mean_recomputed(trainer, est),
         "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
         "layout_reason": est.reason,
         "distributed_mode": layout["mode"],

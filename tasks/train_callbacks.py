@@ -114,23 +114,56 @@ class ThroughputMeter(TrainerCallback):
 
 
 class RecomputeSomeLayers(TrainerCallback):
-    """Gradient checkpointing on the first `layers` decoder layers only, the memory planner's partial layout.
+    """Gradient checkpointing on the first `layers` decoder layers only, the memory planner's partial layout; with
+    `thresholds` (tasks/memory.recompute_thresholds), on as few of them as each micro-batch's token count needs.
 
     The Trainer turns recomputation on for every layer when training begins; this runs right after and turns it off
     for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory.
-    (transformers' own `every_n_layers` recomputes 1/n of the layers; the planner needs any count from 1 to all.)"""
+    (transformers' own `every_n_layers` recomputes 1/n of the layers; the planner needs any count from 1 to all.)
+    The adaptive count is set by a forward pre-hook on the model, before its first layer runs: the switch is read
+    outside each layer's compiled forward (transformers' GradientCheckpointingLayer.__call__), so flipping it
+    between micro-batches recompiles nothing."""
 
-    def __init__(self, layers: int):
-        self.layers = layers
+    def __init__(self, layers: int, thresholds: list[int] | None = None):
+        self.layers, self.thresholds = layers, thresholds
+        self.decoder_layers: list = []
+        self.micro_batches = self.recomputed = 0  # training forwards seen, and layers they recomputed, summed
 
     def on_train_begin(self, args, state, control, model=None, **kw):
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for index, layer in enumerate(decoder_layers):
+        from tasks.memory import layers_to_recompute
+
+        self.decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(self.decoder_layers):
             layer.gradient_checkpointing = index < self.layers
-        total = len(decoder_layers)
-        log.info("recomputation on for %d of %d decoder layers", min(self.layers, total), total)
+        total = len(self.decoder_layers)
+        if self.thresholds is None:
+            log.info("recomputation on for %d of %d decoder layers", min(self.layers, total), total)
+            return
+        log.info(
+            "recomputation on for up to %d of %d decoder layers, by micro-batch tokens (none up to %d tokens)",
+            min(self.layers, total),
+            total,
+            self.thresholds[0],
+        )
+
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if ids is not None and module.training:
+                self._switch(layers_to_recompute(self.thresholds, ids.numel()))
+
+        model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def _switch(self, layers: int) -> None:
+        for index, layer in enumerate(self.decoder_layers):
+            layer.gradient_checkpointing = index < layers
+        self.micro_batches += 1
+        self.recomputed += min(layers, len(self.decoder_layers))
+
+    def mean_recomputed(self) -> float | None:
+        """Layers recomputed per training micro-batch, on average (None when not adaptive or before training)."""
+        return round(self.recomputed / self.micro_batches, 2) if self.micro_batches else None
 
 
 def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:

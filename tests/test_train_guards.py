@@ -316,6 +316,85 @@ def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypa
     assert partial["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
 
 
+def test_adaptive_recomputation_recomputes_only_what_each_token_count_needs(recipe):
+    """train.adaptive_recompute: the plan for the longest micro-batch, and below it token thresholds where fewer
+    recomputed layers still fit the budget with the partial margin; off, pinned or without recomputation, none."""
+    from dataclasses import replace
+
+    from tasks.memory import PARTIAL_RECOMPUTE_MARGIN, layers_to_recompute
+
+    p = with_overrides(recipe, **{"train.batch_size": 8, "train.liger_kernels": False})
+    chosen = plan(LLAMA_7B, p, 16)
+    thresholds = chosen.recompute_thresholds
+    assert thresholds is not None and len(thresholds) == chosen.recompute_layers + 1
+    assert list(thresholds) == sorted(thresholds) and thresholds[-1] >= chosen.tokens_per_micro_batch == 8 * 1024
+    assert 0 < thresholds[0] < thresholds[-1]
+    for k, most in enumerate(thresholds[:-1]):
+        fits = estimate(LLAMA_7B, p, tokens=most, checkpointing=k > 0, recompute_layers=k)
+        kept = estimate(LLAMA_7B, p, tokens=most, checkpointing=False).activations_gib * (32 - k) / 32
+        assert fits.peak_gib + PARTIAL_RECOMPUTE_MARGIN * kept <= 16 + 1e-3, k
+        over = estimate(LLAMA_7B, p, tokens=most + 64, checkpointing=k > 0, recompute_layers=k)
+        assert over.peak_gib + PARTIAL_RECOMPUTE_MARGIN * kept * (most + 64) / most > 16, k
+    assert layers_to_recompute(thresholds, 1) == 0 and layers_to_recompute(thresholds, 8192) <= chosen.recompute_layers
+    assert [layers_to_recompute(thresholds, t) for t in (1000, 3000, 6000, 8192)] == sorted(
+        layers_to_recompute(thresholds, t) for t in (1000, 3000, 6000, 8192)
+    )
+    assert "none up to" in chosen.describe()
+    assert plan(LLAMA_7B, with_overrides(p, **{"train.adaptive_recompute": False}), 16).recompute_thresholds is None
+    assert plan(LLAMA_7B, with_overrides(p, **{"train.gradient_checkpointing": True}), 16).recompute_thresholds is None
+    assert plan(LLAMA_7B, p, 60).recompute_thresholds is None  # fits with nothing recomputed
+    assert replace(chosen, recompute_thresholds=None).describe() != chosen.describe()
+
+
+def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeypatch):
+    """The train stage with token thresholds: micro-batches over the first threshold recompute the first layer, the
+    shorter ones nothing, the loss is the one without recomputation, and metrics record the mean recomputed."""
+    from dataclasses import replace
+
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import tasks.train
+    from tasks.download import download
+    from tasks.format import format_rows
+    from tasks.validate import validate
+
+    download(params.download)
+    validate(params)
+    format_rows(params.format, params.model)
+    base = with_overrides(
+        params, **{"train.max_steps": 6, "train.gradient_checkpointing": False, "train.group_by_length": False}
+    )
+    tokens = []
+
+    class Tokens(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].numel()), with_kwargs=True)
+
+    none = tasks.train.train(base, extra_callbacks=[Tokens()])
+    cut = sorted(tokens)[len(tokens) // 2]  # the median micro-batch: those above it recompute one layer
+    assert min(tokens) <= cut < max(tokens)
+    monkeypatch.setattr(
+        tasks.train,
+        "plan",
+        lambda shape, p, budget: replace(
+            estimate(shape, p, checkpointing=True, recompute_layers=2), recompute_thresholds=(cut, 10**9, 10**9)
+        ),
+    )
+    seen = []
+
+    class Flags(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            seen.append(tuple(m.gradient_checkpointing for m in layers))
+
+    adaptive = tasks.train.train(base, extra_callbacks=[Flags()])
+    assert seen == [(True, False) if t > cut else (False, False) for t in tokens]
+    assert adaptive["recompute_layers"] == 2 and adaptive["gradient_checkpointing"] is True
+    assert adaptive["recompute_layers_mean"] == pytest.approx(sum(t > cut for t in tokens) / len(tokens), abs=0.01)
+    assert adaptive["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
     """train.compile with the planner's partial layout: each decoder layer compiled in place (dynamic shapes), the
