@@ -394,10 +394,11 @@ def main() -> None:
         build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
     names = args.configs.split(",")
     runs: dict[str, list[dict]] = {name: [] for name in names}
-    if args.resume and args.out.exists():
-        saved = json.loads(args.out.read_text()).get("runs", {})
-        runs.update({name: saved.get(name, []) for name in names})
     warmup = None
+    if args.resume and args.out.exists():
+        saved = json.loads(args.out.read_text())
+        runs.update({name: saved.get("runs", {}).get(name, []) for name in names})
+        warmup = saved.get("warmup")  # the first command's warm-up stays on record
     if args.warmup:
         # The first GPU process on a fresh machine ran slower in every invocation here (plain trl's first run 20-35%
         # below its second), which would bias whichever config runs first: one discarded run of it goes before.
