@@ -175,7 +175,7 @@ class TrainParams(_Strict):
     )
     adaptive_recompute: bool = Field(
         description="with the planner's recomputation (gradient_checkpointing auto, under a budget): each micro-batch "
-        "recomputes only as many decoder layers as its token count needs, the plan's count for the longest"
+        "recomputes only as many decoder layers as its token count needs, the plan's count for the longest (not FSDP)"
     )
     dequantized_base: bool = Field(
         description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "

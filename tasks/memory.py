@@ -259,7 +259,10 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
         if candidate.peak_gib + _partial_margin(shape, params, micro, k) <= budget_gib:
             why = f"fastest layout within {budget_gib:g} GiB" if len(choices) > 1 else f"fits {budget_gib:g} GiB"
             chosen = replace(candidate, budget_gib=budget_gib, reason=why)
-            if t.adaptive_recompute and len(choices) > 1 and chosen.gradient_checkpointing:
+            # Not under FSDP: there recomputing a layer gathers its parameters again, a collective every rank must
+            # join, and each rank's micro-batch (so its count) differs. DDP's collectives do not depend on it.
+            adaptive = t.adaptive_recompute and t.distributed.mode != "fsdp"
+            if adaptive and len(choices) > 1 and chosen.gradient_checkpointing:
                 chosen = replace(chosen, recompute_thresholds=tuple(recompute_thresholds(shape, params, chosen)))
             return chosen
     smallest = estimate(shape, params, micro_batch=1, checkpointing=choices[-1])

@@ -343,6 +343,8 @@ def test_adaptive_recomputation_recomputes_only_what_each_token_count_needs(reci
     assert plan(LLAMA_7B, with_overrides(p, **{"train.adaptive_recompute": False}), 16).recompute_thresholds is None
     assert plan(LLAMA_7B, with_overrides(p, **{"train.gradient_checkpointing": True}), 16).recompute_thresholds is None
     assert plan(LLAMA_7B, p, 60).recompute_thresholds is None  # fits with nothing recomputed
+    fsdp = {"train.distributed.mode": "fsdp", "train.distributed.num_processes": 2}
+    assert plan(LLAMA_7B, with_overrides(p, **fsdp), 16).recompute_thresholds is None
     assert replace(chosen, recompute_thresholds=None).describe() != chosen.describe()
 
 
