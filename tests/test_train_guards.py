@@ -400,8 +400,9 @@ def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeyp
 @pytest.mark.slow
 def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
     """train.compile with the planner's partial layout: each decoder layer compiled in place (dynamic shapes), the
-    first recomputed and the others not, gives the eager model's loss and LoRA gradients at two sequence lengths
-    (inductor's CPU backend here; the two layer variants are two graphs, not one per length)."""
+    first recomputed and the others not, gives the eager model's loss and LoRA gradients at three sequence lengths,
+    and so does the token-adaptive layout, recomputing 0, 1 and 2 layers by length (inductor's CPU backend here; the
+    two layer variants are two graphs, not one per length or per count)."""
     import torch
     import torch._dynamo.utils
     from peft import LoraConfig, get_peft_model
@@ -410,7 +411,7 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
     from tasks.train import compile_layers
     from tasks.train_callbacks import RecomputeSomeLayers
 
-    def build():
+    def build(thresholds=None):
         torch.manual_seed(0)
         config = LlamaConfig(
             hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=100
@@ -421,7 +422,7 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
                 torch.nn.init.normal_(p, std=0.02)
         model.train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        RecomputeSomeLayers(1).on_train_begin(None, None, None, model=model)
+        RecomputeSomeLayers(1 if thresholds is None else 2, thresholds).on_train_begin(None, None, None, model=model)
         return model
 
     def step(model, ids):
@@ -430,14 +431,20 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
         loss.backward()
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
-    eager, compiled = build(), build()
+    # compiled: token-adaptive, none recomputed at 33 tokens, the first layer at 47, two at 55 (its switch is read
+    # outside the compiled forward, so flipping it recompiles nothing)
+    eager, compiled = build(), build(thresholds=(40, 50, 10**9))
     assert compile_layers(compiled) == 3
     torch._dynamo.utils.counters.clear()
-    for length in (33, 47):
+    switches = [m for m in compiled.modules() if hasattr(m, "gradient_checkpointing") and "Decoder" in type(m).__name__]
+    recomputed = []
+    for length in (33, 47, 55):
         ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
         (loss_e, grads_e), (loss_c, grads_c) = step(eager, ids), step(compiled, ids)
+        recomputed.append(sum(m.gradient_checkpointing for m in switches))
         assert loss_c == pytest.approx(loss_e, rel=1e-5)
         assert grads_e.keys() == grads_c.keys() and len(grads_e) == 3 * 2 * 2  # q/v lora_A/B in 3 layers
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
+    assert recomputed == [0, 1, 2]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
