@@ -3,7 +3,7 @@
 A QLoRA step on a 7B model issues thousands of small kernels, and on the GPU machines here the CPU issuing them is
 the bottleneck (benchmarks/results/profile_h200: the GPU idle for 30% of a step). The CPU keeps up only by running
 ahead, queuing kernels while the GPU works through earlier ones; every synchronize empties that queue, and the GPU
-then idles until the CPU is ahead again. Two synchronizations a step are ours to remove, with no change to the math:
+then idles until the CPU is ahead again. These synchronizations are ours to remove, with no change to the math:
 
 - bitsandbytes' optimizers call `torch.cuda.synchronize()` after updating each parameter (128 times a step for LoRA
   r=64 on q/v of Llama-2-7B), and paged ones once more at the end. Its kernels and their order on the stream stay
@@ -11,16 +11,26 @@ then idles until the CPU is ahead again. Two synchronizations a step are ours to
   a checkpoint's copy to the host waits for the stream anyway.
 - The Trainer counts the non-padding tokens of each micro-batch with a `.item()` on the GPU. A padding-free batch
   is one row of real tokens, so the count is its length, known on the host.
+- trl's loss (SFTTrainer.compute_loss, trl 1.16) reads four numbers off the GPU between each micro-batch's forward
+  and backward: whether any label is valid, the mean entropy and token accuracy it logs, and the token count (again).
+  Its fused LM head also picks the labelled positions with a boolean index (`hidden_states[mask]`), whose size the
+  CPU must read. Here the loss is trl's own sum (its fused head's log-probabilities over the labelled tokens), the
+  two metrics stay on the GPU until a log line reads them, the count comes from the host, and the head scores every
+  position and zeroes the unlabelled ones (trl's own path on devices without Triton: the same log-probabilities).
 
-`train.sync_free_step` switches both (on by default); off, the stage runs as stock trl and bitsandbytes do.
+`train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import types
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def step_without_synchronize(self, closure=None):
@@ -64,6 +74,38 @@ def host_token_count(inputs) -> int | None:
     return int(inputs["position_ids"].shape[-1])
 
 
+@contextlib.contextmanager
+def lm_head_without_compaction():
+    """trl's fused LM head scoring every position, not only the labelled ones: no boolean index, so no read of its
+    size. trl decides by `_use_triton` in its trainer utils (trl 1.16); if that is gone, it stays as trl has it."""
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        yield
+        return
+    trl_utils._use_triton = lambda device: False
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def sync_free_loss_applies(trainer, inputs, return_outputs: bool) -> bool:
+    """Whether the synchronize-free loss computes what trl's compute_loss would: one process training on a
+    padding-free micro-batch with trl's plain token-mean loss (no custom loss, label smoothing, router loss or DFT)."""
+    return (
+        trainer.model.training
+        and not return_outputs
+        and trainer.compute_loss_func is None
+        and trainer.label_smoother is None
+        and trainer.args.loss_type == "nll"
+        and not trainer.aux_loss_enabled
+        and trainer.accelerator.num_processes == 1
+        and host_token_count(inputs) is not None
+    )
+
+
 @functools.cache
 def trainer_class(sync_free: bool):
     """trl's SFTTrainer, or (sync_free) a subclass that keeps the two synchronizations above out of each step."""
@@ -78,6 +120,39 @@ def trainer_class(sync_free: bool):
             optimizer = super().create_optimizer(model)
             drop_optimizer_syncs(optimizer)
             return optimizer
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not sync_free_loss_applies(self, inputs, return_outputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            with lm_head_without_compaction():
+                outputs = model(**inputs, fused_lm_head=True)
+            valid = outputs.label_mask.sum()
+            num_tokens = valid if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            # trl's per-micro-batch metrics, zero without a valid label, kept on the GPU until log() reads them
+            per_valid = valid.clamp(min=1)
+            has_valid = valid > 0
+            pending = self.__dict__.setdefault("_pending_metrics", [])
+            pending.append(
+                torch.stack(
+                    [
+                        torch.where(has_valid, outputs.entropy.detach().sum() / per_valid, 0.0),
+                        torch.where(has_valid, outputs.is_top1.sum() / per_valid, 0.0),
+                    ]
+                )
+            )
+            self._total_train_tokens += host_token_count(inputs) // self._tp_size
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def log(self, logs, start_time=None):
+            pending = self.__dict__.pop("_pending_metrics", None)
+            if pending:  # one read for all the micro-batches since the last log line
+                for entropy, accuracy in torch.stack(pending).tolist():
+                    self._metrics["train"]["entropy"].append(entropy)
+                    self._metrics["train"]["mean_token_accuracy"].append(accuracy)
+            return super().log(logs, start_time)
 
         def _track_num_input_tokens(self, inputs):
             count = host_token_count(inputs)

@@ -66,3 +66,86 @@ def test_trainer_class_follows_the_param():
     fast = trainer_class(True)
     assert issubclass(fast, SFTTrainer) and fast is not SFTTrainer
     assert "_track_num_input_tokens" in vars(fast) and "create_optimizer" in vars(fast)
+
+
+def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -> list[dict]:
+    """Four steps of a tiny Llama with LoRA through trainer_cls on answer-only, padding-free micro-batches."""
+    import trl.trainer.utils as trl_utils
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig
+
+    # compact: trl's fused LM head picks the labelled positions, as it does on a GPU (here with its torch tiles)
+    monkeypatch.setattr(trl_utils, "_use_triton", lambda device: compact)
+    torch.manual_seed(0)
+    # tied embeddings and rows that mostly repeat one token: the untrained model often predicts the token it just
+    # read, so token accuracy is not always zero and its averaging is checked too
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=True
+    )
+    config.vocab_size = len(tokenizer)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i, n in enumerate((9, 14, 6, 11, 17, 8, 12, 10)):
+        ids = [10 + i] * n
+        ids[n // 3] = int(torch.randint(3, 100, (1,), generator=g))
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2 :]})  # loss on the "answer" only
+    args = SFTConfig(
+        output_dir=str(tmp_path / trainer_cls.__name__),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=2,
+        padding_free=True,
+        max_length=None,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        seed=0,
+        data_seed=0,
+    )
+    trainer = trainer_cls(
+        model=LlamaForCausalLM(config),
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"),
+    )
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
+    """The sync-free loss through a whole (short) training run: the same losses, entropy, token accuracy and token
+    counts at every log line as trl's compute_loss with its compacting LM head; and it was the path taken."""
+    import tasks.step_overlap
+
+    taken = []
+    applies = tasks.step_overlap.sync_free_loss_applies
+    monkeypatch.setattr(tasks.step_overlap, "sync_free_loss_applies", lambda *a: taken.append(applies(*a)) or taken[-1])
+    from trl import SFTTrainer
+
+    from tasks.base_model import load_tokenizer
+
+    tok = load_tokenizer(params.model)
+    stock = _log_history(SFTTrainer, workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
+    ours = _log_history(trainer_class(True), workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
+    assert taken == [True] * 4
+    assert len(stock) == len(ours) == 2
+    for a, b in zip(stock, ours):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    assert stock[0]["loss"] != stock[1]["loss"]  # it trained
+    assert 0 < stock[0]["mean_token_accuracy"] < 1
+
+
+def test_lm_head_without_compaction_is_scoped():
+    import trl.trainer.utils as trl_utils
+
+    from tasks.step_overlap import lm_head_without_compaction
+
+    original = trl_utils._use_triton
+    with lm_head_without_compaction():
+        assert trl_utils._use_triton(torch.device("cuda")) is False
+    assert trl_utils._use_triton is original
