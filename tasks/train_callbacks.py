@@ -17,6 +17,18 @@ from tasks.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+def on_training_forward(model, see_tokens) -> None:
+    """Call see_tokens(tokens in the micro-batch) before each training forward of model (padded or padding-free:
+    the input's element count, what activation memory grows with)."""
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and module.training:
+            see_tokens(ids.numel())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 class StopOnNonFiniteLoss(TrainerCallback):
     """A NaN/inf loss stops the run at once (logging_nan_inf_filter is off so this sees the real loss)."""
 
@@ -81,12 +93,7 @@ class ThroughputMeter(TrainerCallback):
         self.timer = StepTimer()
 
     def watch(self, model) -> None:
-        def hook(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is not None and module.training:
-                self.max_tokens = max(self.max_tokens, ids.numel())
-
-        model.register_forward_pre_hook(hook, with_kwargs=True)
+        on_training_forward(model, lambda tokens: setattr(self, "max_tokens", max(self.max_tokens, tokens)))
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
@@ -148,12 +155,7 @@ class RecomputeSomeLayers(TrainerCallback):
             self.thresholds[0],
         )
 
-        def hook(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            if ids is not None and module.training:
-                self._switch(layers_to_recompute(self.thresholds, ids.numel()))
-
-        model.register_forward_pre_hook(hook, with_kwargs=True)
+        on_training_forward(model, lambda tokens: self._switch(layers_to_recompute(self.thresholds, tokens)))
 
     def _switch(self, layers: int) -> None:
         for index, layer in enumerate(self.decoder_layers):

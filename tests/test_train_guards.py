@@ -393,6 +393,7 @@ def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeyp
     adaptive = tasks.train.train(base, extra_callbacks=[Flags()])
     assert seen == [(True, False) if t > cut else (False, False) for t in tokens]
     assert adaptive["recompute_layers"] == 2 and adaptive["gradient_checkpointing"] is True
+    assert none["max_micro_batch_tokens"] == adaptive["max_micro_batch_tokens"] == max(tokens)  # the meter's hook
     assert adaptive["recompute_layers_mean"] == pytest.approx(sum(t > cut for t in tokens) / len(tokens), abs=0.01)
     assert adaptive["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
 
