@@ -96,6 +96,23 @@ def idle_by_cpu_op(gaps: list[tuple[float, float]], cpu_events: list[tuple[int, 
     return out
 
 
+# CPU ops that wait for the GPU: `.item()` and friends (_local_scalar_dense), a boolean index's size (nonzero), and
+# the CUDA runtime's own waits (a nonzero shows under both names)
+SYNC_OPS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaEventSynchronize",
+)
+
+
+def syncs_per_step(cpu_names: list[str], steps: int) -> dict[str, float]:
+    """How often each synchronizing op ran a step: every one empties the queue the CPU had built ahead of the GPU."""
+    counts = {name: cpu_names.count(name) / steps for name in SYNC_OPS}
+    return {name: round(n, 2) for name, n in counts.items() if n}
+
+
 def summarize(prof, steps: int, wall_s: float) -> dict:
     """Per-step figures from the profiler's kernel events (CPU ops when there is no GPU, for a smoke run)."""
     from torch.autograd import DeviceType
@@ -136,6 +153,7 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         "kernel_share_of_step": {
             k: round(v / 1000 / steps / step_ms, 4) for k, v in sorted(per_kind.items(), key=lambda kv: -kv[1])
         },
+        "syncs_per_step": syncs_per_step([e.name for e in prof.events() if e.device_type == DeviceType.CPU], steps),
         # where the GPU waited: by the CPU op in progress at each gap's middle, the 25 largest
         "gpu_idle_ms_per_step_by_cpu_op": {
             n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle.items(), key=lambda kv: -kv[1])[:25]

@@ -33,3 +33,15 @@ def test_kernel_kinds():
     assert kind_of("nvjet_sm90_tst_256x160_64x4_2x1_v_bz_coopA_NNT") == "gemm"
     assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kind_of("_rms_norm_forward_kernel") == "liger_triton"
+
+
+def test_syncs_are_counted_per_step_by_op():
+    from benchmarks.profile_train import syncs_per_step
+
+    names = ["aten::mm", "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize"] * 3 + ["aten::item"]
+    assert syncs_per_step(names, 3) == {
+        "aten::_local_scalar_dense": 1.0,
+        "aten::nonzero": 1.0,
+        "cudaStreamSynchronize": 1.0,
+    }
+    assert syncs_per_step(["aten::mm"], 2) == {}
