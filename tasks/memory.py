@@ -37,6 +37,11 @@ GIB = 2**30
 ACT_PER_H = 17.5  # norms, q/k/v/o inputs and outputs, RoPE, attention, LoRA dropout inputs
 ACT_PER_I = 8.0  # SwiGLU: gate, up, activation, product
 ACT_PER_I_LIGER = 4.0  # Liger's fused SwiGLU keeps only gate and up
+# train.compile: inductor's partitioner keeps fewer tensors for the backward (it recomputes cheap elementwise ops
+# there), so a compiled decoder layer keeps this share of the eager fit. H200, 7B recipe at batch 8 without Liger
+# (benchmarks/results/vs_plain_trl_deq_h200.json, 8,192-token micro-batch): 29.22 GiB of activations measured against
+# 38.99 predicted with no recomputation (0.749), 7.53 against 10.16 with 26 of 32 layers recomputed (0.741).
+COMPILED_ACTIVATION_SHARE = 0.75
 WORKSPACE_GIB = 0.0  # trl's fused LM head keeps only chunks of logits; no other term showed in the fit
 # auto budget: the share of the GPU's memory the planner may fill. The rest covers the CUDA context, the
 # allocator's reserved-but-free blocks and the gap between the fit and a given run (measured within 6%).
@@ -184,7 +189,8 @@ def _activation_bytes(params: Params) -> int:
 def _layer_bytes_per_token(shape: ModelShape, params: Params) -> float:
     """What one decoder layer keeps for the backward, per token, when it is not recomputed."""
     i_share = ACT_PER_I_LIGER if params.train.liger_kernels else ACT_PER_I
-    return (ACT_PER_H * shape.hidden + i_share * shape.intermediate) * _activation_bytes(params) / 2
+    per_layer = (ACT_PER_H * shape.hidden + i_share * shape.intermediate) * _activation_bytes(params) / 2
+    return per_layer * (COMPILED_ACTIVATION_SHARE if params.train.compile else 1.0)
 
 
 def _activation_bytes_per_token(shape: ModelShape, params: Params, recomputed: int) -> float:

@@ -316,6 +316,21 @@ def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypa
     assert partial["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
 
 
+def test_planner_counts_compiled_layers_at_their_measured_memory(recipe):
+    """train.compile: the planner's peaks for the H200 runs the share was fitted on (benchmarks/results/
+    vs_plain_trl_deq_h200.json, 8,192-token micro-batches): within 1% with nothing recomputed, and above the measured
+    peak with 26 of 32 layers recomputed (over-predicting is the safe side); and fewer layers recomputed at 16 GiB."""
+    p = with_overrides(recipe, **{"train.batch_size": 8, "train.liger_kernels": False})
+    compiled = with_overrides(p, **{"train.compile": True})
+    none = estimate(LLAMA_7B, compiled, checkpointing=False)
+    assert none.tokens_per_micro_batch == 8192 and none.peak_gib == pytest.approx(33.481, rel=0.01)
+    partial = estimate(LLAMA_7B, compiled, checkpointing=True, recompute_layers=26)
+    assert 11.794 < partial.peak_gib < 11.794 * 1.1
+    eager = estimate(LLAMA_7B, p, checkpointing=False)
+    assert eager.activations_gib * 0.74 < none.activations_gib < eager.activations_gib * 0.76
+    assert plan(LLAMA_7B, compiled, 16).recompute_layers < plan(LLAMA_7B, p, 16).recompute_layers
+
+
 def test_adaptive_recomputation_recomputes_only_what_each_token_count_needs(recipe):
     """train.adaptive_recompute: the plan for the longest micro-batch, and below it token thresholds where fewer
     recomputed layers still fit the budget with the partial margin; off, pinned or without recomputation, none."""
