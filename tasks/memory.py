@@ -292,7 +292,7 @@ def recompute_thresholds(shape: ModelShape, params: Params, est: Estimate) -> li
     The plan fits the worst case, every row max_length long; padding-free micro-batches are mostly far shorter, and
     activations grow with the tokens, so a short one fits with fewer layers recomputed (each recomputed layer costs a
     share of a forward pass). Kept activations carry PARTIAL_RECOMPUTE_MARGIN here at every k, none recomputed too:
-    this is where the fit is least sure. The last entry is never below the plan's own micro-batch."""
+    this is where the fit is least sure. The last entry is never below the tokens plan() checked."""
     fixed = (est.base_weights_gib + est.lora_state_gib + est.workspace_gib) * GIB
     room = (est.budget_gib or 0) * GIB - fixed
     per_layer = _layer_bytes_per_token(shape, params)

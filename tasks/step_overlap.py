@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import types
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def step_without_synchronize(self, closure=None):
@@ -108,7 +105,7 @@ def sync_free_loss_applies(trainer, inputs, return_outputs: bool) -> bool:
 
 @functools.cache
 def trainer_class(sync_free: bool):
-    """trl's SFTTrainer, or (sync_free) a subclass that keeps the two synchronizations above out of each step."""
+    """trl's SFTTrainer, or (sync_free) a subclass that keeps the synchronizations above out of each step."""
     from trl import SFTTrainer
 
     if not sync_free:
