@@ -20,6 +20,7 @@ import json
 import logging
 import lzma
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,22 @@ def _open_text(path: Path):
     return opener(path, "rt", encoding=TEXT_ENCODING) if opener else open(path, encoding=TEXT_ENCODING)
 
 
+# A \uXXXX escape in the UTF-16 surrogate range: paired, it spells one character above U+FFFF (an emoji); alone (an
+# emoji cut in half by a truncating exporter) json decodes it to a str that is not text and that no tokenizer takes.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_unicode(row: dict, where: str) -> None:
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+        raise PipelineError(
+            f"{where}: holds {bad}, half of a UTF-16 surrogate pair (often an emoji cut off when the text was "
+            "truncated), which is not text. Remove that escape or fix the row, then run again."
+        ) from None
+
+
 def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
     block = []
     with _open_text(path) as f:
@@ -85,6 +102,8 @@ def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
                 raise PipelineError(
                     f'{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{"text": ...}}.'
                 )
+            if _SURROGATE_ESCAPE.search(line):
+                _check_unicode(row, f"{path}, line {lineno}")
             block.append((row, line.strip()))
             if len(block) == BLOCK_ROWS:
                 yield block
@@ -102,6 +121,8 @@ def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
         data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
+    for index, row in enumerate(data):
+        _check_unicode(row, f"{path}, object {index + 1} of the list")
     for k in range(0, len(data), BLOCK_ROWS):
         yield [(row, None) for row in data[k : k + BLOCK_ROWS]]
 
@@ -131,8 +152,29 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
             f.seek(0)
             if sep != ",":
                 log.info("%s: columns separated by %r (from its header line)", path, sep)
+        start = 1
         for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS):
-            yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in frame.to_dict(orient="records")]
+            rows = [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+            if sep == "\t":
+                _check_no_merged_rows(path, rows, start)
+            start += len(rows)
+            yield [(row, None) for row in rows]
+
+
+def _check_no_merged_rows(path: Path, rows: list[dict], start: int) -> None:
+    """Tab-separated files come in two dialects: with CSV's double quotes around fields (what pandas and spreadsheets
+    write, so a field can hold newlines) and without (a quote is just a character). Read as the first, a file of the
+    second whose field starts with an unclosed quote swallows the following lines, separators and all, into that
+    field. A tab inside a field is that trace: stop rather than train on merged rows."""
+    for offset, row in enumerate(rows):
+        column = next((k for k, v in row.items() if isinstance(v, str) and "\t" in v), None)
+        if column is not None:
+            raise PipelineError(
+                f"{path}, data row {start + offset}: column {column!r} holds a tab, so a double quote that opens a "
+                "field there (or on an earlier line) was read as quoting and merged the lines after it into one row. "
+                "Quote fields CSV-style (a literal quote doubled inside quotes), or save the data as .jsonl, and run "
+                "again."
+            )
 
 
 def local_format(path: Path) -> tuple[str, str | None]:

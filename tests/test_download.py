@@ -399,3 +399,34 @@ def test_outputs_get_ordinary_permissions(params, workdir, umask_022):
         write_text(tmp / "a.txt", "a")
     assert oct((workdir / "folder").stat().st_mode & 0o777) == "0o755"
     assert oct((workdir / "folder" / "a.txt").stat().st_mode & 0o777) == "0o644"
+
+
+def test_unquoted_tsv_quote_that_would_merge_rows_stops_with_the_row(params, workdir):
+    """A tab-separated file without CSV quoting whose answer opens with a quote: read as quoting, the next lines
+    would be swallowed into that answer. It stops, naming the row and column; nothing is written."""
+    path = workdir / "alpaca.tsv"
+    path.write_text('instruction\toutput\nsay yes\t"Yes, really.\nnext one\tHere is "ok" text\nthird\tfine\n')
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    assert "data row 1: column 'output' holds a tab" in str(err.value) and ".jsonl" in str(err.value)
+    assert not (workdir / "out" / "rows.jsonl").exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_lone_surrogate_escape_stops_with_the_row(params, workdir, suffix):
+    """An emoji cut in half (a lone \\ud83d escape) is valid JSON but not text; the tokenizer would fail on it
+    without naming the row. Download names it; a whole emoji (a surrogate pair) is fine."""
+    # JSON escapes as they stand in the file: a pair (one emoji), then a lone half
+    good = '{"text": "### Human: hi there### Assistant: \\ud83d\\ude00 all fine"}'
+    bad = '{"text": "### Human: hi there### Assistant: \\ud83d cut off"}'
+    lines = [*(json.dumps(r) for r in ROWS), good]
+    path = workdir / f"rows{suffix}"
+    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",".join(lines) + "]")
+    _, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows)[-1]["text"].endswith("\U0001f600 all fine")
+    bad_lines = [*lines, bad]
+    path.write_text("\n".join(bad_lines) + "\n" if suffix == ".jsonl" else "[" + ",".join(bad_lines) + "]")
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    where = f"line {len(bad_lines)}" if suffix == ".jsonl" else f"object {len(bad_lines)} of the list"
+    assert f"{where}: holds \\ud83d, half of a UTF-16 surrogate pair" in str(err.value)
