@@ -287,6 +287,22 @@ def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, t
         )
 
 
+def whole_run_loss(state, loss_since_resume: float, resumed_at: int) -> float:
+    """The mean training loss over every step of the run, across a resume. The Trainer's training_loss covers only
+    the steps since it resumed (so a resumed run would report, and publish as its final loss, a figure of its last
+    steps alone); the steps before come from the checkpoint's logged losses, each the mean over its logging window.
+    Steps between the last log and the checkpoint have no logged loss and are left out of the mean."""
+    if resumed_at == 0:
+        return loss_since_resume
+    total, covered = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_at:
+            total += entry["loss"] * (entry["step"] - covered)
+            covered = entry["step"]
+    since = state.global_step - resumed_at
+    return (total + loss_since_resume * since) / max(covered + since, 1)
+
+
 def _mean_recomputed(trainer, est: Estimate) -> float:
     from tasks.train_callbacks import RecomputeSomeLayers
 
@@ -317,6 +333,7 @@ def run_metrics(
     state, args, acc = trainer.state, trainer.args, trainer.accelerator
     # The Trainer's training_loss holds this rank's loss alone after the last logging step: average over ranks.
     train_loss = acc.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device), "mean").item()
+    train_loss = whole_run_loss(state, train_loss, meter.step0)
     peak_per_rank = None
     if torch.cuda.is_available() and args.world_size > 1:  # each GPU's own peak (rank 0 gathers FSDP weights)
         peaks = acc.gather(torch.tensor([meter.peak_allocated], device=args.device)).tolist()

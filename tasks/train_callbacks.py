@@ -88,7 +88,7 @@ class ThroughputMeter(TrainerCallback):
     largest micro-batch in tokens (what the peak depends on)."""
 
     def __init__(self):
-        self.t0, self.tokens0, self.max_tokens = None, 0, 0
+        self.t0, self.tokens0, self.max_tokens, self.step0 = None, 0, 0, 0
         self.peak_allocated = self.peak_reserved = None
         self.timer = StepTimer()
 
@@ -97,6 +97,7 @@ class ThroughputMeter(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        self.step0 = state.global_step  # a resumed run: the checkpoint's step
 
     def on_step_end(self, args, state, control, **kw):
         self.timer.mark(state.num_input_tokens_seen)

@@ -253,6 +253,21 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
     a = json.loads((straight / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     b = json.loads((killed / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
     assert abs(a - b) < 1e-3, (a, b)
+    # the recorded (and published) train loss is the whole run's, not only the steps after the resume
+    whole = json.loads((straight / paths.TRAIN_METRICS).read_text())["train_loss"]
+    assert resumed["train_loss"] == pytest.approx(whole, abs=2e-3), (resumed["train_loss"], whole)
+
+
+def test_whole_run_loss_joins_the_logged_steps_before_a_resume():
+    from types import SimpleNamespace
+
+    from tasks.train import whole_run_loss
+
+    logs = [{"loss": 4.0, "step": 5}, {"loss": 2.0, "step": 10}, {"loss": 9.0, "step": 15}]
+    state = SimpleNamespace(log_history=logs, global_step=20)
+    assert whole_run_loss(state, 1.0, 0) == 1.0  # not resumed: the Trainer's own figure
+    assert whole_run_loss(state, 1.0, 10) == pytest.approx((4 * 5 + 2 * 5 + 1 * 10) / 20)  # logs after 10 ignored
+    assert whole_run_loss(state, 1.0, 12) == pytest.approx((4 * 5 + 2 * 5 + 1 * 8) / 18)  # steps 11-12: no log
 
 
 def test_planner_recomputes_only_the_layers_that_do_not_fit(recipe):
