@@ -66,7 +66,9 @@ class ValidateParams(_Strict):
     max_turns: int = Field(ge=2)
     min_chars: int = Field(ge=1)
     max_chars: int = Field(ge=1)
-    max_bad_row_share: float = Field(ge=0, le=1, description="rows breaking a row rule that are left out, not fatal")
+    max_bad_row_share: float = Field(
+        ge=0, le=1, description="rows breaking any row rule (all rules together) left out, not fatal"
+    )
     max_duplicate_share: float = Field(ge=0, le=1)
     min_share_within_max_length: float = Field(ge=0, le=1)
     max_tokens_hard_limit: int = Field(ge=1, description="rows longer than this fail validation outright")

@@ -17,7 +17,7 @@ from tasks.expectations import ROW_RULES
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 # The suite's rules in the order it runs them (tasks/expectations.py): tests check reports name each one.
-SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit")
+SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit", "row_rules_together")
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

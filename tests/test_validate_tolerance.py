@@ -30,3 +30,37 @@ def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
     rule = next(r for r in result["rules"] if r["rule"] == "non_empty_turns")
     assert rule["success"] and rule["rows"] == [30]
     assert json.loads((workdir / "m.json").read_text())["rows_excluded"] == 1
+
+
+def test_the_share_bounds_all_row_rules_together(workdir, params):
+    """Three rows each breaking a different row rule: each rule alone is within a 2% share (1 row of 68), all three
+    together are not (3 of 68), so the run stops, naming the union; the last good conversations stay."""
+    import pytest
+
+    from tasks.errors import ValidationFailed
+
+    sample = read_jsonl(ROOT / "data/sample/guanaco_sample.jsonl")
+    bad = [
+        {"text": "### Human: What is 2+2?### Assistant: "},  # non_empty_turns
+        {"text": "### Human: What is 2+2?### Assistant: four\u0007 of them"},  # no_control_chars
+        {"text": "### Human: What is 2+2?### Assistant: it is \ufffd four"},  # no_replacement_chars
+    ]
+    rows = sample[:10] + bad + sample[10:] + sample[:1]
+    write_jsonl(workdir / "rows.jsonl", rows)
+    (workdir / "conv.jsonl").write_text("last good\n")
+    p = with_overrides(params, **{"validate.max_bad_row_share": 0.02, "validate.max_duplicate_share": 0.05})
+    with pytest.raises(ValidationFailed) as err:
+        validate(
+            p,
+            raw_rows=workdir / "rows.jsonl",
+            out_conversations=workdir / "conv.jsonl",
+            report_dir=workdir / "report",
+            metrics_path=workdir / "m.json",
+            histogram_path=workdir / "h.png",
+        )
+    assert "- row_rules_together:" in str(err.value) and "rows [10, 11, 12]" in str(err.value)
+    result = read_json(workdir / "report" / "result.json")
+    each = {r["rule"]: r for r in result["rules"]}
+    assert each["non_empty_turns"]["success"] and each["no_control_chars"]["success"]
+    assert each["row_rules_together"]["status"] == "failed" and each["row_rules_together"]["rows"] == [10, 11, 12]
+    assert (workdir / "conv.jsonl").read_text() == "last good\n"
