@@ -115,14 +115,16 @@ def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
 def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     # A JSON document is parsed whole (the format has no rows to stream); large data belongs in .jsonl or .parquet.
     with _open_text(path) as f:
-        data = json.loads(f.read())
+        text = f.read()
+    data = json.loads(text)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
-    for index, row in enumerate(data):
-        _check_unicode(row, f"{path}, object {index + 1} of the list")
+    if _SURROGATE_ESCAPE.search(text):
+        for index, row in enumerate(data):
+            _check_unicode(row, f"{path}, object {index + 1} of the list")
     for k in range(0, len(data), BLOCK_ROWS):
         yield [(row, None) for row in data[k : k + BLOCK_ROWS]]
 

@@ -282,8 +282,11 @@ def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, doc
     by_rule = [_rule_report(res, columns, frame) for res in result.results]
     together = _row_rules_together(by_rule, len(frame), v)
     by_rule.append(together)
-    success = bool(result.success) and together["success"] is not False
-    return {"success": success, "rules": by_rule, "ge_result": result.to_json_dict()}
+    return {
+        "success": bool(result.success) and together["success"],
+        "rules": by_rule,
+        "ge_result": result.to_json_dict(),
+    }
 
 
 def _row_rules_together(by_rule: list[dict], rows: int, v: ValidateParams) -> dict:

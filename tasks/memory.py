@@ -234,12 +234,17 @@ def resolve_budget(budget: float | str | None, gpu_gib: float | None) -> float |
     return budget
 
 
+def _margin_bytes_per_token(shape: ModelShape, params: Params, recompute_layers: int) -> float:
+    """PARTIAL_RECOMPUTE_MARGIN of what the layers not recomputed keep, per token: where the fit is least sure."""
+    return PARTIAL_RECOMPUTE_MARGIN * _layer_bytes_per_token(shape, params) * (shape.layers - recompute_layers)
+
+
 def _partial_margin(shape: ModelShape, params: Params, micro_batch: int, recompute_layers: int) -> float:
-    """GiB to keep spare for a layout recomputing some but not all layers: a share of its kept activations."""
+    """GiB to keep spare for a layout recomputing some but not all layers, at its worst-case micro-batch."""
     if not 0 < recompute_layers < shape.layers:
         return 0.0
-    none_recomputed = estimate(shape, params, micro_batch=micro_batch, checkpointing=False).activations_gib
-    return PARTIAL_RECOMPUTE_MARGIN * none_recomputed * (shape.layers - recompute_layers) / shape.layers
+    tokens = micro_batch * params.model.max_length
+    return tokens * _margin_bytes_per_token(shape, params, recompute_layers) / GIB
 
 
 def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimate:
@@ -295,11 +300,10 @@ def recompute_thresholds(shape: ModelShape, params: Params, est: Estimate) -> li
     this is where the fit is least sure. The last entry is never below the tokens plan() checked."""
     fixed = (est.base_weights_gib + est.lora_state_gib + est.workspace_gib) * GIB
     room = (est.budget_gib or 0) * GIB - fixed
-    per_layer = _layer_bytes_per_token(shape, params)
     thresholds = []
     for k in range(est.recompute_layers + 1):
-        margin = PARTIAL_RECOMPUTE_MARGIN * per_layer * (shape.layers - k) if k < shape.layers else 0.0
-        thresholds.append(max(0, int(room // (_activation_bytes_per_token(shape, params, k) + margin))))
+        per_token = _activation_bytes_per_token(shape, params, k) + _margin_bytes_per_token(shape, params, k)
+        thresholds.append(max(0, int(room // per_token)))
     thresholds[-1] = max(thresholds[-1], est.tokens_per_micro_batch)  # what plan() checked, with its own margin
     return thresholds
 
