@@ -17,7 +17,17 @@ from tests.conftest import ROOT, wait_for
 
 def _stage(name: str, cwd, **kw):
     cmd = [sys.executable, "-m", f"tasks.{name}"]
-    return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    # SIGINT back to its default in the stage, as in a terminal: a suite started in the background by a shell without
+    # job control inherits SIGINT ignored, and Python then leaves it ignored, so Ctrl-C would never reach the stage.
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **kw,
+    )
 
 
 def _set_input(workdir, params, path) -> None:
