@@ -11,7 +11,6 @@ through to the stock SDPA implementation unchanged.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -60,16 +59,26 @@ def varlen_attention_forward(
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the stock implementations return
 
 
-@functools.cache
+# PyTorch's varlen kernel and its parameter names, resolved once. A plain global, not functools.cache: the forward
+# runs inside compiled decoder layers, and dynamo warns at every cached call it traces through (it ignores the cache).
+_varlen: tuple | None = None
+
+
+def _resolve_varlen() -> tuple:
+    global _varlen
+    if _varlen is None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        _varlen = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+    return _varlen
+
+
 def _varlen_kernel():
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn
+    return _resolve_varlen()[0]
 
 
-@functools.cache
 def _varlen_params() -> frozenset[str]:
-    return frozenset(inspect.signature(_varlen_kernel()).parameters)
+    return _resolve_varlen()[1]
 
 
 def _causal_kwargs(gqa: bool) -> dict:
@@ -123,4 +132,6 @@ def register() -> str:
 
     AttentionInterface.register(NAME, varlen_attention_forward)
     AttentionMaskInterface.register(NAME, _mask)
+    if torch.cuda.is_available() and unavailable_reason() is None:
+        _resolve_varlen()  # here, before any compiled layer traces the forward
     return NAME

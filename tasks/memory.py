@@ -211,7 +211,8 @@ def visible_gpu_gib() -> float | None:
 
 
 def use_expandable_segments() -> bool:
-    """Switch this process's CUDA allocator to expandable segments, unless PYTORCH_CUDA_ALLOC_CONF says otherwise.
+    """Switch this process's CUDA allocator to expandable segments, unless PYTORCH_ALLOC_CONF (or its older name
+    PYTORCH_CUDA_ALLOC_CONF) says otherwise.
 
     Padding-free micro-batches differ in size at every step; the default allocator carves fixed segments and, near a
     memory cap, frees its cache and retries (a device-wide synchronize) when no cached block fits. Expandable segments
@@ -221,9 +222,11 @@ def use_expandable_segments() -> bool:
 
     import torch
 
-    if not torch.cuda.is_available() or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+    if not torch.cuda.is_available() or {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
         return False
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    # The run-time setter moved in PyTorch 2.10; the old name still works there but warns (FutureWarning).
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter("expandable_segments:True")
     return True
 
 

@@ -80,3 +80,20 @@ def test_preflight_names_a_gpu_too_old_for_varlen_attention(monkeypatch, params)
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100 or H200
     assert attention.unavailable_reason() is None
+
+
+def test_compiled_layers_trace_the_kernel_lookup_without_warnings():
+    """The varlen kernel's causal arguments are looked up inside compiled decoder layers: dynamo warned at each
+    functools.cache call it traced (three UserWarnings in every compiled GPU run's log) before this was a global."""
+    import warnings
+
+    attention._resolve_varlen()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def scaled(x):
+        return x * (2 if "window_size" in attention._causal_kwargs(False) else 3)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert scaled(torch.ones(2)).tolist() in ([2.0, 2.0], [3.0, 3.0])
+    assert not [w for w in caught if "Dynamo detected" in str(w.message)]
