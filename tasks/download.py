@@ -94,13 +94,20 @@ def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
+                swapped = (
+                    " If the file is one JSON document (a list of objects), name it .json."
+                    if (lineno == 1 and line.lstrip()[:1] in ("[", "{"))
+                    else ""
+                )
                 raise PipelineError(
                     f"{path}, line {lineno}: not valid JSON ({_json_problem(e, line=False)}). "
-                    "Fix or remove that line; every line must be one JSON object."
+                    f"Fix or remove that line; every line must be one JSON object.{swapped}"
                 ) from None
             if not isinstance(row, dict):
+                swapped = " If the file is one JSON list of objects, name it .json." if lineno == 1 else ""
                 raise PipelineError(
-                    f'{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like {{"text": ...}}.'
+                    f"{path}, line {lineno}: a JSON {type(row).__name__}, expected an object like "
+                    f'{{"text": ...}}.{swapped}'
                 )
             if _SURROGATE_ESCAPE.search(line):
                 _check_unicode(row, f"{path}, line {lineno}")
@@ -116,7 +123,15 @@ def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     # A JSON document is parsed whole (the format has no rows to stream); large data belongs in .jsonl or .parquet.
     with _open_text(path) as f:
         text = f.read()
-    data = json.loads(text)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data" and text.lstrip()[:1] == "{":  # one object a line: JSON Lines named .json
+            raise PipelineError(
+                f"{path}: not one JSON document ({_json_problem(e)}): it holds one JSON object a line, which is "
+                "JSON Lines. Name it .jsonl (or wrap the objects in one list)."
+            ) from None
+        raise
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
         lists = [v for v in data.values() if isinstance(v, list)]
         data = lists[0] if len(lists) == 1 else data
@@ -179,6 +194,61 @@ def _check_no_merged_rows(path: Path, rows: list[dict], start: int) -> None:
             )
 
 
+# What a file's first bytes say it is, whatever its name: a compressed or Parquet file under a text name otherwise
+# fails as "not UTF-8" or "not valid JSON", which sends the user looking for a bad character.
+_MAGIC = {
+    b"\x1f\x8b": ".gz",
+    **{b"BZh" + str(level).encode(): ".bz2" for level in range(1, 10)},
+    b"\xfd7zXZ\x00": ".xz",
+    b"PAR1": ".parquet",
+    b"\xff\xfe": "utf-16",
+    b"\xfe\xff": "utf-16",
+}
+
+
+def _sniffed_kind(path: Path) -> str | None:
+    """.gz/.bz2/.xz/.parquet/utf-16 when the file's first bytes are that format's signature, else None."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def _misnamed(path: Path, fmt: str, compression: str | None) -> str | None:
+    """Why the file's content does not match its name, with the name it needs; None when it does (or is unknown)."""
+    kind = _sniffed_kind(path)
+    if kind is None or kind == (compression or fmt):
+        return None
+    if kind == "utf-16":
+        return (
+            "is UTF-16 text (it starts with a UTF-16 byte-order mark, as Excel's 'Unicode Text' and Windows tools "
+            "write): re-save it as UTF-8"
+        )
+    if fmt == ".parquet" and kind in COMPRESSIONS:
+        return f"is {kind[1:]}-compressed: decompress it to a plain .parquet (parquet compresses inside the file)"
+    base = path.name[: -len("".join(path.suffixes))] if path.suffixes else path.name
+    if kind == ".parquet":
+        return f"is a Parquet file (it starts with PAR1) but is named as {fmt[1:]}: rename it to {base}.parquet"
+    if compression:
+        return f"is {kind[1:]}-compressed but named {compression}: rename it to {base}{fmt}{kind}"
+    return f"is {kind[1:]}-compressed but named as plain {fmt[1:]}: rename it to {path.name}{kind}"
+
+
+def _first_bad_utf8(path: Path, compression: str | None) -> str:
+    """Where the first byte that is not UTF-8 sits, as line and byte offset in the (decompressed) file: the decode
+    error itself only knows its offset inside the read buffer."""
+    opener = COMPRESSIONS.get(compression or "", open)
+    offset = 0
+    with opener(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = line[e.start : e.end].hex(" ")
+                return f"line {lineno}, byte {offset + e.start} of the file: bytes {bad}"
+            offset += len(line)
+    return "position unknown"
+
+
 def local_format(path: Path) -> tuple[str, str | None]:
     """(format suffix, compression suffix or None) of a file name: rows.jsonl.gz -> (".jsonl", ".gz")."""
     suffixes = [s.lower() for s in path.suffixes]
@@ -205,6 +275,9 @@ def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
     if why:
         shown = "".join(path.suffixes[-2:]) if compression else path.suffix
         raise PipelineError(f"input file {path} has suffix {shown!r}; {why}.")
+    misnamed = _misnamed(path, fmt, compression)
+    if misnamed:
+        raise PipelineError(f"input file {path} {misnamed}.")
     reader = {
         ".jsonl": _jsonl_blocks,
         ".json": _json_blocks,
@@ -217,9 +290,10 @@ def read_local(path: Path) -> Iterator[list[tuple[dict, str | None]]]:
         yield from reader[fmt](path)
     except PipelineError:
         raise
-    except UnicodeDecodeError as e:
+    except UnicodeDecodeError:
         raise PipelineError(
-            f"{path}: not UTF-8 text ({e.reason} at byte {e.start}{unpacked}). Re-save it as UTF-8."
+            f"{path}: not UTF-8 text ({_first_bad_utf8(path, compression)}{unpacked}). Re-save it as UTF-8 (a byte "
+            "like e9 alone is Latin-1 or Windows-1252: open it with that encoding and save as UTF-8)."
         ) from None
     except json.JSONDecodeError as e:
         raise PipelineError(f"{path}: not valid JSON ({_json_problem(e)}{unpacked}).") from None

@@ -206,6 +206,52 @@ def _json_scalar(tmp: Path) -> tuple[Path, str]:
     return path, r"expected a JSON list of objects"
 
 
+def _latin1_deep(tmp: Path) -> tuple[Path, str]:
+    # Far past the decoder's first read buffer: the line and offset must still be the file's, not the buffer's.
+    path = tmp / "latin1_deep.jsonl"
+    good = (json.dumps({"text": "x" * 50}) + "\n").encode()
+    bad = '{"text": "caf\u00e9"}'.encode("latin-1") + b"\n"
+    path.write_bytes(good * 4999 + bad)
+    offset = len(good) * 4999 + bad.index(0xE9)
+    return path, rf"line 5000, byte {offset} of the file: bytes e9"
+
+
+def _gzip_named_jsonl(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.jsonl"
+    path.write_bytes(gzip.compress(json.dumps(ROWS[0]).encode() + b"\n"))
+    return path, r"is gz-compressed but named as plain jsonl: rename it to rows\.jsonl\.gz"
+
+
+def _parquet_named_csv(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.csv"
+    pd.DataFrame(ROWS).to_parquet(path)
+    return path, r"is a Parquet file .* rename it to rows\.parquet"
+
+
+def _utf16_tsv(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.tsv"
+    path.write_bytes("text\nhello\n".encode("utf-16"))  # with its byte-order mark, as Excel's Unicode Text saves
+    return path, r"is UTF-16 text .* re-save it as UTF-8"
+
+
+def _jsonl_named_json(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return path, r"one JSON object a line, which is JSON Lines\. Name it \.jsonl"
+
+
+def _json_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.jsonl"
+    path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
+    return path, r"line 1: not valid JSON .* name it \.json"
+
+
+def _one_line_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "rows.jsonl"
+    path.write_text(json.dumps(ROWS), encoding="utf-8")
+    return path, r"line 1: a JSON list, expected an object .* name it \.json"
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -221,6 +267,13 @@ def _json_scalar(tmp: Path) -> tuple[Path, str]:
         _bare_gz,
         _parquet_gz,
         _corrupt_gz,
+        _latin1_deep,
+        _gzip_named_jsonl,
+        _parquet_named_csv,
+        _utf16_tsv,
+        _jsonl_named_json,
+        _json_list_named_jsonl,
+        _one_line_list_named_jsonl,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
