@@ -33,7 +33,9 @@ _ROLE_ALIASES = {
 
 _GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
 _LLAMA2_TURN = re.compile(
-    r"<s>\s*\[INST\]\s?(?:<<SYS>>\n(?P<sys>.*?)\n<</SYS>>\n\n)?(?P<user>.*?) \[/INST\](?: (?P<answer>.*?) </s>| ?</s>|(?P<open>.*)$)",  # noqa: E501
+    # Whitespace around the markers is not content (the format stage renders the template afresh), so a file
+    # written with "answer</s>" or "[/INST]answer" reads like the canonical "[/INST] answer </s>".
+    r"<s>\s*\[INST\]\s*(?:<<SYS>>\s*(?P<sys>.*?)\s*<</SYS>>\s*)?(?P<user>.*?)\s*\[/INST\](?:\s*(?P<answer>.*?)\s*</s>|(?P<open>.*)$)",  # noqa: E501
     re.S,
 )
 

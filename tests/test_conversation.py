@@ -76,6 +76,23 @@ def test_llama2_text_without_leading_bos():
     assert conv.turns == ((USER, "What is up?"), (ASSISTANT, "The sky."))
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is up? [/INST] The sky. </s><s>[INST] And? [/INST] Blue. </s>",
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nWhat is up? [/INST] The sky.</s><s>[INST] And? [/INST] Blue.</s>",
+        "<s>[INST]<<SYS>>Be brief.<</SYS>>What is up?[/INST]The sky.</s> <s>[INST]And?[/INST]Blue.</s>",
+    ],
+    ids=["canonical", "no-space-before-eos", "no-spaces-at-all"],
+)
+def test_llama2_spacing_around_markers_is_not_content(text):
+    # A file written without the space before </s> used to keep "</s>" (and every later turn) inside the first
+    # answer, which validation then reported as template markers inside content.
+    conv = parse_text(text)
+    assert conv.system == "Be brief."
+    assert conv.turns == ((USER, "What is up?"), (ASSISTANT, "The sky."), (USER, "And?"), (ASSISTANT, "Blue."))
+
+
 def test_llama2_prompt_without_answer_is_kept_for_validation():
     # an open prompt ends with the user; an explicitly empty answer is an empty assistant turn
     assert parse_text("<s>[INST] Unanswered? [/INST]").turns == ((USER, "Unanswered?"),)
