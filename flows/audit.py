@@ -63,7 +63,14 @@ class Audit:
             return None
         actual = sha256_file(path)
         if recorded is not None and actual != recorded:
-            link.problems.append(f"{what} {rel}: sha256 {actual[:16]}... but the lineage records {recorded[:16]}...")
+            # Usually not tampering but a workspace that moved on: a later run (even one that failed at a later
+            # stage) rewrote the file after this release was made. Say how to audit the release as published.
+            link.problems.append(
+                f"{what} {rel}: sha256 {actual[:16]}... but the lineage records {recorded[:16]}... The workspace "
+                "no longer holds what this release was made from (a later dvc repro or exp run rewrote it): audit "
+                f"the release alone with --release-only, or restore its inputs (git checkout {self._commit_short()} "
+                "&& dvc checkout) and audit again"
+            )
         else:
             link.facts.append(f"{what} {rel} sha256 {actual[:16]}... matches")
         return actual

@@ -25,7 +25,14 @@ def compose_params(project_dir: Path, overrides: list[str]) -> Path:
         try:
             compose_and_dump(composed, str((project_dir / "conf").resolve()), None, "config", "", overrides)
         except HydraException as e:
-            raise PipelineError(f"cannot compose params with overrides {overrides}: {e}") from None
+            # Hydra's grammar error ("mismatched input ' ('") does not say that the value needs quoting.
+            hint = (
+                " A value holding parentheses, brackets, braces, commas or quotes must be quoted for Hydra: "
+                "key='value' (in a shell, inside the shell's own quotes: -S \"download.path='/data/my (copy).jsonl'\")."
+                if type(e).__name__ == "OverrideParseException"
+                else ""
+            )
+            raise PipelineError(f"cannot compose params with overrides {overrides}: {e}.{hint}") from None
         load_params(composed)  # typed check before anything is replaced
         write_bytes(target, composed.read_bytes())
     return target

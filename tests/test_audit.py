@@ -155,10 +155,16 @@ def test_an_edited_formatted_row_fails_at_the_formatted_data_link(project):
     assert _first_failure(project) == "formatted data"
 
 
-def test_edited_raw_data_fails_at_the_raw_data_link(project):
+def test_edited_raw_data_fails_at_the_raw_data_link(project, capsys):
     raw = project / paths.RAW_ROWS
     raw.write_text(raw.read_text(encoding="utf-8").replace("Assistant", "Assistent", 1), encoding="utf-8")
     assert _first_failure(project) == "raw data"
+    # What a user meets after a later run rewrote data/raw (say a new download whose validation then failed):
+    # the failure says how to audit the release as published.
+    assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED at link 'raw data'" in out and "--release-only" in out and "dvc checkout" in out
+    assert audit_main([str(project / paths.RELEASE_DIR), "--release-only"]) == 0
 
 
 def test_a_rewritten_lineage_still_fails_where_the_stage_records_disagree(project):

@@ -89,3 +89,13 @@ def test_bad_override_leaves_params_intact(tmp_path):
     with pytest.raises(PipelineError):
         compose_params(project, ["train.batch_size=zero"])
     assert (project / "params.yaml").read_bytes() == before
+
+
+def test_an_unquoted_path_with_parentheses_is_told_to_quote(tmp_path):
+    project = _project_with_conf(tmp_path)
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(PipelineError, match=r"must be quoted for Hydra: key='value'"):
+        compose_params(project, ["download.path=/data/my (copy).jsonl"])
+    assert (project / "params.yaml").read_bytes() == before
+    compose_params(project, ["download.path='/data/my (copy).jsonl'"])  # the quoting the message gives works
+    assert load_params(project / "params.yaml").download.path == "/data/my (copy).jsonl"
