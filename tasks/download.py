@@ -160,7 +160,20 @@ def csv_separator(header: str) -> str:
     return next((sep for sep in (";", "\t", "|") if sep in header), ",")
 
 
+def _stray_quote(f, sep: str) -> tuple[int, str] | None:
+    """(line number, field start) of the first field that opens with a double quote and closes it before the field
+    ends (`"Bonjour" means hello`): never valid CSV quoting, where a quoted field ends at its closing quote and a
+    quote inside is doubled. Read with quoting, such a field silently loses its quotes."""
+    stray = re.compile(rf'(?:^|{re.escape(sep)})("[^"\n]+"(?![{re.escape(sep)}"\r\n]|$).{{0,30}})')
+    for lineno, line in enumerate(f, 1):
+        if '"' in line and (m := stray.search(line)):
+            return lineno, m.group(1)
+    return None
+
+
 def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict, None]]]:
+    import csv
+
     import pandas as pd
 
     with _open_text(path) as f:
@@ -169,8 +182,21 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
             f.seek(0)
             if sep != ",":
                 log.info("%s: columns separated by %r (from its header line)", path, sep)
+        quoting = csv.QUOTE_MINIMAL
+        stray = _stray_quote(f, sep)
+        f.seek(0)
+        if stray and sep == "\t":
+            # Tab-separated files often use no quoting at all (a quote is just a character): read them that way.
+            quoting = csv.QUOTE_NONE
+            log.info("%s: read without CSV quoting (line %d holds %r)", path, *stray)
+        elif stray:
+            raise PipelineError(
+                f"{path}, line {stray[0]}: a field opens and closes a double quote before it ends ({stray[1]!r}), "
+                "which CSV reads as quoting and drops. Quote the whole field and double the quotes inside "
+                '("""Bonjour"" means hello"), or save the data as .jsonl, and run again.'
+            )
         start = 1
-        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS):
+        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS, quoting=quoting):
             rows = [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
             if sep == "\t":
                 _check_no_merged_rows(path, rows, start)

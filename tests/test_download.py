@@ -465,6 +465,26 @@ def test_unquoted_tsv_quote_that_would_merge_rows_stops_with_the_row(params, wor
     assert not (workdir / "out" / "rows.jsonl").exists()
 
 
+def test_unquoted_tsv_keeps_quotes_inside_fields(params, workdir):
+    """The same dialect without an unclosed quote: read with CSV quoting, `"Bonjour" means hello` used to lose its
+    quotes silently. A field that opens and closes a quote before it ends marks the file as unquoted TSV."""
+    path = workdir / "alpaca.tsv"
+    path.write_text('instruction\toutput\nTranslate\t"Bonjour" means hello\nQuote it\t"ok"\nplain\tsay "hi"\n')
+    _, out_rows, _ = _dl(params, path, workdir)
+    assert [r["output"] for r in _read_jsonl(out_rows)] == ['"Bonjour" means hello', '"ok"', 'say "hi"']
+
+
+def test_csv_field_with_a_stray_quote_stops_with_the_line(params, workdir):
+    """In a comma-separated file the same field cannot be read without quoting (commas inside text need it): it
+    stops, naming the line and the fix, instead of dropping the quotes."""
+    path = workdir / "rows.csv"
+    path.write_text('instruction,output\nTranslate,"Bonjour" means hello\n"a, b",fine\n')
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    assert "rows.csv, line 2: a field opens and closes a double quote" in str(err.value)
+    assert not (workdir / "out" / "rows.jsonl").exists()
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
 def test_lone_surrogate_escape_stops_with_the_row(params, workdir, suffix):
     """An emoji cut in half (a lone \\ud83d escape) is valid JSON but not text; the tokenizer would fail on it
