@@ -3,14 +3,13 @@
     python -m flows.report_images          # or: make report-images
 
 writes docs/validation_report.png (reports/validation/index.html as headless Chromium shows it, offline),
-docs/token_lengths.png (reports/lengths.png) and docs/training_loss.png (the train stage's dvclive loss).
+docs/token_lengths.png (reports/lengths.png) and docs/training_loss.png (reports/training_loss.png, the train stage's).
 Needs Debian's `chromium` for the first (`apt-get install -y chromium`); each image stays under 300 KB.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import shutil
 import subprocess
 import sys
@@ -68,33 +67,6 @@ def screenshot(page: Path, png: Path, width: int = 1100, height: int = 1110) -> 
     return png
 
 
-def _read_tsv(path: Path) -> tuple[list[float], list[float]]:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [float(r["step"]) for r in rows], [float(r["loss"]) for r in rows]
-
-
-def loss_curve(metrics_dir: Path, png: Path) -> Path:
-    """The training loss per optimizer step (dvclive's loss.tsv), as `dvc plots show` draws it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, loss = _read_tsv(metrics_dir / "loss.tsv")
-    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    ax.plot(steps, loss, color="#4c72b0", marker="o", markersize=3, linewidth=1.5)
-    ax.set_title(f"Training loss (answer tokens), {len(steps)} logged steps")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, format="png")
-    plt.close(fig)
-    return png
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--project-dir", type=Path, default=Path("."))
@@ -116,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         made.append(screenshot(page, out / "validation_report.png"))
     shutil.copyfile(root / "reports/lengths.png", out / "token_lengths.png")
     made.append(out / "token_lengths.png")
-    made.append(loss_curve(root / "dvclive/train/plots/metrics", out / "training_loss.png"))
+    shutil.copyfile(root / "reports/training_loss.png", out / "training_loss.png")
+    made.append(out / "training_loss.png")
     for png in made:
         size = png.stat().st_size
         print(f"{png}: {size / 1024:.0f} KB")

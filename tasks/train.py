@@ -31,6 +31,7 @@ from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.formatted import load_rows
 from tasks.lineage import hardware, library_versions
+from tasks.loss_curve import save_loss_curve
 from tasks.memory import (
     Estimate,
     ModelShape,
@@ -415,6 +416,9 @@ def train(
         if live_dir.exists():  # the run succeeded: its plots replace the last good ones
             with staged_dir(paths.DVCLIVE_DIR) as tmp:
                 shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+            loss_tsv = paths.DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"
+            if loss_tsv.is_file():
+                save_loss_curve(loss_tsv, paths.LOSS_CURVE)
         write_json(metrics_path, metrics)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place

@@ -180,4 +180,14 @@ def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallb
         return TrainerCallback()
     if not main_process:  # rank 0's logs already hold the loss of all ranks
         return TrainerCallback()
-    return DVCLiveCallback(live=Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None))
+
+    class OptimizerStepLive(DVCLiveCallback):
+        """transformers' callback advances dvclive's step once per log line, so with logging_steps 2 the plots'
+        "step" ran 0..14 over 30 optimizer steps; here each line is logged at its optimizer step (a resumed run
+        continues at the checkpoint's step, whatever dvclive counted)."""
+
+        def on_log(self, args, state, control, **kwargs):
+            self.live.step = state.global_step
+            super().on_log(args, state, control, **kwargs)
+
+    return OptimizerStepLive(live=Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None))

@@ -79,7 +79,7 @@ def project_files() -> list[str]:
 
 def make_project_copy(dest: Path) -> Path:
     """A fresh git + DVC project at `dest` holding the repository's files, as a user's clone would."""
-    skip = ("dvc.lock", "metrics/", "dvclive/", "reports/lengths.png")
+    skip = ("dvc.lock", "metrics/", "dvclive/", "reports/lengths.png", "reports/training_loss.png")
     for rel in project_files():
         if rel.startswith(skip):
             continue

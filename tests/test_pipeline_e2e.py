@@ -79,6 +79,7 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
         paths.ADAPTER_DIR,
         paths.TRAIN_METRICS,
         paths.DVCLIVE_DIR,
+        paths.LOSS_CURVE,
         paths.EVAL_METRICS,
         paths.GENERATIONS,
         paths.EVAL_RUN,

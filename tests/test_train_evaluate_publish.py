@@ -17,6 +17,7 @@ from tasks import paths, provenance, signing
 from tasks.artifacts import read_json, sha256_file, write_json
 from tasks.config import with_overrides
 from tasks.errors import PipelineError
+from tasks.loss_curve import read_loss
 from tests.conftest import ROOT
 
 
@@ -71,6 +72,11 @@ def test_train_writes_adapter_and_metrics(trained):
     assert run["train_rows_sha256"] == sha256_file(root / paths.TRAIN_ROWS) and run["libraries"]["bitsandbytes"]
     assert not (root / paths.CHECKPOINT_DIR).exists(), "a finished run leaves nothing to resume"
     assert (root / paths.DVCLIVE_DIR / "plots" / "metrics" / "train" / "loss.tsv").exists()
+    # The plots' x axis is the optimizer step (transformers' dvclive callback counted log lines from 0), and the
+    # curve is also a PNG that reads offline.
+    steps, _ = read_loss(root / paths.DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv")
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (root / paths.LOSS_CURVE).read_bytes().startswith(b"\x89PNG")
 
 
 def test_evaluate_compares_base_and_tuned_on_same_rows(trained):
