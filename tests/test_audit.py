@@ -165,6 +165,9 @@ def test_edited_raw_data_fails_at_the_raw_data_link(project, capsys):
     out = capsys.readouterr().out
     assert "FAILED at link 'raw data'" in out and "--release-only" in out and "dvc checkout" in out
     assert audit_main([str(project / paths.RELEASE_DIR), "--release-only"]) == 0
+    # The source file is here; --release-only skips it and says so, rather than calling it missing.
+    out = capsys.readouterr().out
+    assert "not re-checked with --release-only" in out and "is not here" not in out
 
 
 def test_a_rewritten_lineage_still_fails_where_the_stage_records_disagree(project):
