@@ -263,14 +263,43 @@ def with_overrides(params: Params, **changes: object) -> Params:
         raise PipelineError(_describe(e, Path("overrides"))) from None
 
 
+def _setting(loc: tuple) -> str:
+    """The dotted setting an error is about. A setting that takes one of several types (a number or 'auto') gets
+    one error per type, each with the type's tag appended to its loc ("constrained-float", "literal['auto']"):
+    those tags are pydantic's, not the user's, so the path stops at the last real field."""
+    model, parts = Params, []
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if isinstance(part, int):
+            parts.append(str(part))
+            model = None
+        elif fields is not None and part in fields:
+            parts.append(part)
+            model = fields[part].annotation
+        elif fields is None and model is None and parts:  # a key inside a plain mapping
+            parts.append(str(part))
+        else:
+            break
+    return ".".join(parts) or "(top level)"
+
+
 def _describe(err: ValidationError, path: Path) -> str:
-    lines = []
+    by_setting: dict[str, list[dict]] = {}
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # An unknown or missing key is itself the last part of its loc; only type errors carry pydantic's tags.
+        whole = e["type"] in ("extra_forbidden", "missing")
+        key = ".".join(str(p) for p in e["loc"]) if whole else _setting(e["loc"])
+        by_setting.setdefault(key, []).append(e)
+    lines = []
+    for key, errors in by_setting.items():
+        e = errors[0]
         if e["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (typo? every knob is listed in params.yaml's committed version)")
         elif e["type"] == "missing":
             lines.append(f"  {key}: missing")
+        elif len(errors) > 1:  # one per type the setting accepts: say them together
+            options = " or ".join(x["msg"].removeprefix("Input should be ") for x in errors)
+            lines.append(f"  {key}: should be {options} (got {e.get('input')!r})")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return (

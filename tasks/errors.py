@@ -16,6 +16,24 @@ class ValidationFailed(PipelineError):
     """The data broke the validation suite; the report names the rows and the rules."""
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+def _quiet_library_noise() -> None:
+    """A warning every CPU train and evaluate printed that reads like a failure and is not: bitsandbytes, on CPUs with
+    AVX512-BF16, tries to fetch an optional CPU kernel from the Hub through the `kernels` package and warns when it
+    cannot; it then uses its own kernel, as it always did."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
+    )
+
+
 def run_main(stage: str, fn: Callable[[], object]) -> None:
     """Run a stage entry point: user-fixable errors print one paragraph and exit 2, not a traceback.
 
@@ -24,6 +42,7 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
     from tasks import run_lock  # imported here: run_lock imports PipelineError from this module
 
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s")
+    _quiet_library_noise()
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
             fn()

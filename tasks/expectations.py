@@ -213,6 +213,9 @@ def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
     into docs_dir. Returns the checkpoint and each rule's feature column."""
     import great_expectations as gx
 
+    # This module sets its own logger to INFO at import, over the package-wide WARNING above: every run printed
+    # "Created temporary directory ... for ephemeral docs site".
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     context.add_data_docs_site(

@@ -74,9 +74,9 @@ def hardware_problems(params: Params) -> list[str]:
     if not cuda and t.optimizer.startswith("paged"):
         problems.append(f"train.optimizer={t.optimizer} needs a CUDA GPU (use adamw_torch on the CPU)")
     if not cuda and t.liger_kernels:
-        problems.append("train.liger_kernels needs a CUDA GPU")
+        problems.append("train.liger_kernels needs a CUDA GPU (set it to false on the CPU)")
     if not cuda and t.compile:
-        problems.append("train.compile needs a CUDA GPU (inductor's Triton kernels)")
+        problems.append("train.compile needs a CUDA GPU (inductor's Triton kernels; set it to false on the CPU)")
     if t.compile and t.liger_kernels:
         # Seen on an H200 (torch 2.11, liger-kernel 0.8.5): dynamo cannot trace Liger's RMSNorm autograd function
         # (an AssertionError at the first step; benchmarks/results/vs_plain_trl_levers_h200.log)
@@ -119,6 +119,10 @@ def hardware_problems(params: Params) -> list[str]:
 
 def preflight(params: Params) -> None:
     """Raise one PipelineError listing every problem, before anything is loaded."""
-    problems = package_problems(params) + hardware_problems(params)
+    packages = package_problems(params)
+    if not torch.cuda.is_available():
+        # hardware_problems says Liger needs a GPU; telling a CPU box to install the GPU extra would not help
+        packages = [p for p in packages if not p.startswith("train.liger_kernels needs the package")]
+    problems = packages + hardware_problems(params)
     if problems:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")

@@ -37,6 +37,17 @@ def test_wrong_type_is_named(tmp_path):
         load_params(path)
 
 
+def test_a_setting_of_several_types_is_one_problem_named_plainly(tmp_path):
+    # train.memory_budget_gib takes a number or 'auto': pydantic reports one error per type, each with its own
+    # tag in the path ("constrained-float", "literal['auto']"); the user set one thing wrong.
+    path = _write(tmp_path, lambda d: d["train"].update(memory_budget_gib="lots"))
+    with pytest.raises(PipelineError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "has 1 invalid setting(s)" in message and "constrained" not in message and "literal[" not in message
+    assert "train.memory_budget_gib: should be a valid number" in message and "or 'auto' (got 'lots')" in message
+
+
 def test_missing_key_is_named(tmp_path):
     path = _write(tmp_path, lambda d: d["publish"].pop("name"))
     with pytest.raises(PipelineError, match=r"publish\.name: missing"):
