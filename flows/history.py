@@ -46,13 +46,20 @@ def main() -> None:
     if not runs:
         print(f"no runs recorded in {args.project / HISTORY}")
         return
-    print(f"{'finished (UTC)':20s} {'flow run':22s} {'outcome':28s} {'stages run':44s} release")
+    print(format_table(runs))
+
+
+def format_table(runs: list[dict]) -> str:
+    """One line a run. The outcome goes last and whole: "skipped: another run is in progress (...)" says which run
+    held the workspace, and cutting it to a column lost that."""
+    lines = [f"{'finished (UTC)':25s} {'flow run':22s} {'release':42s} {'stages run':44s} outcome"]
     for r in runs:
         stages = ",".join(r.get("stages_ran") or []) or "-"
-        print(
-            f"{r.get('finished_at', '?'):20s} {r.get('flow_run', '?')[:22]:22s} {r.get('outcome', '?')[:28]:28s} "
-            f"{stages[:44]:44s} {r.get('release_id') or '-'}"
+        lines.append(
+            f"{r.get('finished_at', '?'):25s} {r.get('flow_run', '?')[:22]:22s} {r.get('release_id') or '-':42s} "
+            f"{stages:44s} {r.get('outcome', '?')}"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -108,3 +108,21 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, 
     finally:
         served.terminate()
         served.wait(timeout=60)
+
+
+def test_the_history_table_keeps_each_outcome_whole():
+    from flows.pipeline import SKIPPED
+
+    runs = [
+        {"finished_at": "2026-11-28T17:16:20+00:00", "flow_run": "cunning-spider", "outcome": SKIPPED},
+        {
+            "finished_at": "2026-11-28T18:00:00+00:00",
+            "flow_run": "x",
+            "outcome": "failed at validate",
+            "stages_ran": ["download"],
+            "release_id": "guanaco-llama2-qlora-2cd63112f4df",
+        },
+    ]
+    lines = history.format_table(runs).splitlines()
+    assert lines[1].endswith(SKIPPED) and lines[2].endswith("failed at validate")  # cut at 28 characters before
+    assert "guanaco-llama2-qlora-2cd63112f4df" in lines[2]
