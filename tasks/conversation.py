@@ -202,11 +202,22 @@ def has_readable_column(row: dict) -> bool:
     return detect_form(row) is not None or "text" in row
 
 
+_EXPECTED_COLUMNS = ("text", *MESSAGE_KEYS, "instruction", "input", "output")
+
+
 def no_column_message(found) -> str:
-    """Why no column can be read, naming the columns `found` and those expected."""
+    """Why no column can be read, naming the columns `found` and those expected, and any found column that is an
+    expected one but for case or surrounding spaces (a spreadsheet's "Text", a header's " text")."""
+    near = [(c, c.strip().lower()) for c in sorted(map(str, found))]
+    near = [(c, name) for c, name in near if name in _EXPECTED_COLUMNS and c != name]
+    hint = "".join(
+        f"; column {c!r} is `{name}` but for case or spaces: rename it, or map it with "
+        f"-S \"download.columns.{'messages' if name == 'conversations' else name}='{c}'\""
+        for c, name in near
+    )
     return (
         f"no column to read: found {sorted(found)}; expected `text` (guanaco or Llama-2 text), "
-        "`messages` (role/content list) or `instruction`+`output` (Alpaca)"
+        f"`messages` (role/content list) or `instruction`+`output` (Alpaca){hint}"
     )
 
 

@@ -177,11 +177,13 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
     import pandas as pd
 
     with _open_text(path) as f:
+        header = f.readline()
+        f.seek(0)
         if sep is None:
-            sep = csv_separator(f.readline())
-            f.seek(0)
+            sep = csv_separator(header)
             if sep != ",":
                 log.info("%s: columns separated by %r (from its header line)", path, sep)
+        _check_unique_columns(path, header, sep)
         quoting = csv.QUOTE_MINIMAL
         stray = _stray_quote(f, sep)
         f.seek(0)
@@ -202,6 +204,22 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
                 _check_no_merged_rows(path, rows, start)
             start += len(rows)
             yield [(row, None) for row in rows]
+
+
+def _check_unique_columns(path: Path, header: str, sep: str) -> None:
+    """pandas reads a repeated column name as `text`, `text.1`, ...: the parser would then read the first and drop
+    the second without a word, whichever held the data. Stop instead."""
+    import csv
+
+    names = next(csv.reader([header.rstrip("\r\n")], delimiter=sep), [])
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names, 1):
+        if name in seen:
+            raise PipelineError(
+                f"{path}: the header names column {name!r} twice (columns {seen[name]} and {position}). Rename "
+                "one of them, or drop the one that does not hold the data, and run again."
+            )
+        seen[name] = position
 
 
 def _check_no_merged_rows(path: Path, rows: list[dict], start: int) -> None:

@@ -252,6 +252,19 @@ def _one_line_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
     return path, r"line 1: a JSON list, expected an object .* name it \.json"
 
 
+def _duplicate_column_csv(tmp: Path) -> tuple[Path, str]:
+    # pandas would read the second as `text.1` and the parser the first, dropping the other without a word.
+    path = tmp / "dup.csv"
+    path.write_text("text,id,text\n,1,### Human: hi### Assistant: hello\n", encoding="utf-8")
+    return path, r"header names column 'text' twice \(columns 1 and 3\)"
+
+
+def _capitalised_text_column(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "sheet.csv"
+    pd.DataFrame([{"Text": r["text"]} for r in ROWS]).to_csv(path, index=False)
+    return path, r"column 'Text' is `text` but for case or spaces: .* -S \"download\.columns\.text='Text'\""
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -274,6 +287,8 @@ def _one_line_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
         _jsonl_named_json,
         _json_list_named_jsonl,
         _one_line_list_named_jsonl,
+        _duplicate_column_csv,
+        _capitalised_text_column,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
