@@ -134,6 +134,26 @@ def _parse_llama2(text: str) -> Conversation:
     return Conversation(turns=tuple(turns), system=system)
 
 
+def _kind(value: object) -> str:
+    """What a JSON value is, in words: "null", "an int", "a list"."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _text_parts(content: list, i: int) -> str:
+    """OpenAI-style content parts ([{"type": "text", "text": ...}, ...]) as one text, joined as Hugging Face chat
+    templates join them (one after the other); any other part (an image, audio) is not text this recipe trains on."""
+    texts = []
+    for k, part in enumerate(content):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            kind = part.get("type") if isinstance(part, dict) else _kind(part)
+            raise ParseError(f"message {i} content part {k} is {kind!r}, not text: this recipe trains on text only")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _parse_messages(messages: object) -> Conversation:
     if not isinstance(messages, list) or not messages:
         raise ParseError("`messages` must be a non-empty list of {role, content} objects")
@@ -141,7 +161,7 @@ def _parse_messages(messages: object) -> Conversation:
     turns = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict):
-            raise ParseError(f"message {i} is a {type(msg).__name__}, expected an object with role/content")
+            raise ParseError(f"message {i} is {_kind(msg)}, expected an object with role/content")
         role = msg.get("role", msg.get("from"))
         content = msg.get("content", msg.get("value"))
         if role is None or content is None:
@@ -149,8 +169,10 @@ def _parse_messages(messages: object) -> Conversation:
         canon = _ROLE_ALIASES.get(str(role).lower())
         if canon is None:
             raise ParseError(f"message {i} has unknown role {role!r}")
+        if isinstance(content, list):
+            content = _text_parts(content, i)
         if not isinstance(content, str):
-            raise ParseError(f"message {i} content is a {type(content).__name__}, expected text")
+            raise ParseError(f"message {i} content is {_kind(content)}, expected text")
         if canon == "system":
             if turns or system is not None:
                 raise ParseError(f"message {i}: a system message is only allowed first")
@@ -164,14 +186,14 @@ def _parse_alpaca(row: dict) -> Conversation:
     instruction, extra, output = row.get("instruction"), row.get("input") or "", row.get("output")
     for key, val in (("instruction", instruction), ("input", extra), ("output", output)):
         if not isinstance(val, str):
-            raise ParseError(f"`{key}` is a {type(val).__name__}, expected text")
+            raise ParseError(f"`{key}` is {_kind(val)}, expected text")
     user = _clean(instruction) + (f"\n\n{_clean(extra)}" if extra.strip() else "")
     return Conversation(turns=((USER, user), (ASSISTANT, _clean(output))))
 
 
 def parse_text(text: str) -> Conversation:
     if not isinstance(text, str):
-        raise ParseError(f"`text` is a {type(text).__name__}, expected a string")
+        raise ParseError(f"`text` is {_kind(text)}, expected a string")
     stripped = text.replace("\r\n", "\n").strip()
     if not stripped:
         raise ParseError("`text` is empty")

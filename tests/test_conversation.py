@@ -118,6 +118,22 @@ def test_openai_messages_with_system():
     assert conv.turns == ((USER, "Hi"), (ASSISTANT, "Hello."), (USER, "Bye"), (ASSISTANT, "Goodbye."))
 
 
+def test_openai_content_parts_of_text_read_as_one_text():
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Hi, "}, {"type": "text", "text": "there."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello."}]},
+        ]
+    }
+    assert parse_row(row).turns == ((USER, "Hi, there."), (ASSISTANT, "Hello."))
+    image = {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}
+    row["messages"][0]["content"].append(image)
+    with pytest.raises(ParseError, match=r"message 0 content part 2 is 'image_url', not text"):
+        parse_row(row)
+    with pytest.raises(ParseError, match=r"message 0 content is an int, expected text"):
+        parse_row({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]})
+
+
 def test_sharegpt_conversations():
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     conv = parse_row(row)
@@ -150,7 +166,7 @@ def test_text_without_markers():
 def test_empty_and_non_string_text():
     with pytest.raises(ParseError, match="empty"):
         parse_row({"text": "   "})
-    with pytest.raises(ParseError, match="`text` is a int"):
+    with pytest.raises(ParseError, match="`text` is an int"):
         parse_row({"text": 123})
 
 

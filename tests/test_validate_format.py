@@ -450,7 +450,7 @@ def test_bad_rows_say_why_they_do_not_parse(bad_run):
     assert line in str(run.error)
     errors = run.result()["parse_errors"]
     assert errors[str(no_column)].startswith("no column to read: found ['prompt', 'response']")
-    assert errors[str(not_text)] == "`text` is a int, expected a string"
+    assert errors[str(not_text)] == "`text` is an int, expected a string"
     assert set(errors) == {str(no_column), str(not_text)}
 
 
