@@ -43,7 +43,11 @@ TEXT_ENCODING = "utf-8-sig"
 
 
 def _plain(value):
-    """JSON-safe copy of a cell: numpy/pyarrow scalars and arrays to Python, NaN to None."""
+    """JSON-safe copy of a cell: numpy/pyarrow scalars and arrays to Python, NaN to None, bytes to text."""
+    if isinstance(value, (bytes, bytearray)):
+        # Parquet writers without the string type store text as binary; str() would train on "b'...'" literals.
+        # Not UTF-8: UnicodeDecodeError, which the reader turns into a message naming the row.
+        return bytes(value).decode("utf-8")
     if hasattr(value, "tolist"):
         value = value.tolist()
     if isinstance(value, float) and math.isnan(value):
@@ -132,9 +136,16 @@ def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
                 "JSON Lines. Name it .jsonl (or wrap the objects in one list)."
             ) from None
         raise
-    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list
+    if isinstance(data, dict):  # {"data": [...]} or {"train": [...]}: take the only list of objects
+        rows = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+        if len(rows) > 1:
+            raise PipelineError(
+                f"{path}: a JSON object holding {len(rows)} lists of objects ({', '.join(map(repr, rows))}), so "
+                "which one holds the rows is not clear. Save the one to train on as a list of objects (or as "
+                ".jsonl), and run again."
+            )
         lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
+        data = next(iter(rows.values())) if rows else lists[0] if len(lists) == 1 else data
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise PipelineError(f"{path}: expected a JSON list of objects (or use .jsonl, one object a line).")
     if _SURROGATE_ESCAPE.search(text):
@@ -147,8 +158,28 @@ def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
 def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     import pyarrow.parquet as pq
 
+    start = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
-        yield [({str(k): _plain(v) for k, v in rec.items()}, None) for rec in batch.to_pylist()]
+        block = []
+        for index, rec in enumerate(batch.to_pylist(), start):
+            try:
+                block.append(({str(k): _plain(v) for k, v in rec.items()}, None))
+            except UnicodeDecodeError as e:
+                column = next(k for k, v in rec.items() if _holds_bytes_not_utf8(v))
+                raise PipelineError(
+                    f"{path}, row {index} (from 0): column {column!r} is binary and not UTF-8 text ({e.reason}). "
+                    "Store text columns as strings (UTF-8) and run again."
+                ) from None
+        start += len(block)
+        yield block
+
+
+def _holds_bytes_not_utf8(value) -> bool:
+    try:
+        _plain(value)
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def csv_separator(header: str) -> str:

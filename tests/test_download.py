@@ -124,9 +124,29 @@ def test_json_list_input(params, workdir):
 
 def test_json_object_with_one_list(params, workdir):
     path = workdir / "wrapped.json"
-    path.write_text(json.dumps({"data": ROWS, "version": 1}), encoding="utf-8")
+    path.write_text(json.dumps({"data": ROWS, "version": 1, "tags": ["chat", "en"]}), encoding="utf-8")
     _, out_rows, _ = _dl(params, path, workdir)
-    assert _read_jsonl(out_rows) == ROWS
+    assert _read_jsonl(out_rows) == ROWS  # the one list of objects; a list of tags is not rows
+
+
+def test_parquet_binary_text_columns_are_read_as_text(params, workdir):
+    """Parquet written without the string type keeps text as binary: str() of it trained on "b'...'" literals."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"instruction": "Caf\u00e9?", "output": "Oui, un caf\u00e9."}, {"instruction": "Hi", "output": "Hello."}]
+    table = pa.table({k: pa.array([r[k].encode() for r in rows], pa.binary()) for k in ("instruction", "output")})
+    path = workdir / "binary.parquet"
+    pq.write_table(table, path)
+    _, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == rows
+
+    table = pa.table({"text": pa.array([b"### Human: hi### Assistant: ok", b"\xff\xfe not text"], pa.binary())})
+    pq.write_table(table, path)
+    with pytest.raises(
+        PipelineError, match=r"binary\.parquet, row 1 \(from 0\): column 'text' is binary and not UTF-8"
+    ):
+        _dl(params, path, workdir)
 
 
 # --- bad inputs: a clear error naming the file, and the previous outputs left intact ------------
@@ -252,6 +272,12 @@ def _one_line_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
     return path, r"line 1: a JSON list, expected an object .* name it \.json"
 
 
+def _json_object_with_two_lists(tmp: Path) -> tuple[Path, str]:
+    path = tmp / "splits.json"
+    path.write_text(json.dumps({"train": ROWS, "test": ROWS[:1]}), encoding="utf-8")
+    return path, r"a JSON object holding 2 lists of objects \('train', 'test'\)"
+
+
 def _duplicate_column_csv(tmp: Path) -> tuple[Path, str]:
     # pandas would read the second as `text.1` and the parser the first, dropping the other without a word.
     path = tmp / "dup.csv"
@@ -289,6 +315,7 @@ def _capitalised_text_column(tmp: Path) -> tuple[Path, str]:
         _one_line_list_named_jsonl,
         _duplicate_column_csv,
         _capitalised_text_column,
+        _json_object_with_two_lists,
     ],
     ids=lambda f: f.__name__.strip("_"),
 )
