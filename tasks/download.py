@@ -441,9 +441,21 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
         ) from None
 
     def blocks() -> Iterator[list[tuple[dict, None]]]:
+        start = 0
         for batch in ds.iter(batch_size=BLOCK_ROWS):
             names = list(batch)
-            yield [({k: _plain(v) for k, v in zip(names, values)}, None) for values in zip(*batch.values())]
+            block = []
+            for index, values in enumerate(zip(*batch.values()), start):
+                try:
+                    block.append(({k: _plain(v) for k, v in zip(names, values)}, None))
+                except UnicodeDecodeError as e:
+                    column = next(k for k, v in zip(names, values) if _holds_bytes_not_utf8(v))
+                    raise PipelineError(
+                        f"Hub dataset {params.hub_id!r}, row {index} (from 0): column {column!r} is binary and not "
+                        f"UTF-8 text ({e.reason}); this recipe reads text columns only."
+                    ) from None
+            start += len(block)
+            yield block
 
     return blocks(), resolve_hub_revision(params)
 

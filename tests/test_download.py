@@ -349,6 +349,24 @@ def test_hub_source_from_local_dataset_dir(params, workdir):
     assert source["row_count"] == 3 and record == source
 
 
+def test_hub_binary_columns_are_text_or_a_named_error(params, workdir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = workdir / "hub_binary"
+    repo.mkdir()
+    texts = [r["text"].encode() for r in ROWS]
+    pq.write_table(pa.table({"text": pa.array(texts, pa.binary())}), repo / "train.parquet")
+    p = with_overrides(params, **{"download.source": "hub", "download.hub_id": str(repo), "download.split": "train"})
+    out_rows, out_source = workdir / "hub" / "rows.jsonl", workdir / "hub" / "source.json"
+    download(p.download, out_rows, out_source)
+    assert _read_jsonl(out_rows) == ROWS
+
+    pq.write_table(pa.table({"text": pa.array([*texts, b"\xff not text"], pa.binary())}), repo / "train.parquet")
+    with pytest.raises(PipelineError, match=r"row 3 \(from 0\): column 'text' is binary and not UTF-8 text"):
+        download(p.download, workdir / "hub2" / "rows.jsonl", workdir / "hub2" / "source.json")
+
+
 def test_hub_unknown_split_is_a_pipeline_error(params, workdir):
     repo = workdir / "hub_repo"
     repo.mkdir()
