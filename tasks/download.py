@@ -229,7 +229,9 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
                 '("""Bonjour"" means hello"), or save the data as .jsonl, and run again.'
             )
         start = 1
-        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS, quoting=quoting):
+        # dtype=str: every cell as written. Inferred types turned "003" into 3 and an Alpaca input "0" into a
+        # falsy 0 the parser dropped; conversation data is text.
+        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS, quoting=quoting, dtype=str):
             rows = [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
             if sep == "\t":
                 _check_no_merged_rows(path, rows, start)

@@ -81,7 +81,7 @@ def test_csv_separator_is_read_off_the_header(params, workdir, sep):
     path = workdir / "export.csv"
     pd.DataFrame(rows).to_csv(path, sep=sep, index=False)
     _, out_rows, _ = _dl(params, path, workdir)
-    assert _read_jsonl(out_rows) == rows
+    assert _read_jsonl(out_rows) == [{**r, "id": str(r["id"])} for r in rows]  # a CSV cell is text
 
 
 def test_parquet_input(params, workdir):
@@ -127,6 +127,17 @@ def test_json_object_with_one_list(params, workdir):
     path.write_text(json.dumps({"data": ROWS, "version": 1, "tags": ["chat", "en"]}), encoding="utf-8")
     _, out_rows, _ = _dl(params, path, workdir)
     assert _read_jsonl(out_rows) == ROWS  # the one list of objects; a list of tags is not rows
+
+
+def test_csv_cells_stay_text_as_written(params, workdir):
+    """Inferred dtypes turned "003" into 3 and an Alpaca input "0" into a falsy 0 that the parser dropped."""
+    path = workdir / "codes.csv"
+    path.write_text("instruction,input,output\nPad 3 to three digits,0,003\nAnd 12?,1.50,012\n", encoding="utf-8")
+    _, out_rows, _ = _dl(params, path, workdir)
+    assert _read_jsonl(out_rows) == [
+        {"instruction": "Pad 3 to three digits", "input": "0", "output": "003"},
+        {"instruction": "And 12?", "input": "1.50", "output": "012"},
+    ]
 
 
 def test_parquet_binary_text_columns_are_read_as_text(params, workdir):
