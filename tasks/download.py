@@ -16,6 +16,7 @@ import bz2
 import datetime as dt
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import lzma
@@ -433,8 +434,12 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
     commit sha they came from."""
     import datasets
 
+    saved = Path(params.hub_id) / "state.json"  # a folder written by Dataset.save_to_disk: load_dataset refuses it
     try:
-        ds = datasets.load_dataset(params.hub_id, revision=params.revision, split=params.split)
+        if saved.is_file():
+            ds = datasets.load_from_disk(str(saved.parent))
+        else:
+            ds = datasets.load_dataset(params.hub_id, revision=params.revision, split=params.split)
     except Exception as e:  # network, auth, unknown repo or split: all user-fixable
         raise PipelineError(
             f"could not load Hub dataset {params.hub_id!r} (revision {params.revision or 'latest'}, split "
@@ -463,7 +468,15 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
 
 
 def resolve_hub_revision(params: DownloadParams) -> str | None:
-    """The commit sha the Hub serves for the configured revision (None when the Hub is unreachable)."""
+    """The commit sha the Hub serves for the configured revision (None when the Hub is unreachable). For a local
+    folder given as hub_id (a Hub repo's files copied here, or a `save_to_disk` folder) there is no commit: the
+    sha256 of its files stands in, so a changed folder reads as a new revision (the flow then downloads again)."""
+    local = Path(params.hub_id)
+    if local.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts):
+            digest.update(f"{file.relative_to(local).as_posix()}\0{sha256_file(file)}\n".encode())
+        return f"folder-sha256:{digest.hexdigest()}"
     try:
         from huggingface_hub import HfApi
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tasks.config import with_overrides
-from tasks.download import download
+from tasks.download import download, source_fingerprint
 from tasks.errors import PipelineError
 
 SAMPLE = Path("data/sample/guanaco_sample.jsonl")
@@ -356,8 +356,23 @@ def test_hub_source_from_local_dataset_dir(params, workdir):
     assert source["source"] == "hub"
     assert source["hub_id"] == str(repo)
     assert source["split"] == "train"
-    assert source["revision"] is None  # HF_HUB_OFFLINE: the commit cannot be resolved, and says so
+    # A local folder has no commit: its files' sha256 stands in, and changes when a file does.
+    assert source["revision"].startswith("folder-sha256:")
     assert source["row_count"] == 3 and record == source
+    assert source_fingerprint(p.download) == source["revision"]
+    (repo / "train.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
+    assert source_fingerprint(p.download) != source["revision"]
+
+
+def test_hub_source_from_a_save_to_disk_folder(params, workdir):
+    import datasets
+
+    folder = workdir / "saved"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(folder))
+    p = with_overrides(params, **{"download.source": "hub", "download.hub_id": str(folder), "download.split": "train"})
+    out_rows, out_source = workdir / "hub" / "rows.jsonl", workdir / "hub" / "source.json"
+    download(p.download, out_rows, out_source)
+    assert _read_jsonl(out_rows) == ROWS
 
 
 def test_hub_binary_columns_are_text_or_a_named_error(params, workdir):
