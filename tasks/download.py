@@ -505,6 +505,15 @@ def recorded_fingerprint(record_path: Path = paths.SOURCE_RECORD) -> str | None:
     return record.get("file_sha256") or record.get("revision")
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(size, modification time in ns) of a file: what moves when anything writes it."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source: Path = paths.SOURCE_RECORD) -> dict:
     """Fetch the rows, write them and their source record; returns the source record.
 
@@ -514,6 +523,7 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
     if params.source == "local":
         path = Path(params.path)
         blocks = read_local(path)
+        before = _stamp(path)
         origin = {"source": "local", "path": str(path), "file_sha256": sha256_file(path) if path.is_file() else None}
     else:
         blocks, revision = read_hub(params)
@@ -533,6 +543,13 @@ def download(params: DownloadParams, out_rows: Path = paths.RAW_ROWS, out_source
                 # values, and no time spent serializing them again.
                 out.write((line + "\n").encode("utf-8") if line is not None and mapped is row else jsonl_line(mapped))
         mapper.check()
+        if params.source == "local" and _stamp(path) != before:
+            # The sha256 above was taken before the rows were read: a file written meanwhile (still being
+            # exported, appended to) would leave rows that do not match the hash the lineage records.
+            raise PipelineError(
+                f"{path} changed while it was read (its size or modification time moved). Wait until whatever "
+                "writes it has finished, and run again."
+            )
     record = {
         **origin,
         "row_count": mapper.rows,

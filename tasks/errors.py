@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -34,6 +35,15 @@ def _quiet_library_noise() -> None:
     )
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, `kill`, a container shutting down), raised like Ctrl-C so the same
+    clean-up runs: Python's default for SIGTERM ends the process at once and left a stage's temp file behind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_main(stage: str, fn: Callable[[], object]) -> None:
     """Run a stage entry point: user-fixable errors print one paragraph and exit 2, not a traceback.
 
@@ -43,18 +53,19 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
 
     logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s")
     _quiet_library_noise()
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
             fn()
     except PipelineError as e:
         print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        # Ctrl-C (or a scheduler's SIGINT): each output is replaced whole or not at all, so none is half-written;
-        # say so instead of a traceback. 130 is the shell's code for a SIGINT.
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: each output is replaced whole or not at all, so none is half-written; say so instead
+        # of a traceback. 130 and 143 are the shell's codes for SIGINT and SIGTERM.
         print(
             f"\n[{stage}] interrupted: no output is half-written (each is replaced whole or not at all); "
             "run it again to finish.\n",
             file=sys.stderr,
         )
-        sys.exit(130)
+        sys.exit(143 if isinstance(e, Terminated) else 130)

@@ -589,3 +589,28 @@ def test_lone_surrogate_escape_stops_with_the_row(params, workdir, suffix):
         _dl(params, path, workdir)
     where = f"line {len(bad_lines)}" if suffix == ".jsonl" else f"object {len(bad_lines)} of the list"
     assert f"{where}: holds \\ud83d, half of a UTF-16 surrogate pair" in str(err.value)
+
+
+def test_a_file_written_while_it_is_read_stops_and_keeps_the_last_good_outputs(params, workdir, monkeypatch):
+    """The source's sha256 is taken before its rows are read; a file appended to meanwhile gave a lineage hash that
+    did not match the rows written (found by a messy-input probe: 256,000 rows hashed, 256,500 written)."""
+    import tasks.download as dl
+
+    _, out_rows, out_source = _dl(params, SAMPLE, workdir)  # a good previous run
+    before = out_rows.read_bytes(), out_source.read_bytes()
+    path = workdir / "growing.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    read = dl.read_local
+
+    def read_while_an_exporter_appends(p):
+        for k, block in enumerate(read(p)):
+            if k == 0:
+                with open(p, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(ROWS[0]) + "\n")
+            yield block
+
+    monkeypatch.setattr(dl, "read_local", read_while_an_exporter_appends)
+    with pytest.raises(PipelineError, match=r"growing\.jsonl changed while it was read"):
+        _dl(params, path, workdir)
+    assert (out_rows.read_bytes(), out_source.read_bytes()) == before
+    assert sorted(p.name for p in out_rows.parent.iterdir()) == ["rows.jsonl", "source.json"]

@@ -65,3 +65,27 @@ def test_ctrl_c_in_validate_keeps_the_last_good_outputs(workdir, params):
     assert "Traceback" not in err
     assert sorted(p.name for p in validated.iterdir()) == ["conversations.jsonl"]  # no temp file left
     assert (validated / "conversations.jsonl").read_bytes() == good
+
+
+def test_sigterm_in_download_leaves_no_temp_file_and_the_last_good_outputs(workdir, params):
+    """SIGTERM (a scheduler or container stopping the job): Python's default ended the process at once and left a
+    31 MB data/raw/.rows.jsonl.<hex>.tmp behind (found by a messy-input probe). Now it unwinds as Ctrl-C does."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    _set_input(workdir, params, "data/sample/guanaco_sample.jsonl")
+    proc = _stage("download", workdir, env=env)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    raw = workdir / "data" / "raw"
+    good = {p.name: p.read_bytes() for p in raw.iterdir()}
+
+    line = json.dumps({"text": "### Human: hi ### Assistant: " + "hello " * 200}) + "\n"
+    big = workdir / "big.jsonl"
+    big.write_text(line * 200_000, encoding="utf-8")  # about 250 MB: still writing when the signal comes
+    _set_input(workdir, params, big)
+    proc = _stage("download", workdir, env=env)
+    wait_for(lambda: list(raw.glob(".*.tmp")), timeout=300, what="download's write to start", every=0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "[download] interrupted: no output is half-written" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == good  # no temp file, the last good outputs intact
