@@ -12,6 +12,7 @@ so every problem is reported by one suite. It only refuses rows it cannot read a
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -155,6 +156,15 @@ def _text_parts(content: list, i: int) -> str:
 
 
 def _parse_messages(messages: object) -> Conversation:
+    if isinstance(messages, str):
+        # A CSV cell can only carry the list as JSON text: read it as the list it spells.
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as e:
+            raise ParseError(
+                f"`messages` is text that is not JSON ({e.msg} at character {e.pos}): write the list of "
+                '{"role", "content"} objects as JSON'
+            ) from None
     if not isinstance(messages, list) or not messages:
         raise ParseError("`messages` must be a non-empty list of {role, content} objects")
     system = None

@@ -134,6 +134,13 @@ def test_openai_content_parts_of_text_read_as_one_text():
         parse_row({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]})
 
 
+def test_messages_as_json_text_from_a_csv_cell():
+    cell = json.dumps([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
+    assert parse_row({"messages": cell}).turns == ((USER, "Hi"), (ASSISTANT, "Hello."))
+    with pytest.raises(ParseError, match=r"`messages` is text that is not JSON"):
+        parse_row({"messages": "[{'role': 'user', 'content': 'Hi'}]"})  # a Python repr, not JSON
+
+
 def test_sharegpt_conversations():
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
     conv = parse_row(row)
