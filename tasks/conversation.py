@@ -33,6 +33,9 @@ _ROLE_ALIASES = {
 }
 
 _GUANACO_MARKER = re.compile(r"### (Human|Assistant):")
+# A marker with the wrong case or spacing ("### human:", "### Assistant :"): read as content, it merged the turns
+# around it with no word of why, so it is named instead.
+_NEAR_MARKER = re.compile(r"###\s*(?:human|assistant)\s*:", re.I)
 _LLAMA2_TURN = re.compile(
     # Whitespace around the markers is not content (the format stage renders the template afresh), so a file
     # written with "answer</s>" or "[/INST]answer" reads like the canonical "[/INST] answer </s>".
@@ -107,7 +110,14 @@ def _parse_guanaco(text: str) -> Conversation:
     if preamble.strip():
         raise ParseError(f"text before the first '### Human:' marker: {preamble.strip()[:60]!r}")
     turns = tuple((USER if role == "Human" else ASSISTANT, _clean(body)) for role, body in zip(rest[::2], rest[1::2]))
+    for _, body in turns:
+        if near := _NEAR_MARKER.search(body):
+            raise ParseError(_near_marker_message(near.group(0)))
     return Conversation(turns=turns)
+
+
+def _near_marker_message(found: str) -> str:
+    return f"{found!r} looks like a turn marker but is not one: write '### Human:' or '### Assistant:' exactly"
 
 
 def _parse_llama2(text: str) -> Conversation:
@@ -211,6 +221,8 @@ def parse_text(text: str) -> Conversation:
         return _parse_llama2(stripped if stripped.startswith("<s>") else "<s>" + stripped)
     if _GUANACO_MARKER.search(stripped):
         return _parse_guanaco(stripped)
+    if near := _NEAR_MARKER.search(stripped):
+        raise ParseError(_near_marker_message(near.group(0)))
     raise ParseError("`text` has neither '### Human:'/'### Assistant:' markers nor the Llama-2 [INST] template")
 
 

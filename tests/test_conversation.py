@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -45,6 +46,20 @@ def test_guanaco_windows_newlines_and_edge_spaces_are_cleaned():
     conv = parse_row({"text": text})
     assert conv.turns == ((USER, "line one\nline two"), (ASSISTANT, "first\n\nsecond"))
     assert all("\r" not in t for _, t in conv.turns)
+
+
+@pytest.mark.parametrize(
+    "text, found",
+    [
+        ("### human: Hi### assistant: Hello.", "### human:"),
+        ("### Human: Hi\n\n### Assistant : Hello.", "### Assistant :"),
+        ("### Human: Hi### Assistant: Hello.### HUMAN:More?### Assistant: Yes.", "### HUMAN:"),
+    ],
+)
+def test_guanaco_marker_with_wrong_case_or_spacing_is_named(text, found):
+    # Read as content, "### Assistant :" merged the answer into the user turn, failing other rules with no word why.
+    with pytest.raises(ParseError, match=re.escape(f"{found!r} looks like a turn marker but is not one")):
+        parse_text(text)
 
 
 def test_guanaco_text_before_first_marker_is_refused():
