@@ -17,7 +17,7 @@ from tasks.errors import PipelineError
 
 def compose_params(project_dir: Path, overrides: list[str]) -> Path:
     from dvc.utils.hydra import compose_and_dump
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
 
     target = project_dir / "params.yaml"
     with tempfile.TemporaryDirectory() as tmp:
@@ -29,7 +29,7 @@ def compose_params(project_dir: Path, overrides: list[str]) -> Path:
             hint = (
                 " A value holding parentheses, brackets, braces, commas or quotes must be quoted for Hydra: "
                 "key='value' (in a shell, inside the shell's own quotes: -S \"download.path='/data/my (copy).jsonl'\")."
-                if type(e).__name__ == "OverrideParseException"
+                if isinstance(e, OverrideParseException)
                 else ""
             )
             raise PipelineError(f"cannot compose params with overrides {overrides}: {e}.{hint}") from None

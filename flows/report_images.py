@@ -16,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tasks.paths import LENGTH_HISTOGRAM, LOSS_CURVE
 from tasks.validation_page import write_validation_page
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "chromium", "chromium-browser", "google-chrome")
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy2(report_dir / name, Path(tmp) / name)
             page = write_validation_page(Path(tmp))
         made.append(screenshot(page, out / "validation_report.png"))
-    shutil.copyfile(root / "reports/lengths.png", out / "token_lengths.png")
-    made.append(out / "token_lengths.png")
-    shutil.copyfile(root / "reports/training_loss.png", out / "training_loss.png")
-    made.append(out / "training_loss.png")
+    for drawn, name in ((LENGTH_HISTOGRAM, "token_lengths.png"), (LOSS_CURVE, "training_loss.png")):
+        if not (root / drawn).is_file():
+            print(f"{root / drawn} is missing: run `dvc repro` first", file=sys.stderr)
+            return 2
+        made.append(Path(shutil.copyfile(root / drawn, out / name)))
     for png in made:
         size = png.stat().st_size
         print(f"{png}: {size / 1024:.0f} KB")

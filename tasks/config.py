@@ -264,22 +264,16 @@ def with_overrides(params: Params, **changes: object) -> Params:
 
 
 def _setting(loc: tuple) -> str:
-    """The dotted setting an error is about. A setting that takes one of several types (a number or 'auto') gets
-    one error per type, each with the type's tag appended to its loc ("constrained-float", "literal['auto']"):
-    those tags are pydantic's, not the user's, so the path stops at the last real field."""
+    """The dotted setting an error is about: its loc as far as it names model fields. A setting that takes one of
+    several types (a number or 'auto') gets one error per type, with pydantic's tag for the type appended to its loc
+    ("constrained-float", "literal['auto']"); a list's index follows too. Neither is a setting the user wrote."""
     model, parts = Params, []
     for part in loc:
-        fields = getattr(model, "model_fields", None)
-        if isinstance(part, int):
-            parts.append(str(part))
-            model = None
-        elif fields is not None and part in fields:
-            parts.append(part)
-            model = fields[part].annotation
-        elif fields is None and model is None and parts:  # a key inside a plain mapping
-            parts.append(str(part))
-        else:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
             break
+        parts.append(part)
+        model = fields[part].annotation
     return ".".join(parts) or "(top level)"
 
 
@@ -298,7 +292,7 @@ def _describe(err: ValidationError, path: Path) -> str:
         elif e["type"] == "missing":
             lines.append(f"  {key}: missing")
         elif len(errors) > 1:  # one per type the setting accepts: say them together
-            options = " or ".join(x["msg"].removeprefix("Input should be ") for x in errors)
+            options = " or ".join(dict.fromkeys(x["msg"].removeprefix("Input should be ") for x in errors))
             lines.append(f"  {key}: should be {options} (got {e.get('input')!r})")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")

@@ -159,8 +159,8 @@ def _text_parts(content: list, i: int) -> str:
     texts = []
     for k, part in enumerate(content):
         if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            kind = part.get("type") if isinstance(part, dict) else _kind(part)
-            raise ParseError(f"message {i} content part {k} is {kind!r}, not text: this recipe trains on text only")
+            kind = repr(part.get("type")) if isinstance(part, dict) else _kind(part)
+            raise ParseError(f"message {i} content part {k} is {kind}, not text: this recipe trains on text only")
         texts.append(part["text"])
     return "".join(texts)
 

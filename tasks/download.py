@@ -13,6 +13,7 @@ million-row file needs no more memory than a small one; only a .json document is
 from __future__ import annotations
 
 import bz2
+import csv
 import datetime as dt
 import functools
 import gzip
@@ -156,31 +157,27 @@ def _json_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
         yield [(row, None) for row in data[k : k + BLOCK_ROWS]]
 
 
+def _plain_row(record: dict, where: str, index: int) -> dict:
+    """A JSON-safe copy of one row (see _plain); a binary cell that is not UTF-8 stops, naming row and column."""
+    row = {}
+    for column, value in record.items():
+        try:
+            row[str(column)] = _plain(value)
+        except UnicodeDecodeError as e:
+            raise PipelineError(
+                f"{where}, row {index} (from 0): column {column!r} is binary and not UTF-8 text ({e.reason}). "
+                "This recipe reads text columns only: store them as strings (UTF-8), and run again."
+            ) from None
+    return row
+
+
 def _parquet_blocks(path: Path) -> Iterator[list[tuple[dict, None]]]:
     import pyarrow.parquet as pq
 
     start = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=BLOCK_ROWS):
-        block = []
-        for index, rec in enumerate(batch.to_pylist(), start):
-            try:
-                block.append(({str(k): _plain(v) for k, v in rec.items()}, None))
-            except UnicodeDecodeError as e:
-                column = next(k for k, v in rec.items() if _holds_bytes_not_utf8(v))
-                raise PipelineError(
-                    f"{path}, row {index} (from 0): column {column!r} is binary and not UTF-8 text ({e.reason}). "
-                    "Store text columns as strings (UTF-8) and run again."
-                ) from None
-        start += len(block)
-        yield block
-
-
-def _holds_bytes_not_utf8(value) -> bool:
-    try:
-        _plain(value)
-    except UnicodeDecodeError:
-        return True
-    return False
+        yield [(_plain_row(rec, str(path), i), None) for i, rec in enumerate(batch.to_pylist(), start)]
+        start += batch.num_rows
 
 
 def csv_separator(header: str) -> str:
@@ -204,8 +201,6 @@ def _stray_quote(f, sep: str) -> tuple[int, str] | None:
 
 
 def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict, None]]]:
-    import csv
-
     import pandas as pd
 
     with _open_text(path) as f:
@@ -217,6 +212,8 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
                 log.info("%s: columns separated by %r (from its header line)", path, sep)
         _check_unique_columns(path, header, sep)
         quoting = csv.QUOTE_MINIMAL
+        # A pass of its own over the text (regex on lines holding a quote) before pandas parses it: the quoting
+        # dialect must be chosen before the first row is read.
         stray = _stray_quote(f, sep)
         f.seek(0)
         if stray and sep == "\t":
@@ -243,8 +240,6 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
 def _check_unique_columns(path: Path, header: str, sep: str) -> None:
     """pandas reads a repeated column name as `text`, `text.1`, ...: the parser would then read the first and drop
     the second without a word, whichever held the data. Stop instead."""
-    import csv
-
     names = next(csv.reader([header.rstrip("\r\n")], delimiter=sep), [])
     seen: dict[str, int] = {}
     for position, name in enumerate(names, 1):
@@ -448,19 +443,10 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
         ) from None
 
     def blocks() -> Iterator[list[tuple[dict, None]]]:
-        start = 0
+        start, where = 0, f"Hub dataset {params.hub_id!r}"
         for batch in ds.iter(batch_size=BLOCK_ROWS):
-            names = list(batch)
-            block = []
-            for index, values in enumerate(zip(*batch.values()), start):
-                try:
-                    block.append(({k: _plain(v) for k, v in zip(names, values)}, None))
-                except UnicodeDecodeError as e:
-                    column = next(k for k, v in zip(names, values) if _holds_bytes_not_utf8(v))
-                    raise PipelineError(
-                        f"Hub dataset {params.hub_id!r}, row {index} (from 0): column {column!r} is binary and not "
-                        f"UTF-8 text ({e.reason}); this recipe reads text columns only."
-                    ) from None
+            records = (dict(zip(batch, values)) for values in zip(*batch.values()))
+            block = [(_plain_row(rec, where, i), None) for i, rec in enumerate(records, start)]
             start += len(block)
             yield block
 
@@ -474,6 +460,7 @@ def resolve_hub_revision(params: DownloadParams) -> str | None:
     local = Path(params.hub_id)
     if local.is_dir():
         digest = hashlib.sha256()
+        # .cache: what `hf download --local-dir` keeps beside the files (its own bookkeeping, not the data)
         for file in sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts):
             digest.update(f"{file.relative_to(local).as_posix()}\0{sha256_file(file)}\n".encode())
         return f"folder-sha256:{digest.hexdigest()}"

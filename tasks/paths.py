@@ -26,6 +26,7 @@ ADAPTER_DIR = Path("artifacts/adapter")  # train: LoRA adapter + run record
 CHECKPOINT_DIR = Path("artifacts/checkpoints")  # train: resumable checkpoints (not cached by DVC)
 TRAIN_METRICS = Path("metrics/train.json")
 DVCLIVE_DIR = Path("dvclive/train")
+LOSS_TSV = DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"  # dvclive's loss series, one line a logged step
 LOSS_CURVE = Path("reports/training_loss.png")  # the loss as a PNG (tasks/loss_curve.py): dvc plots' HTML needs a CDN
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate

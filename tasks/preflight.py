@@ -36,21 +36,25 @@ def _gpu_smoke(module: str) -> None:
     torch.cuda.synchronize()
 
 
-def lever_packages(params: Params) -> dict[str, tuple[str, str]]:
-    """The packages the enabled levers need: import name -> (the setting that needs it, how to install it)."""
+def lever_packages(params: Params, on_gpu: bool) -> dict[str, tuple[str, str]]:
+    """The packages the enabled levers need: import name -> (the setting that needs it, how to install it). Off a
+    GPU, Liger's package is not asked for: hardware_problems says the setting needs a GPU, and telling a CPU box to
+    install the GPU extra would not help."""
     t, needed = params.train, {}
     if params.quant.load_in_4bit:
         needed["bitsandbytes"] = ("quant.load_in_4bit", INSTALL_BASE)
     elif "paged" in t.optimizer or "8bit" in t.optimizer:
         needed["bitsandbytes"] = (f"train.optimizer={t.optimizer}", INSTALL_BASE)
-    if t.liger_kernels:
+    if t.liger_kernels and on_gpu:
         needed["liger_kernel"] = ("train.liger_kernels", INSTALL_GPU_EXTRA)
     return needed
 
 
-def package_problems(params: Params) -> list[str]:
+def package_problems(params: Params, on_gpu: bool | None = None) -> list[str]:
+    """What the enabled levers' packages lack here; on_gpu: check as on a GPU machine (default: whether this is one)."""
     problems = []
-    for module, (setting, install) in lever_packages(params).items():
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    for module, (setting, install) in lever_packages(params, on_gpu).items():
         try:
             importlib.import_module(module)
             if torch.cuda.is_available():
@@ -119,10 +123,6 @@ def hardware_problems(params: Params) -> list[str]:
 
 def preflight(params: Params) -> None:
     """Raise one PipelineError listing every problem, before anything is loaded."""
-    packages = package_problems(params)
-    if not torch.cuda.is_available():
-        # hardware_problems says Liger needs a GPU; telling a CPU box to install the GPU extra would not help
-        packages = [p for p in packages if not p.startswith("train.liger_kernels needs the package")]
-    problems = packages + hardware_problems(params)
+    problems = package_problems(params) + hardware_problems(params)
     if problems:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")

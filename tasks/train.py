@@ -416,9 +416,8 @@ def train(
         if live_dir.exists():  # the run succeeded: its plots replace the last good ones
             with staged_dir(paths.DVCLIVE_DIR) as tmp:
                 shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
-            loss_tsv = paths.DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"
-            if loss_tsv.is_file():
-                save_loss_curve(loss_tsv, paths.LOSS_CURVE)
+            if paths.LOSS_TSV.is_file():
+                save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
         write_json(metrics_path, metrics)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place

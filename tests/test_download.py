@@ -231,10 +231,47 @@ def _corrupt_gz(tmp: Path) -> tuple[Path, str]:
     return path, r"could not be read as jsonl \(gz\) \(EOFError"
 
 
-def _json_scalar(tmp: Path) -> tuple[Path, str]:
-    path = tmp / "scalar.json"
-    path.write_text("42", encoding="utf-8")
-    return path, r"expected a JSON list of objects"
+def _text_file(case: str, name: str, text: str, pattern: str):
+    """A bad-input case that is one text file: the builder the parametrized test below takes."""
+
+    def make(tmp: Path) -> tuple[Path, str]:
+        path = tmp / name
+        path.write_text(text, encoding="utf-8")
+        return path, pattern
+
+    make.__name__ = f"_{case}"
+    return make
+
+
+_json_scalar = _text_file("json_scalar", "scalar.json", "42", r"expected a JSON list of objects")
+_jsonl_named_json = _text_file(
+    "jsonl_named_json",
+    "rows.json",
+    "".join(json.dumps(r) + "\n" for r in ROWS),
+    r"one JSON object a line, which is JSON Lines\. Name it \.jsonl",
+)
+_json_list_named_jsonl = _text_file(
+    "json_list_named_jsonl", "rows.jsonl", json.dumps(ROWS, indent=2), r"line 1: not valid JSON .* name it \.json"
+)
+_one_line_list_named_jsonl = _text_file(
+    "one_line_list_named_jsonl",
+    "rows.jsonl",
+    json.dumps(ROWS),
+    r"line 1: a JSON list, expected an object .* name it \.json",
+)
+_json_object_with_two_lists = _text_file(
+    "json_object_with_two_lists",
+    "splits.json",
+    json.dumps({"train": ROWS, "test": ROWS[:1]}),
+    r"a JSON object holding 2 lists of objects \('train', 'test'\)",
+)
+# pandas would read the second `text` as `text.1` and the parser the first, dropping the other without a word.
+_duplicate_column_csv = _text_file(
+    "duplicate_column_csv",
+    "dup.csv",
+    "text,id,text\n,1,### Human: hi### Assistant: hello\n",
+    r"header names column 'text' twice \(columns 1 and 3\)",
+)
 
 
 def _latin1_deep(tmp: Path) -> tuple[Path, str]:
@@ -263,37 +300,6 @@ def _utf16_tsv(tmp: Path) -> tuple[Path, str]:
     path = tmp / "rows.tsv"
     path.write_bytes("text\nhello\n".encode("utf-16"))  # with its byte-order mark, as Excel's Unicode Text saves
     return path, r"is UTF-16 text .* re-save it as UTF-8"
-
-
-def _jsonl_named_json(tmp: Path) -> tuple[Path, str]:
-    path = tmp / "rows.json"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    return path, r"one JSON object a line, which is JSON Lines\. Name it \.jsonl"
-
-
-def _json_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
-    path = tmp / "rows.jsonl"
-    path.write_text(json.dumps(ROWS, indent=2), encoding="utf-8")
-    return path, r"line 1: not valid JSON .* name it \.json"
-
-
-def _one_line_list_named_jsonl(tmp: Path) -> tuple[Path, str]:
-    path = tmp / "rows.jsonl"
-    path.write_text(json.dumps(ROWS), encoding="utf-8")
-    return path, r"line 1: a JSON list, expected an object .* name it \.json"
-
-
-def _json_object_with_two_lists(tmp: Path) -> tuple[Path, str]:
-    path = tmp / "splits.json"
-    path.write_text(json.dumps({"train": ROWS, "test": ROWS[:1]}), encoding="utf-8")
-    return path, r"a JSON object holding 2 lists of objects \('train', 'test'\)"
-
-
-def _duplicate_column_csv(tmp: Path) -> tuple[Path, str]:
-    # pandas would read the second as `text.1` and the parser the first, dropping the other without a word.
-    path = tmp / "dup.csv"
-    path.write_text("text,id,text\n,1,### Human: hi### Assistant: hello\n", encoding="utf-8")
-    return path, r"header names column 'text' twice \(columns 1 and 3\)"
 
 
 def _capitalised_text_column(tmp: Path) -> tuple[Path, str]:

@@ -74,7 +74,7 @@ def test_train_writes_adapter_and_metrics(trained):
     assert (root / paths.DVCLIVE_DIR / "plots" / "metrics" / "train" / "loss.tsv").exists()
     # The plots' x axis is the optimizer step (transformers' dvclive callback counted log lines from 0), and the
     # curve is also a PNG that reads offline.
-    steps, _ = read_loss(root / paths.DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv")
+    steps, _ = read_loss(root / paths.LOSS_TSV)
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (root / paths.LOSS_CURVE).read_bytes().startswith(b"\x89PNG")
 

@@ -150,7 +150,7 @@ def test_preflight_names_the_install_command_of_a_missing_lever_package(params, 
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel` now raises ImportError
     liger = with_overrides(params, **{"train.liger_kernels": True})
-    problems = package_problems(liger)
+    problems = package_problems(liger, on_gpu=True)
     assert len(problems) == 1 and "train.liger_kernels needs the package liger-kernel" in problems[0]
     assert "pip install -e '.[gpu]'" in problems[0]
     assert package_problems(params) == []  # the CPU default needs only bitsandbytes, which imports
