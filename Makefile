@@ -1,13 +1,26 @@
 # Two entry points for a fresh clone (see README):  make run   |   make test
-# TORCH picks the PyTorch build: the CPU wheel by default; on a GPU box TORCH=skip keeps the torch that the
-# python3 running make already has (a venv's or the system's), or TORCH="torch" takes a CUDA build from PyPI.
-# Offline, point pip at a wheelhouse: PIP_NO_INDEX=1 PIP_FIND_LINKS=/path/to/wheels make install TORCH=skip
-# A CUDA torch adds the `gpu` extra (liger-kernel), which the GPU recipe's defaults use.
+# Every install comes from the lock in requirements/ (hash-checked, docs/environment.md says how it is made):
+#   requirements/cpu.lock  the project, its dev and lint extras, and PyTorch's CPU wheel (what CI tests)
+#   requirements/gpu.lock  the same plus the gpu extra, without torch/triton: a GPU box keeps its CUDA torch
+#   requirements/build.lock  setuptools, which builds this project and the one sdist in the lock (antlr4)
+# TORCH=lock (default) installs the locked CPU torch; TORCH=skip keeps the torch of the python3 running make
+# (a venv's or the system's) and installs gpu.lock when that torch is a CUDA build.
+# Offline, point pip at a wheelhouse made by `make wheelhouse`:
+#   PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/wheelhouse make install TORCH=skip
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-TORCH ?= torch==2.13.0
+PIP   := $(PY) -m pip
+TORCH ?= lock
+LOCKS := requirements/build.lock requirements/cpu.lock requirements/gpu.lock
+# Where `make lock` finds PyTorch's CPU wheel: pip's find-links here (the CPU wheel lies on local disk); elsewhere
+# PyTorch's own CPU index, e.g. LOCK_TORCH_LINKS=https://download.pytorch.org/whl/cpu/torch
+LOCK_TORCH_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
+# `make wheelhouse`: the target machine's Python and platform (the GPU machine here: CPython 3.12, x86-64 Linux)
+WHEEL_PYTHON   ?= 3.12
+WHEEL_PLATFORM ?= x86_64-manylinux_2_28
+WHEELHOUSE     ?= wheelhouse
 
-.PHONY: install venv run test test-fast lint report-images
+.PHONY: install venv run test test-fast test-latest lint lock wheelhouse report-images
 
 # TORCH=skip: the venv sees the host's packages (--system-site-packages). When python3 is itself a venv (as on
 # many GPU images, where a tuned torch lives in /opt/.../.venv), --system-site-packages alone would show only
@@ -17,15 +30,22 @@ venv:
 	if [ "$(TORCH)" = "skip" ]; then \
 	  host=$$(python3 -c 'import sys, sysconfig; print(sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else "")'); \
 	  if [ -n "$$host" ]; then echo "$$host" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-python.pth"; fi; \
-	  $(PY) -c 'import torch' 2>/dev/null || { echo "TORCH=skip keeps the torch of the python3 that runs make, but $$(command -v python3) has none: install torch there, or use TORCH=torch" >&2; exit 2; }; \
+	  $(PY) -c 'import torch' 2>/dev/null || { echo "TORCH=skip keeps the torch of the python3 that runs make, but $$(command -v python3) has none: install torch there, or leave TORCH unset for the locked CPU wheel" >&2; exit 2; }; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# The lock is installed with --no-deps --require-hashes: exactly its files, each checked against its sha256.
+# setuptools comes first (from build.lock) so that the sdist and this project build without fetching anything.
+# pip check then proves the locked set is consistent with the torch in the venv (locked, or the host's).
+$(VENV)/.installed: pyproject.toml $(LOCKS)
 	$(MAKE) --no-print-directory venv VENV=$(VENV) TORCH='$(TORCH)'
-	if [ "$(TORCH)" != "skip" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	extras=$$($(PY) -c 'import torch; print("dev,gpu" if torch.version.cuda else "dev")') && \
-	  echo "installing .[$$extras] into $(VENV) (torch $$($(PY) -c 'import torch; print(torch.__version__)'))" && \
-	  $(PY) -m pip install -q -e ".[$$extras]"
+	$(PIP) install -q --require-hashes --no-deps -r requirements/build.lock
+	if [ "$(TORCH)" = "skip" ] && $(PY) -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then \
+	  lock=requirements/gpu.lock; else lock=requirements/cpu.lock; fi; \
+	  echo "installing $$lock into $(VENV)"; \
+	  $(PIP) install -q --require-hashes --no-deps --no-build-isolation -r $$lock && \
+	  $(PIP) install -q --no-deps --no-build-isolation -e . && \
+	  echo "$$lock" > $(VENV)/.lock-variant
+	$(PIP) check
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,12 +55,8 @@ run: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
 
-$(VENV)/.lint-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[lint]"
-	touch $@
-
-# Lint and format checks (ruff, configured in pyproject.toml).
-lint: $(VENV)/.lint-installed
+# Lint and format checks (ruff, configured in pyproject.toml; its version is the lock's).
+lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -51,6 +67,43 @@ test: install lint
 # Everything but the slow end-to-end tests, for quick local iterations.
 test-fast: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow"
+
+# Refresh the lock on purpose: resolve pyproject.toml's ranges anew (uv, universal: every Python >= 3.11 and
+# platform), then run `make test` on it. Commit requirements/*.lock only after the suite passes.
+lock: install
+	$(VENV)/bin/uv pip compile -q requirements/build.in --universal --python-version 3.11 --generate-hashes \
+	  -o requirements/build.lock
+	$(VENV)/bin/uv pip compile -q requirements/cpu.in --universal --python-version 3.11 --generate-hashes \
+	  --find-links "$(LOCK_TORCH_LINKS)" -c requirements/build.lock --no-emit-package guanaco-qlora-pipeline \
+	  -o requirements/cpu.lock
+	$(VENV)/bin/uv pip compile -q requirements/gpu.in --universal --python-version 3.11 --generate-hashes \
+	  --excludes requirements/excludes.txt -c requirements/build.lock -c requirements/cpu.lock \
+	  --no-emit-package guanaco-qlora-pipeline -o requirements/gpu.lock
+	git --no-pager diff --stat -- requirements/
+
+# Drift on purpose: the suite on the newest versions pyproject.toml's ranges allow (torch stays the locked CPU
+# wheel), in a venv of its own; failures here are what the next `make lock` would bring.
+test-latest:
+	rm -rf .venv-latest
+	python3 -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --require-hashes --no-deps -r requirements/build.lock
+	.venv-latest/bin/python -m pip install -q "$$(grep -oE '^torch==[^ ]+' requirements/cpu.lock)"
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,lint]"
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/installed.txt
+	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/python -m pytest -q -ra
+
+# A wheelhouse for another machine (default: the GPU box's CPython 3.12 on x86-64 Linux) from gpu.lock, for
+# `PIP_NO_INDEX=1 PIP_FIND_LINKS=... make install TORCH=skip` there. It holds every locked file for that
+# target (torch, triton and the CUDA libraries are the box's own, so they are left out), setuptools for
+# the builds, and the sdists of packages that ship no wheel. Hash-checked against the lock as it downloads.
+wheelhouse: install
+	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
+	$(VENV)/bin/uv pip compile -q requirements/gpu.in -c requirements/gpu.lock --python-version $(WHEEL_PYTHON) \
+	  --python-platform $(WHEEL_PLATFORM) --generate-hashes --excludes requirements/excludes.txt \
+	  --no-emit-package guanaco-qlora-pipeline --no-header -o $(WHEELHOUSE)/.target.txt
+	cat requirements/build.lock >> $(WHEELHOUSE)/.target.txt
+	$(PY) -m benchmarks.wheelhouse $(WHEELHOUSE)/.target.txt $(WHEELHOUSE) --python $(WHEEL_PYTHON) \
+	  --platform $(WHEEL_PLATFORM)
 
 # The README's pictures (docs/*.png) from this workspace's reports, after `make run` (needs chromium).
 report-images: install

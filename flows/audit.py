@@ -18,6 +18,7 @@ project's artifacts must be present (`dvc pull`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -202,7 +203,11 @@ class Audit:
         commit = code.get("git_commit")
         link.facts.append(f"git commit {commit}")
         if code.get("code_dirty"):
-            link.warnings.append("the release was made from a working tree with uncommitted code changes")
+            changed = code.get("dirty_files") or []
+            link.warnings.append(
+                "the release was made from a working tree with uncommitted changes"
+                + (f" ({', '.join(changed[:8])})" if changed else "")
+            )
         if commit and not self.release_only:
             known = (
                 subprocess.run(
@@ -285,6 +290,56 @@ class Audit:
             self._file_hash(
                 link, paths.ADAPTER_DIR / "adapter_model.safetensors", tr.get("adapter_sha256"), "trained adapter"
             )
+        return link
+
+    def environment(self) -> Link:
+        """The lock the release claims against the lock at its commit (a claim the commit cannot back fails), and
+        the installed set it recorded against the one auditing (a difference warns, naming the packages)."""
+        from tasks.lineage import environment
+
+        link, env = Link("environment"), self.lineage["training"].get("environment")
+        if not env:
+            link.warnings.append("the release records no environment (made before the lock): libraries only")
+            return link
+        link.facts.append(
+            f"Python {env.get('python')}, {len(env['distributions'])} distributions "
+            f"(sha256 {env['distributions_sha256'][:12]}), "
+            + (f"exactly {env['lock']}" if env.get("lock") else "matching no lock file")
+        )
+        if not env.get("lock"):
+            link.warnings.append("the release's environment matched no lock file: " + _first_differences(env))
+        commit = self.lineage["code"].get("git_commit")
+        dirty = set(self.lineage["code"].get("dirty_files") or [])
+        if commit and not self.release_only:
+            for path, claimed in sorted(env.get("locks_sha256", {}).items()):
+                at_commit = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=self.root, capture_output=True)
+                if at_commit.returncode != 0:
+                    link.problems.append(
+                        f"the release claims {path} (sha256 {claimed[:12]}), but commit {commit[:12]} has no such file"
+                    )
+                elif (actual := hashlib.sha256(at_commit.stdout).hexdigest()) != claimed and path not in dirty:
+                    link.problems.append(
+                        f"the release claims {path} with sha256 {claimed[:12]}, but commit {commit[:12]} holds "
+                        f"{actual[:12]}: the environment record does not belong to that code"
+                    )
+                elif actual != claimed:
+                    link.warnings.append(f"{path} was edited and not committed when the release was made")
+        here = environment(self.root)
+        if here["distributions_sha256"] != env["distributions_sha256"]:
+            theirs = dict(entry.split("==", 1) for entry in env["distributions"])
+            ours = dict(entry.split("==", 1) for entry in here["distributions"])
+            differ = [
+                f"{name} {theirs.get(name, 'absent')} -> {ours.get(name, 'absent')}"
+                for name in sorted(set(theirs) | set(ours))
+                if theirs.get(name) != ours.get(name)
+            ]
+            link.warnings.append(
+                f"this environment differs from the one that made the release in {len(differ)} package(s): "
+                + ", ".join(differ[:10])
+                + (" ..." if len(differ) > 10 else "")
+            )
+        else:
+            link.facts.append("this environment is the release's (same installed set)")
         return link
 
     def evaluation(self) -> Link:
@@ -378,10 +433,18 @@ class Audit:
             self.params(),
             self.code(),
             self.training(),
+            self.environment(),
             self.evaluation(),
             self.release_files(),
             self.signature(),
         ]
+
+
+def _first_differences(env: dict) -> str:
+    for path, differ in env.get("lock_differences", {}).items():
+        if differ:
+            return f"against {path}: " + "; ".join(differ[:5]) + (" ..." if len(differ) > 5 else "")
+    return "no lock file was found"
 
 
 def audit(release_dir: Path, project: Path | None = None, release_only: bool = False) -> list[Link]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -15,24 +14,6 @@ class PipelineError(Exception):
 
 class ValidationFailed(PipelineError):
     """The data broke the validation suite; the report names the rows and the rules."""
-
-
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
-        super().__init__()
-        self.start = start
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
-
-
-def _quiet_library_noise() -> None:
-    """A warning every CPU train and evaluate printed that reads like a failure and is not: bitsandbytes, on CPUs with
-    AVX512-BF16, tries to fetch an optional CPU kernel from the Hub through the `kernels` package and warns when it
-    cannot; it then uses its own kernel, as it always did."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
-    )
 
 
 class Terminated(KeyboardInterrupt):
@@ -49,14 +30,14 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
 
     Every stage goes through here, so this is where a stage takes the workspace lock (tasks/run_lock.py): a stage
     started while another run holds the workspace refuses before it touches anything."""
-    from tasks import run_lock  # imported here: run_lock imports PipelineError from this module
+    from tasks import run_lock, stage_log  # imported here: run_lock imports PipelineError from this module
 
-    logging.basicConfig(level=logging.INFO, format=f"[{stage}] %(message)s")
-    _quiet_library_noise()
+    library_lines = stage_log.configure(stage)  # ours to the terminal, everything to logs/<stage>.log
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
             fn()
+        stage_log.report(stage, library_lines)
     except PipelineError as e:
         print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
         sys.exit(2)

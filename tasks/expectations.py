@@ -7,7 +7,6 @@ its threshold a param. Running it through a Checkpoint gives the JSON result and
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from tasks.config import ModelParams, ValidateParams
 from tasks.conversation import ASSISTANT, TEMPLATE_MARKERS, USER, Conversation
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the stage log
 
 
 @dataclass(frozen=True)
@@ -213,9 +211,6 @@ def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
     into docs_dir. Returns the checkpoint and each rule's feature column."""
     import great_expectations as gx
 
-    # This module sets its own logger to INFO at import, over the package-wide WARNING above: every run printed
-    # "Created temporary directory ... for ephemeral docs site".
-    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = {"globally": False}
     context.add_data_docs_site(

@@ -38,3 +38,5 @@ SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing 
 
 TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/base_model.py)
 SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")
+
+LOG_DIR = Path("logs")  # each stage's whole log, library messages included (tasks/stage_log.py); git-ignored

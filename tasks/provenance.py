@@ -9,7 +9,7 @@ lineage record publish assembles, so no attestation library is needed:
 - buildDefinition: buildType (this pipeline), externalParameters (params.yaml, as the stages read it),
   internalParameters (each stage's command in dvc.yaml), resolvedDependencies (the data source at its revision or
   sha256, the raw, validated and formatted data, the base model, the code commit and each module a stage ran,
-  the training libraries);
+  the lock files, the training environment's installed set and each of its distributions);
 - runDetails: builder (local or a Prefect flow run), metadata (when publish started, and when it had written the
   subjects; the Prefect flow run id as invocationId when there is one), byproducts (the training run record,
   with its hardware).
@@ -98,12 +98,34 @@ def _code(code: dict) -> list[dict]:
     return entries
 
 
-def _libraries(libraries: dict[str, str | None]) -> list[dict]:
-    return [
-        {"uri": f"pkg:pypi/{name.lower().replace('_', '-')}@{version}", "name": name}
-        for name, version in sorted(libraries.items())
-        if version
+def _environment(training: dict) -> list[dict]:
+    """The lock files (by sha256), the installed set (the sha256 of its name==version list), and every installed
+    distribution as a package URL. A lineage from before the environment was recorded names its libraries only."""
+    env = training.get("environment")
+    if not env:
+        return [
+            {"uri": f"pkg:pypi/{name.lower().replace('_', '-')}@{version}", "name": name}
+            for name, version in sorted(training.get("libraries", {}).items())
+            if version
+        ]
+    locks = [
+        {"name": path, "digest": {"sha256": sha}, "annotations": {"installed": path == env.get("lock")}}
+        for path, sha in sorted(env.get("locks_sha256", {}).items())
     ]
+    installed = {
+        "name": "python environment",
+        "digest": {"sha256": env["distributions_sha256"]},
+        "annotations": {
+            "python": env.get("python"),
+            "lock": env.get("lock"),
+            "distributions": len(env["distributions"]),
+        },
+    }
+    packages = [
+        {"uri": f"pkg:pypi/{name}@{version}", "name": name}
+        for name, version in (entry.split("==", 1) for entry in env["distributions"])
+    ]
+    return [*locks, installed, *packages]
 
 
 def resolved_dependencies(lineage: dict) -> list[dict]:
@@ -120,7 +142,7 @@ def resolved_dependencies(lineage: dict) -> list[dict]:
         + [{"name": name, "digest": {"sha256": sha}} for name, sha in data]
         + _base_model(lineage["base_model"])
         + _code(lineage["code"])
-        + _libraries(lineage["training"].get("libraries", {}))
+        + _environment(lineage["training"])
     )
 
 

@@ -82,6 +82,11 @@ def stage_code_hashes(
     return record
 
 
+# Every tracked path whose uncommitted edit changes what a run does: code, the pipeline, params and their Hydra
+# sources, DVC's record of the stages, and the environment's lock. An edit of any makes the record `dirty`.
+RUN_INPUTS = ("tasks", "flows", "dvc.yaml", "dvc.lock", "params.yaml", "conf", "pyproject.toml", "requirements")
+
+
 def code_version(running: str | None = None) -> dict:
     """The git commit of the code, whether the working tree differed from it, the code files' own hash, and each
     stage's code (`running`: the stage recording this, whose dvc.lock entry is still its last run's)."""
@@ -93,10 +98,12 @@ def code_version(running: str | None = None) -> dict:
             return None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no", "--", "tasks", "flows", "dvc.yaml", "pyproject.toml")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", *RUN_INPUTS)
+    dirty = sorted(line.split(maxsplit=1)[1] for line in status.splitlines()) if status is not None else None
     return {
         "git_commit": commit,
-        "code_dirty": bool(status) if status is not None else None,
+        "code_dirty": bool(dirty) if dirty is not None else None,
+        "dirty_files": dirty,
         "code_sha256": code_sha256(),
         "stages": stage_code_hashes(running=running),
     }

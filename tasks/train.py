@@ -30,7 +30,7 @@ from tasks.config import Params, batch_split_problem, load_params
 from tasks.conversation import Rendered
 from tasks.errors import PipelineError, run_main
 from tasks.formatted import load_rows
-from tasks.lineage import hardware, library_versions
+from tasks.lineage import environment, hardware, library_versions
 from tasks.loss_curve import save_loss_curve
 from tasks.memory import (
     Estimate,
@@ -102,7 +102,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         gradient_accumulation_steps=grad_accum,
         bf16=t.precision == "bf16",
         fp16=t.precision == "fp16",
-        gradient_checkpointing=est.gradient_checkpointing,  # the planner's choice (train.gradient_checkpointing: auto)
+        activation_checkpointing=est.gradient_checkpointing,  # the planner's (train.gradient_checkpointing: auto)
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         max_length=None,  # rows were cut to model.max_length in build_dataset
         packing=False,
@@ -282,6 +282,7 @@ def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, t
                 ),  # what evaluate and publish must match
                 "base_model": params.model.base,
                 "libraries": library_versions(),
+                "environment": environment(),  # every installed distribution, and which lock they match
                 "hardware": hardware(),
                 "distributed": layout,
             },

@@ -90,6 +90,7 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
         "params",
         "code",
         "training",
+        "environment",
         "evaluation",
         "release",
         "signature",
@@ -117,6 +118,53 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
     assert any("stage train ran" in w and "tasks/attention.py" in w for w in code.warnings), code.warnings
     assert not any("stage download" in w for w in code.warnings)
+
+
+def test_the_release_names_its_environment_and_the_audit_sees_this_one_is_the_same(project):
+    lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
+    env = lineage["training"]["environment"]
+    assert env["lock"] == "requirements/cpu.lock"  # the suite runs in the venv `make install` made from the lock
+    assert len(env["distributions"]) > 100 and "great-expectations==" in " ".join(env["distributions"])
+    statement = json.loads((project / paths.RELEASE_DIR / "provenance.intoto.json").read_text())
+    deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert {
+        "name": "requirements/cpu.lock",
+        "digest": {"sha256": sha256_file(project / "requirements/cpu.lock")},
+        "annotations": {"installed": True},
+    } in deps
+    assert sum(d.get("uri", "").startswith("pkg:pypi/") for d in deps) == len(env["distributions"])
+    link = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "environment")
+    assert link.ok and not link.warnings and any("same installed set" in f for f in link.facts)
+
+
+def _rewrite_lineage(project: Path, change) -> dict:
+    path = project / paths.RELEASE_DIR / "lineage.json"
+    lineage = json.loads(path.read_text())
+    change(lineage)
+    path.write_text(json.dumps(lineage))
+    return {link.name: link for link in audit(project / paths.RELEASE_DIR)}
+
+
+def test_an_environment_that_differs_from_the_releases_is_named_package_by_package(project):
+    def older_transformers(lineage):
+        dists = lineage["training"]["environment"]["distributions"]
+        i = next(i for i, d in enumerate(dists) if d.startswith("transformers=="))
+        dists[i] = "transformers==0.0.1"
+        dists.append("left-behind==1.0")
+
+    env = _rewrite_lineage(project, older_transformers)["environment"]
+    assert env.ok  # a different environment warns: the audit can run anywhere
+    (warning,) = env.warnings
+    assert "2 package(s)" in warning and "transformers 0.0.1 -> " in warning and "left-behind 1.0 -> absent" in warning
+
+
+def test_a_lock_digest_the_commit_does_not_hold_fails_the_environment_link(project):
+    def claim_another_lock(lineage):
+        lineage["training"]["environment"]["locks_sha256"]["requirements/cpu.lock"] = "0" * 64
+
+    env = _rewrite_lineage(project, claim_another_lock)["environment"]
+    assert not env.ok
+    assert any("requirements/cpu.lock" in p and "does not belong to that code" in p for p in env.problems)
 
 
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):

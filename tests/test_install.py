@@ -86,4 +86,44 @@ def test_torch_skip_without_any_torch_says_what_to_do(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
     proc = _make_venv(tmp_path / ".venv", bare, "skip")
     assert proc.returncode != 0
-    assert "TORCH=skip keeps the torch of the python3 that runs make" in proc.stderr and "TORCH=torch" in proc.stderr
+    assert "TORCH=skip keeps the torch of the python3 that runs make" in proc.stderr and "leave TORCH unset" in proc.stderr
+
+
+def _lock_pins(lock: Path) -> dict[str, str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in lock.read_text().splitlines():
+        line = line.strip().rstrip("\\").strip()
+        if line and not line.startswith(("#", "-")):
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate():
+                pins[canonicalize_name(req.name)] = str(req.specifier).removeprefix("==")
+    return pins
+
+
+def test_the_installed_set_equals_the_lock():
+    """`make install` (what `make test` and CI run) installs exactly the lock: every pin at its version, and nothing
+    the lock does not name but pip and this project itself."""
+    from packaging.utils import canonicalize_name
+
+    cfg = (Path(sys.prefix) / "pyvenv.cfg").read_text() if sys.prefix != sys.base_prefix else ""
+    if not cfg or "include-system-site-packages = true" in cfg:
+        pytest.skip("not a venv of its own (make install TORCH=skip sees the host's packages too)")
+    listed = subprocess.run(
+        [sys.executable, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True
+    ).stdout
+    import json
+
+    installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
+    lock = (
+        ROOT
+        / "requirements"
+        / ("gpu.lock" if "gpu" in (Path(sys.prefix) / ".lock-variant").read_text() else "cpu.lock")
+    )
+    expected = {**_lock_pins(ROOT / "requirements" / "build.lock"), **_lock_pins(lock)}
+    extra = sorted(set(installed) - set(expected) - {"pip", "guanaco-qlora-pipeline"})
+    assert not extra, f"installed but not in {lock.name}: {extra}"
+    differ = {n: (v, installed.get(n)) for n, v in expected.items() if installed.get(n) != v}
+    assert not differ, f"locked vs installed: {differ}"

@@ -466,19 +466,23 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
         return loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     # compiled: token-adaptive, none recomputed at 33 tokens, the first layer at 47, two at 55 (its switch is read
-    # outside the compiled forward, so flipping it recompiles nothing)
+    # outside the compiled forward, so flipping it recompiles nothing); then lengths and recompute counts again
     eager, compiled = build(), build(thresholds=(40, 50, 10**9))
     assert compile_layers(compiled) == 3
     torch._dynamo.utils.counters.clear()
     switches = [m for m in compiled.modules() if hasattr(m, "gradient_checkpointing") and "Decoder" in type(m).__name__]
-    recomputed = []
-    for length in (33, 47, 55):
+    recomputed, graphs = [], []
+    for length in (33, 47, 55, 61, 36, 49):
         ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
         (loss_e, grads_e), (loss_c, grads_c) = step(eager, ids), step(compiled, ids)
         recomputed.append(sum(m.gradient_checkpointing for m in switches))
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         assert loss_c == pytest.approx(loss_e, rel=1e-5)
         assert grads_e.keys() == grads_c.keys() and len(grads_e) == 3 * 2 * 2  # q/v lora_A/B in 3 layers
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6)
-    assert recomputed == [0, 1, 2]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    assert recomputed == [0, 1, 2, 2, 0, 1]
+    # The property, not a count that varies by release: one graph for all layers, traced dynamic, and at most one
+    # more for the recomputed path (torch 2.13 with transformers 5.25 traces one; older transformers traced two).
+    # Nothing is compiled after the first two steps, whatever the length or the number of recomputed layers.
+    assert 1 <= graphs[-1] <= 2 and len(set(graphs[1:])) == 1, graphs

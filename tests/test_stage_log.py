@@ -1,0 +1,80 @@
+"""A stage's terminal shows the pipeline's own lines; library messages go whole to logs/<stage>.log.
+
+Sorted by logger name and by where a warning was raised, never by a message's words: the probe's library lines
+are made up here, so a library rewording its messages cannot change what this test sees.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tasks import paths
+from tests.conftest import ROOT
+
+PROBE = textwrap.dedent(
+    """
+    import logging, sys
+    sys.path.insert(0, {lib_dir!r})
+    import transformers.utils.logging as tf_logging  # imported before the stage starts, as the stages do
+    from tasks.errors import run_main
+
+    def stage():
+        logging.getLogger("tasks.probe").info("OURS-INFO")
+        logging.getLogger("great_expectations.data_context").info("LIB-INFO")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("LIB-WARNING")
+        tf_logging.get_logger("transformers.modeling_utils").warning("TRANSFORMERS-WARNING")
+        import fake_library  # warns a FutureWarning from its own file, outside this project
+        logging.getLogger("some.library").error("LIB-ERROR")
+
+    run_main("probe", stage)
+    """
+)
+
+
+def test_library_lines_go_to_the_stage_log_not_the_terminal(tmp_path):
+    lib_dir = tmp_path / "site"
+    lib_dir.mkdir()
+    (lib_dir / "fake_library.py").write_text(
+        "import warnings\nwarnings.warn('LIB-DEPRECATION: old_name is deprecated', FutureWarning)\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE.format(lib_dir=str(lib_dir))],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    terminal = proc.stdout + proc.stderr
+    assert "[probe] OURS-INFO" in terminal
+    assert "LIB-ERROR" in terminal  # errors reach the terminal whoever logs them
+    for quiet in ("LIB-INFO", "LIB-WARNING", "TRANSFORMERS-WARNING", "LIB-DEPRECATION"):
+        assert quiet not in terminal, quiet
+    log = (work / paths.LOG_DIR / "probe.log").read_text()
+    for line in ("OURS-INFO", "LIB-INFO", "LIB-WARNING", "TRANSFORMERS-WARNING", "LIB-DEPRECATION", "LIB-ERROR"):
+        assert line in log, line
+    assert "FutureWarning" in log and "great_expectations.data_context" in log  # whole: category and logger kept
+    # The terminal says where the rest went.
+    assert str(paths.LOG_DIR / "probe.log") in terminal
+
+
+def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
+    probe = (
+        "import warnings\nfrom tasks.errors import run_main\n"
+        "def stage():\n    exec(compile('import warnings; warnings.warn(\"OURS-WARNING\")', "
+        f"{str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
+        "run_main('probe', stage)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OURS-WARNING" in proc.stderr
