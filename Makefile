@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)
 	  $(PIP) install -q --require-hashes --no-deps --no-build-isolation -r $$lock && \
 	  $(PIP) install -q --no-deps --no-build-isolation -e . && \
 	  echo "$$lock" > $(VENV)/.lock-variant
-	$(PIP) check
+	$(PY) -m tasks.environment "$$(cat $(VENV)/.lock-variant)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -295,7 +295,7 @@ class Audit:
     def environment(self) -> Link:
         """The lock the release claims against the lock at its commit (a claim the commit cannot back fails), and
         the installed set it recorded against the one auditing (a difference warns, naming the packages)."""
-        from tasks.lineage import environment
+        from tasks.environment import environment
 
         link, env = Link("environment"), self.lineage["training"].get("environment")
         if not env:

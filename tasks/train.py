@@ -28,9 +28,10 @@ from tasks.base_model import load_base_model, load_config, load_tokenizer
 from tasks.checkpoints import resumable_checkpoint, run_fingerprint
 from tasks.config import Params, batch_split_problem, load_params
 from tasks.conversation import Rendered
+from tasks.environment import environment
 from tasks.errors import PipelineError, run_main
 from tasks.formatted import load_rows
-from tasks.lineage import environment, hardware, library_versions
+from tasks.lineage import hardware, library_versions
 from tasks.loss_curve import save_loss_curve
 from tasks.memory import (
     Estimate,

@@ -86,7 +86,8 @@ def test_torch_skip_without_any_torch_says_what_to_do(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
     proc = _make_venv(tmp_path / ".venv", bare, "skip")
     assert proc.returncode != 0
-    assert "TORCH=skip keeps the torch of the python3 that runs make" in proc.stderr and "leave TORCH unset" in proc.stderr
+    assert "TORCH=skip keeps the torch of the python3 that runs make" in proc.stderr
+    assert "leave TORCH unset" in proc.stderr
 
 
 def _lock_pins(lock: Path) -> dict[str, str]:
@@ -127,3 +128,20 @@ def test_the_installed_set_equals_the_lock():
     assert not extra, f"installed but not in {lock.name}: {extra}"
     differ = {n: (v, installed.get(n)) for n, v in expected.items() if installed.get(n) != v}
     assert not differ, f"locked vs installed: {differ}"
+
+
+def test_the_install_check_names_a_package_that_is_not_as_locked(tmp_path, capsys):
+    """`make install` ends with `python -m tasks.environment <lock>`: a pin the environment does not hold fails it."""
+    from importlib import metadata
+
+    from tasks.environment import main
+
+    lock = tmp_path / "cpu.lock"
+    lock.write_text(
+        f"pyyaml=={metadata.version('pyyaml')} \\\n    --hash=sha256:{'0' * 64}\n"
+        "requests==0.0.1 ; python_version >= '3'\n"
+        "pywin32==312 ; sys_platform == 'win32'\n"  # another platform's pin: not this environment's
+    )
+    assert main([str(lock)]) == 1
+    err = capsys.readouterr().err
+    assert "requests: locked 0.0.1, installed " in err and "pyyaml" not in err and "pywin32" not in err
