@@ -15,10 +15,12 @@ LOCKS := requirements/build.lock requirements/cpu.lock requirements/gpu.lock
 # Where `make lock` finds PyTorch's CPU wheel: pip's find-links here (the CPU wheel lies on local disk); elsewhere
 # PyTorch's own CPU index, e.g. LOCK_TORCH_LINKS=https://download.pytorch.org/whl/cpu/torch
 LOCK_TORCH_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell python3 -m pip config get global.find-links 2>/dev/null))
-# `make wheelhouse`: the target machine's Python and platform (the GPU machine here: CPython 3.12, x86-64 Linux)
-WHEEL_PYTHON   ?= 3.12
-WHEEL_PLATFORM ?= x86_64-manylinux_2_28
-WHEELHOUSE     ?= wheelhouse
+# `make wheelhouse`: the target machine's Python, processor and glibc (the GPU machine here: CPython 3.12, x86-64,
+# glibc 2.28 or newer)
+WHEEL_PYTHON ?= 3.12
+WHEEL_ARCH   ?= x86_64
+WHEEL_GLIBC  ?= 28
+WHEELHOUSE   ?= wheelhouse
 
 .PHONY: install venv run test test-fast test-latest lint lock wheelhouse report-images
 
@@ -99,11 +101,16 @@ test-latest:
 wheelhouse: install
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)
 	$(VENV)/bin/uv pip compile -q requirements/gpu.in -c requirements/gpu.lock --python-version $(WHEEL_PYTHON) \
-	  --python-platform $(WHEEL_PLATFORM) --generate-hashes --excludes requirements/excludes.txt \
-	  --no-emit-package guanaco-qlora-pipeline --no-header -o $(WHEELHOUSE)/.target.txt
-	cat requirements/build.lock >> $(WHEELHOUSE)/.target.txt
-	$(PY) -m benchmarks.wheelhouse $(WHEELHOUSE)/.target.txt $(WHEELHOUSE) --python $(WHEEL_PYTHON) \
-	  --platform $(WHEEL_PLATFORM)
+	  --python-platform $(WHEEL_ARCH)-manylinux_2_$(WHEEL_GLIBC) --generate-hashes --excludes requirements/excludes.txt \
+	  --no-emit-package guanaco-qlora-pipeline --no-header -o $(WHEELHOUSE)/.gpu-target.txt
+	# pip matches a wheel's manylinux tag exactly: name every glibc the target runs (2.5 up to its own)
+	$(PIP) download -q --no-deps --require-hashes --prefer-binary -d $(WHEELHOUSE) \
+	  --python-version $(WHEEL_PYTHON) --implementation cp \
+	  $$(for n in $$(seq $(WHEEL_GLIBC) -1 5); do printf -- '--platform manylinux_2_%s_$(WHEEL_ARCH) ' $$n; done) \
+	  --platform manylinux2014_$(WHEEL_ARCH) --platform manylinux2010_$(WHEEL_ARCH) \
+	  --platform manylinux1_$(WHEEL_ARCH) --platform linux_$(WHEEL_ARCH) \
+	  -r $(WHEELHOUSE)/.gpu-target.txt -r requirements/build.lock
+	@echo "$(WHEELHOUSE): $$(ls $(WHEELHOUSE) | wc -l) files, $$(du -sh $(WHEELHOUSE) | cut -f1), for CPython $(WHEEL_PYTHON) on $(WHEEL_ARCH) (glibc >= 2.$(WHEEL_GLIBC))"
 
 # The README's pictures (docs/*.png) from this workspace's reports, after `make run` (needs chromium).
 report-images: install
