@@ -15,7 +15,7 @@
 #   bash benchmarks/gpu_acceptance.sh setup accept [layouts]      run from the repository root
 #
 # Inputs, prepared on the workstation in an ignored, carried folder GPU_KIT (default .gpu):
-#   wheels/      the wheelhouse: what `pip install -e .[dev,gpu]` needs that the machine's Python lacks
+#   wheels/      the wheelhouse from the lock: `make wheelhouse` (requirements/gpu.lock for CPython 3.12)
 #   repo.bundle  `git bundle create .gpu/repo.bundle HEAD`: the commit under test
 #   data/train.parquet, tokenizer/tokenizer.model   the guanaco-llama2-1k rows and Llama-2's tokenizer
 # Outputs (logs, metrics, dvc.lock, the lineage record) go to $OUT (default /tmp/gpu-out).
