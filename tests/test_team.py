@@ -1,16 +1,21 @@
 """For a team: Prefect on a real PostgreSQL, the deployment on a process work pool run by a worker, one run at a time.
 
 Starts a throwaway PostgreSQL cluster (Debian's `postgresql` binaries, initdb + pg_ctl on a free local port),
-`prefect server start` on it, registers the deployment with `python -m flows.deploy --pool`, starts
+`prefect server start` on it with basic authentication on (PREFECT_SERVER_API_AUTH_STRING), registers the
+deployment with `python -m flows.deploy --pool` (which makes the pool with a locked job template), starts
 `prefect worker start --pool`, and triggers two runs at once: the first publishes, the second waits for the
-deployment's concurrency slot (limit 1) and then finds everything up to date.
+deployment's concurrency slot (limit 1) and then finds everything up to date. An outsider without the credential
+is refused, and a run that asks for another command is refused by the server.
 """
 
 from __future__ import annotations
 
+import base64
 import glob
+import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -87,8 +92,10 @@ def team(postgres, new_project, tmp_path_factory):
     project = new_project(tmp / "project")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
+    auth = f"admin:{secrets.token_urlsafe(16)}"
     env = {
         **os.environ,
+        "PREFECT_API_AUTH_STRING": auth,  # every client: CLI, deploy, worker, flow runs
         "PREFECT_HOME": str(tmp / "prefect-home"),
         "PREFECT_API_URL": url,
         "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
@@ -99,11 +106,11 @@ def team(postgres, new_project, tmp_path_factory):
     }
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, *cmd: str) -> subprocess.Popen:
+    def start(name: str, *cmd: str, extra_env: dict | None = None) -> subprocess.Popen:
         p = subprocess.Popen(
             [sys.executable, "-m", *cmd],
             cwd=project,
-            env=env,
+            env={**env, **(extra_env or {})},
             stdout=open(tmp / f"{name}.log", "w"),
             stderr=subprocess.STDOUT,
         )
@@ -111,15 +118,12 @@ def team(postgres, new_project, tmp_path_factory):
         return p
 
     try:
-        start("server", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
-        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
-        subprocess.run(
-            [sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "process"],
-            cwd=project,
-            env=env,
-            check=True,
-            capture_output=True,
+        start(
+            "server",
+            *("prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)),
+            extra_env={"PREFECT_SERVER_API_AUTH_STRING": auth},
         )
+        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
         subprocess.run(
             [
                 sys.executable,
@@ -138,7 +142,7 @@ def team(postgres, new_project, tmp_path_factory):
             capture_output=True,
         )
         start("worker", "prefect", "worker", "start", "--pool", POOL)
-        yield project, url, env, tmp
+        yield project, url, env, tmp, auth
     finally:
         for p in reversed(procs):
             p.terminate()
@@ -148,25 +152,71 @@ def team(postgres, new_project, tmp_path_factory):
                 p.kill()
 
 
-def _client_call(url: str, fn):
+def _client_call(url: str, auth: str, fn):
     import anyio
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     async def call():
         async with get_client() as client:
             return await fn(client)
 
-    with temporary_settings({PREFECT_API_URL: url}):
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}):
         return anyio.run(call)
 
 
+def _post(url: str, path: str, auth: str | None) -> int:
+    """An HTTP POST to the API, with basic credentials or none; returns the status code."""
+    request = urllib.request.Request(f"{url}{path}", data=b"{}", method="POST")
+    request.add_header("Content-Type", "application/json")
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        return urllib.request.urlopen(request, timeout=10).status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_an_outsider_is_refused_and_a_run_cannot_change_what_the_worker_runs(team):
+    project, url, env, tmp, auth = team
+    # No credential, or a wrong one: refused. The team's credential: served.
+    assert _post(url, "/deployments/filter", None) == 401
+    assert _post(url, "/deployments/filter", "admin:guess") == 401
+    assert _post(url, "/deployments/filter", auth) == 200
+    outsider = {k: v for k, v in env.items() if k != "PREFECT_API_AUTH_STRING"}
+    refused = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT],
+        cwd=project,
+        env=outsider,
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
+
+    # The pool's template exposes no job variable: asking for another command is refused by the server.
+    pool = _client_call(url, auth, lambda c: c.read_work_pool(POOL))
+    assert "command" not in json.dumps(pool.base_job_template)
+    marker = tmp / "pwned"
+    forged = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", DEPLOYMENT, "--job-variable", f"command=touch {marker}"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert forged.returncode != 0, forged.stdout + forged.stderr
+    runs = _client_call(url, auth, lambda c: c.read_flow_runs())
+    assert all("command" not in (r.job_variables or {}) for r in runs)
+    time.sleep(5)  # a worker polls every few seconds: had it taken such a run, the file would be there by now
+    assert not marker.exists()
+
+
 def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
-    project, url, env, tmp = team
+    project, url, env, tmp, auth = team
 
     # the server really is on PostgreSQL, and the deployment is on the pool with its schedule and limit
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
-    deployment = _client_call(url, lambda c: c.read_deployment_by_name(DEPLOYMENT))
+    deployment = _client_call(url, auth, lambda c: c.read_deployment_by_name(DEPLOYMENT))
     assert deployment.work_pool_name == POOL
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
     limit = deployment.global_concurrency_limit
@@ -183,13 +233,13 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
     ).stdout
     first_id = re.search(r"UUID:?\s*([0-9a-f-]{36})", out).group(1)
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: url}):
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth}):
         second_id = run_deployment(DEPLOYMENT, timeout=0).id
 
     def read(run_id):
-        return _client_call(url, lambda c: c.read_flow_run(run_id))
+        return _client_call(url, auth, lambda c: c.read_flow_run(run_id))
 
     def both_final():
         runs = [read(first_id), read(second_id)]
@@ -205,7 +255,7 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
     # one waited for the other's slot, and they did not overlap
     names = {}
     for run in (first, second):
-        states = _client_call(url, lambda c, r=run: c.read_flow_run_states(r.id))
+        states = _client_call(url, auth, lambda c, r=run: c.read_flow_run_states(r.id))
         names[run.id] = [s.name for s in states]
     assert any("AwaitingConcurrencySlot" in n for n in names.values()), names
     a, b = sorted((first, second), key=lambda r: r.start_time)
