@@ -46,8 +46,9 @@ class Link:
 class Audit:
     """The checks, in chain order; each returns one Link."""
 
-    def __init__(self, release_dir: Path, project: Path, release_only: bool):
+    def __init__(self, release_dir: Path, project: Path, release_only: bool, trust: list[str] | None = None):
         self.release, self.root, self.release_only = release_dir, project, release_only
+        self.trust = trust or []
         self.lineage = read_json(release_dir / LINEAGE)
 
     # -- helpers --------------------------------------------------------------------------------
@@ -414,8 +415,31 @@ class Audit:
         link.facts.append(
             f"every file matches {signed['signature']}, signed by the key in {signed['public_key']}: sha256 {key}"
         )
-        link.facts.append(f"anyone can check it: {signing.verify_command(str(self.release))}")
         self._same(link, key, signed.get("public_key_sha256"), "signer's key vs the key the lineage records")
+        try:
+            trusted = signing.trusted_keys(self.trust, self.root)
+        except signing.SignatureError as e:
+            link.problems.append(str(e))
+            return link
+        if not trusted:
+            link.warnings.append(
+                f"the signer is unverified: the files match the key shipped in the release, but no trusted key was "
+                f"given (--trust <key.pub or sha256>, or the team's keys in {paths.TRUSTED_KEYS_DIR}/), so anyone "
+                "who re-signed the release with their own key would pass this check"
+            )
+            link.facts.append(f"anyone can check the files against it: {signing.verify_command(str(self.release))}")
+        elif key in trusted:
+            link.facts.append(f"the signer is trusted: its key is {trusted[key]}")
+            if trusted[key].endswith(".pub"):
+                link.facts.append(
+                    f"check it with the standard tool: {signing.verify_command(str(self.release), trusted[key])}"
+                )
+        else:
+            link.problems.append(
+                f"signed by key sha256 {key}, which is none of the {len(trusted)} trusted key(s) "
+                f"({', '.join(sorted(set(trusted.values())))}): not a release of a signer you trust"
+            )
+            return link
         if signed.get("key_source") == signing.PROJECT_KEY:
             link.warnings.append(
                 f"signed with the key publish made in {paths.SIGNING_KEY.parent}/ on its machine: "
@@ -447,14 +471,16 @@ def _first_differences(env: dict) -> str:
     return "no lock file was found"
 
 
-def audit(release_dir: Path, project: Path | None = None, release_only: bool = False) -> list[Link]:
+def audit(
+    release_dir: Path, project: Path | None = None, release_only: bool = False, trust: list[str] | None = None
+) -> list[Link]:
     release_dir = Path(release_dir)
     if not (release_dir / LINEAGE).is_file():
         raise FileNotFoundError(
             f"{release_dir / LINEAGE} not found: is {release_dir} a release folder made by the "
             "publish stage? (dvc repro publish, or dvc pull to restore it)"
         )
-    return Audit(release_dir, Path(project) if project else release_dir.resolve().parent, release_only).run()
+    return Audit(release_dir, Path(project) if project else release_dir.resolve().parent, release_only, trust).run()
 
 
 def render(links: list[Link]) -> str:
@@ -481,10 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--project", type=Path, default=None, help="project root (default: the release folder's parent)")
     ap.add_argument("--release-only", action="store_true", help="check the release folder and its records only")
+    ap.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help=f"a signer key to trust: a PEM public key file or its sha256 fingerprint (repeatable); the keys in "
+        f"{paths.TRUSTED_KEYS_DIR}/*.pub are trusted too. A release signed by any other key fails",
+    )
     ap.add_argument("--json", action="store_true", help="print the links as JSON")
     args = ap.parse_args(argv)
     try:
-        links = audit(args.release, args.project, args.release_only)
+        links = audit(args.release, args.project, args.release_only, args.trust)
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
         print(f"audit: cannot read the release: {e}", file=sys.stderr)
         return 2

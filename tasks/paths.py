@@ -35,6 +35,7 @@ EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows
 
 RELEASE_DIR = Path("release")  # publish: the versioned release folder
 SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
+TRUSTED_KEYS_DIR = Path("trusted_keys")  # the audit: public keys (*.pub) whose releases a team trusts; committed
 
 TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/base_model.py)
 SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")

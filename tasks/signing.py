@@ -47,9 +47,32 @@ def fingerprint(public_pem: bytes) -> str:
     ).hexdigest()
 
 
-def verify_command(release: str = "release") -> str:
-    """The standard CLI line that verifies a key-signed release (for the card and the audit's report)."""
-    return f"model_signing verify key {release} --signature {release}/{SIGNATURE} --public_key {release}/{PUBLIC_KEY}"
+def verify_command(release: str = "release", public_key: str | None = None) -> str:
+    """The standard CLI line that verifies a key-signed release against `public_key` (a trusted copy of the signer's
+    key; the release's own copy proves only that the files match whoever signed them)."""
+    key = public_key or f"{release}/{PUBLIC_KEY}"
+    return f"model_signing verify key {release} --signature {release}/{SIGNATURE} --public_key {key}"
+
+
+def trusted_keys(given: list[str], project: Path) -> dict[str, str]:
+    """{fingerprint: where it came from} for the keys an auditor trusts: each `given` item a PEM public key file or a
+    64-hex fingerprint (`--trust`), and every *.pub in the project's trusted_keys/ folder (a team's committed list)."""
+    found: dict[str, str] = {}
+    for item in given:
+        text = item.strip().lower().removeprefix("sha256:")
+        if re.fullmatch(r"[0-9a-f]{64}", text):
+            found[text] = "--trust fingerprint"
+        elif Path(item).is_file():
+            found[fingerprint(Path(item).read_bytes())] = str(item)
+        else:
+            raise SignatureError(f"--trust {item}: neither a public key file nor a sha256 fingerprint (64 hex digits)")
+    folder = project / paths.TRUSTED_KEYS_DIR
+    for pem in sorted(folder.glob("*.pub")) if folder.is_dir() else []:
+        try:
+            found.setdefault(fingerprint(pem.read_bytes()), str(paths.TRUSTED_KEYS_DIR / pem.name))
+        except ValueError as e:
+            raise SignatureError(f"{pem}: not a PEM public key ({e})") from None
+    return found
 
 
 def _make_project_key(path: Path) -> None:

@@ -167,6 +167,45 @@ def test_a_lock_digest_the_commit_does_not_hold_fails_the_environment_link(proje
     assert any("requirements/cpu.lock" in p and "does not belong to that code" in p for p in env.problems)
 
 
+def _resign_with_another_key(release: Path, key_file: Path) -> str:
+    """A forger's release: its public key swapped, the lineage's fingerprints rewritten to match, signed anew."""
+    forger = signing.Signer("key", key_file, "forger", signing._public_pem(key_file, "forger"))
+    forger.write_public_key(release)
+    lineage = read_json(release / "lineage.json")
+    lineage["signing"]["public_key_sha256"] = signing.fingerprint(forger.public_pem)
+    (release / signing.SIGNATURE).unlink()
+    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != "lineage.json"}
+    write_json(release / "lineage.json", lineage)
+    forger.sign(release, lineage["release"]["id"])
+    return lineage["signing"]["public_key_sha256"]
+
+
+def test_the_audit_names_the_signer_and_fails_a_release_resigned_by_a_key_it_does_not_trust(project, tmp_path):
+    release = project / paths.RELEASE_DIR
+    team_key = tmp_path / "team.pub"
+    shutil.copyfile(release / signing.PUBLIC_KEY, team_key)
+    links = {link.name: link for link in audit(release)}
+    assert links["signature"].ok and any("signer is unverified" in w for w in links["signature"].warnings)
+    links = {link.name: link for link in audit(release, trust=[str(team_key)])}
+    assert links["signature"].ok and any("signer is trusted" in f for f in links["signature"].facts)
+
+    other = tmp_path / "other.pem"
+    other.write_bytes(ec_key_pem())
+    forged = _resign_with_another_key(release, other)
+    # The files match the key shipped with them, so without trust only the warning says anything ...
+    links = {link.name: link for link in audit(release)}
+    assert links["signature"].ok and any("signer is unverified" in w for w in links["signature"].warnings)
+    # ... with the team's key, given on the command line or committed in trusted_keys/, the forger is named.
+    for trust, committed in (([str(team_key)], False), ([], True)):
+        if committed:
+            (project / paths.TRUSTED_KEYS_DIR).mkdir(exist_ok=True)
+            shutil.copyfile(team_key, project / paths.TRUSTED_KEYS_DIR / "team.pub")
+        links = {link.name: link for link in audit(release, trust=trust)}
+        assert not links["signature"].ok
+        assert forged in links["signature"].problems[0] and "trusted" in links["signature"].problems[0]
+    assert audit_main([str(release), "--trust", signing.fingerprint(team_key.read_bytes())]) == 1
+
+
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
     _flip_last_byte(project / paths.RELEASE_DIR / "adapter_model.safetensors")
     assert _first_failure(project) == "release"
