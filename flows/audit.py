@@ -184,6 +184,8 @@ class Audit:
             from tasks.config import load_params
 
             here = load_params(self.root / "params.yaml").as_dict()
+            if str(params["publish"].get("signing_key") or "").startswith("sha256:") and here["publish"]["signing_key"]:
+                here["publish"]["signing_key"] = params["publish"]["signing_key"]  # recorded as its fingerprint
             differ = sorted(
                 f"{section}.{k}"
                 for section in params
@@ -372,7 +374,11 @@ class Audit:
         link.facts.append(f"release {rel['id']} created {rel['created_at']} in {self.release}")
         recorded = self.lineage["files_sha256"]
         # model.sig is written after lineage.json, over it: the lineage cannot list it (the signature link checks it)
-        actual = {k: v for k, v in sha256_tree(self.release).items() if k not in (LINEAGE, signing.SIGNATURE)}
+        actual = {
+            k: v
+            for k, v in sha256_tree(self.release, include_hidden=True).items()
+            if k not in (LINEAGE, signing.SIGNATURE)
+        }
         for name in sorted(set(recorded) | set(actual)):
             if name not in actual:
                 link.problems.append(f"{name} is listed in the lineage but missing from the release")

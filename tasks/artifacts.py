@@ -143,15 +143,17 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(path: Path | str) -> dict[str, str]:
-    """sha256 of every file under `path` (relative posix path -> hash); a file gives {name: hash}."""
+def sha256_tree(path: Path | str, include_hidden: bool = False) -> dict[str, str]:
+    """sha256 of every file under `path` (relative posix path -> hash); a file gives {name: hash}. Dotfiles are left
+    out unless include_hidden (a release counts every file: a `.gitattributes` added to it is a change)."""
     path = Path(path)
     if path.is_file():
         return {path.name: sha256_file(path)}
     return {
         p.relative_to(path).as_posix(): sha256_file(p)
         for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if (p.is_file() or p.is_symlink())
+        and (include_hidden or not any(part.startswith(".") for part in p.relative_to(path).parts))
     }
 
 

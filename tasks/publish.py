@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,15 @@ def check_gate(eval_metrics: dict, require_improvement: bool) -> None:
         )
 
 
+def recorded_params(params: Params, signed: dict) -> dict:
+    """The params as the release records them: publish.signing_key, a path on the publishing machine, becomes the
+    key's fingerprint (what an auditor can check), so nothing machine-local is published."""
+    record = params.as_dict()
+    if record["publish"].get("signing_key"):
+        record["publish"]["signing_key"] = f"sha256:{signed.get('public_key_sha256')}"
+    return record
+
+
 def build_lineage(params: Params, release_files: dict[str, str], release_id: str, signed: dict) -> dict:
     source = read_json(_require(paths.SOURCE_RECORD, "download"))
     validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))
@@ -77,8 +87,8 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "eval_rows": formatted["eval_rows"],
             "length_policy": formatted["length_policy"],
         },
-        "params": params.as_dict(),
-        "params_sha256": sha256_text(json.dumps(params.as_dict(), sort_keys=True)),
+        "params": recorded_params(params, signed),
+        "params_sha256": sha256_text(json.dumps(recorded_params(params, signed), sort_keys=True)),
         "code": code_version(running="publish"),
         "base_model": {
             "id": params.model.base,
@@ -171,13 +181,58 @@ def _signature_section(signed: dict) -> str:
     )
 
 
+RELEASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_publish_params(publish_params) -> None:
+    """Every publish setting that can be wrong, checked before anything is built or written."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not RELEASE_NAME.fullmatch(publish_params.name):
+        raise PipelineError(
+            f"publish.name {publish_params.name!r} cannot name a release: use letters, digits, '.', '_' and '-' "
+            "(at most 64, starting with a letter or digit), e.g. -S publish.name=guanaco-llama2-qlora"
+        )
+    if publish_params.push_to_hub:
+        if not publish_params.hub_repo_id:
+            raise PipelineError("publish.push_to_hub is on but publish.hub_repo_id is empty: set it to 'owner/name'")
+        try:
+            validate_repo_id(publish_params.hub_repo_id)
+        except HFValidationError:
+            raise PipelineError(
+                f"publish.hub_repo_id {publish_params.hub_repo_id!r} is not a Hub repository id: write it as "
+                "'owner/name' (letters, digits, '-', '_', '.'; no spaces, '--' or '..'), e.g. "
+                "-S publish.hub_repo_id=my-team/guanaco-adapter. Nothing was written."
+            ) from None
+        if "/" not in publish_params.hub_repo_id:
+            raise PipelineError(
+                f"publish.hub_repo_id {publish_params.hub_repo_id!r} names no owner: write it as 'owner/name'"
+            )
+
+
+def check_every_file_signed(folder: Path) -> None:
+    """Refuse a release holding a file the signature does not cover: model-signing skips nothing here, but a
+    symlink or a special file would not be what the manifest says."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise PipelineError(f"cannot publish: {path.name} in the release is not a plain file")
+
+
 def push_to_hub(release_dir: Path, repo_id: str, private: bool, revision_note: str) -> str:
     """Upload the release folder; the token comes from HF_TOKEN or `hf auth login`, never from params."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=os.environ.get("HF_TOKEN"))
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(release_dir), repo_id=repo_id, commit_message=revision_note)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(release_dir), repo_id=repo_id, commit_message=revision_note)
+    except Exception as e:  # any failure of the upload: the release is not swapped in, so nothing half-published
+        raise PipelineError(
+            f"pushing the release to the Hub repo {repo_id} failed ({type(e).__name__}: {e}). The last release in "
+            f"{paths.RELEASE_DIR}/ is unchanged. Check the token (HF_TOKEN or `hf auth login`), the repo id "
+            "(publish.hub_repo_id) and the network, then run `dvc repro publish` again."
+        ) from None
     return str(getattr(info, "commit_url", info))
 
 
@@ -190,6 +245,7 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
     if not validation["success"]:
         raise PipelineError(f"cannot publish: {paths.VALIDATION_RESULT} records a failed validation.")
 
+    check_publish_params(params.publish)  # before anything is built: a bad name or Hub id stops here
     started = provenance.now()
     signer = signing.signer(params.publish)  # before anything is built: a missing or bad key stops here
     with staged_dir(release_dir) as tmp:
@@ -204,18 +260,19 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         # Each record covers what came before it: the statement the released files, lineage.json the statement
         # too, and the signature, written last, every file (all but itself).
         write_json(tmp / provenance.FILE, provenance.statement(lineage, sha256_tree(tmp), started, provenance.now()))
-        lineage["files_sha256"] = sha256_tree(tmp)
+        lineage["files_sha256"] = sha256_tree(tmp, include_hidden=True)
         write_json(tmp / LINEAGE, lineage)
         signer.sign(tmp, release_id)
+        check_every_file_signed(tmp)
+        if params.publish.push_to_hub:  # before the swap: a failed push leaves the last release whole
+            url = push_to_hub(tmp, params.publish.hub_repo_id, params.publish.private, f"Release {release_id}")
+            log.info("pushed to the Hub: %s", url)
     log.info(
         "published %s to %s, signed (%s)",
         release_id,
         release_dir,
         f"key sha256 {signer.record()['public_key_sha256']}" if signer.method == "key" else "Sigstore",
     )
-    if params.publish.push_to_hub:
-        url = push_to_hub(release_dir, params.publish.hub_repo_id, params.publish.private, f"Release {release_id}")
-        log.info("pushed to the Hub: %s", url)
     return lineage
 
 

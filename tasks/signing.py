@@ -51,7 +51,11 @@ def verify_command(release: str = "release", public_key: str | None = None) -> s
     """The standard CLI line that verifies a key-signed release against `public_key` (a trusted copy of the signer's
     key; the release's own copy proves only that the files match whoever signed them)."""
     key = public_key or f"{release}/{PUBLIC_KEY}"
-    return f"model_signing verify key {release} --signature {release}/{SIGNATURE} --public_key {key}"
+    # --no-ignore-git-paths: the CLI skips .git*, .github and .gitattributes by default, so a file added under such
+    # a name would pass unseen; every file of a release is signed, dotfiles included.
+    return (
+        f"model_signing verify key {release} --signature {release}/{SIGNATURE} --public_key {key} --no-ignore-git-paths"
+    )
 
 
 def trusted_keys(given: list[str], project: Path) -> dict[str, str]:
@@ -181,7 +185,7 @@ class Signer:
             # bytes, though model-signing 1.1.1 hints str: it hands the password to cryptography, which takes bytes
             config.use_elliptic_key_signer(private_key=self.key_path, password=_password())
         # As `model_signing sign` does: the signature is not part of its own manifest.
-        config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE]))
+        config.set_hashing_config(hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
         holder = folder.parent / f".{folder.name}.signing"
         holder.mkdir()
         named = holder / name
@@ -214,7 +218,7 @@ def verify(folder: Path) -> str:
             raise SignatureError(f"{required.name} is missing from the release")
     try:
         verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(
-            hashing.Config().set_ignored_paths(paths=[SIGNATURE])
+            hashing.Config().set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False)
         ).verify(folder, signature)
     except Exception as e:  # any failure to verify (mismatch, bad signature, unreadable bundle) fails the check
         message = str(e) or type(e).__name__

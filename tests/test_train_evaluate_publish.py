@@ -345,3 +345,97 @@ def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path,
         if secret in text
     ]
     assert leaks == []
+
+
+# -- publish settings checked first, a failed push, dotfiles, nothing machine-local -------------------------------
+def _release_bytes(root: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"publish.push_to_hub": True, "publish.hub_repo_id": "my team/adapter"},
+        {"publish.push_to_hub": True, "publish.hub_repo_id": "me/--adapter"},
+        {"publish.push_to_hub": True, "publish.hub_repo_id": ""},
+        {"publish.name": "../escape"},
+    ],
+)
+def test_a_bad_publish_setting_stops_before_anything_is_written(trained, signed, monkeypatch, overrides):
+    from tasks.publish import publish
+
+    _, p, *_ = trained
+    root, _ = signed
+    monkeypatch.chdir(root)
+    before, entries = _release_bytes(root), sorted(os.listdir(root))
+    (key,) = [k for k in overrides if overrides[k] is not True]
+    with pytest.raises(PipelineError, match=key.split(".")[-1]):
+        publish(with_overrides(p, **overrides))
+    assert _release_bytes(root) == before and sorted(os.listdir(root)) == entries
+
+
+def test_a_failed_push_leaves_the_last_release_whole_and_says_what_to_fix(trained, signed, monkeypatch):
+    """The Hub's upload endpoint is mocked (it cannot be reached from here): it fails as a network error would."""
+    import huggingface_hub
+
+    from tasks.publish import publish
+
+    _, p, *_ = trained
+    root, _ = signed
+    monkeypatch.chdir(root)
+    before = _release_bytes(root)
+
+    class FailingApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private, exist_ok):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            raise ConnectionError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
+    params = with_overrides(
+        p,
+        **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter", "publish.require_improvement": False},
+    )
+    with pytest.raises(PipelineError, match=r"me/adapter failed .*ConnectionError.* is unchanged"):
+        publish(params)
+    assert _release_bytes(root) == before
+
+
+def test_a_dotfile_added_to_the_release_fails_the_standard_cli_and_the_audit(signed, tmp_path):
+    from flows.audit import audit
+
+    root, _ = signed
+    copy = tmp_path / "project"
+    shutil.copytree(root, copy)
+    assert standard_cli_verify(copy).returncode == 0
+    for name, text in ((".gitattributes", "* -text\n"), (".github/x.py", "import os\n")):
+        added = copy / paths.RELEASE_DIR / name
+        added.parent.mkdir(exist_ok=True)
+        added.write_text(text)
+        assert standard_cli_verify(copy).returncode != 0, name
+        links = {link.name: link for link in audit(copy / paths.RELEASE_DIR, release_only=True)}
+        assert not links["release"].ok and any(name in p for p in links["release"].problems), name
+        assert not links["signature"].ok, name
+        added.unlink()
+
+
+def test_a_signing_key_given_by_path_is_recorded_by_its_fingerprint_only(trained, tmp_path, monkeypatch):
+    from tasks.publish import publish
+    from tests.test_signing import ec_key_pem, fingerprint_of
+
+    shared, p, *_ = trained
+    root = tmp_path / "project"
+    shutil.copytree(shared, root)
+    pem = ec_key_pem()
+    key_file = tmp_path / "machine-local-secrets" / "release.pem"
+    key_file.parent.mkdir()
+    key_file.write_bytes(pem)
+    monkeypatch.chdir(root)
+    lineage = publish(with_overrides(p, **{"publish.signing_key": str(key_file), "publish.require_improvement": False}))
+    assert lineage["params"]["publish"]["signing_key"] == f"sha256:{fingerprint_of(pem)}"
+    for name in ("lineage.json", provenance.FILE, "README.md"):
+        assert "machine-local-secrets" not in (root / paths.RELEASE_DIR / name).read_text(), name
