@@ -454,6 +454,53 @@ class Audit:
             )
         return link
 
+    def provenance(self) -> Link:
+        """The DSSE envelope verified with the release's key, and every claim of its statement checked against the
+        lineage, the released files and (unless --release-only) dvc.lock here."""
+        from tasks import provenance
+
+        link, path = Link("provenance"), self.release / provenance.FILE
+        if not path.is_file():
+            link.problems.append(f"{provenance.FILE} is missing from the release (made before provenance was signed?)")
+            return link
+        signed = self.lineage.get("signing") or {}
+        key_signed = signed.get("method") == "key"
+        try:
+            envelope = json.loads(path.read_text())
+            public = (self.release / signing.PUBLIC_KEY).read_bytes() if key_signed else None
+            statement = provenance.open_envelope(envelope, public, signed.get("public_key_sha256"))
+        except (json.JSONDecodeError, OSError, provenance.EnvelopeError) as e:
+            link.problems.append(str(e))
+            return link
+        if key_signed:
+            link.facts.append(
+                f"DSSE envelope signed by the release's key (sha256 {signed['public_key_sha256'][:16]}...)"
+            )
+        else:
+            link.warnings.append("the envelope is unsigned: a Sigstore release's provenance is covered by model.sig")
+        files = {
+            k: v
+            for k, v in sha256_tree(self.release, include_hidden=True).items()
+            if k not in (LINEAGE, signing.SIGNATURE, provenance.FILE)
+        }
+        link.problems += provenance.check_claims(statement, self.lineage, files)
+        if not self.release_only and self.lineage.get("dvc_lock"):
+            here = provenance.dvc_lock_outputs(self.root)
+            for stage, outs in self.lineage["dvc_lock"].items():
+                for out, md5 in outs.items():
+                    if here.get(stage, {}).get(out) != md5:
+                        link.problems.append(
+                            f"dvc.lock here records {stage}'s {out} as {here.get(stage, {}).get(out)}, the release's "
+                            f"provenance claims {md5}: the workspace moved on, or the claim is false"
+                        )
+        if link.ok:
+            deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+            link.facts.append(
+                f"every claim holds: {len(statement['subject'])} subjects, the params, {len(deps)} resolved "
+                "dependencies (source, data, base model, code, environment, dvc.lock outputs)"
+            )
+        return link
+
     def run(self) -> list[Link]:
         return [
             self.source(),
@@ -467,6 +514,7 @@ class Audit:
             self.evaluation(),
             self.release_files(),
             self.signature(),
+            self.provenance(),
         ]
 
 

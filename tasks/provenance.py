@@ -1,8 +1,10 @@
-"""The release's provenance as a standard statement: an in-toto Statement v1 with a SLSA provenance v1 predicate.
+"""The release's provenance as a standard statement: an in-toto Statement v1 with a SLSA provenance v1 predicate,
+signed in a DSSE envelope (https://github.com/secure-systems-lab/dsse) with the release's signing key.
 
-lineage.json says the same in this project's own words (and `python -m flows.audit` checks it); this file says it
-in the form supply-chain tools read (https://slsa.dev/spec/v1.0/provenance). It is plain JSON built from the
-lineage record publish assembles, so no attestation library is needed:
+lineage.json says the same in this project's own words; this file says it in the form supply-chain tools read
+(https://slsa.dev/spec/v1.0/provenance), and the envelope lets them verify it on its own (in-toto, sigstore's and
+securesystemslib's DSSE verifiers take the release's public key). `python -m flows.audit` verifies the envelope
+and checks every claim of the statement against the lineage and the workspace (check_claims). The statement:
 
 - subject: each released file with its sha256 (the files written before this one: adapter, tokenizer, card,
   public key; lineage.json then records this file's hash, and model.sig covers them all);
@@ -18,12 +20,14 @@ lineage record publish assembles, so no attestation library is needed:
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 from tasks import paths
 from tasks.artifacts import sha256_file
 
-FILE = "provenance.intoto.json"
+FILE = "provenance.intoto.jsonl"  # one DSSE envelope (in-toto's attestation bundle form) holding the statement
+PAYLOAD_TYPE = "application/vnd.in-toto+json"  # DSSE payloadType of an in-toto statement
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 # The project has no published home to resolve these to yet: README's "Audit a release" section documents them.
@@ -128,6 +132,31 @@ def _environment(training: dict) -> list[dict]:
     return [*locks, installed, *packages]
 
 
+def dvc_lock_outputs(root: Path | str = ".") -> dict[str, dict[str, str]]:
+    """{stage: {output path: md5}} as dvc.lock records each stage's outputs ({} without a dvc.lock); publish's own
+    entry is its previous run's, so it is left out."""
+    import yaml
+
+    lock = Path(root) / "dvc.lock"
+    if not lock.is_file():
+        return {}
+    stages = yaml.safe_load(lock.read_text()).get("stages", {})
+    return {
+        stage: {out["path"]: out.get("md5") for out in entry.get("outs", [])}
+        for stage, entry in stages.items()
+        if stage != "publish"
+    }
+
+
+def _dvc_lock(outputs: dict[str, dict[str, str]]) -> list[dict]:
+    return [
+        {"name": f"dvc.lock:{stage}:{path}", "digest": {"md5": md5.removesuffix(".dir")}, "annotations": {"md5": md5}}
+        for stage, outs in sorted(outputs.items())
+        for path, md5 in sorted(outs.items())
+        if md5
+    ]
+
+
 def resolved_dependencies(lineage: dict) -> list[dict]:
     val, fmt = lineage["validation"], lineage["formatted_data"]
     data = [
@@ -143,6 +172,7 @@ def resolved_dependencies(lineage: dict) -> list[dict]:
         + _base_model(lineage["base_model"])
         + _code(lineage["code"])
         + _environment(lineage["training"])
+        + _dvc_lock(lineage.get("dvc_lock", {}))
     )
 
 
@@ -185,3 +215,70 @@ def statement(
             },
         },
     }
+
+
+class EnvelopeError(ValueError):
+    """The provenance envelope is not a DSSE envelope of an in-toto statement that the given key signed."""
+
+
+def sign_envelope(statement: dict, private_key, keyid: str) -> dict:
+    """The statement in a DSSE envelope signed with `private_key` (a cryptography EC key); keyid: its fingerprint."""
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import CryptoSigner, SSlibKey
+
+    envelope = Envelope(
+        payload=json.dumps(statement, sort_keys=True).encode(), payload_type=PAYLOAD_TYPE, signatures={}
+    )
+    envelope.sign(CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key(), keyid=keyid)))
+    return envelope.to_dict()
+
+
+def open_envelope(envelope: dict, public_pem: bytes | None, keyid: str | None) -> dict:
+    """The statement inside `envelope`, after checking its signature with the public key (None: an envelope that
+    a Sigstore-signed release carries unsigned, covered by model.sig alone)."""
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    try:
+        parsed = Envelope.from_dict(envelope)
+    except (KeyError, TypeError, ValueError) as e:
+        raise EnvelopeError(f"{FILE} is not a DSSE envelope ({type(e).__name__})") from None
+    if parsed.payload_type != PAYLOAD_TYPE:
+        raise EnvelopeError(f"{FILE} holds a {parsed.payload_type!r} payload, not an in-toto statement")
+    if public_pem is not None:
+        from cryptography.hazmat.primitives import serialization
+
+        key = SSlibKey.from_crypto(serialization.load_pem_public_key(public_pem), keyid=keyid)
+        try:
+            parsed.verify([key], 1)
+        except VerificationError:
+            raise EnvelopeError(f"{FILE}: no signature of the release's key (sha256 {keyid}) verifies") from None
+    return json.loads(parsed.payload)
+
+
+def check_claims(statement: dict, lineage: dict, files: dict[str, str]) -> list[str]:
+    """Each claim of the statement that the lineage (and the released files' hashes) does not back, in order."""
+    problems = []
+    if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != PREDICATE_TYPE:
+        problems.append("not an in-toto v1 statement with a SLSA provenance v1 predicate")
+    subjects = {s["name"]: s["digest"].get("sha256") for s in statement.get("subject", [])}
+    for name in sorted(set(subjects) | set(files)):
+        if subjects.get(name) != files.get(name):
+            problems.append(
+                f"subject {name}: the statement claims sha256 {str(subjects.get(name))[:12]}, "
+                f"the release holds {str(files.get(name))[:12]}"
+            )
+    build = statement.get("predicate", {}).get("buildDefinition", {})
+    if build.get("externalParameters") != lineage["params"]:
+        problems.append("externalParameters: the statement's params are not the lineage's")
+    claimed = {(d.get("name"), d.get("uri")): d for d in build.get("resolvedDependencies", [])}
+    expected = {(d.get("name"), d.get("uri")): d for d in resolved_dependencies(lineage)}
+    for key in [*expected, *(k for k in claimed if k not in expected)]:
+        if claimed.get(key) != expected.get(key):
+            what, theirs, ours = key[1] or key[0], claimed.get(key) or {}, expected.get(key) or {}
+            problems.append(
+                f"resolvedDependencies {what}: the statement claims {json.dumps(theirs.get('digest'))}, "
+                f"the lineage records {json.dumps(ours.get('digest'))}"
+            )
+    return problems

@@ -101,6 +101,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "inputs": read_json(_require(paths.EVAL_RUN, "evaluate")),
         },
         "signing": signed,
+        "dvc_lock": provenance.dvc_lock_outputs(),  # each upstream stage's outputs as dvc.lock recorded them
         "files_sha256": release_files,
     }
 
@@ -259,7 +260,8 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         write_text(tmp / "README.md", model_card(params, lineage))
         # Each record covers what came before it: the statement the released files, lineage.json the statement
         # too, and the signature, written last, every file (all but itself).
-        write_json(tmp / provenance.FILE, provenance.statement(lineage, sha256_tree(tmp), started, provenance.now()))
+        statement = provenance.statement(lineage, sha256_tree(tmp, include_hidden=True), started, provenance.now())
+        write_text(tmp / provenance.FILE, json.dumps(signer.envelope(statement), sort_keys=True) + "\n")
         lineage["files_sha256"] = sha256_tree(tmp, include_hidden=True)
         write_json(tmp / LINEAGE, lineage)
         signer.sign(tmp, release_id)

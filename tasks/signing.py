@@ -14,7 +14,9 @@ instead (Sigstore's OIDC identity and transparency log; needs the network).
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -165,6 +167,22 @@ class Signer:
             "public_key_sha256": fingerprint(self.public_pem),
             "key_source": self.key_source,
         }
+
+    def envelope(self, statement: dict) -> dict:
+        """The provenance statement in a DSSE envelope signed with this key. Keyless (Sigstore) releases carry it
+        unsigned: model.sig covers it with every other file."""
+        from tasks import provenance
+
+        if self.method == "sigstore":
+            return {
+                "payloadType": provenance.PAYLOAD_TYPE,
+                "payload": base64.b64encode(json.dumps(statement, sort_keys=True).encode()).decode(),
+                "signatures": [],
+            }
+        from cryptography.hazmat.primitives import serialization
+
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), _password())
+        return provenance.sign_envelope(statement, key, fingerprint(self.public_pem))
 
     def write_public_key(self, folder: Path) -> None:
         if self.public_pem is not None:

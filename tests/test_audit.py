@@ -7,6 +7,7 @@ every test here; each test works on its own copy of that project.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -94,6 +95,7 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
         "evaluation",
         "release",
         "signature",
+        "provenance",
     ):
         assert "OK   " in out and f". {name}" in out, name
     assert "audit passed" in out
@@ -125,7 +127,10 @@ def test_the_release_names_its_environment_and_the_audit_sees_this_one_is_the_sa
     env = lineage["training"]["environment"]
     assert env["lock"] == "requirements/cpu.lock"  # the suite runs in the venv `make install` made from the lock
     assert len(env["distributions"]) > 100 and "great-expectations==" in " ".join(env["distributions"])
-    statement = json.loads((project / paths.RELEASE_DIR / "provenance.intoto.json").read_text())
+    from tasks import provenance
+
+    envelope = json.loads((project / paths.RELEASE_DIR / provenance.FILE).read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
     deps = statement["predicate"]["buildDefinition"]["resolvedDependencies"]
     assert {
         "name": "requirements/cpu.lock",
@@ -204,6 +209,59 @@ def test_the_audit_names_the_signer_and_fails_a_release_resigned_by_a_key_it_doe
         assert not links["signature"].ok
         assert forged in links["signature"].problems[0] and "trusted" in links["signature"].problems[0]
     assert audit_main([str(release), "--trust", signing.fingerprint(team_key.read_bytes())]) == 1
+
+
+def _rewrite_envelope(release: Path, key_file: Path, password: str | None, change) -> None:
+    """A forger who holds a signing key rewrites the provenance statement and signs the envelope anew."""
+    from cryptography.hazmat.primitives import serialization
+
+    from tasks import provenance
+
+    envelope = json.loads((release / provenance.FILE).read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    change(statement)
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password.encode() if password else None)
+    signed = provenance.sign_envelope(statement, key, envelope["signatures"][0]["keyid"])
+    (release / provenance.FILE).write_text(json.dumps(signed) + "\n")
+
+
+def test_a_resigned_statement_claiming_another_dataset_fails_at_the_provenance_link(project, signing_key):
+    release = project / paths.RELEASE_DIR
+    links = {link.name: link for link in audit(release)}
+    assert links["provenance"].ok and any("every claim holds" in f for f in links["provenance"].facts)
+
+    def other_dataset(statement):
+        for dep in statement["predicate"]["buildDefinition"]["resolvedDependencies"]:
+            if dep.get("name") == "data/raw/rows.jsonl":
+                dep["digest"] = {"sha256": "0" * 64}
+
+    _rewrite_envelope(release, signing_key, KEY_PASSWORD, other_dataset)
+    link = {link.name: link for link in audit(release)}["provenance"]
+    assert not link.ok and "data/raw/rows.jsonl" in link.problems[0] and "0000000000" in link.problems[0]
+
+
+def test_a_statement_with_other_params_or_subjects_is_named_and_a_plain_statement_is_refused(project, signing_key):
+    from tasks import provenance
+
+    release = project / paths.RELEASE_DIR
+
+    def forge(statement):
+        statement["predicate"]["buildDefinition"]["externalParameters"]["lora"]["r"] = 8
+        statement["subject"][0]["digest"]["sha256"] = "f" * 64
+
+    _rewrite_envelope(release, signing_key, KEY_PASSWORD, forge)
+    problems = {link.name: link for link in audit(release)}["provenance"].problems
+    assert any("externalParameters" in p for p in problems) and any("subject" in p for p in problems)
+
+    # plain JSON where the envelope belongs, and an envelope signed by another key
+    envelope = json.loads((release / provenance.FILE).read_text())
+    (release / provenance.FILE).write_text(base64.b64decode(envelope["payload"]).decode())
+    assert "DSSE" in {link.name: link for link in audit(release)}["provenance"].problems[0]
+    other = project.parent / "other.pem"
+    other.write_bytes(ec_key_pem())
+    (release / provenance.FILE).write_text(json.dumps(envelope) + "\n")
+    _rewrite_envelope(release, other, None, lambda statement: None)
+    assert "no signature of the release's key" in {link.name: link for link in audit(release)}["provenance"].problems[0]
 
 
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
@@ -293,7 +351,7 @@ def test_the_planted_hub_token_and_signing_key_are_in_no_output_log_or_prefect_a
 
     planted = [PLANTED, *key_secrets(signing_key.read_bytes(), KEY_PASSWORD)]
     written = [p for p in published.rglob("*") if p.is_file() and ".git" not in p.parts]
-    assert {"params.yaml", "lineage.json", "README.md", "provenance.intoto.json"} <= {p.name for p in written}
+    assert {"params.yaml", "lineage.json", "README.md", "provenance.intoto.jsonl"} <= {p.name for p in written}
     leaks = [str(p) for p in written for secret in planted if secret.encode() in p.read_bytes()]
     assert leaks == []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -133,7 +134,10 @@ def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_c
     assert first["ran"] == {s: True for s in STAGES}
     assert (project_copy / paths.RELEASE_DIR / "lineage.json").is_file()
     # The release's provenance names the flow run that made it, also when the flow is called directly.
-    statement = json.loads((project_copy / paths.RELEASE_DIR / "provenance.intoto.json").read_text())
+    from tasks import provenance
+
+    envelope = json.loads((project_copy / paths.RELEASE_DIR / provenance.FILE).read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
     metadata = statement["predicate"]["runDetails"]["metadata"]
     assert metadata["invocationId"] == str(state.state_details.flow_run_id)
     # The flow went through DVC: dvc.lock is complete, and `dvc repro` finds nothing to do.

@@ -251,11 +251,21 @@ def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
 
 
 def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
+    from cryptography.hazmat.primitives import serialization
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
     from tasks.stage_code import STAGES
 
     root, lineage = signed
     release = root / paths.RELEASE_DIR
-    statement = read_json(release / provenance.FILE)
+    # A DSSE envelope that securesystemslib (in-toto's own DSSE implementation) verifies with the release's key
+    (line,) = (release / provenance.FILE).read_text().splitlines()
+    envelope = Envelope.from_dict(json.loads(line))
+    public = serialization.load_pem_public_key((release / signing.PUBLIC_KEY).read_bytes())
+    envelope.verify([SSlibKey.from_crypto(public, keyid=lineage["signing"]["public_key_sha256"])], 1)
+    assert envelope.payload_type == "application/vnd.in-toto+json"
+    statement = json.loads(envelope.payload)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
     assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
     subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
