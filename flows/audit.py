@@ -242,6 +242,7 @@ class Audit:
             return sorted(set(a) ^ set(b) | {f for f in set(a) & set(b) if a[f] != b[f]})
 
         locked, files = stage_code_hashes(self.root), stage_code_hashes(self.root, from_lock=False)
+        warned_before = len(link.warnings)
         for stage, code in ran.items():
             if off := differing(code, locked.get(stage, {})):
                 link.warnings.append(
@@ -253,7 +254,7 @@ class Audit:
                     f"the code here differs from what stage {stage} ran ({', '.join(off[:6])}): "
                     f"git checkout {commit[:12] if commit else '?'} to reproduce it"
                 )
-        if not link.warnings:
+        if len(link.warnings) == warned_before:
             link.facts.append(
                 f"each stage's code as it ran ({len(ran)} stages, "
                 f"{len({f for c in ran.values() for f in c})} modules) matches dvc.lock and the files here"
@@ -327,8 +328,14 @@ class Audit:
                     )
                 elif actual != claimed:
                     link.warnings.append(f"{path} was edited and not committed when the release was made")
+        listed = hashlib.sha256("\n".join(sorted(env["distributions"])).encode()).hexdigest()
+        if listed != env["distributions_sha256"]:
+            link.problems.append(
+                f"the release's list of distributions hashes to {listed[:12]}, not the "
+                f"{env['distributions_sha256'][:12]} it records: the list was edited"
+            )
         here = environment(self.root)
-        if here["distributions_sha256"] != env["distributions_sha256"]:
+        if sorted(here["distributions"]) != sorted(env["distributions"]):
             theirs = dict(entry.split("==", 1) for entry in env["distributions"])
             ours = dict(entry.split("==", 1) for entry in here["distributions"])
             differ = [

@@ -8,6 +8,7 @@ every test here; each test works on its own copy of that project.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -112,7 +113,11 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
     assert tuple(ran) == STAGES and all(sorted(ran[s]) == stage_code(s, project) for s in STAGES)
     assert "tasks/attention.py" in ran["train"] and "tasks/attention.py" not in ran["download"]
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
-    assert not code.warnings and any("matches dvc.lock and the files here" in f for f in code.facts)
+    # dvc repro itself wrote dvc.lock during the run: the one uncommitted input the record names
+    assert (
+        lineage["code"]["dirty_files"] == ["dvc.lock"] and len(code.warnings) == 1 and "(dvc.lock)" in code.warnings[0]
+    )
+    assert any("matches dvc.lock and the files here" in f for f in code.facts)
 
     # An edit to a module train imports only indirectly (train -> attention) is named, for train and not download.
     with open(project / "tasks" / "attention.py", "a") as f:
@@ -142,8 +147,15 @@ def test_the_release_names_its_environment_and_the_audit_sees_this_one_is_the_sa
     assert link.ok and not link.warnings and any("same installed set" in f for f in link.facts)
 
 
+def _restore_lineage(project: Path) -> None:
+    path = project / paths.RELEASE_DIR / "lineage.json"
+    path.write_bytes((project / "lineage.orig").read_bytes())
+
+
 def _rewrite_lineage(project: Path, change) -> dict:
     path = project / paths.RELEASE_DIR / "lineage.json"
+    if not (project / "lineage.orig").exists():
+        (project / "lineage.orig").write_bytes(path.read_bytes())
     lineage = json.loads(path.read_text())
     change(lineage)
     path.write_text(json.dumps(lineage))
@@ -158,6 +170,16 @@ def test_an_environment_that_differs_from_the_releases_is_named_package_by_packa
         dists.append("left-behind==1.0")
 
     env = _rewrite_lineage(project, older_transformers)["environment"]
+    assert not env.ok and "the list was edited" in env.problems[0]  # the list no longer matches its recorded sha256
+
+    def older_transformers_and_its_digest(lineage):
+        older_transformers(lineage)
+        env = lineage["training"]["environment"]
+        env["distributions_sha256"] = hashlib.sha256("\n".join(sorted(env["distributions"])).encode()).hexdigest()
+
+    project_clean = project  # the lineage is rewritten again from the release as published
+    _restore_lineage(project_clean)
+    env = _rewrite_lineage(project_clean, older_transformers_and_its_digest)["environment"]
     assert env.ok  # a different environment warns: the audit can run anywhere
     (warning,) = env.warnings
     assert "2 package(s)" in warning and "transformers 0.0.1 -> " in warning and "left-behind 1.0 -> absent" in warning
@@ -273,8 +295,9 @@ def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(proj
 
 def test_the_signature_link_names_the_signers_key_and_catches_a_card_edited_behind_the_lineage(project, signing_key):
     release = project / paths.RELEASE_DIR
-    link = next(link for link in audit(release) if link.name == "signature")
-    assert link.ok and not link.warnings  # signed with a key of its own, not the machine-local one
+    trusted = fingerprint_of(signing_key.read_bytes(), KEY_PASSWORD)
+    link = next(link for link in audit(release, trust=[trusted]) if link.name == "signature")
+    assert link.ok and not link.warnings  # signed with a trusted key of its own, not the machine-local one
     assert any(fingerprint_of(signing_key.read_bytes(), KEY_PASSWORD) in fact for fact in link.facts)
     verify = signing.verify_command("release").split()
     cli = [str(Path(sys.executable).parent / verify[0]), *verify[1:]]
