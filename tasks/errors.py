@@ -32,10 +32,11 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
     started while another run holds the workspace refuses before it touches anything."""
     from tasks import run_lock, stage_log  # imported here: run_lock imports PipelineError from this module
 
-    library_lines = stage_log.configure(stage)  # ours to the terminal, everything to logs/<stage>.log
+    stage_log.configure(stage)  # ours to the terminal; everything to logs/<stage>.log once the stage runs
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
+            library_lines = stage_log.open_file(stage)
             fn()
         stage_log.report(stage, library_lines)
     except PipelineError as e:

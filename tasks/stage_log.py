@@ -68,22 +68,28 @@ def log_file(stage: str) -> Path:
     return paths.LOG_DIR / (f"{stage}.log" if rank == "0" else f"{stage}.rank{rank}.log")
 
 
-def configure(stage: str) -> logging.Filter:
-    """Send this process's logging and warnings to the terminal and the stage's log file (replaced each run)."""
+def configure(stage: str) -> None:
+    """Send this process's logging and warnings to the terminal, sorted; open_file adds the stage's log file."""
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
+    to_terminal.addFilter(_TerminalFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [to_terminal]
+    root.setLevel(logging.INFO)
+    warnings.showwarning = _showwarning
+    _adopt_self_handled_loggers()
+
+
+def open_file(stage: str) -> logging.Filter:
+    """Add logs/<stage>.log (replaced each run) to the handlers: called once the stage holds the workspace, so a
+    stage refused by another run's lock writes nothing."""
     path = log_file(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     counter = _CountLibrary()
     to_file.addFilter(counter)
-    to_terminal = logging.StreamHandler(sys.stderr)
-    to_terminal.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
-    to_terminal.addFilter(_TerminalFilter())
-    root = logging.getLogger()
-    root.handlers[:] = [to_terminal, to_file]
-    root.setLevel(logging.INFO)
-    warnings.showwarning = _showwarning
-    _adopt_self_handled_loggers()
+    logging.getLogger().addHandler(to_file)
     return counter
 
 
