@@ -422,7 +422,7 @@ def test_a_dotfile_added_to_the_release_fails_the_standard_cli_and_the_audit(sig
     copy = tmp_path / "project"
     shutil.copytree(root, copy)
     assert standard_cli_verify(copy).returncode == 0
-    for name, text in ((".gitattributes", "* -text\n"), (".github/x.py", "import os\n")):
+    for name, text in ((".gitattributes", "* -text\n"), (".github/x.py", "import os\n"), (".git/x", "x\n")):
         added = copy / paths.RELEASE_DIR / name
         added.parent.mkdir(exist_ok=True)
         added.write_text(text)
