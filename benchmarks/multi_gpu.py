@@ -50,7 +50,7 @@ def adapter_summary(adapter: Path) -> dict:
 
 
 def run_config(name: str, args, recipe_batch: int) -> dict:
-    from tasks import paths
+    from tasks.common import paths
 
     mode, n, batches = CONFIGS[name]
     params = bench_params(

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Params, load_params
-from tasks.expectations import ROW_RULES
+from tasks.common.config import Params, load_params
+from tasks.validate.expectations import ROW_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# The suite's rules in the order it runs them (tasks/expectations.py): tests check reports name each one.
+# The suite's rules in the order it runs them (tasks/validate/expectations.py): tests check reports name each one.
 SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit", "row_rules_together")
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")

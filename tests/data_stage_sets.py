@@ -124,12 +124,12 @@ def _conversations_sha(path: Path) -> str | None:
 
 def fingerprint(input_path: Path, overrides: list[str], project: Path) -> dict:
     """Run the three data stages on input_path in a scratch project at `project`; what they produced, hashed."""
-    from flows.params import compose_params
-    from tasks.config import load_params
-    from tasks.download import download
-    from tasks.errors import ValidationFailed
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.common.compose import compose_params
+    from tasks.common.config import load_params
+    from tasks.common.errors import ValidationFailed
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     if project.exists():
         shutil.rmtree(project)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.audit import audit
-from flows.audit import main as audit_main
-from tasks import paths, signing
-from tasks.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tasks.common import paths
+from tasks.common.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tasks.publish import signing
+from tasks.publish.audit import audit
+from tasks.publish.audit import main as audit_main
 from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
 pytestmark = pytest.mark.slow
@@ -102,12 +103,12 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
 
 
 def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_since(project):
-    from tasks.stage_code import STAGES, stage_code
+    from tasks.publish.stage_code import STAGES, stage_code
 
     lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
     ran = lineage["code"]["stages"]
     assert tuple(ran) == STAGES and all(sorted(ran[s]) == stage_code(s, project) for s in STAGES)
-    assert "tasks/attention.py" in ran["train"] and "tasks/attention.py" not in ran["download"]
+    assert "tasks/train/attention.py" in ran["train"] and "tasks/train/attention.py" not in ran["download"]
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
     assert not code.warnings and any("matches dvc.lock and the files here" in f for f in code.facts)
 
@@ -115,7 +116,7 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
     with open(project / "tasks" / "attention.py", "a") as f:
         f.write("\n# an edit after the release\n")
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
-    assert any("stage train ran" in w and "tasks/attention.py" in w for w in code.warnings), code.warnings
+    assert any("stage train ran" in w and "tasks/train/attention.py" in w for w in code.warnings), code.warnings
     assert not any("stage download" in w for w in code.warnings)
 
 
@@ -253,7 +254,7 @@ def test_publish_records_its_own_code_as_it_runs_not_its_last_lock_entry(tmp_pat
     the code running now (else the audit of a fresh release warns that the workspace moved on)."""
     import yaml
 
-    from tasks.stage_code import _md5, stage_code, stage_code_hashes
+    from tasks.publish.stage_code import _md5, stage_code, stage_code_hashes
 
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "tasks", tmp_path / "tasks")

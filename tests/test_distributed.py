@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import paths
-from tasks.config import with_overrides
-from tasks.distributed import LAUNCHER, launch_command, needs_launch, world
-from tasks.errors import PipelineError
+from tasks.common import paths
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.train.distributed import LAUNCHER, launch_command, needs_launch, world
 from tests.conftest import ROOT
 
 
@@ -96,7 +96,7 @@ def test_distributed_params_are_checked(params):
 
 
 def test_the_global_batch_is_split_over_the_ranks():
-    from tasks.train import per_rank_batch
+    from tasks.train.stage import per_rank_batch
 
     assert per_rank_batch(4, 1, 1) == (4, 1)
     assert per_rank_batch(4, 1, 2) == (2, 1)  # each rank half the micro-batch
@@ -107,7 +107,7 @@ def test_the_global_batch_is_split_over_the_ranks():
 
 
 def test_fsdp_on_the_cpu_stops_in_preflight(params):
-    from tasks.preflight import preflight
+    from tasks.train.preflight import preflight
 
     with pytest.raises(PipelineError, match="fsdp \\(FSDP-QLoRA\\) needs CUDA GPUs"):
         preflight(_mode(params, "fsdp", 2))
@@ -162,9 +162,9 @@ def test_two_process_ddp_on_the_cpu_matches_a_single_process_run(workdir, params
     the rows to the ranks in another order than the single run's sampler (other rows make up each step's batch),
     LoRA dropout draws differ per rank, and the gradient is an all-reduced mean of two halves.
     """
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     base = with_overrides(params, **{"train.max_steps": 4})
     download(base.download)
@@ -201,9 +201,9 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
     on, orphaned, writing checkpoints and the adapter beside the resumed run."""
     import psutil
 
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     p = _mode(params, "ddp", 2, **{"train.max_steps": 30, "train.save_steps": 10, "train.logging_steps": 5})
     download(p.download)
@@ -249,7 +249,7 @@ def _running(proc) -> bool:
 def test_single_mode_on_a_multi_gpu_box_trains_on_one_gpu(params):
     """A lone process seeing several GPUs would be wrapped in nn.DataParallel (SFTTrainer refuses it): `python -m
     tasks.train` restarts itself with only the first visible GPU."""
-    from tasks.distributed import one_gpu_env
+    from tasks.train.distributed import one_gpu_env
 
     assert one_gpu_env(params, 2, env={})["CUDA_VISIBLE_DEVICES"] == "0"
     assert one_gpu_env(params, 2, env={"CUDA_VISIBLE_DEVICES": "3, 1"})["CUDA_VISIBLE_DEVICES"] == "3"
@@ -260,7 +260,7 @@ def test_single_mode_on_a_multi_gpu_box_trains_on_one_gpu(params):
 
 def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     """FSDP1 on 2 CPU processes (gloo) wrapping a tiny LoRA model as accelerate wraps FSDP-QLoRA: the adapter that
-    tasks.distributed gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves from the
+    tasks.train.distributed gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves from the
     same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no weights.)"""
     import torch
     from safetensors.torch import load_file
@@ -295,14 +295,14 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     configs = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft")]
     ours_config, peft_config = ({**c, "target_modules": sorted(c["target_modules"])} for c in configs)
     assert ours_config == peft_config
-    # The reason FSDP runs write no checkpoints (tasks/train.py sft_config): the Trainer's FSDP checkpoint of a PEFT
+    # The reason FSDP runs write no checkpoints (tasks/train/stage.py sft_config): the Trainer's FSDP checkpoint of a PEFT
     # model holds none of the adapter. When this fails, PEFT/accelerate fixed it: FSDP checkpoints can come back.
     assert (tmp_path / "checkpoint_adapter_keys.txt").read_text() == "0", "FSDP checkpoints now hold the adapter"
 
 
 def test_fsdp_writes_no_checkpoints(params):
-    from tasks.memory import Estimate
-    from tasks.train import sft_config
+    from tasks.train.memory import Estimate
+    from tasks.train.stage import sft_config
 
     est = Estimate(
         base_weights_gib=0,
@@ -328,7 +328,7 @@ def test_fsdp_loading_stores_the_4bit_weights_in_a_float_dtype(params):
     import bitsandbytes as bnb
     import torch
 
-    from tasks.base_model import load_base_model
+    from tasks.common.base_model import load_base_model
 
     def first_4bit_weight(model):
         return next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
@@ -372,9 +372,9 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     import torch
     from safetensors.torch import load_file
 
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     hosts = [tmp_path / "host0", tmp_path / "host1", tmp_path / "onehost"]
     base = with_overrides(params, **{"train.max_steps": 3})

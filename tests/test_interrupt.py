@@ -11,7 +11,7 @@ import sys
 
 import yaml
 
-from tasks.config import with_overrides
+from tasks.common.config import with_overrides
 from tests.conftest import ROOT, wait_for
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import paths
+from tasks.common import paths
 
 pytestmark = pytest.mark.slow
 STAGES = ["download", "validate", "format", "train", "evaluate", "publish"]
@@ -32,7 +32,7 @@ def ran(output: str) -> list[str]:
 def test_dvc_repro_from_a_fresh_clone(project_copy):
     out = dvc(project_copy, "repro", with_stderr=True)
     assert ran(out) == STAGES
-    # Library lines that read like failures and are not (tasks/errors.py, tasks/expectations.py) stay out of the log.
+    # Library lines that read like failures and are not (tasks/common/errors.py, tasks/validate/expectations.py) stay out of the log.
     assert "ephemeral docs site" not in out and "kernels-community" not in out
     release = project_copy / paths.RELEASE_DIR
     for name in (
@@ -105,7 +105,7 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
 
 def snapshot(project: Path, rels: list) -> dict[str, str]:
     """sha256 of every file under the given outputs (relative path -> hash)."""
-    from tasks.artifacts import sha256_file
+    from tasks.common.artifacts import sha256_file
 
     files = {}
     for rel in rels:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.report_images import dump_dom, find_chromium, screenshot
-from tasks.artifacts import read_jsonl
-from tasks.validate import validate
-from tasks.validation_page import render
+from tasks.common.artifacts import read_jsonl
+from tasks.validate.report_images import dump_dom, find_chromium, screenshot
+from tasks.validate.stage import validate
+from tasks.validate.validation_page import render
 from tests.conftest import ROOT, SUITE_RULES
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"

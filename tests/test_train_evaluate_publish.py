@@ -13,22 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from tasks import paths, provenance, signing
-from tasks.artifacts import read_json, sha256_file, write_json
-from tasks.config import with_overrides
-from tasks.errors import PipelineError
-from tasks.loss_curve import read_loss
+from tasks.common import paths
+from tasks.common.artifacts import read_json, sha256_file, write_json
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.publish import provenance, signing
+from tasks.train.loss_curve import read_loss
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, params):
     """download -> validate -> format -> train (a few steps) -> evaluate, once for the module."""
-    from tasks.download import download
-    from tasks.evaluate import evaluate
-    from tasks.format import format_rows
-    from tasks.train import train
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.evaluate.stage import evaluate
+    from tasks.format.stage import format_rows
+    from tasks.train.stage import train
+    from tasks.validate.stage import validate
 
     root = tmp_path_factory.mktemp("project")
     (root / "data/sample").mkdir(parents=True)
@@ -49,7 +50,7 @@ def trained(tmp_path_factory, params):
 def test_base_loads_as_bitsandbytes_4bit(trained, params, monkeypatch):
     import bitsandbytes as bnb
 
-    from tasks.base_model import load_base_model
+    from tasks.common.base_model import load_base_model
 
     root, *_ = trained
     monkeypatch.chdir(root)
@@ -89,7 +90,7 @@ def test_evaluate_compares_base_and_tuned_on_same_rows(trained):
 
 
 def test_publish_writes_release_with_lineage(trained, monkeypatch):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     root, p, _, ev = trained
     monkeypatch.chdir(root)
@@ -111,7 +112,7 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
 
 
 def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, monkeypatch, tmp_path):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     shared, p, _, ev = trained
     root = tmp_path / "project"  # this test rewrites the eval metrics: on its own copy, not the module's project
@@ -131,7 +132,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     """The Hub upload endpoint is the one thing mocked: it cannot be reached from here."""
     import huggingface_hub
 
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     root, p, *_ = trained
     monkeypatch.chdir(root)
@@ -161,7 +162,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
 
 def test_release_is_readable_by_other_users(trained, monkeypatch):
     """0644 files and 0755 folders (under the usual umask 022), even from an adapter folder left private."""
-    from tasks.publish import ADAPTER_FILES, publish
+    from tasks.publish.stage import ADAPTER_FILES, publish
 
     root, p, _, _ = trained
     monkeypatch.chdir(root)
@@ -192,7 +193,7 @@ FLOW_RUN_ID = "0b6f8d2e-7c1a-4e0f-9a3b-5d2c1e4f6a70"
 def signed(trained, tmp_path_factory):
     """A release published in its own copy of the project, with dvc.yaml beside it and a Prefect flow run id in the
     environment (as a deployment's run sets it), signed with the project key made on first use."""
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     shared, p, *_ = trained
     root = tmp_path_factory.mktemp("signed") / "project"
@@ -219,7 +220,7 @@ def standard_cli_verify(release_parent: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
-    from flows.audit import audit
+    from tasks.publish.audit import audit
 
     root, lineage = signed
     release = root / paths.RELEASE_DIR
@@ -251,7 +252,7 @@ def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
 
 
 def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
-    from tasks.stage_code import STAGES
+    from tasks.publish.stage_code import STAGES
 
     root, lineage = signed
     release = root / paths.RELEASE_DIR
@@ -284,7 +285,7 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
 
 @pytest.mark.parametrize("name", ["adapter_model.safetensors", "README.md", provenance.FILE])
 def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(signed, tmp_path, name):
-    from flows.audit import audit
+    from tasks.publish.audit import audit
 
     root, _ = signed
     release = tmp_path / "release"
@@ -312,7 +313,7 @@ def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(
 
 def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path, monkeypatch, caplog, capfd):
     """The key named by the environment (encrypted, its password beside it) signs; neither is written anywhere."""
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
     from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
     shared, p, *_ = trained

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import read_jsonl
-from tasks.base_model import load_tokenizer
-from tasks.config import with_overrides
-from tasks.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
-from tasks.errors import PipelineError, ValidationFailed
-from tasks.expectations import ROW_RULES
-from tasks.format import format_rows
-from tasks.validate import validate
+from tasks.common.artifacts import read_jsonl
+from tasks.common.base_model import load_tokenizer
+from tasks.common.config import with_overrides
+from tasks.common.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
+from tasks.common.errors import PipelineError, ValidationFailed
+from tasks.format.stage import format_rows
+from tasks.validate.expectations import ROW_RULES
+from tasks.validate.stage import validate
 from tests.conftest import ROOT, SUITE_RULES
 
 SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
@@ -257,7 +257,7 @@ def _eval_side_pair(sample: list[dict]) -> tuple[str, list[tuple[str, str]]]:
     def key(conv: Conversation) -> str:
         return hashlib.sha256(near_duplicate_key(conv).encode()).hexdigest()
 
-    from tasks.conversation import parse_row
+    from tasks.common.conversation import parse_row
 
     lowest = min(key(parse_row(r)) for r in sample)
     for k in range(10_000):
@@ -491,8 +491,8 @@ def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
 
 
 def test_truncate_report_counts_what_train_trains(params, project, short_run, tmp_path):
-    from tasks.formatted import load_rows
-    from tasks.train import build_dataset
+    from tasks.common.formatted import load_rows
+    from tasks.train.stage import build_dataset
 
     report = _fmt(params, short_run, tmp_path, length_policy="truncate", duplicates="keep")
     train, evals = _split(tmp_path)

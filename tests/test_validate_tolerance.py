@@ -2,9 +2,9 @@
 
 import json
 
-from tasks.artifacts import read_json, read_jsonl, write_jsonl
-from tasks.config import with_overrides
-from tasks.validate import validate
+from tasks.common.artifacts import read_json, read_jsonl, write_jsonl
+from tasks.common.config import with_overrides
+from tasks.validate.stage import validate
 from tests.conftest import ROOT
 
 
@@ -37,7 +37,7 @@ def test_the_share_bounds_all_row_rules_together(workdir, params):
     together are not (3 of 68), so the run stops, naming the union; the last good conversations stay."""
     import pytest
 
-    from tasks.errors import ValidationFailed
+    from tasks.common.errors import ValidationFailed
 
     sample = read_jsonl(ROOT / "data/sample/guanaco_sample.jsonl")
     bad = [
