@@ -38,7 +38,9 @@ def adapter_summary(adapter: Path) -> dict:
     """Tensor count, total parameters and the largest |lora_B| (0 until trained): same shapes across layouts."""
     from safetensors import safe_open
 
-    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+    from tasks.common.paths import ADAPTER_WEIGHTS
+
+    with safe_open(adapter / ADAPTER_WEIGHTS, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         max_b = max(f.get_tensor(k).abs().max().item() for k in f.keys() if "lora_B" in k)
     return {

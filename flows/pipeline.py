@@ -32,7 +32,6 @@ from tasks.common.compose import compose_params
 from tasks.common.config import load_params
 from tasks.download.stage import recorded_fingerprint, source_fingerprint
 
-STAGES = ("download", "validate", "format", "train", "evaluate", "publish")
 # A Hub download can fail for passing reasons; nothing else is worth retrying (bad data stays bad).
 RETRIES = {"download": 3}
 NOISE = ("it/s]", "examples/s]", "s/it]")
@@ -196,7 +195,7 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
     outcome = "up to date"
     try:
         source_moved = check_source(str(root))
-        for stage in STAGES:
+        for stage in paths.STAGES:
             stage_task = run_stage.with_options(
                 retries=RETRIES.get(stage, 0),
                 retry_delay_seconds=exponential_backoff(backoff_factor=10) if stage in RETRIES else 0,
@@ -205,7 +204,7 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
         if any(ran.values()):
             outcome = "published" if ran["publish"] else "ran " + ", ".join(s for s, r in ran.items() if r)
     except Exception:
-        outcome = f"failed at {next((s for s in STAGES if s not in ran), 'the end')}"
+        outcome = f"failed at {next((s for s in paths.STAGES if s not in ran), 'the end')}"
         raise
     finally:
         _record(root, started, outcome, ran)

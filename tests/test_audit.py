@@ -105,7 +105,7 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
 def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_since(project):
     from tasks.publish.stage_code import STAGES, stage_code
 
-    lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
+    lineage = json.loads((project / paths.RELEASE_DIR / paths.LINEAGE).read_text())
     ran = lineage["code"]["stages"]
     assert tuple(ran) == STAGES and all(sorted(ran[s]) == stage_code(s, project) for s in STAGES)
     assert "tasks/train/attention.py" in ran["train"] and "tasks/train/attention.py" not in ran["download"]
@@ -121,7 +121,7 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
 
 
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
-    _flip_last_byte(project / paths.RELEASE_DIR / "adapter_model.safetensors")
+    _flip_last_byte(project / paths.RELEASE_DIR / paths.ADAPTER_WEIGHTS)
     assert _first_failure(project) == "release"
     assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
     assert "audit FAILED at link 'release': adapter_model.safetensors" in capsys.readouterr().out
@@ -139,9 +139,9 @@ def test_the_signature_link_names_the_signers_key_and_catches_a_card_edited_behi
     # The card edited and its hash rewritten in lineage.json: every lineage link holds, the signature does not.
     card = release / "README.md"
     card.write_text(card.read_text().replace("LoRA adapter", "Safe, audited LoRA adapter", 1))
-    lineage = read_json(release / "lineage.json")
+    lineage = read_json(release / paths.LINEAGE)
     lineage["files_sha256"]["README.md"] = sha256_file(card)
-    write_json(release / "lineage.json", lineage)
+    write_json(release / paths.LINEAGE, lineage)
     assert _first_failure(project) == "signature"
     assert subprocess.run(cli, cwd=project, capture_output=True).returncode == 1
 
@@ -174,10 +174,10 @@ def test_edited_raw_data_fails_at_the_raw_data_link(project, capsys):
 def test_a_rewritten_lineage_still_fails_where_the_stage_records_disagree(project):
     """Someone swaps the adapter AND rewrites its hash in lineage.json: the training record still disagrees."""
     release = project / paths.RELEASE_DIR
-    _flip_last_byte(release / "adapter_model.safetensors")
-    lineage = json.loads((release / "lineage.json").read_text())
-    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != "lineage.json"}
-    (release / "lineage.json").write_text(json.dumps(lineage))
+    _flip_last_byte(release / paths.ADAPTER_WEIGHTS)
+    lineage = json.loads((release / paths.LINEAGE).read_text())
+    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != paths.LINEAGE}
+    (release / paths.LINEAGE).write_text(json.dumps(lineage))
     links = {link.name: link for link in audit(release)}
     assert not links["release"].ok
     assert any("released adapter vs adapter trained" in p for p in links["release"].problems)
@@ -207,7 +207,7 @@ def test_the_planted_hub_token_and_signing_key_are_in_no_output_log_or_prefect_a
 
     planted = [PLANTED, *key_secrets(signing_key.read_bytes(), KEY_PASSWORD)]
     written = [p for p in published.rglob("*") if p.is_file() and ".git" not in p.parts]
-    assert {"params.yaml", "lineage.json", "README.md", "provenance.intoto.json"} <= {p.name for p in written}
+    assert {"params.yaml", paths.LINEAGE, "README.md", "provenance.intoto.json"} <= {p.name for p in written}
     leaks = [str(p) for p in written for secret in planted if secret.encode() in p.read_bytes()]
     assert leaks == []
 

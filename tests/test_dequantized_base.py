@@ -1,4 +1,5 @@
-"""train.dequantized_base (tasks/train/dequantized_base.py): the 4-bit base dequantized once gives the 4-bit path's math."""
+"""train.dequantized_base (tasks/train/dequantized_base.py): the 4-bit base dequantized once gives the 4-bit
+path's math."""
 
 from __future__ import annotations
 

@@ -138,19 +138,19 @@ def test_a_failing_ddp_worker_fails_the_stage_with_its_message_and_keeps_the_las
     does, and the adapter of the last good run is untouched."""
     adapter = workdir / paths.ADAPTER_DIR
     adapter.mkdir(parents=True)
-    (adapter / "adapter_model.safetensors").write_bytes(b"last good adapter")
+    (adapter / paths.ADAPTER_WEIGHTS).write_bytes(b"last good adapter")
     proc, _ = _train(workdir, _mode(params, "ddp", 2))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "train.jsonl not found: run the format stage first" in proc.stderr
     assert "failed with exit code 2" in proc.stderr
-    assert (adapter / "adapter_model.safetensors").read_bytes() == b"last good adapter"
+    assert (adapter / paths.ADAPTER_WEIGHTS).read_bytes() == b"last good adapter"
     assert sorted(p.name for p in (workdir / "artifacts").iterdir()) == ["adapter"]  # no staging folder left
 
 
 def _tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
-    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+    with safe_open(adapter / paths.ADAPTER_WEIGHTS, framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
@@ -260,8 +260,9 @@ def test_single_mode_on_a_multi_gpu_box_trains_on_one_gpu(params):
 
 def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     """FSDP1 on 2 CPU processes (gloo) wrapping a tiny LoRA model as accelerate wraps FSDP-QLoRA: the adapter that
-    tasks.train.distributed gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves from the
-    same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no weights.)"""
+    tasks/train/fsdp_adapter.py gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves
+    from the same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no
+    weights.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -284,8 +285,8 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, peft = (
-        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
-        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / paths.ADAPTER_WEIGHTS),
+        load_file(tmp_path / "peft" / paths.ADAPTER_WEIGHTS),
     )
     assert sorted(ours) == sorted(peft) and len(ours) == 8  # 2 layers x (q, v) x (A, B)
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) and "_fsdp" not in k for k in ours)
@@ -295,7 +296,7 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     configs = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft")]
     ours_config, peft_config = ({**c, "target_modules": sorted(c["target_modules"])} for c in configs)
     assert ours_config == peft_config
-    # The reason FSDP runs write no checkpoints (tasks/train/stage.py sft_config): the Trainer's FSDP checkpoint of a PEFT
+    # Why FSDP runs write no checkpoints (train/stage.py sft_config): the Trainer's FSDP checkpoint of a PEFT
     # model holds none of the adapter. When this fails, PEFT/accelerate fixed it: FSDP checkpoints can come back.
     assert (tmp_path / "checkpoint_adapter_keys.txt").read_text() == "0", "FSDP checkpoints now hold the adapter"
 
@@ -422,8 +423,8 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     single_host, _ = _train(hosts[2], _mode(base, "ddp", 2))
     assert single_host.returncode == 0, single_host.stderr[-3000:]
 
-    two_hosts = load_file(hosts[0] / paths.ADAPTER_DIR / "adapter_model.safetensors")
-    one_host = load_file(hosts[2] / paths.ADAPTER_DIR / "adapter_model.safetensors")
+    two_hosts = load_file(hosts[0] / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
+    one_host = load_file(hosts[2] / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
     assert two_hosts.keys() == one_host.keys() and len(two_hosts) > 0
     assert any(v.abs().sum() > 0 for k, v in two_hosts.items() if "lora_B" in k)  # trained: LoRA B starts at zero
     for name in two_hosts:

@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tasks.common import paths
 from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
 from tasks.download.stage import download, source_fingerprint
 
-SAMPLE = Path("data/sample/guanaco_sample.jsonl")
+SAMPLE = paths.SAMPLE_DATA
 ROWS = [
     {"text": "### Human: What is 2+2?### Assistant: It is 4."},
     {"text": "### Human: Name a color.### Assistant: Blue."},

@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from tasks.common import paths
+from tasks.common.paths import STAGES
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "validate", "format", "train", "evaluate", "publish"]
 
 
 def dvc(project: Path, *args: str, with_stderr: bool = False) -> str:
@@ -31,12 +31,13 @@ def ran(output: str) -> list[str]:
 
 def test_dvc_repro_from_a_fresh_clone(project_copy):
     out = dvc(project_copy, "repro", with_stderr=True)
-    assert ran(out) == STAGES
-    # Library lines that read like failures and are not (tasks/common/errors.py, tasks/validate/expectations.py) stay out of the log.
+    assert ran(out) == list(STAGES)
+    # Library lines that read like failures and are not (tasks/common/runner.py, tasks/validate/expectations.py)
+    # stay out of the log.
     assert "ephemeral docs site" not in out and "kernels-community" not in out
     release = project_copy / paths.RELEASE_DIR
     for name in (
-        "adapter_model.safetensors",
+        paths.ADAPTER_WEIGHTS,
         "adapter_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -150,7 +151,7 @@ def test_a_failed_validation_fails_its_task_with_the_report_location_and_nothing
     from flows import history
     from flows.pipeline import pipeline
 
-    sample = project_copy / "data/sample/guanaco_sample.jsonl"
+    sample = project_copy / paths.SAMPLE_DATA
     bad = [json.dumps({"text": f"### Human: ### Assistant: answer {i}"}) for i in range(8)]  # empty user turns
     sample.write_text(sample.read_text() + "\n".join(bad) + "\n")
     state = pipeline(project_dir=str(project_copy), return_state=True)

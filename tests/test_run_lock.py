@@ -190,7 +190,7 @@ def test_while_a_flow_holds_the_workspace_a_stage_and_a_second_flow_refuse_and_t
     from flows.pipeline import SKIPPED, pipeline
 
     # Keep the flow short: rows that fail validation end it after two stages.
-    sample = project_copy / "data/sample/guanaco_sample.jsonl"
+    sample = project_copy / paths.SAMPLE_DATA
     bad = [json.dumps({"text": f"### Human: ### Assistant: answer {i}"}) for i in range(8)]
     sample.write_text(sample.read_text() + "\n".join(bad) + "\n")
 

@@ -1,4 +1,5 @@
-"""Release signing (tasks/publish/signing.py) and the provenance statement's pieces (tasks/publish/provenance.py), without a model.
+"""Release signing (tasks/publish/signing.py) and the provenance statement's pieces (tasks/publish/provenance.py),
+without a model.
 
 The signed CPU release itself, verified with the standard CLI and tampered with, is in
 tests/test_train_evaluate_publish.py; the audit's signature link over a whole pipeline run in tests/test_audit.py.

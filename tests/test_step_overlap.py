@@ -1,4 +1,5 @@
-"""train.sync_free_step (tasks/train/step_overlap.py): the same optimizer updates and token counts, without the waits."""
+"""train.sync_free_step (tasks/train/step_overlap.py): the same optimizer updates and token counts, without the
+waits."""
 
 from __future__ import annotations
 

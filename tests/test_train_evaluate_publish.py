@@ -64,7 +64,7 @@ def test_train_writes_adapter_and_metrics(trained):
     root, p, metrics, _ = trained
     adapter = root / paths.ADAPTER_DIR
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert (adapter / paths.ADAPTER_WEIGHTS).stat().st_size > 0
     assert config["r"] == p.lora.r and config["lora_alpha"] == p.lora.alpha
     assert sorted(config["target_modules"]) == sorted(p.lora.target_modules)
     assert metrics["steps"] == 6 and metrics["tokens_seen"] > 0 and metrics["train_loss"] > 0
@@ -98,12 +98,10 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
         pytest.fail(f"six steps did not improve the tiny model: {ev}")
     lineage = publish(p)
     release = root / paths.RELEASE_DIR
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "lineage.json"):
+    for name in (paths.ADAPTER_WEIGHTS, "adapter_config.json", "tokenizer.json", "README.md", paths.LINEAGE):
         assert (release / name).exists(), name
-    assert sha256_file(release / "adapter_model.safetensors") == sha256_file(
-        root / paths.ADAPTER_DIR / "adapter_model.safetensors"
-    )
-    assert lineage["files_sha256"]["adapter_model.safetensors"] == sha256_file(release / "adapter_model.safetensors")
+    assert sha256_file(release / paths.ADAPTER_WEIGHTS) == sha256_file(root / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
+    assert lineage["files_sha256"][paths.ADAPTER_WEIGHTS] == sha256_file(release / paths.ADAPTER_WEIGHTS)
     assert lineage["raw_data"]["sha256"] == sha256_file(root / paths.RAW_ROWS)
     assert lineage["validation"]["success"] is True
     assert lineage["params"]["lora"]["r"] == p.lora.r
@@ -154,7 +152,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     publish(with_overrides(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}))
     assert calls["token"] == secret and calls["create"] == ("me/adapter", True)
-    assert "adapter_model.safetensors" in calls["files"]
+    assert paths.ADAPTER_WEIGHTS in calls["files"]
     for path in (root / paths.RELEASE_DIR).rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
@@ -181,7 +179,7 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
     found = {
         p.relative_to(release).as_posix() or ".": oct(p.stat().st_mode & 0o777) for p in [release, *release.rglob("*")]
     }
-    assert "adapter_model.safetensors" in found and "lineage.json" in found
+    assert paths.ADAPTER_WEIGHTS in found and paths.LINEAGE in found
     assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}
 
 
@@ -234,7 +232,7 @@ def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
     }
     assert (root / paths.SIGNING_KEY).is_file() and not (release / paths.SIGNING_KEY.name).exists()
     # lineage.json lists every file but itself and the signature, which is written after it, over it.
-    assert set(lineage["files_sha256"]) | {"lineage.json", signing.SIGNATURE} == {p.name for p in release.iterdir()}
+    assert set(lineage["files_sha256"]) | {paths.LINEAGE, signing.SIGNATURE} == {p.name for p in release.iterdir()}
     proc = standard_cli_verify(root)
     assert proc.returncode == 0 and "Verification succeeded" in proc.stdout, proc.stderr
     bundle = json.loads((release / signing.SIGNATURE).read_text())
@@ -260,9 +258,9 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
     assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
     subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-    unlisted = {provenance.FILE, "lineage.json", signing.SIGNATURE}  # itself, and the records written after it
+    unlisted = {provenance.FILE, paths.LINEAGE, signing.SIGNATURE}  # itself, and the records written after it
     assert subjects == {p.name: sha256_file(p) for p in release.iterdir() if p.name not in unlisted}
-    assert {"adapter_model.safetensors", "README.md", "tokenizer.json", signing.PUBLIC_KEY} <= set(subjects)
+    assert {paths.ADAPTER_WEIGHTS, "README.md", "tokenizer.json", signing.PUBLIC_KEY} <= set(subjects)
     assert lineage["files_sha256"][provenance.FILE] == sha256_file(release / provenance.FILE)
 
     build = statement["predicate"]["buildDefinition"]
@@ -283,7 +281,7 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
     assert run["byproducts"][0]["annotations"]["hardware"] == lineage["training"]["hardware"]
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "README.md", provenance.FILE])
+@pytest.mark.parametrize("name", [paths.ADAPTER_WEIGHTS, "README.md", provenance.FILE])
 def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(signed, tmp_path, name):
     from tasks.publish.audit import audit
 
@@ -302,12 +300,12 @@ def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(
     ]
 
     # Covering the tracks in lineage.json still leaves the signature broken (and the adapter the trained one).
-    lineage = read_json(release / "lineage.json")
+    lineage = read_json(release / paths.LINEAGE)
     lineage["files_sha256"][name] = sha256_file(release / name)
-    write_json(release / "lineage.json", lineage)
+    write_json(release / paths.LINEAGE, lineage)
     links = audit(release, release_only=True)
     first = next(link.name for link in links if not link.ok)
-    assert first == ("release" if name == "adapter_model.safetensors" else "signature")
+    assert first == ("release" if name == paths.ADAPTER_WEIGHTS else "signature")
     assert not links[-1].ok and standard_cli_verify(tmp_path).returncode != 0
 
 
@@ -336,7 +334,7 @@ def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path,
     assert standard_cli_verify(root).returncode == 0
     planted = key_secrets(pem, password)
     written = [f for f in root.rglob("*") if f.is_file()]
-    assert {"lineage.json", "README.md", provenance.FILE} <= {f.name for f in written}
+    assert {paths.LINEAGE, "README.md", provenance.FILE} <= {f.name for f in written}
     leaks = [str(f) for f in written for secret in planted if secret.encode() in f.read_bytes()]
     out, err = capfd.readouterr()
     leaks += [

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from tasks.common import paths
 from tasks.common.artifacts import read_jsonl
 from tasks.common.base_model import load_tokenizer
 from tasks.common.config import with_overrides
 from tasks.common.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.format.stage import format_rows
-from tasks.validate.expectations import ROW_RULES
+from tasks.validate.expectations import ROW_RULES, SUITE_RULES
 from tasks.validate.stage import validate
-from tests.conftest import ROOT, SUITE_RULES
+from tests.conftest import ROOT
 
-SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-ALL_RULES = set(SUITE_RULES)
+SAMPLE = ROOT / paths.SAMPLE_DATA
 LLAMA2_ROW = re.compile(r"^(<s>\[INST\] (<<SYS>>\n.*?\n<</SYS>>\n\n)?.+? \[/INST\] .*? </s>)+$", re.S)
 
 
@@ -60,7 +60,7 @@ def project(tmp_path_factory) -> Path:
     """A scratch project dir with the tiny base model (validate loads it from models/ relative to cwd)."""
     root = tmp_path_factory.mktemp("validate_project")
     (root / "data" / "sample").mkdir(parents=True)
-    shutil.copy2(SAMPLE, root / "data/sample/guanaco_sample.jsonl")
+    shutil.copy2(SAMPLE, root / paths.SAMPLE_DATA)
     tiny = ROOT / "models" / "tiny-llama"
     if tiny.exists():
         shutil.copytree(tiny, root / "models" / "tiny-llama")
@@ -121,7 +121,7 @@ def test_sample_passes(sample_run):
 def test_sample_reports(sample_run):
     result = sample_run.result()
     assert result["success"] is True
-    assert {r["rule"] for r in result["rules"]} == ALL_RULES
+    assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     assert all(r["success"] for r in result["rules"])
     assert (sample_run.report_dir / "data_docs" / "index.html").is_file()
     lengths = sample_run.lengths()
@@ -204,7 +204,7 @@ def test_bad_rows_result_lists_each_failing_rule_with_rows(bad_run):
     assert result["success"] is False
     failed = {r["rule"]: r["rows"] for r in result["rules"] if not r["success"]}
     assert failed == expected  # exactly these rules, exactly these rows
-    assert {r["rule"] for r in result["rules"]} == ALL_RULES
+    assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     metrics = json.loads(run.metrics.read_text())
     assert metrics["success"] is False and metrics["rules_failed"] == len(expected)
     assert (run.report_dir / "data_docs" / "index.html").is_file()  # the failed run can be read

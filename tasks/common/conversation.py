@@ -226,6 +226,7 @@ def parse_text(text: str) -> Conversation:
     raise ParseError("`text` has neither '### Human:'/'### Assistant:' markers nor the Llama-2 [INST] template")
 
 
+FORMS = ("guanaco", "llama2", "messages", "alpaca")  # what detect_form names a row's form
 TEXT_KEYS = ("text",)
 MESSAGE_KEYS = ("messages", "conversations")
 

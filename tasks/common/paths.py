@@ -1,9 +1,11 @@
-"""Where each stage reads and writes, relative to the project root.
+"""The stages in order, and where each reads and writes, relative to the project root.
 
 dvc.yaml declares the same paths as deps and outs; tests/test_dvc_yaml.py checks the outputs against these.
 """
 
 from pathlib import Path
+
+STAGES = ("download", "validate", "format", "train", "evaluate", "publish")  # dvc.yaml's order
 
 RAW_DIR = Path("data/raw")  # download: rows exactly as published + source.json
 RAW_ROWS = RAW_DIR / "rows.jsonl"
@@ -23,17 +25,19 @@ EVAL_ROWS = FORMATTED_DIR / "eval.jsonl"
 FORMAT_REPORT = FORMATTED_DIR / "report.json"
 
 ADAPTER_DIR = Path("artifacts/adapter")  # train: LoRA adapter + run record
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the LoRA weights in ADAPTER_DIR and RELEASE_DIR, as PEFT names them
 CHECKPOINT_DIR = Path("artifacts/checkpoints")  # train: resumable checkpoints (not cached by DVC)
 TRAIN_METRICS = Path("metrics/train.json")
 DVCLIVE_DIR = Path("dvclive/train")
 LOSS_TSV = DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"  # dvclive's loss series, one line a logged step
-LOSS_CURVE = Path("reports/training_loss.png")  # the loss as a PNG (tasks/train/loss_curve.py): dvc plots' HTML needs a CDN
+LOSS_CURVE = Path("reports/training_loss.png")  # the loss as a PNG (train/loss_curve.py): dvc plots' HTML needs a CDN
 
 EVAL_METRICS = Path("metrics/eval.json")  # evaluate
 GENERATIONS = Path("reports/generations.jsonl")
 EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows sha256), for the audit
 
 RELEASE_DIR = Path("release")  # publish: the versioned release folder
+LINEAGE = "lineage.json"  # in RELEASE_DIR: the release's record, which the audit checks
 SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
 
 TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/common/base_model.py)

@@ -135,7 +135,7 @@ def evaluate(
     write_json(
         run_path,
         {
-            "adapter_sha256": sha256_file(adapter_dir / "adapter_model.safetensors"),
+            "adapter_sha256": sha256_file(adapter_dir / paths.ADAPTER_WEIGHTS),
             "eval_rows_sha256": sha256_file(eval_rows),
             "metrics_file": str(metrics_path),
         },

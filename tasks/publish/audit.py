@@ -28,8 +28,6 @@ from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_text, sha256_tree
 from tasks.publish import signing
 
-LINEAGE = "lineage.json"
-
 
 @dataclass
 class Link:
@@ -48,7 +46,7 @@ class Audit:
 
     def __init__(self, release_dir: Path, project: Path, release_only: bool):
         self.release, self.root, self.release_only = release_dir, project, release_only
-        self.lineage = read_json(release_dir / LINEAGE)
+        self.lineage = read_json(release_dir / paths.LINEAGE)
 
     # -- helpers --------------------------------------------------------------------------------
     def _file_hash(self, link: Link, rel: str | Path, recorded: str | None, what: str) -> str | None:
@@ -284,7 +282,7 @@ class Audit:
             )
         if not self.release_only:
             self._file_hash(
-                link, paths.ADAPTER_DIR / "adapter_model.safetensors", tr.get("adapter_sha256"), "trained adapter"
+                link, paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS, tr.get("adapter_sha256"), "trained adapter"
             )
         return link
 
@@ -317,7 +315,7 @@ class Audit:
         link.facts.append(f"release {rel['id']} created {rel['created_at']} in {self.release}")
         recorded = self.lineage["files_sha256"]
         # model.sig is written after lineage.json, over it: the lineage cannot list it (the signature link checks it)
-        actual = {k: v for k, v in sha256_tree(self.release).items() if k not in (LINEAGE, signing.SIGNATURE)}
+        actual = {k: v for k, v in sha256_tree(self.release).items() if k not in (paths.LINEAGE, signing.SIGNATURE)}
         for name in sorted(set(recorded) | set(actual)):
             if name not in actual:
                 link.problems.append(f"{name} is listed in the lineage but missing from the release")
@@ -327,7 +325,7 @@ class Audit:
                 link.problems.append(
                     f"{name}: sha256 {actual[name][:16]}... but the lineage records {recorded[name][:16]}..."
                 )
-        adapter = actual.get("adapter_model.safetensors")
+        adapter = actual.get(paths.ADAPTER_WEIGHTS)
         self._same(link, adapter, self.lineage["training"].get("adapter_sha256"), "released adapter vs adapter trained")
         if adapter and not rel["id"].endswith(adapter[:12]):
             link.problems.append(f"release id {rel['id']} does not name the released adapter ({adapter[:12]})")
@@ -387,9 +385,9 @@ class Audit:
 
 def audit(release_dir: Path, project: Path | None = None, release_only: bool = False) -> list[Link]:
     release_dir = Path(release_dir)
-    if not (release_dir / LINEAGE).is_file():
+    if not (release_dir / paths.LINEAGE).is_file():
         raise FileNotFoundError(
-            f"{release_dir / LINEAGE} not found: is {release_dir} a release folder made by the "
+            f"{release_dir / paths.LINEAGE} not found: is {release_dir} a release folder made by the "
             "publish stage? (dvc repro publish, or dvc pull to restore it)"
         )
     return Audit(release_dir, Path(project) if project else release_dir.resolve().parent, release_only).run()

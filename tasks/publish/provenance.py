@@ -1,6 +1,6 @@
 """The release's provenance as a standard statement: an in-toto Statement v1 with a SLSA provenance v1 predicate.
 
-lineage.json says the same in this project's own words (and `python -m tasks.publish.audit` checks it); this file says it
+lineage.json says the same in this project's own words (and `guanaco-audit` checks it); this file says it
 in the form supply-chain tools read (https://slsa.dev/spec/v1.0/provenance). It is plain JSON built from the
 lineage record publish assembles, so no attestation library is needed:
 

@@ -26,8 +26,7 @@ from tasks.publish import provenance, signing
 from tasks.publish.stage_code import code_version
 
 log = logging.getLogger(__name__)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-LINEAGE = "lineage.json"
+ADAPTER_FILES = (paths.ADAPTER_WEIGHTS, "adapter_config.json")
 
 
 def _require(path: Path, stage: str) -> Path:
@@ -199,14 +198,14 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
             shutil.copyfile(paths.ADAPTER_DIR / name, tmp / name)
         load_tokenizer(params.model).save_pretrained(tmp)
         signer.write_public_key(tmp)
-        release_id = f"{params.publish.name}-{sha256_file(tmp / 'adapter_model.safetensors')[:12]}"
+        release_id = f"{params.publish.name}-{sha256_file(tmp / paths.ADAPTER_WEIGHTS)[:12]}"
         lineage = build_lineage(params, {}, release_id, signer.record())
         write_text(tmp / "README.md", model_card(params, lineage))
         # Each record covers what came before it: the statement the released files, lineage.json the statement
         # too, and the signature, written last, every file (all but itself).
         write_json(tmp / provenance.FILE, provenance.statement(lineage, sha256_tree(tmp), started, provenance.now()))
         lineage["files_sha256"] = sha256_tree(tmp)
-        write_json(tmp / LINEAGE, lineage)
+        write_json(tmp / paths.LINEAGE, lineage)
         signer.sign(tmp, release_id)
     log.info(
         "published %s to %s, signed (%s)",

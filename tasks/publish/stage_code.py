@@ -14,7 +14,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-STAGES = ("download", "validate", "format", "train", "evaluate", "publish")
+from tasks.common.paths import STAGES
 
 
 def _imported_tasks_modules(path: Path) -> set[str]:

@@ -10,6 +10,8 @@ import copy
 from collections.abc import Mapping
 from pathlib import Path
 
+from tasks.common.paths import ADAPTER_WEIGHTS
+
 
 def fsdp_adapter_state(fsdp_model, adapter_name: str) -> dict:
     """The LoRA weights of an FSDP-wrapped PEFT model, whole, on rank 0 ({} on the others), keyed as PEFT saves them
@@ -47,7 +49,7 @@ def save_adapter(peft_model, out_dir, weights: dict, adapter_name: str) -> None:
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_file(
         {k: v.contiguous() for k, v in weights.items()},
-        str(Path(out_dir) / "adapter_model.safetensors"),
+        str(Path(out_dir) / ADAPTER_WEIGHTS),
         metadata={"format": "pt"},
     )
     config = copy.deepcopy(peft_model.peft_config[adapter_name])

@@ -278,9 +278,7 @@ def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, t
                 "fingerprint": fingerprint,
                 "train_rows_sha256": sha256_file(train_rows),
                 "seed": params.train.seed,
-                "adapter_sha256": sha256_file(
-                    tmp / "adapter_model.safetensors"
-                ),  # what evaluate and publish must match
+                "adapter_sha256": sha256_file(tmp / paths.ADAPTER_WEIGHTS),  # what evaluate and publish must match
                 "base_model": params.model.base,
                 "libraries": library_versions(),
                 "hardware": hardware(),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.common.config import ModelParams, ValidateParams
-from tasks.common.conversation import ASSISTANT, TEMPLATE_MARKERS, USER, Conversation
+from tasks.common.conversation import ASSISTANT, FORMS, TEMPLATE_MARKERS, USER, Conversation
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its INFO lines drown the stage log
@@ -84,6 +84,8 @@ ROW_RULES = (
     "no_replacement_chars",
     "no_control_chars",
 )
+# Every rule of the suite, in the order it runs them and the report lists them.
+SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit", "row_rules_together")
 
 
 def rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, object]]:
@@ -114,7 +116,7 @@ def _content_rules(v: ValidateParams) -> list[tuple[Rule, object]]:
         ),
         (
             Rule("known_form", "rows are guanaco text, Llama-2 text, messages or Alpaca", "form"),
-            E.ExpectColumnValuesToBeInSet(column="form", value_set=["guanaco", "llama2", "messages", "alpaca"], **row),
+            E.ExpectColumnValuesToBeInSet(column="form", value_set=list(FORMS), **row),
         ),
         (
             Rule("non_empty_turns", "no empty turn or system prompt", "min_turn_chars"),

@@ -1,6 +1,6 @@
 """Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
 
-One streaming pass (tasks/validate/scan.py) parses, renders and tokenizes each row once and keeps a compact feature table;
+One streaming pass (scan.py) parses, renders and tokenizes each row once and keeps a compact feature table;
 the suite runs over that table, not over the texts. Writes reports/validation/ (result.json, index.html: the
 report readable offline, Data Docs HTML, lengths.json), reports/lengths.png and metrics/validate.json whatever the
 verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl (each
