@@ -173,13 +173,13 @@ def test_two_process_ddp_on_the_cpu_matches_a_single_process_run(workdir, params
 
     single, single_s = _train(workdir, base)
     assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads((workdir / paths.TRAIN_METRICS).read_text())
+    one = _train_figures(workdir)
     one_tensors = _tensors(workdir / paths.ADAPTER_DIR)
 
     ddp, ddp_s = _train(workdir, _mode(base, "ddp", 2))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "launching 2 processes (ddp)" in ddp.stderr
-    two = json.loads((workdir / paths.TRAIN_METRICS).read_text())
+    two = _train_figures(workdir)
     run = json.loads((workdir / paths.ADAPTER_DIR / "training_run.json").read_text())
     print(f"\nsingle: loss {one['train_loss']} in {single_s:.1f} s; ddp x2: loss {two['train_loss']} in {ddp_s:.1f} s")
 
@@ -234,7 +234,16 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
     proc, _ = _train(workdir, p)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((workdir / paths.TRAIN_METRICS).read_text())
-    assert metrics["resumed"] is True and metrics["steps"] == 30 and metrics["world_size"] == 2
+    layout = json.loads((workdir / paths.TRAIN_LAYOUT).read_text())
+    assert metrics["resumed"] is True and metrics["steps"] == 30 and layout["world_size"] == 2
+
+
+def _train_figures(project) -> dict:
+    """metrics/train.json and the layout file beside it, as train() returns them."""
+    return {
+        **json.loads((project / paths.TRAIN_METRICS).read_text()),
+        **json.loads((project / paths.TRAIN_LAYOUT).read_text()),
+    }
 
 
 def _running(proc) -> bool:
@@ -431,4 +440,5 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
         torch.testing.assert_close(two_hosts[name], one_host[name], rtol=1e-5, atol=1e-6)
     assert not (hosts[1] / paths.ADAPTER_DIR).exists()  # only the main host's rank 0 writes
     metrics = json.loads((hosts[0] / paths.TRAIN_METRICS).read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    layout = json.loads((hosts[0] / paths.TRAIN_LAYOUT).read_text())
+    assert layout["world_size"] == 2 and metrics["steps"] == 3

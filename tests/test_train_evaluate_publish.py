@@ -68,7 +68,9 @@ def test_train_writes_adapter_and_metrics(trained):
     assert config["r"] == p.lora.r and config["lora_alpha"] == p.lora.alpha
     assert sorted(config["target_modules"]) == sorted(p.lora.target_modules)
     assert metrics["steps"] == 6 and metrics["tokens_seen"] > 0 and metrics["train_loss"] > 0
-    assert read_json(root / paths.TRAIN_METRICS) == metrics
+    assert {**read_json(root / paths.TRAIN_METRICS), **read_json(root / paths.TRAIN_LAYOUT)} == metrics
+    assert "micro_batch" in read_json(root / paths.TRAIN_LAYOUT)
+    assert "micro_batch" not in read_json(root / paths.TRAIN_METRICS)
     run = read_json(adapter / "training_run.json")
     assert run["train_rows_sha256"] == sha256_file(root / paths.TRAIN_ROWS) and run["libraries"]["bitsandbytes"]
     assert not (root / paths.CHECKPOINT_DIR).exists(), "a finished run leaves nothing to resume"

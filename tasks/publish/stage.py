@@ -85,7 +85,11 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "revision": params.model.revision,
             "files_sha256": sha256_tree(base) if Path(base).is_dir() else None,
         },
-        "training": {**training, "metrics": read_json(_require(paths.TRAIN_METRICS, "train"))},
+        "training": {
+            **training,
+            "metrics": read_json(_require(paths.TRAIN_METRICS, "train")),
+            "layout": read_json(_require(paths.TRAIN_LAYOUT, "train")),
+        },
         "evaluation": {
             **read_json(_require(paths.EVAL_METRICS, "evaluate")),
             "inputs": read_json(_require(paths.EVAL_RUN, "evaluate")),
@@ -130,7 +134,7 @@ Release `{lineage["release"]["id"]}`, code commit `{lineage["code"]["git_commit"
 LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {", ".join(lora.target_modules)};
 {t.optimizer}, lr {t.learning_rate}, {t.lr_scheduler} schedule, batch {t.batch_size} x {t.grad_accum},
 max_length {params.model.max_length}, seed {t.seed}. {tr["steps"]} steps, final train loss {tr["train_loss"]:.4f},
-{tr["tokens_per_second"]:.0f} tokens/s on {tr["device"]}.
+{tr["tokens_per_second"]:.0f} tokens/s on {lineage["training"]["layout"]["device"]}.
 
 ## Use
 

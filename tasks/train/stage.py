@@ -1,9 +1,11 @@
 """Stage 4, train: QLoRA SFT with trl's SFTTrainer on a 4-bit NF4 base, LoRA through peft.
 
-Read top to bottom, as `train()` does: tokenize the formatted rows (ids + answer-only labels), plan memory and
-load the 4-bit base, build the trainer from params, fit (resuming a killed run from its last checkpoint), save
-the adapter atomically, report metrics. A NaN/inf loss or a CUDA OOM stops the run with a message that says what
-to change, and no adapter is written (tasks/train/callbacks.py holds the callbacks).
+A recipe, read top to bottom as `train()` at the end reads: the set-up steps, each a function named for what it
+does (tokenize the formatted rows into ids + answer-only labels, plan memory, load the 4-bit base, build the
+trainer from params), then `fit` (resuming a killed run from its last checkpoint), then `finish` (save the
+adapter atomically, report metrics). `Run` holds the trainer and what its callbacks measure. A NaN/inf loss or a
+CUDA OOM stops the run with a message that says what to change, and no adapter is written (callbacks.py holds the
+callbacks).
 
 With train.distributed.mode ddp/fsdp, `python -m tasks.train` re-launches itself as N workers through
 accelerate (tasks/train/distributed.py); each worker runs train() below, and rank 0 alone writes the outputs.
@@ -17,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,6 +50,9 @@ from tasks.train.memory import (
 from tasks.train.preflight import preflight
 
 log = logging.getLogger(__name__)
+
+
+# --- set-up steps -------------------------------------------------------------------------------------------------
 
 
 def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length: int):
@@ -159,17 +165,39 @@ def load_model(params: Params, world: distributed.World):
     )
 
 
+@dataclass
+class Run:
+    """One training run: the trainer, the plan it runs under, and the callbacks whose measurements the metrics read."""
+
+    trainer: object  # trl's SFTTrainer
+    params: Params
+    shape: ModelShape
+    est: Estimate
+    resume: bool
+    meter: object  # callbacks.ThroughputMeter: tokens/s, peak memory, the longest micro-batch
+    recompute: object | None  # callbacks.RecomputeSomeLayers when the planner recomputes some layers only
+
+    def layout(self) -> dict:
+        """How the run was spread: the mode, the processes, their collective backend."""
+        return {
+            "mode": self.params.train.distributed.mode,
+            "world_size": self.trainer.args.world_size,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        }
+
+
 def build_trainer(
     params: Params,
     model,
     tokenizer,
     dataset,
+    shape: ModelShape,
     est: Estimate,
     world: distributed.World,
     checkpoint_dir: Path,
     resume: bool,
     extra_callbacks: list,
-):
+) -> Run:
     """SFTTrainer with LoRA from params, the NaN stop, the throughput meter and dvclive (streaming into the
     checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
@@ -188,8 +216,10 @@ def build_trainer(
     )
     meter = ThroughputMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
+    recompute = None
     if est.partial_recompute or est.recompute_thresholds:
-        extra_callbacks = [RecomputeSomeLayers(est.recompute_layers, est.recompute_thresholds), *extra_callbacks]
+        recompute = RecomputeSomeLayers(est.recompute_layers, est.recompute_thresholds)
+        extra_callbacks = [recompute, *extra_callbacks]
     trainer = trainer_class(params.train.sync_free_step)(
         model=model,
         args=sft_config(params, checkpoint_dir, est, world.size),
@@ -203,7 +233,10 @@ def build_trainer(
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
     if params.train.compile:
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
-    return trainer, meter
+    return Run(trainer, params, shape, est, resume, meter, recompute)
+
+
+# --- fitting ------------------------------------------------------------------------------------------------------
 
 
 def compile_failure(e: BaseException) -> bool:
@@ -252,6 +285,9 @@ def fit(trainer, resume: bool, est: Estimate, params: Params):
                 "set train.compile: false to train eagerly."
             ) from e
         raise
+
+
+# --- the finish step ----------------------------------------------------------------------------------------------
 
 
 def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, train_rows: Path, layout: dict):
@@ -303,33 +339,30 @@ def whole_run_loss(state, loss_since_resume: float, resumed_at: int) -> float:
     return (total + loss_since_resume * since) / max(covered + since, 1)
 
 
-def _mean_recomputed(trainer, est: Estimate) -> float:
-    from tasks.train.callbacks import RecomputeSomeLayers
-
-    switch = next((c for c in trainer.callback_handler.callbacks if isinstance(c, RecomputeSomeLayers)), None)
-    mean = switch.mean_recomputed() if switch else None
-    return float(est.recompute_layers) if mean is None else mean
-
-
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-def run_metrics(
-    trainer,
-    result,
-    meter,
-    wall: float,
-    rows: int,
-    params: Params,
-    shape: ModelShape,
-    est: Estimate,
-    resume: bool,
-    layout: dict,
-) -> dict:
-    """metrics/train.json. Under several processes (a collective: every rank calls it): train_loss is the mean over
-    ranks, tokens count all ranks (the whole job's throughput), memory is rank 0's GPU, and micro_batch and
-    grad_accum are per rank (micro x accum x world_size = the global batch)."""
+# metrics/train.json holds these (what `dvc metrics show` prints); the rest of run_metrics goes to
+# reports/train_layout.json, which dvc.lock tracks too.
+HEADLINE = (
+    "train_loss",
+    "steps",
+    "epochs",
+    "train_rows",
+    "tokens_per_second",
+    "steady_tokens_per_second",
+    "peak_memory_gib",
+    "wall_seconds",
+    "resumed",
+)
+
+
+def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
+    """What the run measured and how it was laid out. Under several processes (a collective: every rank calls it):
+    train_loss is the mean over ranks, tokens count all ranks (the whole job's throughput), memory is rank 0's GPU,
+    and micro_batch and grad_accum are per rank (micro x accum x world_size = the global batch)."""
+    trainer, meter, est, layout = run.trainer, run.meter, run.est, run.layout()
     state, args, acc = trainer.state, trainer.args, trainer.accelerator
     # The Trainer's training_loss holds this rank's loss alone after the last logging step: average over ranks.
     train_loss = acc.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device), "mean").item()
@@ -342,6 +375,7 @@ def run_metrics(
     recomputed_at_max = est.recompute_layers
     if est.recompute_thresholds:  # the longest micro-batch seen may have needed fewer
         recomputed_at_max = layers_to_recompute(est.recompute_thresholds, meter.max_tokens)
+    mean_recomputed = run.recompute.mean_recomputed() if run.recompute else None
     return {
         "train_loss": round(float(train_loss), 6),
         "steps": state.global_step,
@@ -351,27 +385,68 @@ def run_metrics(
         "tokens_per_second": round(meter.tokens_this_run(state) / wall, 1),
         "steady_tokens_per_second": meter.steady_tokens_per_second(),
         "wall_seconds": round(wall, 2),
-        "resumed": resume,
+        "resumed": run.resume,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "peak_memory_gib": _round(meter.peak_allocated),
         "peak_reserved_gib": _round(meter.peak_reserved),
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
         "max_micro_batch_tokens": meter.max_tokens,
         "predicted_peak_at_max_micro_batch_gib": estimate(
-            shape, params, micro, meter.max_tokens, est.gradient_checkpointing, recomputed_at_max
+            run.shape, run.params, micro, meter.max_tokens, est.gradient_checkpointing, recomputed_at_max
         ).peak_gib,
         "micro_batch": micro,
         "grad_accum": args.gradient_accumulation_steps,
         "gradient_checkpointing": est.gradient_checkpointing,
         "recompute_layers": est.recompute_layers,  # of the model's decoder layers; the planner may pick some only
         # train.adaptive_recompute: layers recomputed per micro-batch on average (recompute_layers at the longest)
-        "recompute_layers_mean": _mean_recomputed(trainer, est),
+        "recompute_layers_mean": float(est.recompute_layers) if mean_recomputed is None else mean_recomputed,
         "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
         "layout_reason": est.reason,
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
     }
+
+
+def finish(
+    run: Run,
+    result,
+    wall: float,
+    rows: int,
+    fingerprint: str,
+    train_rows: Path,
+    adapter_dir: Path,
+    checkpoint_dir: Path,
+    metrics_path: Path,
+    layout_path: Path,
+) -> dict:
+    """After a successful fit: the adapter and its run record, the metrics, the live plots and the loss curve in
+    place of the last good ones, and the checkpoints removed (nothing left to resume). Rank 0 writes; every rank
+    joins the collectives."""
+    trainer = run.trainer
+    save_adapter(trainer, run.params, adapter_dir, fingerprint, train_rows, run.layout())
+    metrics = run_metrics(run, result, wall, rows)
+    if trainer.is_world_process_zero():
+        live_dir = checkpoint_dir / "dvclive"
+        if live_dir.exists():  # the run succeeded: its plots replace the last good ones
+            with staged_dir(paths.DVCLIVE_DIR) as tmp:
+                shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+            if paths.LOSS_TSV.is_file():
+                save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+        write_json(layout_path, {k: v for k, v in metrics.items() if k not in HEADLINE})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
+    log.info(
+        "trained %d steps, loss %.4f, %.0f tokens/s",
+        metrics["steps"],
+        metrics["train_loss"],
+        metrics["tokens_per_second"],
+    )
+    return metrics
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------
 
 
 def train(
@@ -381,7 +456,10 @@ def train(
     checkpoint_dir: Path = paths.CHECKPOINT_DIR,
     metrics_path: Path = paths.TRAIN_METRICS,
     extra_callbacks: list | None = None,
+    layout_path: Path = paths.TRAIN_LAYOUT,
 ) -> dict:
+    """Train the adapter; returns every figure of the run (metrics_path gets the headline ones, layout_path the
+    rest)."""
     preflight(params)
     if params.train.expandable_segments:
         use_expandable_segments()
@@ -397,36 +475,15 @@ def train(
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
     model = load_model(params, world)
-    trainer, meter = build_trainer(
-        params, model, tokenizer, dataset, est, world, checkpoint_dir, resume, extra_callbacks or []
+    run = build_trainer(
+        params, model, tokenizer, dataset, shape, est, world, checkpoint_dir, resume, extra_callbacks or []
     )
     start = time.perf_counter()
-    result = fit(trainer, resume, est, params)
+    result = fit(run.trainer, resume, est, params)
     wall = time.perf_counter() - start
-    layout = {
-        "mode": params.train.distributed.mode,
-        "world_size": trainer.args.world_size,
-        "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
-    }
-    save_adapter(trainer, params, adapter_dir, fingerprint, train_rows, layout)
-    metrics = run_metrics(trainer, result, meter, wall, len(rows), params, shape, est, resume, layout)
-    if trainer.is_world_process_zero():
-        live_dir = checkpoint_dir / "dvclive"
-        if live_dir.exists():  # the run succeeded: its plots replace the last good ones
-            with staged_dir(paths.DVCLIVE_DIR) as tmp:
-                shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
-            if paths.LOSS_TSV.is_file():
-                save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
-        write_json(metrics_path, metrics)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
-    trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
-    log.info(
-        "trained %d steps, loss %.4f, %.0f tokens/s",
-        metrics["steps"],
-        metrics["train_loss"],
-        metrics["tokens_per_second"],
+    return finish(
+        run, result, wall, len(rows), fingerprint, train_rows, adapter_dir, checkpoint_dir, metrics_path, layout_path
     )
-    return metrics
 
 
 def main() -> None:
