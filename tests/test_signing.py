@@ -169,6 +169,6 @@ def test_readme_audit_section_shows_both_verify_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Audit a release") :]
     section = section[: section.index("\n## ", 1)]
-    assert "python -m tasks.publish.audit release" in section
+    assert "guanaco-audit release" in section
     assert signing.verify_command("release") in section
     assert "publish.signing: sigstore" in section  # the keyless switch is documented beside them
