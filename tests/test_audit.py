@@ -113,7 +113,7 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
     assert not code.warnings and any("matches dvc.lock and the files here" in f for f in code.facts)
 
     # An edit to a module train imports only indirectly (train -> attention) is named, for train and not download.
-    with open(project / "tasks" / "attention.py", "a") as f:
+    with open(project / "tasks" / "train" / "attention.py", "a") as f:
         f.write("\n# an edit after the release\n")
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
     assert any("stage train ran" in w and "tasks/train/attention.py" in w for w in code.warnings), code.warnings
