@@ -144,7 +144,9 @@ def measure(rows: int, args) -> dict:
     floor = tokenizer_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt)
     stages = {name: run_stage(name, project) for name in STAGES}
     total = sum(s["seconds"] for s in stages.values())
-    metrics = json.loads((project / "metrics/validate.json").read_text(encoding="utf-8"))
+    from tasks.common import paths
+
+    metrics = json.loads((project / paths.VALIDATION_SUMMARY).read_text(encoding="utf-8"))
     report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
     result = {
         "rows": rows,

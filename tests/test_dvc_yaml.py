@@ -75,6 +75,8 @@ def test_every_output_persists_and_matches_tasks_paths():
         paths.ADAPTER_DIR,
         paths.TRAIN_METRICS,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
+        paths.TRAIN_LAYOUT,
         paths.GENERATIONS,
         paths.EVAL_RUN,
         paths.RELEASE_DIR,

@@ -56,6 +56,9 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
         paths.EVAL_ROWS,
         paths.TRAIN_METRICS,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
+        paths.VALIDATION_SUMMARY,
+        paths.TRAIN_LAYOUT,
         paths.GENERATIONS,
     ):
         assert (project_copy / out_path).is_file(), out_path
@@ -84,6 +87,7 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
         paths.DVCLIVE_DIR,
         paths.LOSS_CURVE,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
         paths.GENERATIONS,
         paths.EVAL_RUN,
         paths.RELEASE_DIR,

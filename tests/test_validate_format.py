@@ -206,7 +206,8 @@ def test_bad_rows_result_lists_each_failing_rule_with_rows(bad_run):
     assert failed == expected  # exactly these rules, exactly these rows
     assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     metrics = json.loads(run.metrics.read_text())
-    assert metrics["success"] is False and metrics["rules_failed"] == len(expected)
+    summary = json.loads((run.report_dir / paths.VALIDATION_SUMMARY.name).read_text())
+    assert metrics["success"] is False and summary["rules_failed"] == len(expected)
     assert (run.report_dir / "data_docs" / "index.html").is_file()  # the failed run can be read
 
 
@@ -483,8 +484,8 @@ def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
     assert not re.search(r"\b0 row\(s\) break it", message) and "observed None" not in message
     assert "rules that could not be checked:\n  - non_empty_turns: no row has a `min_turn_chars` to check" in message
     assert "row 0: `text` has neither '### Human:'/'### Assistant:' markers" in message
-    metrics = json.loads(unparsed_run.metrics.read_text())
-    assert metrics["rules_failed"] == 2 and metrics["rules_not_evaluated"] == 8
+    summary = json.loads((unparsed_run.report_dir / paths.VALIDATION_SUMMARY.name).read_text())
+    assert summary["rules_failed"] == 2 and summary["rules_not_evaluated"] == 8
 
 
 # --- the format report counts what train will train: tokens after the cut at max_length ----------------------

@@ -17,7 +17,8 @@ VALIDATION_REPORT_DIR = Path("reports/validation")  # suite result (JSON + Data 
 VALIDATION_RESULT = VALIDATION_REPORT_DIR / "result.json"
 LENGTH_REPORT = VALIDATION_REPORT_DIR / "lengths.json"
 LENGTH_HISTOGRAM = Path("reports/lengths.png")  # its own file: DVC plots cannot live inside another out
-VALIDATION_METRICS = Path("metrics/validate.json")
+VALIDATION_SUMMARY = VALIDATION_REPORT_DIR / "summary.json"  # every figure: verdict, rule counts, token lengths
+VALIDATION_METRICS = Path("metrics/validate.json")  # the headline figures (`dvc metrics show`)
 
 FORMATTED_DIR = Path("data/formatted")  # format: Llama-2 chat text + answer spans, split
 TRAIN_ROWS = FORMATTED_DIR / "train.jsonl"
@@ -33,7 +34,8 @@ DVCLIVE_DIR = Path("dvclive/train")
 LOSS_TSV = DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"  # dvclive's loss series, one line a logged step
 LOSS_CURVE = Path("reports/training_loss.png")  # the loss as a PNG (train/loss_curve.py): dvc plots' HTML needs a CDN
 
-EVAL_METRICS = Path("metrics/eval.json")  # evaluate
+EVAL_METRICS = Path("metrics/eval.json")  # evaluate: the headline figures (`dvc metrics show`)
+EVALUATION = Path("reports/evaluation.json")  # every figure, base and tuned (the release's lineage records these)
 GENERATIONS = Path("reports/generations.jsonl")
 EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows sha256), for the audit
 

@@ -98,11 +98,22 @@ def _summary(loss: float, tokens: int, gens: list[dict]) -> dict:
     }
 
 
+def headline(metrics: dict) -> dict:
+    """metrics/eval.json, what `dvc metrics show` prints: the losses, the gain, and whether the tuned model stops
+    (every figure is in reports/evaluation.json)."""
+    return {
+        "base": {"loss": metrics["base"]["loss"]},
+        "tuned": {"loss": metrics["tuned"]["loss"], "stop_rate": metrics["tuned"]["stop_rate"]},
+        "loss_improvement": metrics["loss_improvement"],
+    }
+
+
 def evaluate(
     params: Params,
     eval_rows: Path = paths.EVAL_ROWS,
     adapter_dir: Path = paths.ADAPTER_DIR,
     metrics_path: Path = paths.EVAL_METRICS,
+    figures_path: Path = paths.EVALUATION,
     generations_path: Path = paths.GENERATIONS,
     run_path: Path = paths.EVAL_RUN,
 ) -> dict:
@@ -153,7 +164,8 @@ def evaluate(
             for b, t in zip(base_gens, tuned_gens)
         ),
     )
-    write_json(metrics_path, metrics)
+    write_json(figures_path, metrics)
+    write_json(metrics_path, headline(metrics))
     log.info("eval loss base %.4f -> tuned %.4f on %d answer tokens", base_loss, tuned_loss, tokens)
     return metrics
 

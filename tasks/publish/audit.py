@@ -305,9 +305,9 @@ class Audit:
             self.lineage["formatted_data"]["eval_sha256"],
             "eval rows evaluated vs the release's eval rows",
         )
-        here = self._workspace_json(link, paths.EVAL_METRICS, "eval metrics")
+        here = self._workspace_json(link, paths.EVALUATION, "eval metrics")
         if here is not None and here != {k: v for k, v in ev.items() if k != "inputs"}:
-            link.problems.append(f"{paths.EVAL_METRICS} differs from the metrics recorded in the release")
+            link.problems.append(f"{paths.EVALUATION} differs from the metrics recorded in the release")
         return link
 
     def release_files(self) -> Link:

@@ -91,7 +91,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "layout": read_json(_require(paths.TRAIN_LAYOUT, "train")),
         },
         "evaluation": {
-            **read_json(_require(paths.EVAL_METRICS, "evaluate")),
+            **read_json(_require(paths.EVALUATION, "evaluate")),
             "inputs": read_json(_require(paths.EVAL_RUN, "evaluate")),
         },
         "signing": signed,

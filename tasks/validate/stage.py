@@ -71,8 +71,12 @@ def _result_record(result: dict, raw_rows: Path, input_sha256: str, excluded: di
     }
 
 
+# metrics/validate.json holds these (what `dvc metrics show` prints); reports/validation/summary.json all of _summary.
+HEADLINE = ("success", "rows", "rows_excluded", "share_over_max_length")
+
+
 def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_excluded: int) -> dict:
-    """metrics/validate.json: the verdict, rule counts and the token-length figures `dvc metrics` compares."""
+    """The verdict, rule counts and the token-length figures `dvc metrics diff` can compare."""
     return {
         "success": result["success"],
         "rows": n_rows,
@@ -124,9 +128,10 @@ def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_pat
         record = _result_record(result, raw_rows, scan.input_sha256, excluded, scan.parse_errors)
         write_json(tmp / paths.VALIDATION_RESULT.name, record)
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
+        summary = _summary(result, report, frame, scan.rows, len(excluded))
+        write_json(tmp / paths.VALIDATION_SUMMARY.name, summary)
     save_histogram(lengths[:, 0], params.model.max_length, histogram_path)
-    summary = _summary(result, report, frame, scan.rows, len(excluded))
-    write_json(metrics_path, summary)
+    write_json(metrics_path, {k: summary[k] for k in HEADLINE})
     log.info(
         "validation %s: %d rows, %d left out for breaking a row rule; %s",
         "passed" if result["success"] else "FAILED",
