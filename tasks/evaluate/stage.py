@@ -99,12 +99,11 @@ def _summary(loss: float, tokens: int, gens: list[dict]) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """metrics/eval.json, what `dvc metrics show` prints: the losses, the gain, and whether the tuned model stops
-    (every figure is in reports/evaluation.json)."""
+    """metrics/eval.json, what `dvc metrics show` prints: the two losses and whether the tuned model stops (every
+    figure is in reports/evaluation.json)."""
     return {
         "base": {"loss": metrics["base"]["loss"]},
         "tuned": {"loss": metrics["tuned"]["loss"], "stop_rate": metrics["tuned"]["stop_rate"]},
-        "loss_improvement": metrics["loss_improvement"],
     }
 
 

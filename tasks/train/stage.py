@@ -345,17 +345,7 @@ def _round(x: float | None) -> float | None:
 
 # metrics/train.json holds these (what `dvc metrics show` prints); the rest of run_metrics goes to
 # reports/train_layout.json, which dvc.lock tracks too.
-HEADLINE = (
-    "train_loss",
-    "steps",
-    "epochs",
-    "train_rows",
-    "tokens_per_second",
-    "steady_tokens_per_second",
-    "peak_memory_gib",
-    "wall_seconds",
-    "resumed",
-)
+HEADLINE = ("train_loss", "steps", "tokens_per_second", "peak_memory_gib", "resumed")
 
 
 def run_metrics(run: Run, result, wall: float, rows: int) -> dict:

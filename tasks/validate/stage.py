@@ -72,7 +72,7 @@ def _result_record(result: dict, raw_rows: Path, input_sha256: str, excluded: di
 
 
 # metrics/validate.json holds these (what `dvc metrics show` prints); reports/validation/summary.json all of _summary.
-HEADLINE = ("success", "rows", "rows_excluded", "share_over_max_length")
+HEADLINE = ("success", "rows", "rows_excluded")
 
 
 def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_excluded: int) -> dict:
