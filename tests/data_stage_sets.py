@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.data_stages import perturbed_rows
+from tasks.common import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -184,7 +185,7 @@ def _summarize(project: Path, passed: bool) -> dict:
         "excluded_rows": _sha(result["excluded_rows"]),
         "parse_errors": _sha(result["parse_errors"]),
         "lengths": _sha(_portable(json.loads((project / "reports/validation/lengths.json").read_text("utf-8")))),
-        "validate_metrics": json.loads((project / "metrics/validate.json").read_text(encoding="utf-8")),
+        "validate_metrics": json.loads((project / paths.VALIDATION_SUMMARY).read_text(encoding="utf-8")),
         "conversations_sha256": _conversations_sha(project / "data/validated/conversations.jsonl"),
     }
     if passed:

@@ -22,7 +22,7 @@ from tasks.common.conversation import Conversation, near_duplicate_key, parse_te
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.format.stage import format_rows
 from tasks.validate.expectations import ROW_RULES, SUITE_RULES
-from tasks.validate.stage import validate
+from tasks.validate.stage import HEADLINE, validate
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / paths.SAMPLE_DATA
@@ -115,7 +115,8 @@ def test_sample_passes(sample_run):
     assert all(isinstance(c["n_tokens"], int) and c["n_tokens"] > 0 for c in convs)
     assert all(0 < c["answer_tokens"] < c["n_tokens"] for c in convs)
     assert sample_run.summary["success"] is True and sample_run.summary["rows"] == 64
-    assert json.loads(sample_run.metrics.read_text()) == sample_run.summary
+    assert json.loads((sample_run.report_dir / paths.VALIDATION_SUMMARY.name).read_text()) == sample_run.summary
+    assert json.loads(sample_run.metrics.read_text()) == {k: sample_run.summary[k] for k in HEADLINE}
 
 
 def test_sample_reports(sample_run):
