@@ -47,7 +47,7 @@ $(VENV)/.installed: pyproject.toml $(LOCKS)
 	  $(PIP) install -q --require-hashes --no-deps --no-build-isolation -r $$lock && \
 	  $(PIP) install -q --no-deps --no-build-isolation -e . && \
 	  echo "$$lock" > $(VENV)/.lock-variant
-	$(PY) -m tasks.environment "$$(cat $(VENV)/.lock-variant)"
+	$(PY) -m tasks.common.environment "$$(cat $(VENV)/.lock-variant)"
 	touch $@
 
 install: $(VENV)/.installed

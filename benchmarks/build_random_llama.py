@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from tasks.model_shapes import LLAMA2_7B_CHAT, SHAPES
+from benchmarks.model_shapes import LLAMA2_7B_CHAT, SHAPES
 
 
 def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.base_model import LLAMA2_CHAT_TEMPLATE, load_tokenizer
-    from tasks.config import ModelParams
+    from tasks.common.base_model import LLAMA2_CHAT_TEMPLATE, load_tokenizer
+    from tasks.common.config import ModelParams
 
     if (out / "config.json").exists():
         print(f"{out} exists; not rebuilding")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.config import Params, with_overrides
+from tasks.common.config import Params, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench" / "recipe"
@@ -50,7 +50,7 @@ def save(out: Path, data: dict) -> None:
 def bench_arguments(doc: str) -> argparse.ArgumentParser:
     """The arguments every GPU benchmark takes: the random 7B, a scratch dir, the JSON out, the prepared rows, the
     model shape and param overrides."""
-    from tasks.model_shapes import SHAPES
+    from benchmarks.model_shapes import SHAPES
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, required=True)

@@ -63,9 +63,9 @@ def write_rows(raw: Path, n: int, path: Path) -> Path:
 
 def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[list[str]]:
     """The texts validate tokenizes (renderable rows, rendered), FLOOR_BATCH at a time, never all in memory."""
-    from tasks.conversation import ParseError, detect_form, parse_row, render_llama2
-    from tasks.expectations import conversation_features
-    from tasks.scan import renderable
+    from tasks.common.conversation import ParseError, detect_form, parse_row, render_llama2
+    from tasks.validate.expectations import conversation_features
+    from tasks.validate.scan import renderable
 
     batch: list[str] = []
     with open(data_file, encoding="utf-8") as f:
@@ -119,7 +119,7 @@ def run_stage(name: str, project: Path) -> dict:
 
 
 def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
-    from flows.params import compose_params
+    from tasks.common.compose import compose_params
 
     project = work / "project"
     shutil.copytree(ROOT / "conf", project / "conf")
@@ -136,7 +136,7 @@ def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
 
 
 def measure(rows: int, args) -> dict:
-    from tasks.config import load_params
+    from tasks.common.config import load_params
 
     work = Path(tempfile.mkdtemp(prefix=f"data-bench-{rows}-", dir=args.work))
     data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl")
@@ -144,7 +144,9 @@ def measure(rows: int, args) -> dict:
     floor = tokenizer_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt)
     stages = {name: run_stage(name, project) for name in STAGES}
     total = sum(s["seconds"] for s in stages.values())
-    metrics = json.loads((project / "metrics/validate.json").read_text(encoding="utf-8"))
+    from tasks.common import paths
+
+    metrics = json.loads((project / paths.VALIDATION_SUMMARY).read_text(encoding="utf-8"))
     report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
     result = {
         "rows": rows,

@@ -57,7 +57,7 @@ accept() {
   { time dvc exp run -S preset=llama2_7b_guanaco -S download.source=local \
       -S "download.path=$KIT/data/train.parquet" -S "model.base=$MODEL" ${EXTRA_S:-}; } 2>&1 | stamp | tee "$OUT/exp_run.log"
   dvc metrics show 2>&1 | tee "$OUT/metrics_show.txt"
-  python -m flows.audit release 2>&1 | tee "$OUT/audit.txt"
+  python -m tasks.publish.audit release 2>&1 | tee "$OUT/audit.txt"
   # The Prefect flow, as a scheduled run would start it, against a real local server: expected "up to date".
   prefect server start --host 127.0.0.1 --port 4200 > "$OUT/prefect_server.log" 2>&1 &
   server=$!

@@ -24,8 +24,8 @@ def main() -> None:
 
     import torch
 
-    from tasks.evaluate import evaluate
-    from tasks.train import train
+    from tasks.evaluate.stage import evaluate
+    from tasks.train.stage import train
 
     params = bench_params(args.bench, args.model_dir, args.overrides)
     build(args.model_dir, Path(params.model.tokenizer), SHAPES[args.shape])

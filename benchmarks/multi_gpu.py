@@ -38,7 +38,9 @@ def adapter_summary(adapter: Path) -> dict:
     """Tensor count, total parameters and the largest |lora_B| (0 until trained): same shapes across layouts."""
     from safetensors import safe_open
 
-    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+    from tasks.common.paths import ADAPTER_WEIGHTS
+
+    with safe_open(adapter / ADAPTER_WEIGHTS, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         max_b = max(f.get_tensor(k).abs().max().item() for k in f.keys() if "lora_B" in k)
     return {
@@ -50,7 +52,7 @@ def adapter_summary(adapter: Path) -> dict:
 
 
 def run_config(name: str, args, recipe_batch: int) -> dict:
-    from tasks import paths
+    from tasks.common import paths
 
     mode, n, batches = CONFIGS[name]
     params = bench_params(
@@ -87,7 +89,7 @@ def run_config(name: str, args, recipe_batch: int) -> dict:
     if code != 0:
         print(f"{name}: failed ({code}) after {wall} s; see {log}")
         return {"mode": mode, "processes": n, "failed": code, "stage_wall_seconds": wall}
-    m = json.loads((work / paths.TRAIN_METRICS).read_text())
+    m = {**json.loads((work / paths.TRAIN_METRICS).read_text()), **json.loads((work / paths.TRAIN_LAYOUT).read_text())}
     try:
         adapter = adapter_summary(work / paths.ADAPTER_DIR)
     except Exception as e:  # noqa: BLE001 - recorded, so the other configurations still run

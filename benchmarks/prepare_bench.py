@@ -27,11 +27,11 @@ def main() -> None:
     ap.add_argument("-S", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    from flows.params import compose_params
-    from tasks.config import load_params
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.common.compose import compose_params
+    from tasks.common.config import load_params
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     # Carried to the GPU machine inside the repo: keep the tokenizer beside the prepared data.
     bench = args.bench.resolve()

@@ -169,7 +169,7 @@ def profile_config(name: str, args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from tasks.train import train
+    from tasks.train.stage import train
 
     overrides, _, _ = CONFIGS[name]
     steps = args.skip + args.active

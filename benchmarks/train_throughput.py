@@ -44,7 +44,7 @@ SAME_MATH = [
     "train.answer_only_loss=false",
 ]
 BUDGET_16GIB = ["train.gradient_checkpointing=auto", "train.memory_budget_gib=16"]
-# the step-overlap levers (tasks/step_overlap.py, the allocator) off, to measure what they give
+# the step-overlap levers (tasks/train/step_overlap.py, the allocator) off, to measure what they give
 OVERLAP_OFF = ["train.sync_free_step=false", "train.expandable_segments=false"]
 # A same-math configuration's logged losses (each the mean over LOGGING_STEPS steps) must stay within this relative
 # distance of the reference's at the same steps. Only dropout masks differ (drawn for differently shaped tensors).
@@ -208,13 +208,13 @@ REFERENCE = PLAIN_TRL
 
 class StepClock:
     """Tokens/s from the Trainer's non-padding token count, from the end of step `skip` to the end of the last step
-    (tasks.train_callbacks.StepTimer: CUDA events, no synchronize between steps), and the logged losses; the same
+    (tasks.train.callbacks.StepTimer: CUDA events, no synchronize between steps), and the logged losses; the same
     measure for the reference and for ours."""
 
     def __new__(cls, skip: int = 2):
         from transformers import TrainerCallback
 
-        from tasks.train_callbacks import StepTimer
+        from tasks.train.callbacks import StepTimer
 
         class _Clock(TrainerCallback):
             def __init__(self):
@@ -268,11 +268,11 @@ def run_one(name: str, args) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from tasks import paths
-    from tasks.base_model import load_tokenizer
-    from tasks.evaluate import answer_loss, make_batches
-    from tasks.formatted import load_rows
-    from tasks.train import train
+    from tasks.common import paths
+    from tasks.common.base_model import load_tokenizer
+    from tasks.common.formatted import load_rows
+    from tasks.evaluate.stage import answer_loss, make_batches
+    from tasks.train.stage import train
 
     overrides, steps, heldout = CONFIGS[name]
     if name == PLAIN_TRL:

@@ -8,7 +8,7 @@ cannot see is a Hub dataset that moved on; `check_source` compares the source's 
 one the last download recorded and, when it changed, has DVC re-run the download. No stage logic
 lives here.
 
-One run at a time: the flow holds the workspace lock (tasks/run_lock.py) from before it composes params to its
+One run at a time: the flow holds the workspace lock (tasks/common/run_lock.py) from before it composes params to its
 end, because between its `dvc repro --single-item` calls DVC's own lock is free. A run that finds the workspace
 taken changes nothing and ends "skipped" (see `_skipped`).
 """
@@ -27,12 +27,11 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from flows import history
-from flows.params import compose_params
-from tasks import paths, run_lock
-from tasks.config import load_params
-from tasks.download import recorded_fingerprint, source_fingerprint
+from tasks.common import paths, run_lock
+from tasks.common.compose import compose_params
+from tasks.common.config import load_params
+from tasks.download.stage import recorded_fingerprint, source_fingerprint
 
-STAGES = ("download", "validate", "format", "train", "evaluate", "publish")
 # A Hub download can fail for passing reasons; nothing else is worth retrying (bad data stays bad).
 RETRIES = {"download": 3}
 NOISE = ("it/s]", "examples/s]", "s/it]")
@@ -48,7 +47,7 @@ BUSY_WAIT_S = 300
 
 
 def _dvc(args: list[str], project_dir: Path) -> subprocess.CompletedProcess:
-    """`dvc` inside this run: the stages DVC runs belong to this run's workspace lock (tasks/run_lock.py).
+    """`dvc` inside this run: the stages DVC runs belong to this run's workspace lock (tasks/common/run_lock.py).
 
     Another dvc command that got in between two of our stages cannot run a stage (ours refuses it at its start:
     we hold the workspace) but can hold DVC's locks for a few seconds, until it gets there and stops; so this
@@ -106,7 +105,7 @@ def _read(path: Path) -> dict | None:
 
 
 def summary_markdown(project_dir: Path, ran: dict[str, bool], outcome: str) -> str:
-    val, ev = _read(project_dir / paths.VALIDATION_METRICS), _read(project_dir / paths.EVAL_METRICS)
+    val, ev = _read(project_dir / paths.VALIDATION_METRICS), _read(project_dir / paths.EVALUATION)
     lengths = _read(project_dir / paths.LENGTH_REPORT)
     lineage = _read(project_dir / paths.RELEASE_DIR / "lineage.json")
     lines = ["# Guanaco QLoRA pipeline run", "", f"**Outcome**: {outcome}", "", "| stage | ran |", "|---|---|"]
@@ -196,7 +195,7 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
     outcome = "up to date"
     try:
         source_moved = check_source(str(root))
-        for stage in STAGES:
+        for stage in paths.STAGES:
             stage_task = run_stage.with_options(
                 retries=RETRIES.get(stage, 0),
                 retry_delay_seconds=exponential_backoff(backoff_factor=10) if stage in RETRIES else 0,
@@ -205,7 +204,7 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
         if any(ran.values()):
             outcome = "published" if ran["publish"] else "ran " + ", ".join(s for s, r in ran.items() if r)
     except Exception:
-        outcome = f"failed at {next((s for s in STAGES if s not in ran), 'the end')}"
+        outcome = f"failed at {next((s for s in paths.STAGES if s not in ran), 'the end')}"
         raise
     finally:
         _record(root, started, outcome, ran)

@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Params, load_params
-from tasks.expectations import ROW_RULES
+from tasks.common import paths
+from tasks.common.config import Params, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-# The suite's rules in the order it runs them (tasks/expectations.py): tests check reports name each one.
-SUITE_RULES = ("enough_rows", *ROW_RULES, "duplicates", "within_max_length", "under_hard_limit", "row_rules_together")
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +60,7 @@ def params() -> Params:
 def workdir(tmp_path, monkeypatch) -> Path:
     """Run a test from a scratch directory holding the shipped sample (stages use relative paths)."""
     (tmp_path / "data" / "sample").mkdir(parents=True)
-    shutil.copy2(ROOT / "data/sample/guanaco_sample.jsonl", tmp_path / "data/sample/guanaco_sample.jsonl")
+    shutil.copy2(ROOT / paths.SAMPLE_DATA, tmp_path / paths.SAMPLE_DATA)
     tiny = ROOT / "models" / "tiny-llama"
     if tiny.exists():  # reuse the built tiny base (its fingerprint still guards staleness)
         shutil.copytree(tiny, tmp_path / "models" / "tiny-llama")

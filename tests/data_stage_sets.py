@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from benchmarks.data_stages import perturbed_rows
+from tasks.common import paths
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -124,12 +125,12 @@ def _conversations_sha(path: Path) -> str | None:
 
 def fingerprint(input_path: Path, overrides: list[str], project: Path) -> dict:
     """Run the three data stages on input_path in a scratch project at `project`; what they produced, hashed."""
-    from flows.params import compose_params
-    from tasks.config import load_params
-    from tasks.download import download
-    from tasks.errors import ValidationFailed
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.common.compose import compose_params
+    from tasks.common.config import load_params
+    from tasks.common.errors import ValidationFailed
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     if project.exists():
         shutil.rmtree(project)
@@ -184,7 +185,7 @@ def _summarize(project: Path, passed: bool) -> dict:
         "excluded_rows": _sha(result["excluded_rows"]),
         "parse_errors": _sha(result["parse_errors"]),
         "lengths": _sha(_portable(json.loads((project / "reports/validation/lengths.json").read_text("utf-8")))),
-        "validate_metrics": json.loads((project / "metrics/validate.json").read_text(encoding="utf-8")),
+        "validate_metrics": json.loads((project / paths.VALIDATION_SUMMARY).read_text(encoding="utf-8")),
         "conversations_sha256": _conversations_sha(project / "data/validated/conversations.jsonl"),
     }
     if passed:

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateD
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tasks.fsdp_adapter import fsdp_adapter_state, save_adapter
+from tasks.train.fsdp_adapter import fsdp_adapter_state, save_adapter
 
 out = Path(sys.argv[1])
 dist.init_process_group("gloo")
@@ -45,7 +45,7 @@ optimizer.step()  # lora_B leaves zero: the saved weights are the trained ones, 
 
 weights = fsdp_adapter_state(wrapped, "default")
 # What the Trainer's FSDP checkpoints hold of the adapter (accelerate's save_fsdp_model, adapter_only): empty while
-# PEFT misses the LoRA weights under nested FSDP wrappers, which is why tasks/train.py writes no FSDP checkpoints.
+# PEFT misses the LoRA weights under nested FSDP wrappers, which is why tasks/train/stage.py writes no FSDP checkpoints.
 from accelerate.utils.fsdp_utils import _get_model_state_dict  # noqa: E402
 
 with FSDP.state_dict_type(wrapped, StateDictType.SHARDED_STATE_DICT):

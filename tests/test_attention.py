@@ -4,8 +4,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tasks import attention
-from tasks.config import with_overrides
+from tasks.common.config import with_overrides
+from tasks.train import attention
 
 
 def _model(impl: str):
@@ -61,7 +61,7 @@ def test_padded_batches_still_take_the_sdpa_path():
 
 def test_preflight_names_a_gpu_too_old_for_varlen_attention(monkeypatch, params):
     # A T4 (7.5) as the CUDA device: PyTorch's varlen FlashAttention would fail at the first forward there.
-    from tasks import preflight
+    from tasks.train import preflight
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from flows.audit import audit
-from flows.audit import main as audit_main
-from tasks import paths, signing
-from tasks.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tasks.common import paths
+from tasks.common.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tasks.publish import signing
+from tasks.publish.audit import audit
+from tasks.publish.audit import main as audit_main
 from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
 pytestmark = pytest.mark.slow
@@ -106,12 +107,12 @@ def test_audit_passes_on_an_untouched_release_and_prints_the_chain(project, caps
 
 
 def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_since(project):
-    from tasks.stage_code import STAGES, stage_code
+    from tasks.publish.stage_code import STAGES, stage_code
 
-    lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
+    lineage = json.loads((project / paths.RELEASE_DIR / paths.LINEAGE).read_text())
     ran = lineage["code"]["stages"]
     assert tuple(ran) == STAGES and all(sorted(ran[s]) == stage_code(s, project) for s in STAGES)
-    assert "tasks/attention.py" in ran["train"] and "tasks/attention.py" not in ran["download"]
+    assert "tasks/train/attention.py" in ran["train"] and "tasks/train/attention.py" not in ran["download"]
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
     # dvc repro itself wrote dvc.lock during the run: the one uncommitted input the record names
     assert (
@@ -120,10 +121,10 @@ def test_the_code_link_records_what_each_stage_ran_and_names_a_module_changed_si
     assert any("matches dvc.lock and the files here" in f for f in code.facts)
 
     # An edit to a module train imports only indirectly (train -> attention) is named, for train and not download.
-    with open(project / "tasks" / "attention.py", "a") as f:
+    with open(project / "tasks" / "train" / "attention.py", "a") as f:
         f.write("\n# an edit after the release\n")
     code = next(link for link in audit(project / paths.RELEASE_DIR) if link.name == "code")
-    assert any("stage train ran" in w and "tasks/attention.py" in w for w in code.warnings), code.warnings
+    assert any("stage train ran" in w and "tasks/train/attention.py" in w for w in code.warnings), code.warnings
     assert not any("stage download" in w for w in code.warnings)
 
 
@@ -132,7 +133,7 @@ def test_the_release_names_its_environment_and_the_audit_sees_this_one_is_the_sa
     env = lineage["training"]["environment"]
     assert env["lock"] == "requirements/cpu.lock"  # the suite runs in the venv `make install` made from the lock
     assert len(env["distributions"]) > 100 and "great-expectations==" in " ".join(env["distributions"])
-    from tasks import provenance
+    from tasks.publish import provenance
 
     envelope = json.loads((project / paths.RELEASE_DIR / provenance.FILE).read_text())
     statement = json.loads(base64.b64decode(envelope["payload"]))
@@ -237,7 +238,7 @@ def _rewrite_envelope(release: Path, key_file: Path, password: str | None, chang
     """A forger who holds a signing key rewrites the provenance statement and signs the envelope anew."""
     from cryptography.hazmat.primitives import serialization
 
-    from tasks import provenance
+    from tasks.publish import provenance
 
     envelope = json.loads((release / provenance.FILE).read_text())
     statement = json.loads(base64.b64decode(envelope["payload"]))
@@ -263,7 +264,7 @@ def test_a_resigned_statement_claiming_another_dataset_fails_at_the_provenance_l
 
 
 def test_a_statement_with_other_params_or_subjects_is_named_and_a_plain_statement_is_refused(project, signing_key):
-    from tasks import provenance
+    from tasks.publish import provenance
 
     release = project / paths.RELEASE_DIR
 
@@ -287,7 +288,7 @@ def test_a_statement_with_other_params_or_subjects_is_named_and_a_plain_statemen
 
 
 def test_one_flipped_byte_in_the_released_adapter_fails_at_the_release_link(project, capsys):
-    _flip_last_byte(project / paths.RELEASE_DIR / "adapter_model.safetensors")
+    _flip_last_byte(project / paths.RELEASE_DIR / paths.ADAPTER_WEIGHTS)
     assert _first_failure(project) == "release"
     assert audit_main([str(project / paths.RELEASE_DIR)]) == 1
     assert "audit FAILED at link 'release': adapter_model.safetensors" in capsys.readouterr().out
@@ -306,9 +307,9 @@ def test_the_signature_link_names_the_signers_key_and_catches_a_card_edited_behi
     # The card edited and its hash rewritten in lineage.json: every lineage link holds, the signature does not.
     card = release / "README.md"
     card.write_text(card.read_text().replace("LoRA adapter", "Safe, audited LoRA adapter", 1))
-    lineage = read_json(release / "lineage.json")
+    lineage = read_json(release / paths.LINEAGE)
     lineage["files_sha256"]["README.md"] = sha256_file(card)
-    write_json(release / "lineage.json", lineage)
+    write_json(release / paths.LINEAGE, lineage)
     assert _first_failure(project) == "signature"
     assert subprocess.run(cli, cwd=project, capture_output=True).returncode == 1
 
@@ -341,10 +342,10 @@ def test_edited_raw_data_fails_at_the_raw_data_link(project, capsys):
 def test_a_rewritten_lineage_still_fails_where_the_stage_records_disagree(project):
     """Someone swaps the adapter AND rewrites its hash in lineage.json: the training record still disagrees."""
     release = project / paths.RELEASE_DIR
-    _flip_last_byte(release / "adapter_model.safetensors")
-    lineage = json.loads((release / "lineage.json").read_text())
-    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != "lineage.json"}
-    (release / "lineage.json").write_text(json.dumps(lineage))
+    _flip_last_byte(release / paths.ADAPTER_WEIGHTS)
+    lineage = json.loads((release / paths.LINEAGE).read_text())
+    lineage["files_sha256"] = {k: v for k, v in sha256_tree(release).items() if k != paths.LINEAGE}
+    (release / paths.LINEAGE).write_text(json.dumps(lineage))
     links = {link.name: link for link in audit(release)}
     assert not links["release"].ok
     assert any("released adapter vs adapter trained" in p for p in links["release"].problems)
@@ -374,7 +375,7 @@ def test_the_planted_hub_token_and_signing_key_are_in_no_output_log_or_prefect_a
 
     planted = [PLANTED, *key_secrets(signing_key.read_bytes(), KEY_PASSWORD)]
     written = [p for p in published.rglob("*") if p.is_file() and ".git" not in p.parts]
-    assert {"params.yaml", "lineage.json", "README.md", "provenance.intoto.jsonl"} <= {p.name for p in written}
+    assert {"params.yaml", paths.LINEAGE, "README.md", "provenance.intoto.jsonl"} <= {p.name for p in written}
     leaks = [str(p) for p in written for secret in planted if secret.encode() in p.read_bytes()]
     assert leaks == []
 
@@ -421,7 +422,7 @@ def test_publish_records_its_own_code_as_it_runs_not_its_last_lock_entry(tmp_pat
     the code running now (else the audit of a fresh release warns that the workspace moved on)."""
     import yaml
 
-    from tasks.stage_code import _md5, stage_code, stage_code_hashes
+    from tasks.publish.stage_code import _md5, stage_code, stage_code_hashes
 
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(root / "tasks", tmp_path / "tasks")

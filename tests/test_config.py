@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.params import compose_params
-from tasks.config import load_params
-from tasks.errors import PipelineError
+from tasks.common.compose import compose_params
+from tasks.common.config import load_params
+from tasks.common.errors import PipelineError
 from tests.conftest import ROOT
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tasks.conversation import (
+from tasks.common.conversation import (
     ASSISTANT,
     USER,
     Conversation,

@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from tasks.conversation import Conversation, near_duplicate_key
+from tasks.common.conversation import Conversation, near_duplicate_key
 from tests.conftest import needs_shared
 from tests.data_stage_sets import GOLDEN, fingerprint, input_sets
 
@@ -73,11 +73,11 @@ def test_near_duplicate_key_fast_path_on_the_real_rows():
 def test_measured_lengths_equal_the_label_counts_train_uses(max_length):
     """lengths.measure_rendered bisects token offsets; tokens._labels walks every token. Same figures, every row,
     on the real rows (with a system prompt, so every row has a prompt before its first answer span)."""
-    from tasks.base_model import load_tokenizer
-    from tasks.config import ModelParams
-    from tasks.conversation import parse_row, render_llama2
-    from tasks.lengths import measure_rendered, row_lengths
-    from tasks.tokens import tokenize_rendered
+    from tasks.common.base_model import load_tokenizer
+    from tasks.common.config import ModelParams
+    from tasks.common.conversation import parse_row, render_llama2
+    from tasks.common.tokens import tokenize_rendered
+    from tasks.validate.lengths import measure_rendered, row_lengths
 
     raw = needs_shared("guanaco-raw-1k", "train.jsonl")
     tok_dir = needs_shared("llama-2-tokenizer")
@@ -95,7 +95,7 @@ def test_control_character_regex_is_exactly_unicode_cc_but_newline_and_tab():
     import sys
     import unicodedata
 
-    from tasks.expectations import _CONTROL
+    from tasks.validate.expectations import _CONTROL
 
     differ = [
         c

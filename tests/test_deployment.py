@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from flows import history
+from tasks.common import paths
 from tests.conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
-ALL = ["download", "validate", "format", "train", "evaluate", "publish"]
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, 
 
         assert _trigger(url) == "COMPLETED"
         first = history.read(project_copy)[-1]
-        assert first["stages_ran"] == ALL and first["outcome"] == "published" and first["release_id"]
+        assert first["stages_ran"] == list(paths.STAGES) and first["outcome"] == "published" and first["release_id"]
 
         start = time.perf_counter()
         assert _trigger(url) == "COMPLETED"
@@ -95,7 +95,7 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(project_copy, 
         assert second["stages_ran"] == [] and second["outcome"] == "up to date"
         print(f"\nno-change scheduled run: {no_change_seconds:.1f} s end to end")
 
-        sample = project_copy / "data/sample/guanaco_sample.jsonl"
+        sample = project_copy / paths.SAMPLE_DATA
         sample.write_text(
             sample.read_text()
             + json.dumps({"text": "### Human: Name a prime number above 90.### Assistant: 97 is a prime number."})

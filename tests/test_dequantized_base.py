@@ -1,12 +1,13 @@
-"""train.dequantized_base (tasks/dequantized_base.py): the 4-bit base dequantized once gives the 4-bit path's math."""
+"""train.dequantized_base (tasks/train/dequantized_base.py): the 4-bit base dequantized once gives the 4-bit
+path's math."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tasks.config import with_overrides
-from tasks.errors import PipelineError
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
 
 
 def _tiny_4bit_lora(tmp_path):
@@ -44,7 +45,7 @@ def _loss_and_grads(model, ids):
 def test_dequantized_base_gives_the_4bit_loss_and_lora_gradients(tmp_path):
     import bitsandbytes as bnb
 
-    from tasks.dequantized_base import DequantizedLinear, dequantize_base
+    from tasks.train.dequantized_base import DequantizedLinear, dequantize_base
 
     ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
     four_bit = _tiny_4bit_lora(tmp_path)
@@ -68,7 +69,7 @@ def test_dequantized_base_gives_the_4bit_loss_and_lora_gradients(tmp_path):
 
 
 def test_preflight_keeps_the_dequantized_base_to_one_process_and_a_4bit_base(params):
-    from tasks.preflight import hardware_problems
+    from tasks.train.preflight import hardware_problems
 
     on = with_overrides(params, **{"train.dequantized_base": True})
     assert hardware_problems(on) == []
@@ -81,8 +82,8 @@ def test_preflight_keeps_the_dequantized_base_to_one_process_and_a_4bit_base(par
 def test_planner_counts_the_dequantized_base(params):
     from transformers import LlamaConfig
 
-    from tasks.memory import ModelShape, estimate
-    from tasks.model_shapes import LLAMA2_7B_CHAT
+    from benchmarks.model_shapes import LLAMA2_7B_CHAT
+    from tasks.train.memory import ModelShape, estimate
 
     shape = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
     bf16 = with_overrides(params, **{"quant.compute_dtype": "bfloat16", "train.precision": "bf16"})
@@ -92,10 +93,10 @@ def test_planner_counts_the_dequantized_base(params):
 
 
 def test_the_train_stage_trains_the_same_adapter_on_a_dequantized_base(workdir, params, caplog):
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.train import train
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.train.stage import train
+    from tasks.validate.stage import validate
 
     download(params.download)
     validate(params)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import paths
-from tasks.config import with_overrides
-from tasks.distributed import LAUNCHER, launch_command, needs_launch, world
-from tasks.errors import PipelineError
+from tasks.common import paths
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.train.distributed import LAUNCHER, launch_command, needs_launch, world
 from tests.conftest import ROOT
 
 
@@ -96,7 +96,7 @@ def test_distributed_params_are_checked(params):
 
 
 def test_the_global_batch_is_split_over_the_ranks():
-    from tasks.train import per_rank_batch
+    from tasks.train.stage import per_rank_batch
 
     assert per_rank_batch(4, 1, 1) == (4, 1)
     assert per_rank_batch(4, 1, 2) == (2, 1)  # each rank half the micro-batch
@@ -107,7 +107,7 @@ def test_the_global_batch_is_split_over_the_ranks():
 
 
 def test_fsdp_on_the_cpu_stops_in_preflight(params):
-    from tasks.preflight import preflight
+    from tasks.train.preflight import preflight
 
     with pytest.raises(PipelineError, match="fsdp \\(FSDP-QLoRA\\) needs CUDA GPUs"):
         preflight(_mode(params, "fsdp", 2))
@@ -138,19 +138,19 @@ def test_a_failing_ddp_worker_fails_the_stage_with_its_message_and_keeps_the_las
     does, and the adapter of the last good run is untouched."""
     adapter = workdir / paths.ADAPTER_DIR
     adapter.mkdir(parents=True)
-    (adapter / "adapter_model.safetensors").write_bytes(b"last good adapter")
+    (adapter / paths.ADAPTER_WEIGHTS).write_bytes(b"last good adapter")
     proc, _ = _train(workdir, _mode(params, "ddp", 2))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "train.jsonl not found: run the format stage first" in proc.stderr
     assert "failed with exit code 2" in proc.stderr
-    assert (adapter / "adapter_model.safetensors").read_bytes() == b"last good adapter"
+    assert (adapter / paths.ADAPTER_WEIGHTS).read_bytes() == b"last good adapter"
     assert sorted(p.name for p in (workdir / "artifacts").iterdir()) == ["adapter"]  # no staging folder left
 
 
 def _tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
-    with safe_open(adapter / "adapter_model.safetensors", framework="pt") as f:
+    with safe_open(adapter / paths.ADAPTER_WEIGHTS, framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
@@ -162,9 +162,9 @@ def test_two_process_ddp_on_the_cpu_matches_a_single_process_run(workdir, params
     the rows to the ranks in another order than the single run's sampler (other rows make up each step's batch),
     LoRA dropout draws differ per rank, and the gradient is an all-reduced mean of two halves.
     """
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     base = with_overrides(params, **{"train.max_steps": 4})
     download(base.download)
@@ -173,13 +173,13 @@ def test_two_process_ddp_on_the_cpu_matches_a_single_process_run(workdir, params
 
     single, single_s = _train(workdir, base)
     assert single.returncode == 0, single.stderr[-3000:]
-    one = json.loads((workdir / paths.TRAIN_METRICS).read_text())
+    one = _train_figures(workdir)
     one_tensors = _tensors(workdir / paths.ADAPTER_DIR)
 
     ddp, ddp_s = _train(workdir, _mode(base, "ddp", 2))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "launching 2 processes (ddp)" in ddp.stderr
-    two = json.loads((workdir / paths.TRAIN_METRICS).read_text())
+    two = _train_figures(workdir)
     run = json.loads((workdir / paths.ADAPTER_DIR / "training_run.json").read_text())
     print(f"\nsingle: loss {one['train_loss']} in {single_s:.1f} s; ddp x2: loss {two['train_loss']} in {ddp_s:.1f} s")
 
@@ -201,9 +201,9 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
     on, orphaned, writing checkpoints and the adapter beside the resumed run."""
     import psutil
 
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     p = _mode(params, "ddp", 2, **{"train.max_steps": 30, "train.save_steps": 10, "train.logging_steps": 5})
     download(p.download)
@@ -234,7 +234,16 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
     proc, _ = _train(workdir, p)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((workdir / paths.TRAIN_METRICS).read_text())
-    assert metrics["resumed"] is True and metrics["steps"] == 30 and metrics["world_size"] == 2
+    layout = json.loads((workdir / paths.TRAIN_LAYOUT).read_text())
+    assert metrics["resumed"] is True and metrics["steps"] == 30 and layout["world_size"] == 2
+
+
+def _train_figures(project) -> dict:
+    """metrics/train.json and the layout file beside it, as train() returns them."""
+    return {
+        **json.loads((project / paths.TRAIN_METRICS).read_text()),
+        **json.loads((project / paths.TRAIN_LAYOUT).read_text()),
+    }
 
 
 def _running(proc) -> bool:
@@ -249,7 +258,7 @@ def _running(proc) -> bool:
 def test_single_mode_on_a_multi_gpu_box_trains_on_one_gpu(params):
     """A lone process seeing several GPUs would be wrapped in nn.DataParallel (SFTTrainer refuses it): `python -m
     tasks.train` restarts itself with only the first visible GPU."""
-    from tasks.distributed import one_gpu_env
+    from tasks.train.distributed import one_gpu_env
 
     assert one_gpu_env(params, 2, env={})["CUDA_VISIBLE_DEVICES"] == "0"
     assert one_gpu_env(params, 2, env={"CUDA_VISIBLE_DEVICES": "3, 1"})["CUDA_VISIBLE_DEVICES"] == "3"
@@ -260,8 +269,9 @@ def test_single_mode_on_a_multi_gpu_box_trains_on_one_gpu(params):
 
 def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     """FSDP1 on 2 CPU processes (gloo) wrapping a tiny LoRA model as accelerate wraps FSDP-QLoRA: the adapter that
-    tasks.distributed gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves from the
-    same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no weights.)"""
+    tasks/train/fsdp_adapter.py gathers and saves on rank 0 equals, key for key and value for value, what PEFT saves
+    from the same trained weights on a plain model, and its config is PEFT's. (PEFT's own save under FSDP wrote no
+    weights.)"""
     import torch
     from safetensors.torch import load_file
 
@@ -284,8 +294,8 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, peft = (
-        load_file(tmp_path / "ours" / "adapter_model.safetensors"),
-        load_file(tmp_path / "peft" / "adapter_model.safetensors"),
+        load_file(tmp_path / "ours" / paths.ADAPTER_WEIGHTS),
+        load_file(tmp_path / "peft" / paths.ADAPTER_WEIGHTS),
     )
     assert sorted(ours) == sorted(peft) and len(ours) == 8  # 2 layers x (q, v) x (A, B)
     assert all(k.endswith(("lora_A.weight", "lora_B.weight")) and "_fsdp" not in k for k in ours)
@@ -295,14 +305,14 @@ def test_fsdp_adapter_is_saved_with_the_weights_and_names_peft_gives(tmp_path):
     configs = [json.loads((tmp_path / side / "adapter_config.json").read_text()) for side in ("ours", "peft")]
     ours_config, peft_config = ({**c, "target_modules": sorted(c["target_modules"])} for c in configs)
     assert ours_config == peft_config
-    # The reason FSDP runs write no checkpoints (tasks/train.py sft_config): the Trainer's FSDP checkpoint of a PEFT
+    # Why FSDP runs write no checkpoints (train/stage.py sft_config): the Trainer's FSDP checkpoint of a PEFT
     # model holds none of the adapter. When this fails, PEFT/accelerate fixed it: FSDP checkpoints can come back.
     assert (tmp_path / "checkpoint_adapter_keys.txt").read_text() == "0", "FSDP checkpoints now hold the adapter"
 
 
 def test_fsdp_writes_no_checkpoints(params):
-    from tasks.memory import Estimate
-    from tasks.train import sft_config
+    from tasks.train.memory import Estimate
+    from tasks.train.stage import sft_config
 
     est = Estimate(
         base_weights_gib=0,
@@ -328,7 +338,7 @@ def test_fsdp_loading_stores_the_4bit_weights_in_a_float_dtype(params):
     import bitsandbytes as bnb
     import torch
 
-    from tasks.base_model import load_base_model
+    from tasks.common.base_model import load_base_model
 
     def first_4bit_weight(model):
         return next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
@@ -372,9 +382,9 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     import torch
     from safetensors.torch import load_file
 
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     hosts = [tmp_path / "host0", tmp_path / "host1", tmp_path / "onehost"]
     base = with_overrides(params, **{"train.max_steps": 3})
@@ -422,12 +432,13 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     single_host, _ = _train(hosts[2], _mode(base, "ddp", 2))
     assert single_host.returncode == 0, single_host.stderr[-3000:]
 
-    two_hosts = load_file(hosts[0] / paths.ADAPTER_DIR / "adapter_model.safetensors")
-    one_host = load_file(hosts[2] / paths.ADAPTER_DIR / "adapter_model.safetensors")
+    two_hosts = load_file(hosts[0] / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
+    one_host = load_file(hosts[2] / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
     assert two_hosts.keys() == one_host.keys() and len(two_hosts) > 0
     assert any(v.abs().sum() > 0 for k, v in two_hosts.items() if "lora_B" in k)  # trained: LoRA B starts at zero
     for name in two_hosts:
         torch.testing.assert_close(two_hosts[name], one_host[name], rtol=1e-5, atol=1e-6)
     assert not (hosts[1] / paths.ADAPTER_DIR).exists()  # only the main host's rank 0 writes
     metrics = json.loads((hosts[0] / paths.TRAIN_METRICS).read_text())
-    assert metrics["world_size"] == 2 and metrics["steps"] == 3
+    layout = json.loads((hosts[0] / paths.TRAIN_LAYOUT).read_text())
+    assert layout["world_size"] == 2 and metrics["steps"] == 3

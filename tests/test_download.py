@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.config import with_overrides
-from tasks.download import download, source_fingerprint
-from tasks.errors import PipelineError
+from tasks.common import paths
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.download.stage import download, source_fingerprint
 
-SAMPLE = Path("data/sample/guanaco_sample.jsonl")
+SAMPLE = paths.SAMPLE_DATA
 ROWS = [
     {"text": "### Human: What is 2+2?### Assistant: It is 4."},
     {"text": "### Human: Name a color.### Assistant: Blue."},
@@ -514,7 +515,7 @@ def test_columns_param_errors_are_named(params, workdir, rows, mapping, pattern)
 
 
 def test_columns_param_is_typed(params):
-    from tasks.config import Params
+    from tasks.common.config import Params
 
     data = params.as_dict()
     data["download"]["columns"] = {**data["download"]["columns"], "txt": "content"}
@@ -536,7 +537,7 @@ def umask_022():
 
 
 def test_outputs_get_ordinary_permissions(params, workdir, umask_022):
-    from tasks.artifacts import staged_dir, write_text
+    from tasks.common.artifacts import staged_dir, write_text
 
     _, out_rows, out_source = _dl(params, SAMPLE, workdir)
     assert {oct(p.stat().st_mode & 0o777) for p in (out_rows, out_source)} == {"0o644"}
@@ -600,7 +601,7 @@ def test_lone_surrogate_escape_stops_with_the_row(params, workdir, suffix):
 def test_a_file_written_while_it_is_read_stops_and_keeps_the_last_good_outputs(params, workdir, monkeypatch):
     """The source's sha256 is taken before its rows are read; a file appended to meanwhile gave a lineage hash that
     did not match the rows written (found by a messy-input probe: 256,000 rows hashed, 256,500 written)."""
-    import tasks.download as dl
+    import tasks.download.stage as dl
 
     _, out_rows, out_source = _dl(params, SAMPLE, workdir)  # a good previous run
     before = out_rows.read_bytes(), out_source.read_bytes()

@@ -1,11 +1,11 @@
-"""dvc.yaml and the code: each stage's deps list exactly the code it runs, and its paths are tasks/paths.py's."""
+"""dvc.yaml and the code: each stage's deps list exactly the code it runs, and its paths are tasks/common/paths.py's."""
 
 from __future__ import annotations
 
 import yaml
 
-from tasks import paths
-from tasks.stage_code import STAGES, stage_code
+from tasks.common import paths
+from tasks.publish.stage_code import STAGES, stage_code
 from tests.conftest import ROOT
 
 
@@ -36,6 +36,26 @@ def test_the_import_walk_follows_imports_inside_functions(tmp_path):
     assert stage_code("a", tmp_path) == ["tasks/a.py", "tasks/b.py", "tasks/c.py", "tasks/d.py"]
 
 
+def test_a_stage_package_runs_its_init_main_and_the_packages_above_what_it_imports(tmp_path):
+    for package in ("tasks", "tasks/s", "tasks/common"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "tasks" / "s" / "__main__.py").write_text("from tasks.s.stage import main\n")
+    (tmp_path / "tasks" / "s" / "stage.py").write_text("from tasks.common import paths\nfrom tasks.common.x import f\n")
+    (tmp_path / "tasks" / "common" / "paths.py").write_text("")
+    (tmp_path / "tasks" / "common" / "x.py").write_text("")
+    (tmp_path / "tasks" / "common" / "unused.py").write_text("")
+    assert stage_code("s", tmp_path) == [
+        "tasks/__init__.py",
+        "tasks/common/__init__.py",
+        "tasks/common/paths.py",
+        "tasks/common/x.py",
+        "tasks/s/__init__.py",
+        "tasks/s/__main__.py",
+        "tasks/s/stage.py",
+    ]
+
+
 def test_every_output_persists_and_matches_tasks_paths():
     """persist: a failed stage keeps the last good outputs (each stage swaps its outputs in only on success)."""
     declared = {}
@@ -55,6 +75,8 @@ def test_every_output_persists_and_matches_tasks_paths():
         paths.ADAPTER_DIR,
         paths.TRAIN_METRICS,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
+        paths.TRAIN_LAYOUT,
         paths.GENERATIONS,
         paths.EVAL_RUN,
         paths.RELEASE_DIR,

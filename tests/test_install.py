@@ -131,10 +131,10 @@ def test_the_installed_set_equals_the_lock():
 
 
 def test_the_install_check_names_a_package_that_is_not_as_locked(tmp_path, capsys):
-    """`make install` ends with `python -m tasks.environment <lock>`: a pin the environment does not hold fails it."""
+    """`make install` ends with `python -m tasks.common.environment <lock>`: a pin not held fails it."""
     from importlib import metadata
 
-    from tasks.environment import main
+    from tasks.common.environment import main
 
     lock = tmp_path / "cpu.lock"
     lock.write_text(

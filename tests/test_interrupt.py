@@ -11,7 +11,8 @@ import sys
 
 import yaml
 
-from tasks.config import with_overrides
+from tasks.common import paths
+from tasks.common.config import with_overrides
 from tests.conftest import ROOT, wait_for
 
 
@@ -37,7 +38,7 @@ def _set_input(workdir, params, path) -> None:
 
 def test_ctrl_c_in_validate_keeps_the_last_good_outputs(workdir, params):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the stages run from the scratch dir, as dvc runs them
-    _set_input(workdir, params, "data/sample/guanaco_sample.jsonl")
+    _set_input(workdir, params, paths.SAMPLE_DATA)
     for stage in ("download", "validate"):  # a good run first
         proc = _stage(stage, workdir, env=env)
         _, err = proc.communicate(timeout=600)  # communicate, not wait: a full pipe would block the stage
@@ -45,7 +46,7 @@ def test_ctrl_c_in_validate_keeps_the_last_good_outputs(workdir, params):
     validated = workdir / "data" / "validated"
     good = (validated / "conversations.jsonl").read_bytes()
 
-    sample = (workdir / "data/sample/guanaco_sample.jsonl").read_text(encoding="utf-8").splitlines()
+    sample = (workdir / paths.SAMPLE_DATA).read_text(encoding="utf-8").splitlines()
     big = workdir / "big.jsonl"
     with open(big, "w", encoding="utf-8") as f:  # enough rows that validate is still scanning when interrupted
         for i in range(40_000):
@@ -71,7 +72,7 @@ def test_sigterm_in_download_leaves_no_temp_file_and_the_last_good_outputs(workd
     """SIGTERM (a scheduler or container stopping the job): Python's default ended the process at once and left a
     31 MB data/raw/.rows.jsonl.<hex>.tmp behind (found by a messy-input probe). Now it unwinds as Ctrl-C does."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    _set_input(workdir, params, "data/sample/guanaco_sample.jsonl")
+    _set_input(workdir, params, paths.SAMPLE_DATA)
     proc = _stage("download", workdir, env=env)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err

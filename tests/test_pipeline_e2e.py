@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks import paths
+from tasks.common import paths
+from tasks.common.paths import STAGES
 
 pytestmark = pytest.mark.slow
-STAGES = ["download", "validate", "format", "train", "evaluate", "publish"]
 
 
 def dvc(project: Path, *args: str, with_stderr: bool = False) -> str:
@@ -32,15 +32,15 @@ def ran(output: str) -> list[str]:
 
 def test_dvc_repro_from_a_fresh_clone(project_copy):
     out = dvc(project_copy, "repro", with_stderr=True)
-    assert ran(out) == STAGES
-    # Library messages go to each stage's log file, not the terminal (tasks/stage_log.py): no Python warning line
+    assert ran(out) == list(STAGES)
+    # Library messages go to each stage's log file, not the terminal (tasks/common/stage_log.py): no Python warning line
     # (its own format, "<file>:<line>: <Category>: ...") reaches the output, whatever a library's words.
     assert not re.search(r"^\S+:\d+: \w+: ", out, re.M), out
     for stage in STAGES:
         assert (project_copy / paths.LOG_DIR / f"{stage}.log").stat().st_size > 0, stage
     release = project_copy / paths.RELEASE_DIR
     for name in (
-        "adapter_model.safetensors",
+        paths.ADAPTER_WEIGHTS,
         "adapter_config.json",
         "tokenizer.json",
         "tokenizer_config.json",
@@ -59,6 +59,9 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
         paths.EVAL_ROWS,
         paths.TRAIN_METRICS,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
+        paths.VALIDATION_SUMMARY,
+        paths.TRAIN_LAYOUT,
         paths.GENERATIONS,
     ):
         assert (project_copy / out_path).is_file(), out_path
@@ -87,6 +90,7 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
         paths.DVCLIVE_DIR,
         paths.LOSS_CURVE,
         paths.EVAL_METRICS,
+        paths.EVALUATION,
         paths.GENERATIONS,
         paths.EVAL_RUN,
         paths.RELEASE_DIR,
@@ -109,7 +113,7 @@ def test_dvc_repro_from_a_fresh_clone(project_copy):
 
 def snapshot(project: Path, rels: list) -> dict[str, str]:
     """sha256 of every file under the given outputs (relative path -> hash)."""
-    from tasks.artifacts import sha256_file
+    from tasks.common.artifacts import sha256_file
 
     files = {}
     for rel in rels:
@@ -134,7 +138,7 @@ def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_c
     assert first["ran"] == {s: True for s in STAGES}
     assert (project_copy / paths.RELEASE_DIR / "lineage.json").is_file()
     # The release's provenance names the flow run that made it, also when the flow is called directly.
-    from tasks import provenance
+    from tasks.publish import provenance
 
     envelope = json.loads((project_copy / paths.RELEASE_DIR / provenance.FILE).read_text())
     statement = json.loads(base64.b64decode(envelope["payload"]))
@@ -157,7 +161,7 @@ def test_a_failed_validation_fails_its_task_with_the_report_location_and_nothing
     from flows import history
     from flows.pipeline import pipeline
 
-    sample = project_copy / "data/sample/guanaco_sample.jsonl"
+    sample = project_copy / paths.SAMPLE_DATA
     bad = [json.dumps({"text": f"### Human: ### Assistant: answer {i}"}) for i in range(8)]  # empty user turns
     sample.write_text(sample.read_text() + "\n".join(bad) + "\n")
     state = pipeline(project_dir=str(project_copy), return_state=True)

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.report_images import dump_dom, find_chromium, screenshot
-from tasks.artifacts import read_jsonl
-from tasks.validate import validate
-from tasks.validation_page import render
-from tests.conftest import ROOT, SUITE_RULES
+from tasks.common import paths
+from tasks.common.artifacts import read_jsonl
+from tasks.validate.expectations import SUITE_RULES
+from tasks.validate.report_images import dump_dom, find_chromium, screenshot
+from tasks.validate.stage import validate
+from tasks.validate.validation_page import render
+from tests.conftest import ROOT
 
-SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-RULES = list(SUITE_RULES)
+SAMPLE = ROOT / paths.SAMPLE_DATA
 
 
 def _text(dom: str) -> str:
@@ -30,7 +31,7 @@ def report_dir(params, tmp_path_factory) -> Path:
     """The validate stage run on the shipped sample in a scratch project; its reports/validation/."""
     root = tmp_path_factory.mktemp("report_pages")
     (root / "data" / "sample").mkdir(parents=True)
-    shutil.copy2(SAMPLE, root / "data/sample/guanaco_sample.jsonl")
+    shutil.copy2(SAMPLE, root / paths.SAMPLE_DATA)
     if (ROOT / "models/tiny-llama").exists():
         shutil.copytree(ROOT / "models/tiny-llama", root / "models/tiny-llama")
     raw = root / "raw.jsonl"
@@ -53,7 +54,7 @@ def test_the_validate_stage_writes_a_self_contained_page(report_dir):
     # nothing to fetch: no external stylesheet, script, image or font
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page), "the page must not load anything remote"
     assert "<script" not in page and "<style>" in page
-    for rule in RULES:
+    for rule in SUITE_RULES:
         assert rule in page
 
 
@@ -94,9 +95,9 @@ def chromium():
 def test_report_index_in_headless_chromium_shows_rules_and_verdict(chromium, report_dir, tmp_path):
     text = _text(dump_dom(report_dir / "index.html"))
     assert "Validation passed: every rule holds" in text
-    for rule in RULES:
+    for rule in SUITE_RULES:
         assert rule in text
-    assert text.count("passed") >= len(RULES)
+    assert text.count("passed") >= len(SUITE_RULES)
     assert "p95" in text and "truncate" in text  # the token lengths
 
     png = screenshot(report_dir / "index.html", tmp_path / "validation_report.png")

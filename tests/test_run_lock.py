@@ -1,4 +1,4 @@
-"""Two runs at once on one workspace: real processes and the real lock (tasks/run_lock.py), nothing mocked."""
+"""Two runs at once on one workspace: real processes and the real lock (tasks/common/run_lock.py), nothing mocked."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tasks import paths, run_lock
+from tasks.common import paths, run_lock
 
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 ENV.pop(run_lock.COVER_ENV, None)
 
 # A stage process of another run: takes the workspace lock exactly as a stage entry does, then stays in its stage.
-HOLD_AS_STAGE = "import sys, time; from tasks import run_lock; lock = run_lock.hold_for_stage(sys.argv[1]); print('held', flush=True); time.sleep(600)"  # noqa: E501
+HOLD_AS_STAGE = "import sys, time; from tasks.common import run_lock; lock = run_lock.hold_for_stage(sys.argv[1]); print('held', flush=True); time.sleep(600)"  # noqa: E501
 # A dvc command in progress: DVC's repo lock taken through DVC's own lock library, as `dvc repro` takes it.
 HOLD_AS_DVC = (
     "import time, zc.lockfile; lock = zc.lockfile.LockFile('.dvc/tmp/lock'); print('held', flush=True); time.sleep(600)"  # noqa: E501
@@ -98,19 +98,19 @@ def test_a_stage_refuses_while_another_run_holds_the_workspace_and_a_killed_hold
 
 # Takes the lock as the train stage does, then re-executes itself (as train does for one GPU) into CHECK_COVER.
 REEXEC = (
-    "import os, sys; from tasks import run_lock; run_lock.hold_for_stage('train'); "
+    "import os, sys; from tasks.common import run_lock; run_lock.hold_for_stage('train'); "
     "os.execv(sys.executable, [sys.executable, '-c', sys.argv[1]])"
 )
 CHECK_COVER = """
 import json, os, subprocess, sys
-from tasks import run_lock
+from tasks.common import run_lock
 covered = run_lock.hold_for_stage('train') is None  # the same run, after exec: the inherited lock covers it
 def refused(env):
     p = subprocess.run([sys.executable, '-m', 'tasks.download'], env=env, capture_output=True, text=True)
     return p.returncode == 2 and 'another run is in progress' in p.stderr
 outsider = {k: v for k, v in os.environ.items() if k != run_lock.COVER_ENV}
-child = subprocess.run([sys.executable, '-c', 'from tasks import run_lock; print(run_lock.hold_for_stage("format"))'],
-                       capture_output=True, text=True).stdout.strip()
+hold = 'from tasks.common import run_lock; print(run_lock.hold_for_stage("format"))'
+child = subprocess.run([sys.executable, '-c', hold], capture_output=True, text=True).stdout.strip()
 print(json.dumps({"covered": covered, "child": child, "outsider_refused": refused(outsider),
                   "forged_refused": refused({**outsider, run_lock.COVER_ENV: "1-forged"})}))
 """
@@ -190,7 +190,7 @@ def test_while_a_flow_holds_the_workspace_a_stage_and_a_second_flow_refuse_and_t
     from flows.pipeline import SKIPPED, pipeline
 
     # Keep the flow short: rows that fail validation end it after two stages.
-    sample = project_copy / "data/sample/guanaco_sample.jsonl"
+    sample = project_copy / paths.SAMPLE_DATA
     bad = [json.dumps({"text": f"### Human: ### Assistant: answer {i}"}) for i in range(8)]
     sample.write_text(sample.read_text() + "\n".join(bad) + "\n")
 
@@ -238,7 +238,7 @@ PIN_WHEN_FLOW_HOLDS = """
 import os, time, zc.lockfile
 from dvc.fs import localfs
 from dvc.rwlock import rwlock
-from tasks import run_lock
+from tasks.common import run_lock
 deadline = time.time() + 120
 while not (run_lock.HOLDER_FILE.exists() and 'Prefect flow run' in run_lock.HOLDER_FILE.read_text()):
     assert time.time() < deadline, 'the flow never took the workspace'

@@ -1,4 +1,5 @@
-"""Release signing (tasks/signing.py) and the provenance statement's pieces (tasks/provenance.py), without a model.
+"""Release signing (tasks/publish/signing.py) and the provenance statement's pieces (tasks/publish/provenance.py),
+without a model.
 
 The signed CPU release itself, verified with the standard CLI and tampered with, is in
 tests/test_train_evaluate_publish.py; the audit's signature link over a whole pipeline run in tests/test_audit.py.
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import paths, provenance, signing
-from tasks.config import with_overrides
-from tasks.errors import PipelineError
+from tasks.common import paths
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.publish import provenance, signing
 from tests.conftest import ROOT
 
 
@@ -157,7 +159,7 @@ def test_the_flow_run_id_is_prefects_when_there_is_one(monkeypatch):
 
 
 def test_the_stage_commands_are_dvc_yamls(tmp_path):
-    from tasks.stage_code import STAGES
+    from tasks.publish.stage_code import STAGES
 
     assert provenance.stage_commands(ROOT) == {stage: f"python -m tasks.{stage}" for stage in STAGES}
     assert provenance.stage_commands(tmp_path) == {}
@@ -167,6 +169,6 @@ def test_readme_audit_section_shows_both_verify_commands():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## Audit a release") :]
     section = section[: section.index("\n## ", 1)]
-    assert "python -m flows.audit release" in section
+    assert "guanaco-audit release" in section
     assert signing.verify_command("release") in section
     assert "publish.signing: sigstore" in section  # the keyless switch is documented beside them

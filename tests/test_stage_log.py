@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 
-from tasks import paths
+from tasks.common import paths
 from tests.conftest import ROOT
 
 PROBE = textwrap.dedent(
@@ -18,7 +18,7 @@ PROBE = textwrap.dedent(
     import logging, sys
     sys.path.insert(0, {lib_dir!r})
     import transformers.utils.logging as tf_logging  # imported before the stage starts, as the stages do
-    from tasks.errors import run_main
+    from tasks.common.runner import run_main
 
     def stage():
         logging.getLogger("tasks.probe").info("OURS-INFO")
@@ -64,7 +64,7 @@ def test_library_lines_go_to_the_stage_log_not_the_terminal(tmp_path):
 
 def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
     probe = (
-        "import warnings\nfrom tasks.errors import run_main\n"
+        "import warnings\nfrom tasks.common.runner import run_main\n"
         "def stage():\n    exec(compile('import warnings; warnings.warn(\"OURS-WARNING\")', "
         f"{str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
         "run_main('probe', stage)\n"

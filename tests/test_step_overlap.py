@@ -1,4 +1,5 @@
-"""train.sync_free_step (tasks/step_overlap.py): the same optimizer updates and token counts, without the waits."""
+"""train.sync_free_step (tasks/train/step_overlap.py): the same optimizer updates and token counts, without the
+waits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tasks.step_overlap import drop_optimizer_syncs, host_token_count, trainer_class
+from tasks.train.step_overlap import drop_optimizer_syncs, host_token_count, trainer_class
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -119,14 +120,16 @@ def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -
 def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
     """The sync-free loss through a whole (short) training run: the same losses, entropy, token accuracy and token
     counts at every log line as trl's compute_loss with its compacting LM head; and it was the path taken."""
-    import tasks.step_overlap
+    import tasks.train.step_overlap
 
     taken = []
-    applies = tasks.step_overlap.sync_free_loss_applies
-    monkeypatch.setattr(tasks.step_overlap, "sync_free_loss_applies", lambda *a: taken.append(applies(*a)) or taken[-1])
+    applies = tasks.train.step_overlap.sync_free_loss_applies
+    monkeypatch.setattr(
+        tasks.train.step_overlap, "sync_free_loss_applies", lambda *a: taken.append(applies(*a)) or taken[-1]
+    )
     from trl import SFTTrainer
 
-    from tasks.base_model import load_tokenizer
+    from tasks.common.base_model import load_tokenizer
 
     tok = load_tokenizer(params.model)
     stock = _log_history(SFTTrainer, workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
@@ -143,7 +146,7 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
 def test_lm_head_without_compaction_is_scoped():
     import trl.trainer.utils as trl_utils
 
-    from tasks.step_overlap import lm_head_without_compaction
+    from tasks.train.step_overlap import lm_head_without_compaction
 
     original = trl_utils._use_triton
     with lm_head_without_compaction():

@@ -271,6 +271,6 @@ def test_worker_on_postgres_runs_the_deployment_one_run_at_a_time(team):
     status = subprocess.run(["dvc", "status"], cwd=project, env=venv_env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
     audit = subprocess.run(
-        [sys.executable, "-m", "flows.audit", "release"], cwd=project, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "tasks.publish.audit", "release"], cwd=project, env=env, capture_output=True, text=True
     )
     assert audit.returncode == 0, audit.stdout + audit.stderr

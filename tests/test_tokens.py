@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.base_model import load_tokenizer
-from tasks.config import ModelParams
-from tasks.conversation import ASSISTANT, USER, Conversation, render_llama2
-from tasks.tokens import IGNORE, tokenize_rendered
+from tasks.common.base_model import load_tokenizer
+from tasks.common.config import ModelParams
+from tasks.common.conversation import ASSISTANT, USER, Conversation, render_llama2
+from tasks.common.tokens import IGNORE, tokenize_rendered
 from tests.conftest import needs_shared
 
 BOS, EOS = 1, 2

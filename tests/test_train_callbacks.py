@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import types
 
-from tasks import train_callbacks
-from tasks.train_callbacks import StepTimer
+from tasks.train import callbacks as train_callbacks
+from tasks.train.callbacks import StepTimer
 
 
 def test_step_timer_counts_from_the_end_of_the_warm_up(monkeypatch):

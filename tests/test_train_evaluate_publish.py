@@ -13,22 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from tasks import paths, provenance, signing
-from tasks.artifacts import read_json, sha256_file, write_json
-from tasks.config import with_overrides
-from tasks.errors import PipelineError
-from tasks.loss_curve import read_loss
+from tasks.common import paths
+from tasks.common.artifacts import read_json, sha256_file, write_json
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.publish import provenance, signing
+from tasks.train.loss_curve import read_loss
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, params):
     """download -> validate -> format -> train (a few steps) -> evaluate, once for the module."""
-    from tasks.download import download
-    from tasks.evaluate import evaluate
-    from tasks.format import format_rows
-    from tasks.train import train
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.evaluate.stage import evaluate
+    from tasks.format.stage import format_rows
+    from tasks.train.stage import train
+    from tasks.validate.stage import validate
 
     root = tmp_path_factory.mktemp("project")
     (root / "data/sample").mkdir(parents=True)
@@ -49,7 +50,7 @@ def trained(tmp_path_factory, params):
 def test_base_loads_as_bitsandbytes_4bit(trained, params, monkeypatch):
     import bitsandbytes as bnb
 
-    from tasks.base_model import load_base_model
+    from tasks.common.base_model import load_base_model
 
     root, *_ = trained
     monkeypatch.chdir(root)
@@ -63,11 +64,13 @@ def test_train_writes_adapter_and_metrics(trained):
     root, p, metrics, _ = trained
     adapter = root / paths.ADAPTER_DIR
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert (adapter / paths.ADAPTER_WEIGHTS).stat().st_size > 0
     assert config["r"] == p.lora.r and config["lora_alpha"] == p.lora.alpha
     assert sorted(config["target_modules"]) == sorted(p.lora.target_modules)
     assert metrics["steps"] == 6 and metrics["tokens_seen"] > 0 and metrics["train_loss"] > 0
-    assert read_json(root / paths.TRAIN_METRICS) == metrics
+    assert {**read_json(root / paths.TRAIN_METRICS), **read_json(root / paths.TRAIN_LAYOUT)} == metrics
+    assert "micro_batch" in read_json(root / paths.TRAIN_LAYOUT)
+    assert "micro_batch" not in read_json(root / paths.TRAIN_METRICS)
     run = read_json(adapter / "training_run.json")
     assert run["train_rows_sha256"] == sha256_file(root / paths.TRAIN_ROWS) and run["libraries"]["bitsandbytes"]
     assert not (root / paths.CHECKPOINT_DIR).exists(), "a finished run leaves nothing to resume"
@@ -89,7 +92,7 @@ def test_evaluate_compares_base_and_tuned_on_same_rows(trained):
 
 
 def test_publish_writes_release_with_lineage(trained, monkeypatch):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     root, p, _, ev = trained
     monkeypatch.chdir(root)
@@ -97,12 +100,10 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
         pytest.fail(f"six steps did not improve the tiny model: {ev}")
     lineage = publish(p)
     release = root / paths.RELEASE_DIR
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md", "lineage.json"):
+    for name in (paths.ADAPTER_WEIGHTS, "adapter_config.json", "tokenizer.json", "README.md", paths.LINEAGE):
         assert (release / name).exists(), name
-    assert sha256_file(release / "adapter_model.safetensors") == sha256_file(
-        root / paths.ADAPTER_DIR / "adapter_model.safetensors"
-    )
-    assert lineage["files_sha256"]["adapter_model.safetensors"] == sha256_file(release / "adapter_model.safetensors")
+    assert sha256_file(release / paths.ADAPTER_WEIGHTS) == sha256_file(root / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
+    assert lineage["files_sha256"][paths.ADAPTER_WEIGHTS] == sha256_file(release / paths.ADAPTER_WEIGHTS)
     assert lineage["raw_data"]["sha256"] == sha256_file(root / paths.RAW_ROWS)
     assert lineage["validation"]["success"] is True
     assert lineage["params"]["lora"]["r"] == p.lora.r
@@ -111,7 +112,7 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
 
 
 def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, monkeypatch, tmp_path):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     shared, p, _, ev = trained
     root = tmp_path / "project"  # this test rewrites the eval metrics: on its own copy, not the module's project
@@ -131,7 +132,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     """The Hub upload endpoint is the one thing mocked: it cannot be reached from here."""
     import huggingface_hub
 
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     root, p, *_ = trained
     monkeypatch.chdir(root)
@@ -153,7 +154,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     publish(with_overrides(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}))
     assert calls["token"] == secret and calls["create"] == ("me/adapter", True)
-    assert "adapter_model.safetensors" in calls["files"]
+    assert paths.ADAPTER_WEIGHTS in calls["files"]
     for path in (root / paths.RELEASE_DIR).rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
@@ -161,7 +162,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
 
 def test_release_is_readable_by_other_users(trained, monkeypatch):
     """0644 files and 0755 folders (under the usual umask 022), even from an adapter folder left private."""
-    from tasks.publish import ADAPTER_FILES, publish
+    from tasks.publish.stage import ADAPTER_FILES, publish
 
     root, p, _, _ = trained
     monkeypatch.chdir(root)
@@ -180,7 +181,7 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
     found = {
         p.relative_to(release).as_posix() or ".": oct(p.stat().st_mode & 0o777) for p in [release, *release.rglob("*")]
     }
-    assert "adapter_model.safetensors" in found and "lineage.json" in found
+    assert paths.ADAPTER_WEIGHTS in found and paths.LINEAGE in found
     assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}
 
 
@@ -192,7 +193,7 @@ FLOW_RUN_ID = "0b6f8d2e-7c1a-4e0f-9a3b-5d2c1e4f6a70"
 def signed(trained, tmp_path_factory):
     """A release published in its own copy of the project, with dvc.yaml beside it and a Prefect flow run id in the
     environment (as a deployment's run sets it), signed with the project key made on first use."""
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     shared, p, *_ = trained
     root = tmp_path_factory.mktemp("signed") / "project"
@@ -219,7 +220,7 @@ def standard_cli_verify(release_parent: Path) -> subprocess.CompletedProcess:
 
 
 def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
-    from flows.audit import audit
+    from tasks.publish.audit import audit
 
     root, lineage = signed
     release = root / paths.RELEASE_DIR
@@ -233,7 +234,7 @@ def test_the_release_is_signed_last_and_the_standard_cli_verifies_it(signed):
     }
     assert (root / paths.SIGNING_KEY).is_file() and not (release / paths.SIGNING_KEY.name).exists()
     # lineage.json lists every file but itself and the signature, which is written after it, over it.
-    assert set(lineage["files_sha256"]) | {"lineage.json", signing.SIGNATURE} == {p.name for p in release.iterdir()}
+    assert set(lineage["files_sha256"]) | {paths.LINEAGE, signing.SIGNATURE} == {p.name for p in release.iterdir()}
     proc = standard_cli_verify(root)
     assert proc.returncode == 0 and "Verification succeeded" in proc.stdout, proc.stderr
     bundle = json.loads((release / signing.SIGNATURE).read_text())
@@ -255,7 +256,7 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
     from securesystemslib.dsse import Envelope
     from securesystemslib.signer import SSlibKey
 
-    from tasks.stage_code import STAGES
+    from tasks.publish.stage_code import STAGES
 
     root, lineage = signed
     release = root / paths.RELEASE_DIR
@@ -269,9 +270,9 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
     assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
     subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-    unlisted = {provenance.FILE, "lineage.json", signing.SIGNATURE}  # itself, and the records written after it
+    unlisted = {provenance.FILE, paths.LINEAGE, signing.SIGNATURE}  # itself, and the records written after it
     assert subjects == {p.name: sha256_file(p) for p in release.iterdir() if p.name not in unlisted}
-    assert {"adapter_model.safetensors", "README.md", "tokenizer.json", signing.PUBLIC_KEY} <= set(subjects)
+    assert {paths.ADAPTER_WEIGHTS, "README.md", "tokenizer.json", signing.PUBLIC_KEY} <= set(subjects)
     assert lineage["files_sha256"][provenance.FILE] == sha256_file(release / provenance.FILE)
 
     build = statement["predicate"]["buildDefinition"]
@@ -292,9 +293,9 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
     assert run["byproducts"][0]["annotations"]["hardware"] == lineage["training"]["hardware"]
 
 
-@pytest.mark.parametrize("name", ["adapter_model.safetensors", "README.md", provenance.FILE])
+@pytest.mark.parametrize("name", [paths.ADAPTER_WEIGHTS, "README.md", provenance.FILE])
 def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(signed, tmp_path, name):
-    from flows.audit import audit
+    from tasks.publish.audit import audit
 
     root, _ = signed
     release = tmp_path / "release"
@@ -311,18 +312,18 @@ def test_one_flipped_byte_in_a_signed_file_fails_the_standard_cli_and_the_audit(
     ]
 
     # Covering the tracks in lineage.json still leaves the signature broken (and the adapter the trained one).
-    lineage = read_json(release / "lineage.json")
+    lineage = read_json(release / paths.LINEAGE)
     lineage["files_sha256"][name] = sha256_file(release / name)
-    write_json(release / "lineage.json", lineage)
+    write_json(release / paths.LINEAGE, lineage)
     links = audit(release, release_only=True)
     first = next(link.name for link in links if not link.ok)
-    assert first == ("release" if name == "adapter_model.safetensors" else "signature")
+    assert first == ("release" if name == paths.ADAPTER_WEIGHTS else "signature")
     assert not links[-1].ok and standard_cli_verify(tmp_path).returncode != 0
 
 
 def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path, monkeypatch, caplog, capfd):
     """The key named by the environment (encrypted, its password beside it) signs; neither is written anywhere."""
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
     from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
     shared, p, *_ = trained
@@ -345,7 +346,7 @@ def test_a_planted_signing_key_signs_and_appears_in_no_output(trained, tmp_path,
     assert standard_cli_verify(root).returncode == 0
     planted = key_secrets(pem, password)
     written = [f for f in root.rglob("*") if f.is_file()]
-    assert {"lineage.json", "README.md", provenance.FILE} <= {f.name for f in written}
+    assert {paths.LINEAGE, "README.md", provenance.FILE} <= {f.name for f in written}
     leaks = [str(f) for f in written for secret in planted if secret.encode() in f.read_bytes()]
     out, err = capfd.readouterr()
     leaks += [
@@ -372,7 +373,7 @@ def _release_bytes(root: Path) -> dict[str, bytes]:
     ],
 )
 def test_a_bad_publish_setting_stops_before_anything_is_written(trained, signed, monkeypatch, overrides):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     _, p, *_ = trained
     root, _ = signed
@@ -388,7 +389,7 @@ def test_a_failed_push_leaves_the_last_release_whole_and_says_what_to_fix(traine
     """The Hub's upload endpoint is mocked (it cannot be reached from here): it fails as a network error would."""
     import huggingface_hub
 
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
 
     _, p, *_ = trained
     root, _ = signed
@@ -416,7 +417,7 @@ def test_a_failed_push_leaves_the_last_release_whole_and_says_what_to_fix(traine
 
 
 def test_a_dotfile_added_to_the_release_fails_the_standard_cli_and_the_audit(signed, tmp_path):
-    from flows.audit import audit
+    from tasks.publish.audit import audit
 
     root, _ = signed
     copy = tmp_path / "project"
@@ -434,7 +435,7 @@ def test_a_dotfile_added_to_the_release_fails_the_standard_cli_and_the_audit(sig
 
 
 def test_a_signing_key_given_by_path_is_recorded_by_its_fingerprint_only(trained, tmp_path, monkeypatch):
-    from tasks.publish import publish
+    from tasks.publish.stage import publish
     from tests.test_signing import ec_key_pem, fingerprint_of
 
     shared, p, *_ = trained

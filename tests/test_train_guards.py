@@ -15,11 +15,11 @@ import pytest
 import yaml
 from transformers import LlamaConfig
 
-from tasks import paths
-from tasks.config import with_overrides
-from tasks.errors import PipelineError
-from tasks.memory import ModelShape, estimate, plan
-from tasks.model_shapes import LLAMA2_7B_CHAT
+from benchmarks.model_shapes import LLAMA2_7B_CHAT
+from tasks.common import paths
+from tasks.common.config import with_overrides
+from tasks.common.errors import PipelineError
+from tasks.train.memory import ModelShape, estimate, plan
 from tests.conftest import ROOT
 
 LLAMA_7B = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
@@ -27,8 +27,8 @@ LLAMA_7B = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
-    from flows.params import compose_params
-    from tasks.config import load_params
+    from tasks.common.compose import compose_params
+    from tasks.common.config import load_params
 
     work = tmp_path_factory.mktemp("recipe")
     shutil.copytree(ROOT / "conf", work / "conf")
@@ -66,10 +66,10 @@ def test_planner_says_what_to_change_when_nothing_fits(recipe):
 
 
 def test_train_stage_uses_the_planned_micro_batch(workdir, params):
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.train import train
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.train.stage import train
+    from tasks.validate.stage import validate
 
     download(params.download)
     validate(params)
@@ -88,10 +88,10 @@ def _tiny_config():
 
 
 def test_nan_loss_stops_training_and_writes_no_adapter(workdir, params):
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.train import train
-    from tasks.validate import validate
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.train.stage import train
+    from tasks.validate.stage import validate
 
     download(params.download)
     validate(params)
@@ -102,7 +102,7 @@ def test_nan_loss_stops_training_and_writes_no_adapter(workdir, params):
 
 
 def test_preflight_rejects_gpu_only_settings_before_loading(params):
-    from tasks.preflight import preflight
+    from tasks.train.preflight import preflight
 
     with pytest.raises(PipelineError, match="paged_adamw_32bit needs a CUDA GPU"):
         preflight(with_overrides(params, **{"train.optimizer": "paged_adamw_32bit"}))
@@ -119,7 +119,7 @@ def test_compile_is_regional_and_its_failures_stop_the_run(params):
     torch.compile error at the first step becomes a PipelineError that says how to turn it off."""
     import torch
 
-    from tasks.train import compile_layers, fit
+    from tasks.train.stage import compile_layers, fit
 
     class LlamaDecoderLayer(torch.nn.Linear):
         pass
@@ -145,8 +145,8 @@ def test_compile_is_regional_and_its_failures_stop_the_run(params):
 
 def test_preflight_names_the_install_command_of_a_missing_lever_package(params, monkeypatch):
     """A GPU box without liger-kernel: the stage stops before the base loads and says what to install."""
-    import tasks.train
-    from tasks.preflight import package_problems
+    import tasks.train.stage
+    from tasks.train.preflight import package_problems
 
     monkeypatch.setitem(sys.modules, "liger_kernel", None)  # `import liger_kernel` now raises ImportError
     liger = with_overrides(params, **{"train.liger_kernels": True})
@@ -158,10 +158,10 @@ def test_preflight_names_the_install_command_of_a_missing_lever_package(params, 
     def must_not_load(*a, **k):
         raise AssertionError("the base model was loaded before preflight stopped the run")
 
-    monkeypatch.setattr(tasks.train, "load_base_model", must_not_load)
-    monkeypatch.setattr(tasks.train, "load_rows", must_not_load)
+    monkeypatch.setattr(tasks.train.stage, "load_base_model", must_not_load)
+    monkeypatch.setattr(tasks.train.stage, "load_rows", must_not_load)
     with pytest.raises(PipelineError) as err:
-        tasks.train.train(liger)
+        tasks.train.stage.train(liger)
     # Here, on the CPU, the stage says Liger needs a GPU, once, and does not send the user to install the GPU extra.
     assert "train.liger_kernels needs a CUDA GPU (set it to false on the CPU)" in str(err.value)
     assert "liger" not in str(err.value).replace("train.liger_kernels needs a CUDA GPU", "")
@@ -171,7 +171,7 @@ def test_preflight_names_the_install_command_of_a_missing_lever_package(params, 
 def test_auto_budget_picks_the_fastest_same_math_layout_that_fits(recipe, card_gib):
     """memory_budget_gib: auto on cards of these sizes: the choice fits the fitted memory model with the auto
     margin, keeps the effective batch, and turns recomputation off whenever it fits at the full micro-batch."""
-    from tasks.memory import AUTO_BUDGET_SHARE, resolve_budget
+    from tasks.train.memory import AUTO_BUDGET_SHARE, resolve_budget
 
     assert recipe.train.memory_budget_gib == "auto" and recipe.train.gradient_checkpointing == "auto"
     budget = resolve_budget("auto", card_gib)
@@ -188,7 +188,7 @@ def test_auto_budget_picks_the_fastest_same_math_layout_that_fits(recipe, card_g
 
 
 def test_auto_budget_on_the_cpu_plans_nothing(recipe):
-    from tasks.memory import resolve_budget
+    from tasks.train.memory import resolve_budget
 
     assert resolve_budget("auto", None) is None
     assert resolve_budget(16.0, None) == 16.0
@@ -264,7 +264,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
 def test_whole_run_loss_joins_the_logged_steps_before_a_resume():
     from types import SimpleNamespace
 
-    from tasks.train import whole_run_loss
+    from tasks.train.stage import whole_run_loss
 
     logs = [{"loss": 4.0, "step": 5}, {"loss": 2.0, "step": 10}, {"loss": 9.0, "step": 15}]
     state = SimpleNamespace(log_history=logs, global_step=20)
@@ -276,7 +276,7 @@ def test_whole_run_loss_joins_the_logged_steps_before_a_resume():
 def test_planner_recomputes_only_the_layers_that_do_not_fit(recipe):
     """Between no recomputation and all of it, auto recomputes as few decoder layers as fit at the configured
     micro-batch, with a margin on the activations it keeps; pinned true still recomputes every layer."""
-    from tasks.memory import PARTIAL_RECOMPUTE_MARGIN
+    from tasks.train.memory import PARTIAL_RECOMPUTE_MARGIN
 
     p = with_overrides(recipe, **{"train.batch_size": 8, "train.liger_kernels": True})
     none = estimate(LLAMA_7B, p, checkpointing=False)
@@ -305,21 +305,21 @@ def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypa
     from transformers import TrainerCallback
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import tasks.train
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    import tasks.train.stage
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     download(params.download)
     validate(params)
     format_rows(params.format, params.model)
     base = with_overrides(params, **{"train.max_steps": 2, "train.gradient_checkpointing": False})
-    none = tasks.train.train(base)
+    none = tasks.train.stage.train(base)
     assert none["recompute_layers"] == 0
 
     shape = ModelShape.from_config(_tiny_config())
     monkeypatch.setattr(
-        tasks.train, "plan", lambda shape, p, budget: estimate(shape, p, checkpointing=True, recompute_layers=1)
+        tasks.train.stage, "plan", lambda shape, p, budget: estimate(shape, p, checkpointing=True, recompute_layers=1)
     )
     seen = []
 
@@ -328,7 +328,7 @@ def test_partial_recomputation_trains_the_same_as_none(workdir, params, monkeypa
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
             seen.append([m.gradient_checkpointing for m in layers])
 
-    partial = tasks.train.train(base, extra_callbacks=[Flags()])
+    partial = tasks.train.stage.train(base, extra_callbacks=[Flags()])
     assert partial["recompute_layers"] == 1 < shape.layers and partial["gradient_checkpointing"] is True
     assert seen == [[True, False]] * 2
     assert partial["train_loss"] == pytest.approx(none["train_loss"], rel=1e-6)
@@ -354,7 +354,7 @@ def test_adaptive_recomputation_recomputes_only_what_each_token_count_needs(reci
     recomputed layers still fit the budget with the partial margin; off, pinned or without recomputation, none."""
     from dataclasses import replace
 
-    from tasks.memory import PARTIAL_RECOMPUTE_MARGIN, layers_to_recompute
+    from tasks.train.memory import PARTIAL_RECOMPUTE_MARGIN, layers_to_recompute
 
     p = with_overrides(recipe, **{"train.batch_size": 8, "train.liger_kernels": False})
     chosen = plan(LLAMA_7B, p, 16)
@@ -389,10 +389,10 @@ def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeyp
     from transformers import TrainerCallback
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    import tasks.train
-    from tasks.download import download
-    from tasks.format import format_rows
-    from tasks.validate import validate
+    import tasks.train.stage
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
 
     download(params.download)
     validate(params)
@@ -406,11 +406,11 @@ def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeyp
         def on_train_begin(self, args, state, control, model=None, **kw):
             model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].numel()), with_kwargs=True)
 
-    none = tasks.train.train(base, extra_callbacks=[Tokens()])
+    none = tasks.train.stage.train(base, extra_callbacks=[Tokens()])
     cut = sorted(tokens)[len(tokens) // 2]  # the median micro-batch: those above it recompute one layer
     assert min(tokens) <= cut < max(tokens)
     monkeypatch.setattr(
-        tasks.train,
+        tasks.train.stage,
         "plan",
         lambda shape, p, budget: replace(
             estimate(shape, p, checkpointing=True, recompute_layers=2), recompute_thresholds=(cut, 10**9, 10**9)
@@ -423,7 +423,7 @@ def test_adaptive_recomputation_through_the_train_stage(workdir, params, monkeyp
             layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
             seen.append(tuple(m.gradient_checkpointing for m in layers))
 
-    adaptive = tasks.train.train(base, extra_callbacks=[Flags()])
+    adaptive = tasks.train.stage.train(base, extra_callbacks=[Flags()])
     assert seen == [(True, False) if t > cut else (False, False) for t in tokens]
     assert adaptive["recompute_layers"] == 2 and adaptive["gradient_checkpointing"] is True
     assert none["max_micro_batch_tokens"] == adaptive["max_micro_batch_tokens"] == max(tokens)  # the meter's hook
@@ -442,8 +442,8 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.train import compile_layers
-    from tasks.train_callbacks import RecomputeSomeLayers
+    from tasks.train.callbacks import RecomputeSomeLayers
+    from tasks.train.stage import compile_layers
 
     def build(thresholds=None):
         torch.manual_seed(0)

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from tasks.artifacts import read_jsonl
-from tasks.base_model import load_tokenizer
-from tasks.config import with_overrides
-from tasks.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
-from tasks.errors import PipelineError, ValidationFailed
-from tasks.expectations import ROW_RULES
-from tasks.format import format_rows
-from tasks.validate import validate
-from tests.conftest import ROOT, SUITE_RULES
+from tasks.common import paths
+from tasks.common.artifacts import read_jsonl
+from tasks.common.base_model import load_tokenizer
+from tasks.common.config import with_overrides
+from tasks.common.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
+from tasks.common.errors import PipelineError, ValidationFailed
+from tasks.format.stage import format_rows
+from tasks.validate.expectations import ROW_RULES, SUITE_RULES
+from tasks.validate.stage import HEADLINE, validate
+from tests.conftest import ROOT
 
-SAMPLE = ROOT / "data/sample/guanaco_sample.jsonl"
-ALL_RULES = set(SUITE_RULES)
+SAMPLE = ROOT / paths.SAMPLE_DATA
 LLAMA2_ROW = re.compile(r"^(<s>\[INST\] (<<SYS>>\n.*?\n<</SYS>>\n\n)?.+? \[/INST\] .*? </s>)+$", re.S)
 
 
@@ -60,7 +60,7 @@ def project(tmp_path_factory) -> Path:
     """A scratch project dir with the tiny base model (validate loads it from models/ relative to cwd)."""
     root = tmp_path_factory.mktemp("validate_project")
     (root / "data" / "sample").mkdir(parents=True)
-    shutil.copy2(SAMPLE, root / "data/sample/guanaco_sample.jsonl")
+    shutil.copy2(SAMPLE, root / paths.SAMPLE_DATA)
     tiny = ROOT / "models" / "tiny-llama"
     if tiny.exists():
         shutil.copytree(tiny, root / "models" / "tiny-llama")
@@ -115,13 +115,14 @@ def test_sample_passes(sample_run):
     assert all(isinstance(c["n_tokens"], int) and c["n_tokens"] > 0 for c in convs)
     assert all(0 < c["answer_tokens"] < c["n_tokens"] for c in convs)
     assert sample_run.summary["success"] is True and sample_run.summary["rows"] == 64
-    assert json.loads(sample_run.metrics.read_text()) == sample_run.summary
+    assert json.loads((sample_run.report_dir / paths.VALIDATION_SUMMARY.name).read_text()) == sample_run.summary
+    assert json.loads(sample_run.metrics.read_text()) == {k: sample_run.summary[k] for k in HEADLINE}
 
 
 def test_sample_reports(sample_run):
     result = sample_run.result()
     assert result["success"] is True
-    assert {r["rule"] for r in result["rules"]} == ALL_RULES
+    assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     assert all(r["success"] for r in result["rules"])
     assert (sample_run.report_dir / "data_docs" / "index.html").is_file()
     lengths = sample_run.lengths()
@@ -204,9 +205,10 @@ def test_bad_rows_result_lists_each_failing_rule_with_rows(bad_run):
     assert result["success"] is False
     failed = {r["rule"]: r["rows"] for r in result["rules"] if not r["success"]}
     assert failed == expected  # exactly these rules, exactly these rows
-    assert {r["rule"] for r in result["rules"]} == ALL_RULES
+    assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     metrics = json.loads(run.metrics.read_text())
-    assert metrics["success"] is False and metrics["rules_failed"] == len(expected)
+    summary = json.loads((run.report_dir / paths.VALIDATION_SUMMARY.name).read_text())
+    assert metrics["success"] is False and summary["rules_failed"] == len(expected)
     assert (run.report_dir / "data_docs" / "index.html").is_file()  # the failed run can be read
 
 
@@ -257,7 +259,7 @@ def _eval_side_pair(sample: list[dict]) -> tuple[str, list[tuple[str, str]]]:
     def key(conv: Conversation) -> str:
         return hashlib.sha256(near_duplicate_key(conv).encode()).hexdigest()
 
-    from tasks.conversation import parse_row
+    from tasks.common.conversation import parse_row
 
     lowest = min(key(parse_row(r)) for r in sample)
     for k in range(10_000):
@@ -483,16 +485,16 @@ def test_rules_that_cannot_be_evaluated_say_so_and_are_not_failed(unparsed_run):
     assert not re.search(r"\b0 row\(s\) break it", message) and "observed None" not in message
     assert "rules that could not be checked:\n  - non_empty_turns: no row has a `min_turn_chars` to check" in message
     assert "row 0: `text` has neither '### Human:'/'### Assistant:' markers" in message
-    metrics = json.loads(unparsed_run.metrics.read_text())
-    assert metrics["rules_failed"] == 2 and metrics["rules_not_evaluated"] == 8
+    summary = json.loads((unparsed_run.report_dir / paths.VALIDATION_SUMMARY.name).read_text())
+    assert summary["rules_failed"] == 2 and summary["rules_not_evaluated"] == 8
 
 
 # --- the format report counts what train will train: tokens after the cut at max_length ----------------------
 
 
 def test_truncate_report_counts_what_train_trains(params, project, short_run, tmp_path):
-    from tasks.formatted import load_rows
-    from tasks.train import build_dataset
+    from tasks.common.formatted import load_rows
+    from tasks.train.stage import build_dataset
 
     report = _fmt(params, short_run, tmp_path, length_policy="truncate", duplicates="keep")
     train, evals = _split(tmp_path)

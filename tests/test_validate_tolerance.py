@@ -2,14 +2,15 @@
 
 import json
 
-from tasks.artifacts import read_json, read_jsonl, write_jsonl
-from tasks.config import with_overrides
-from tasks.validate import validate
+from tasks.common import paths
+from tasks.common.artifacts import read_json, read_jsonl, write_jsonl
+from tasks.common.config import with_overrides
+from tasks.validate.stage import validate
 from tests.conftest import ROOT
 
 
 def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
-    sample = read_jsonl(ROOT / "data/sample/guanaco_sample.jsonl")
+    sample = read_jsonl(ROOT / paths.SAMPLE_DATA)
     bad = {"text": "### Human: What is 2+2?### Assistant: "}  # empty answer, as in 3 rows of guanaco-llama2-1k
     rows = sample[:30] + [bad] + sample[30:]
     write_jsonl(workdir / "rows.jsonl", rows)
@@ -37,9 +38,9 @@ def test_the_share_bounds_all_row_rules_together(workdir, params):
     together are not (3 of 68), so the run stops, naming the union; the last good conversations stay."""
     import pytest
 
-    from tasks.errors import ValidationFailed
+    from tasks.common.errors import ValidationFailed
 
-    sample = read_jsonl(ROOT / "data/sample/guanaco_sample.jsonl")
+    sample = read_jsonl(ROOT / paths.SAMPLE_DATA)
     bad = [
         {"text": "### Human: What is 2+2?### Assistant: "},  # non_empty_turns
         {"text": "### Human: What is 2+2?### Assistant: four\u0007 of them"},  # no_control_chars

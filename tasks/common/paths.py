@@ -1,0 +1,50 @@
+"""The stages in order, and where each reads and writes, relative to the project root.
+
+dvc.yaml declares the same paths as deps and outs; tests/test_dvc_yaml.py checks the outputs against these.
+"""
+
+from pathlib import Path
+
+STAGES = ("download", "validate", "format", "train", "evaluate", "publish")  # dvc.yaml's order
+
+RAW_DIR = Path("data/raw")  # download: rows exactly as published + source.json
+RAW_ROWS = RAW_DIR / "rows.jsonl"
+SOURCE_RECORD = RAW_DIR / "source.json"
+
+VALIDATED_DIR = Path("data/validated")  # validate: canonical conversations that passed the suite
+CONVERSATIONS = VALIDATED_DIR / "conversations.jsonl"
+VALIDATION_REPORT_DIR = Path("reports/validation")  # suite result (JSON + Data Docs), length report
+VALIDATION_RESULT = VALIDATION_REPORT_DIR / "result.json"
+LENGTH_REPORT = VALIDATION_REPORT_DIR / "lengths.json"
+LENGTH_HISTOGRAM = Path("reports/lengths.png")  # its own file: DVC plots cannot live inside another out
+VALIDATION_SUMMARY = VALIDATION_REPORT_DIR / "summary.json"  # every figure: verdict, rule counts, token lengths
+VALIDATION_METRICS = Path("metrics/validate.json")  # the headline figures (`dvc metrics show`)
+
+FORMATTED_DIR = Path("data/formatted")  # format: Llama-2 chat text + answer spans, split
+TRAIN_ROWS = FORMATTED_DIR / "train.jsonl"
+EVAL_ROWS = FORMATTED_DIR / "eval.jsonl"
+FORMAT_REPORT = FORMATTED_DIR / "report.json"
+
+ADAPTER_DIR = Path("artifacts/adapter")  # train: LoRA adapter + run record
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the LoRA weights in ADAPTER_DIR and RELEASE_DIR, as PEFT names them
+CHECKPOINT_DIR = Path("artifacts/checkpoints")  # train: resumable checkpoints (not cached by DVC)
+TRAIN_METRICS = Path("metrics/train.json")  # the headline figures (`dvc metrics show`)
+TRAIN_LAYOUT = Path("reports/train_layout.json")  # how the run was laid out: memory plan, batch split, processes
+DVCLIVE_DIR = Path("dvclive/train")
+LOSS_TSV = DVCLIVE_DIR / "plots" / "metrics" / "loss.tsv"  # dvclive's loss series, one line a logged step
+LOSS_CURVE = Path("reports/training_loss.png")  # the loss as a PNG (train/loss_curve.py): dvc plots' HTML needs a CDN
+
+EVAL_METRICS = Path("metrics/eval.json")  # evaluate: the headline figures (`dvc metrics show`)
+EVALUATION = Path("reports/evaluation.json")  # every figure, base and tuned (the release's lineage records these)
+GENERATIONS = Path("reports/generations.jsonl")
+EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows sha256), for the audit
+
+RELEASE_DIR = Path("release")  # publish: the versioned release folder
+LINEAGE = "lineage.json"  # in RELEASE_DIR: the release's record, which the audit checks
+SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
+TRUSTED_KEYS_DIR = Path("trusted_keys")  # the audit: public keys (*.pub) whose releases a team trusts; committed
+
+TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/common/base_model.py)
+SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")
+
+LOG_DIR = Path("logs")  # each stage's whole log, library messages included (common/stage_log.py); git-ignored

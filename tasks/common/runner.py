@@ -1,0 +1,47 @@
+"""The stage runner every `python -m tasks.<stage>` goes through: logging, SIGTERM as Ctrl-C, the workspace lock,
+and a user-fixable error (tasks/common/errors.py) printed as one paragraph instead of a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+
+from tasks.common import run_lock, stage_log
+from tasks.common.errors import PipelineError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, `kill`, a container shutting down), raised like Ctrl-C so the same
+    clean-up runs: Python's default for SIGTERM ends the process at once and left a stage's temp file behind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def run_main(stage: str, fn: Callable[[], object]) -> None:
+    """Run a stage entry point: user-fixable errors print one paragraph and exit 2, not a traceback.
+
+    Every stage goes through here, so this is where a stage takes the workspace lock (tasks/common/run_lock.py): a
+    stage started while another run holds the workspace refuses before it touches anything."""
+    stage_log.configure(stage)  # ours to the terminal; everything to logs/<stage>.log once the stage runs
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
+            library_lines = stage_log.open_file(stage)
+            fn()
+        stage_log.report(stage, library_lines)
+    except PipelineError as e:
+        print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        # Ctrl-C or SIGTERM: each output is replaced whole or not at all, so none is half-written; say so instead
+        # of a traceback. 130 and 143 are the shell's codes for SIGINT and SIGTERM.
+        print(
+            f"\n[{stage}] interrupted: no output is half-written (each is replaced whole or not at all); "
+            "run it again to finish.\n",
+            file=sys.stderr,
+        )
+        sys.exit(143 if isinstance(e, Terminated) else 130)

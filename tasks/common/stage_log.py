@@ -1,0 +1,101 @@
+"""Where a stage's log lines go: the pipeline's own to the terminal, everything whole to logs/<stage>.log.
+
+Libraries (bitsandbytes, great-expectations, transformers, huggingface_hub, ...) log lines that read like failures
+and are not, and warn about their own deprecations. Sorting them by the logger's name and by where a warning was
+raised, never by the words of a message, keeps the terminal to what this pipeline says while a library rewording
+its messages changes nothing. Anything at ERROR or above reaches the terminal whoever logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from tasks.common import paths
+
+OWN_LOGGERS = ("tasks", "flows", "benchmarks", "__main__")
+_PROJECT = Path(__file__).resolve().parent.parent
+
+
+def _is_own(record: logging.LogRecord) -> bool:
+    if record.name == "py.warnings":  # a warnings.warn: ours when raised from this project's own files
+        return getattr(record, "own_warning", False)
+    return record.name.split(".")[0] in OWN_LOGGERS
+
+
+class _TerminalFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _is_own(record) or record.levelno >= logging.ERROR
+
+
+class _CountLibrary(logging.Filter):
+    """Counts what only the file got, so the stage can say where to look."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _TerminalFilter().filter(record):
+            self.count += 1
+        return True
+
+
+def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
+    own = Path(filename).resolve().is_relative_to(_PROJECT) and ".venv" not in Path(filename).parts
+    text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
+    logging.getLogger("py.warnings").warning(text, extra={"own_warning": own})
+
+
+def _adopt_self_handled_loggers() -> None:
+    """transformers, datasets and huggingface_hub log through a terminal handler of their own with propagation off:
+    hand every such logger (of the libraries imported so far: the stages import theirs before run_main) back to the
+    root logger, so its lines are sorted like everyone else's."""
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name.split(".")[0] in OWN_LOGGERS:
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # a terminal handler, not a file someone chose
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def log_file(stage: str) -> Path:
+    rank = os.environ.get("RANK", "0")  # ranks of a multi-GPU run each keep their own file
+    return paths.LOG_DIR / (f"{stage}.log" if rank == "0" else f"{stage}.rank{rank}.log")
+
+
+def configure(stage: str) -> None:
+    """Send this process's logging and warnings to the terminal, sorted; open_file adds the stage's log file."""
+    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
+    to_terminal.addFilter(_TerminalFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [to_terminal]
+    root.setLevel(logging.INFO)
+    warnings.showwarning = _showwarning
+    _adopt_self_handled_loggers()
+
+
+def open_file(stage: str) -> logging.Filter:
+    """Add logs/<stage>.log (replaced each run) to the handlers: called once the stage holds the workspace, so a
+    stage refused by another run's lock writes nothing."""
+    path = log_file(stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    counter = _CountLibrary()
+    to_file.addFilter(counter)
+    logging.getLogger().addHandler(to_file)
+    return counter
+
+
+def report(stage: str, counter: logging.Filter) -> None:
+    """One line saying where the library messages went, when there were any."""
+    if getattr(counter, "count", 0):
+        logging.getLogger("tasks.common.stage_log").info(
+            "%d library message(s) (warnings included) are in %s", counter.count, log_file(stage)
+        )

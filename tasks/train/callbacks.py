@@ -1,0 +1,193 @@
+"""What the train stage attaches to the Trainer: a stop on a non-finite loss, a throughput and memory meter, and
+dvclive's live plots."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from tasks.common import paths
+from tasks.common.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def on_training_forward(model, see_tokens) -> None:
+    """Call see_tokens(tokens in the micro-batch) before each training forward of model (padded or padding-free:
+    the input's element count, what activation memory grows with)."""
+
+    def hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and module.training:
+            see_tokens(ids.numel())
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """A NaN/inf loss stops the run at once (logging_nan_inf_filter is off so this sees the real loss)."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise PipelineError(
+                f"training loss became {loss} at step {state.global_step}. Lower train.learning_rate, "
+                "use precision bf16 rather than fp16, or check the data; no adapter was written."
+            )
+
+
+class StepTimer:
+    """When each optimizer step ended and how many tokens had been seen by then, without stopping the GPU.
+
+    On CUDA each mark is an event recorded on the stream: the CPU can run on into the next step while the GPU
+    finishes this one (a synchronize at every step end made it wait, so the GPU waited in turn while the next step
+    was prepared), and the events are read once, at the end. Without CUDA, the wall clock."""
+
+    def __init__(self):
+        self.marks: list[tuple[object, int]] = []  # (CUDA event or perf_counter seconds, tokens seen)
+
+    def mark(self, tokens: int) -> None:
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((event, tokens))
+        else:
+            self.marks.append((time.perf_counter(), tokens))
+
+    def seconds_between(self, a: int, b: int) -> float:
+        """Seconds from the end of step a+1 to the end of step b+1 (indices into marks)."""
+        (t_a, _), (t_b, _) = self.marks[a], self.marks[b]
+        if isinstance(t_a, float):
+            return t_b - t_a
+        t_b.synchronize()
+        return t_a.elapsed_time(t_b) / 1000
+
+    def step_times(self) -> list[tuple[float, int]]:
+        """(seconds, tokens) of every step after the first."""
+        return [
+            (self.seconds_between(i, i + 1), self.marks[i + 1][1] - self.marks[i][1])
+            for i in range(len(self.marks) - 1)
+        ]
+
+    def tokens_per_second(self, skip: int = 2) -> float | None:
+        """Tokens/s from the end of step `skip` to the end of the last step (kernel warm-up and allocator growth
+        left out)."""
+        if len(self.marks) <= skip + 1:
+            return None
+        seconds = self.seconds_between(skip - 1, len(self.marks) - 1)
+        return round((self.marks[-1][1] - self.marks[skip - 1][1]) / seconds, 1)
+
+
+class ThroughputMeter(TrainerCallback):
+    """Tokens/s on every log line (and so in dvclive), steady tokens/s after warm-up, peak GPU memory, and the
+    largest micro-batch in tokens (what the peak depends on)."""
+
+    def __init__(self):
+        self.t0, self.tokens0, self.max_tokens, self.step0 = None, 0, 0, 0
+        self.peak_allocated = self.peak_reserved = None
+        self.timer = StepTimer()
+
+    def watch(self, model) -> None:
+        on_training_forward(model, lambda tokens: setattr(self, "max_tokens", max(self.max_tokens, tokens)))
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+        self.step0 = state.global_step  # a resumed run: the checkpoint's step
+
+    def on_step_end(self, args, state, control, **kw):
+        self.timer.mark(state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        # wall clock: the Trainer has just read the loss off the GPU, so the time is not ahead of the work
+        if logs is not None and self.t0 is not None:
+            logs["tokens_per_second"] = round(self.tokens_this_run(state) / (time.perf_counter() - self.t0), 1)
+
+    def on_train_end(self, args, state, control, **kw):
+        # Read here, before any later callback (a benchmark's held-out pass, say) allocates more.
+        if torch.cuda.is_available():
+            self.peak_allocated = torch.cuda.max_memory_allocated() / 2**30
+            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30
+
+    def tokens_this_run(self, state) -> int:
+        return state.num_input_tokens_seen - self.tokens0  # a resumed run counts from where it resumed
+
+    def steady_tokens_per_second(self, skip: int = 2) -> float | None:
+        """Throughput after the first `skip` steps (kernel warm-up, allocator growth)."""
+        return self.timer.tokens_per_second(skip)
+
+
+class RecomputeSomeLayers(TrainerCallback):
+    """Gradient checkpointing on the first `layers` decoder layers only, the memory planner's partial layout; with
+    `thresholds` (tasks/memory.recompute_thresholds), on as few of them as each micro-batch's token count needs.
+
+    The Trainer turns recomputation on for every layer when training begins; this runs right after and turns it off
+    for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory.
+    (transformers' own `every_n_layers` recomputes 1/n of the layers; the planner needs any count from 1 to all.)
+    The adaptive count is set by a forward pre-hook on the model, before its first layer runs: the switch is read
+    outside each layer's compiled forward (transformers' GradientCheckpointingLayer.__call__), so flipping it
+    between micro-batches recompiles nothing."""
+
+    def __init__(self, layers: int, thresholds: list[int] | None = None):
+        self.layers, self.thresholds = layers, thresholds
+        self.decoder_layers: list = []
+        self.micro_batches = self.recomputed = 0  # training forwards seen, and layers they recomputed, summed
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        from tasks.train.memory import layers_to_recompute
+
+        self.decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for index, layer in enumerate(self.decoder_layers):
+            layer.gradient_checkpointing = index < self.layers
+        total = len(self.decoder_layers)
+        if self.thresholds is None:
+            log.info("recomputation on for %d of %d decoder layers", min(self.layers, total), total)
+            return
+        log.info(
+            "recomputation on for up to %d of %d decoder layers, by micro-batch tokens (none up to %d tokens)",
+            min(self.layers, total),
+            total,
+            self.thresholds[0],
+        )
+
+        on_training_forward(model, lambda tokens: self._switch(layers_to_recompute(self.thresholds, tokens)))
+
+    def _switch(self, layers: int) -> None:
+        for index, layer in enumerate(self.decoder_layers):
+            layer.gradient_checkpointing = index < layers
+        self.micro_batches += 1
+        self.recomputed += min(layers, len(self.decoder_layers))
+
+    def mean_recomputed(self) -> float | None:
+        """Layers recomputed per training micro-batch, on average (None when not adaptive or before training)."""
+        return round(self.recomputed / self.micro_batches, 2) if self.micro_batches else None
+
+
+def live_plots(resume: bool, live_dir: Path, main_process: bool) -> TrainerCallback:
+    """dvclive streaming into live_dir (rank 0 only: it writes files); a no-op without dvclive installed."""
+    try:
+        from transformers.integrations import DVCLiveCallback
+
+        from dvclive import Live
+    except ImportError:  # a bare GPU box running only the stage code: train without the live plots
+        log.warning("dvclive is not installed: metrics are not streamed to %s", paths.DVCLIVE_DIR)
+        return TrainerCallback()
+    if not main_process:  # rank 0's logs already hold the loss of all ranks
+        return TrainerCallback()
+
+    class OptimizerStepLive(DVCLiveCallback):
+        """transformers' callback advances dvclive's step once per log line, so with logging_steps 2 the plots'
+        "step" ran 0..14 over 30 optimizer steps; here each line is logged at its optimizer step (a resumed run
+        continues at the checkpoint's step, whatever dvclive counted)."""
+
+        def on_log(self, args, state, control, **kwargs):
+            self.live.step = state.global_step
+            super().on_log(args, state, control, **kwargs)
+
+    return OptimizerStepLive(live=Live(dir=str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None))

@@ -1,0 +1,496 @@
+"""Stage 4, train: QLoRA SFT with trl's SFTTrainer on a 4-bit NF4 base, LoRA through peft.
+
+A recipe, read top to bottom as `train()` at the end reads: the set-up steps, each a function named for what it
+does (tokenize the formatted rows into ids + answer-only labels, plan memory, load the 4-bit base, build the
+trainer from params), then `fit` (resuming a killed run from its last checkpoint), then `finish` (save the
+adapter atomically, report metrics). `Run` holds the trainer and what its callbacks measure. A NaN/inf loss or a
+CUDA OOM stops the run with a message that says what to change, and no adapter is written (callbacks.py holds the
+callbacks).
+
+With train.distributed.mode ddp/fsdp, `python -m tasks.train` re-launches itself as N workers through
+accelerate (tasks/train/distributed.py); each worker runs train() below, and rank 0 alone writes the outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tasks.common import paths
+from tasks.common.artifacts import sha256_file, staged_dir, write_json
+from tasks.common.base_model import load_base_model, load_config, load_tokenizer
+from tasks.common.config import Params, batch_split_problem, load_params
+from tasks.common.conversation import Rendered
+from tasks.common.environment import environment
+from tasks.common.errors import PipelineError
+from tasks.common.formatted import load_rows
+from tasks.common.lineage import hardware, library_versions
+from tasks.common.tokens import tokenize_rendered, truncate
+from tasks.train import attention as attention_impl
+from tasks.train import distributed
+from tasks.train.checkpoints import resumable_checkpoint, run_fingerprint
+from tasks.train.loss_curve import save_loss_curve
+from tasks.train.memory import (
+    Estimate,
+    ModelShape,
+    estimate,
+    layers_to_recompute,
+    plan,
+    resolve_budget,
+    use_expandable_segments,
+    visible_gpu_gib,
+)
+from tasks.train.preflight import preflight
+
+log = logging.getLogger(__name__)
+
+
+# --- set-up steps -------------------------------------------------------------------------------------------------
+
+
+def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length: int):
+    """ids + labels, cut at max_length here (one place, whatever the batching), rows with no answer left dropped."""
+    from datasets import Dataset
+
+    toks = truncate(tokenize_rendered(tokenizer, rows, answer_only=answer_only), max_length)
+    if not toks:
+        raise PipelineError("no training row has an answer token within model.max_length: raise model.max_length.")
+    return Dataset.from_dict({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]})
+
+
+def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
+    """Predict peak memory from the base's config; with a budget (auto: this GPU's), pick the fastest fitting layout."""
+    shape = ModelShape.from_config(load_config(params.model))
+    est = plan(shape, params, resolve_budget(params.train.memory_budget_gib, visible_gpu_gib()))
+    log.info("memory planner: %s", est.describe())
+    return shape, est
+
+
+def per_rank_batch(micro_batch: int, grad_accum: int, world_size: int) -> tuple[int, int]:
+    """Split the planned global batch (micro_batch x grad_accum = batch_size x grad_accum) over the processes.
+
+    Each rank's micro-batch is the largest divisor of its share that is at most the planned one (so it fits the
+    same memory), and micro x accum x world_size stays the global batch: the optimizer steps, the learning-rate
+    schedule and so the result do not depend on the number of processes.
+    """
+    total = micro_batch * grad_accum
+    if problem := batch_split_problem(total, world_size):  # params check it too; a user's own launcher may differ
+        raise PipelineError(problem)
+    share = total // world_size
+    micro = max(m for m in range(1, min(micro_batch, share) + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int = 1):
+    from trl import SFTConfig
+
+    t = params.train
+    micro_batch, grad_accum = per_rank_batch(est.micro_batch, est.grad_accum, world_size)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        seed=t.seed,
+        data_seed=t.seed,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        per_device_train_batch_size=micro_batch,  # the planner keeps batch_size x grad_accum; split over ranks
+        gradient_accumulation_steps=grad_accum,
+        bf16=t.precision == "bf16",
+        fp16=t.precision == "fp16",
+        activation_checkpointing=est.gradient_checkpointing,  # the planner's (train.gradient_checkpointing: auto)
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        max_length=None,  # rows were cut to model.max_length in build_dataset
+        packing=False,
+        padding_free=t.padding_free,
+        use_liger_kernel=t.liger_kernels,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # the NaN guard must see the real loss
+        # No checkpoints under FSDP: with PEFT, the Trainer's sharded FSDP checkpoints hold an empty adapter (PEFT 0.21
+        # misses the LoRA weights under FSDP1's nested wrappers; tests/test_distributed.py watches for a fix), so a
+        # resumed run would restore the optimizer and step but restart LoRA from its initial weights, silently.
+        save_strategy="no" if t.distributed.mode == "fsdp" else "steps",
+        save_steps=t.save_steps,
+        save_on_each_node=t.distributed.num_machines > 1,  # each host resumes from its own artifacts/checkpoints
+        save_total_limit=2,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",  # dvclive is attached by build_trainer, with our paths
+        dataset_num_proc=None,
+        use_cpu=not torch.cuda.is_available(),
+        # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
+        # fails with reentrant gradient checkpointing). On the CPU the workers' group is gloo (accelerate's choice
+        # for CPU too, unless this torch has MPI; named here so it is never MPI).
+        ddp_find_unused_parameters=False if world_size > 1 else None,
+        ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
+    )
+
+
+def _process_group(world: distributed.World):
+    """Under a launcher, join the workers' process group now rather than when the Trainer builds it: rank 0 must
+    go first where files are written (the tiny base, the checkpoint marker), and FSDP's cpu_ram_efficient_loading
+    reads the group while the base loads. The Trainer then reuses this group. None for a lone process."""
+    if world.size == 1:
+        return None
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    return PartialState(cpu=cpu, backend="gloo" if cpu else None)
+
+
+def load_model(params: Params, world: distributed.World):
+    """The 4-bit base on this rank's GPU (DDP), or stored for sharding (FSDP), with padding-free attention."""
+    if params.train.distributed.mode == "fsdp" and world.rank == 0:
+        log.warning(
+            "train.distributed.mode=fsdp writes no checkpoints (see sft_config): a killed FSDP run starts "
+            "again from step 0"
+        )
+    attention = attention_impl.register() if params.train.padding_free else "sdpa"
+    return load_base_model(
+        params.model,
+        params.quant,
+        attn_implementation=attention,
+        gpu=world.local_rank,
+        fsdp=params.train.distributed.mode == "fsdp",
+    )
+
+
+@dataclass
+class Run:
+    """One training run: the trainer, the plan it runs under, and the callbacks whose measurements the metrics read."""
+
+    trainer: object  # trl's SFTTrainer
+    params: Params
+    shape: ModelShape
+    est: Estimate
+    resume: bool
+    meter: object  # callbacks.ThroughputMeter: tokens/s, peak memory, the longest micro-batch
+    recompute: object | None  # callbacks.RecomputeSomeLayers when the planner recomputes some layers only
+
+    def layout(self) -> dict:
+        """How the run was spread: the mode, the processes, their collective backend."""
+        return {
+            "mode": self.params.train.distributed.mode,
+            "world_size": self.trainer.args.world_size,
+            "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        }
+
+
+def build_trainer(
+    params: Params,
+    model,
+    tokenizer,
+    dataset,
+    shape: ModelShape,
+    est: Estimate,
+    world: distributed.World,
+    checkpoint_dir: Path,
+    resume: bool,
+    extra_callbacks: list,
+) -> Run:
+    """SFTTrainer with LoRA from params, the NaN stop, the throughput meter and dvclive (streaming into the
+    checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
+    from peft import LoraConfig
+
+    from tasks.train.callbacks import RecomputeSomeLayers, StopOnNonFiniteLoss, ThroughputMeter, live_plots
+    from tasks.train.dequantized_base import dequantize_base
+    from tasks.train.step_overlap import trainer_class
+
+    lora = LoraConfig(
+        r=params.lora.r,
+        lora_alpha=params.lora.alpha,
+        lora_dropout=params.lora.dropout,
+        target_modules=list(params.lora.target_modules),
+        bias=params.lora.bias,
+        task_type="CAUSAL_LM",
+    )
+    meter = ThroughputMeter()
+    live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
+    recompute = None
+    if est.partial_recompute or est.recompute_thresholds:
+        recompute = RecomputeSomeLayers(est.recompute_layers, est.recompute_thresholds)
+        extra_callbacks = [recompute, *extra_callbacks]
+    trainer = trainer_class(params.train.sync_free_step)(
+        model=model,
+        args=sft_config(params, checkpoint_dir, est, world.size),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
+    )
+    meter.watch(trainer.model)
+    if params.train.dequantized_base:
+        log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
+    if params.train.compile:
+        log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
+    return Run(trainer, params, shape, est, resume, meter, recompute)
+
+
+# --- fitting ------------------------------------------------------------------------------------------------------
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether an exception came out of torch.compile (dynamo or inductor), whatever its type."""
+    import traceback
+
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any("/torch/_dynamo/" in f.filename or "/torch/_inductor/" in f.filename for f in frames)
+
+
+def compile_layers(model) -> int:
+    """Regional torch.compile: each decoder layer compiled in place (nn.Module.compile, so parameter names, the saved
+    adapter and recomputation are unchanged), the embeddings, loss and optimizer eager. All layers share one compiled
+    graph (same code, parameters as inputs), traced with dynamic shapes, since padding-free micro-batches vary in
+    length. Compilation happens at the first step; a failure there stops the run (fit), never falls back silently."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise PipelineError(
+            f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile: false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
+def fit(trainer, resume: bool, est: Estimate, params: Params):
+    """trainer.train(), resuming from the last checkpoint; a CUDA OOM becomes advice on what to change."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        return trainer.train(resume_from_checkpoint=True if resume else None)
+    except torch.OutOfMemoryError:
+        total = torch.cuda.mem_get_info()[1] / 2**30
+        raise PipelineError(
+            f"CUDA out of memory at micro-batch {est.micro_batch}, max_length {params.model.max_length}; the planner "
+            f"predicted {est.peak_gib:.1f} GiB on a {total:.0f} GiB GPU. Set train.memory_budget_gib to auto (or e.g. "
+            f"{max(1, int(total * 0.8))}) so the planner picks a layout that fits, lower model.max_length, or turn on "
+            "train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
+        ) from None
+    except Exception as e:
+        if params.train.compile and compile_failure(e):
+            raise PipelineError(
+                f"train.compile: torch.compile failed on the decoder layers ({type(e).__name__}: {str(e)[:500]}); "
+                "set train.compile: false to train eagerly."
+            ) from e
+        raise
+
+
+# --- the finish step ----------------------------------------------------------------------------------------------
+
+
+def save_adapter(trainer, params: Params, adapter_dir: Path, fingerprint: str, train_rows: Path, layout: dict):
+    """Rank 0 writes the adapter and its run record atomically. Under FSDP the LoRA weights are sharded: gathering
+    them is a collective every rank joins (PEFT's own save misses them, see tasks/train/fsdp_adapter.py)."""
+    from tasks.train.fsdp_adapter import fsdp_adapter_state
+    from tasks.train.fsdp_adapter import save_adapter as save_fsdp_adapter
+
+    trainer.accelerator.wait_for_everyone()  # every rank done training (and writing its last checkpoint files)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    name = peft_model.active_adapter
+    fsdp_weights = fsdp_adapter_state(trainer.model, name) if trainer.is_fsdp_enabled else None
+    if not trainer.is_world_process_zero():
+        return
+    with staged_dir(adapter_dir) as tmp:
+        if fsdp_weights is None:
+            peft_model.save_pretrained(tmp)
+        else:
+            save_fsdp_adapter(peft_model, tmp, fsdp_weights, name)
+        # The training environment, recorded where it is true (publish copies it into the lineage).
+        write_json(
+            tmp / "training_run.json",
+            {
+                "fingerprint": fingerprint,
+                "train_rows_sha256": sha256_file(train_rows),
+                "seed": params.train.seed,
+                "adapter_sha256": sha256_file(tmp / paths.ADAPTER_WEIGHTS),  # what evaluate and publish must match
+                "base_model": params.model.base,
+                "libraries": library_versions(),
+                "environment": environment(),  # every installed distribution, and which lock they match
+                "hardware": hardware(),
+                "distributed": layout,
+            },
+        )
+
+
+def whole_run_loss(state, loss_since_resume: float, resumed_at: int) -> float:
+    """The mean training loss over every step of the run, across a resume. The Trainer's training_loss covers only
+    the steps since it resumed (so a resumed run would report, and publish as its final loss, a figure of its last
+    steps alone); the steps before come from the checkpoint's logged losses, each the mean over its logging window.
+    Steps between the last log and the checkpoint have no logged loss and are left out of the mean."""
+    if resumed_at == 0:
+        return loss_since_resume
+    total, covered = 0.0, 0
+    for entry in state.log_history:
+        if "loss" in entry and entry["step"] <= resumed_at:
+            total += entry["loss"] * (entry["step"] - covered)
+            covered = entry["step"]
+    since = state.global_step - resumed_at
+    return (total + loss_since_resume * since) / max(covered + since, 1)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+# metrics/train.json holds these (what `dvc metrics show` prints); the rest of run_metrics goes to
+# reports/train_layout.json, which dvc.lock tracks too.
+HEADLINE = ("train_loss", "steps", "tokens_per_second", "peak_memory_gib", "resumed")
+
+
+def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
+    """What the run measured and how it was laid out. Under several processes (a collective: every rank calls it):
+    train_loss is the mean over ranks, tokens count all ranks (the whole job's throughput), memory is rank 0's GPU,
+    and micro_batch and grad_accum are per rank (micro x accum x world_size = the global batch)."""
+    trainer, meter, est, layout = run.trainer, run.meter, run.est, run.layout()
+    state, args, acc = trainer.state, trainer.args, trainer.accelerator
+    # The Trainer's training_loss holds this rank's loss alone after the last logging step: average over ranks.
+    train_loss = acc.reduce(torch.tensor(result.training_loss, dtype=torch.float64, device=args.device), "mean").item()
+    train_loss = whole_run_loss(state, train_loss, meter.step0)
+    peak_per_rank = None
+    if torch.cuda.is_available() and args.world_size > 1:  # each GPU's own peak (rank 0 gathers FSDP weights)
+        peaks = acc.gather(torch.tensor([meter.peak_allocated], device=args.device)).tolist()
+        peak_per_rank = {f"rank{i}": _round(x) for i, x in enumerate(peaks)}  # a dict: `dvc metrics show` flattens it
+    micro = args.per_device_train_batch_size
+    recomputed_at_max = est.recompute_layers
+    if est.recompute_thresholds:  # the longest micro-batch seen may have needed fewer
+        recomputed_at_max = layers_to_recompute(est.recompute_thresholds, meter.max_tokens)
+    mean_recomputed = run.recompute.mean_recomputed() if run.recompute else None
+    return {
+        "train_loss": round(float(train_loss), 6),
+        "steps": state.global_step,
+        "epochs": round(float(state.epoch or 0), 3),
+        "train_rows": rows,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "tokens_per_second": round(meter.tokens_this_run(state) / wall, 1),
+        "steady_tokens_per_second": meter.steady_tokens_per_second(),
+        "wall_seconds": round(wall, 2),
+        "resumed": run.resume,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "peak_memory_gib": _round(meter.peak_allocated),
+        "peak_reserved_gib": _round(meter.peak_reserved),
+        "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
+        "max_micro_batch_tokens": meter.max_tokens,
+        "predicted_peak_at_max_micro_batch_gib": estimate(
+            run.shape, run.params, micro, meter.max_tokens, est.gradient_checkpointing, recomputed_at_max
+        ).peak_gib,
+        "micro_batch": micro,
+        "grad_accum": args.gradient_accumulation_steps,
+        "gradient_checkpointing": est.gradient_checkpointing,
+        "recompute_layers": est.recompute_layers,  # of the model's decoder layers; the planner may pick some only
+        # train.adaptive_recompute: layers recomputed per micro-batch on average (recompute_layers at the longest)
+        "recompute_layers_mean": float(est.recompute_layers) if mean_recomputed is None else mean_recomputed,
+        "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
+        "layout_reason": est.reason,
+        "distributed_mode": layout["mode"],
+        **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
+        "world_size": layout["world_size"],
+    }
+
+
+def finish(
+    run: Run,
+    result,
+    wall: float,
+    rows: int,
+    fingerprint: str,
+    train_rows: Path,
+    adapter_dir: Path,
+    checkpoint_dir: Path,
+    metrics_path: Path,
+    layout_path: Path,
+) -> dict:
+    """After a successful fit: the adapter and its run record, the metrics, the live plots and the loss curve in
+    place of the last good ones, and the checkpoints removed (nothing left to resume). Rank 0 writes; every rank
+    joins the collectives."""
+    trainer = run.trainer
+    save_adapter(trainer, run.params, adapter_dir, fingerprint, train_rows, run.layout())
+    metrics = run_metrics(run, result, wall, rows)
+    if trainer.is_world_process_zero():
+        live_dir = checkpoint_dir / "dvclive"
+        if live_dir.exists():  # the run succeeded: its plots replace the last good ones
+            with staged_dir(paths.DVCLIVE_DIR) as tmp:
+                shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
+            if paths.LOSS_TSV.is_file():
+                save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
+        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
+        write_json(layout_path, {k: v for k, v in metrics.items() if k not in HEADLINE})
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
+    trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
+    log.info(
+        "trained %d steps, loss %.4f, %.0f tokens/s",
+        metrics["steps"],
+        metrics["train_loss"],
+        metrics["tokens_per_second"],
+    )
+    return metrics
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------
+
+
+def train(
+    params: Params,
+    train_rows: Path = paths.TRAIN_ROWS,
+    adapter_dir: Path = paths.ADAPTER_DIR,
+    checkpoint_dir: Path = paths.CHECKPOINT_DIR,
+    metrics_path: Path = paths.TRAIN_METRICS,
+    extra_callbacks: list | None = None,
+    layout_path: Path = paths.TRAIN_LAYOUT,
+) -> dict:
+    """Train the adapter; returns every figure of the run (metrics_path gets the headline ones, layout_path the
+    rest)."""
+    preflight(params)
+    if params.train.expandable_segments:
+        use_expandable_segments()
+    world = distributed.world()  # rank 0 of 1, unless launched as one of several workers
+    group = _process_group(world)
+    rows = load_rows(train_rows)
+    # Each host's first process first: it builds the tiny base if missing and prunes stale checkpoints (files of
+    # this host); the host's other processes then find them done.
+    with group.local_main_process_first() if group else contextlib.nullcontext():
+        tokenizer = load_tokenizer(params.model)
+        dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
+        shape, est = memory_plan(params)
+        fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
+        resume = resumable_checkpoint(checkpoint_dir, fingerprint)
+    model = load_model(params, world)
+    run = build_trainer(
+        params, model, tokenizer, dataset, shape, est, world, checkpoint_dir, resume, extra_callbacks or []
+    )
+    start = time.perf_counter()
+    result = fit(run.trainer, resume, est, params)
+    wall = time.perf_counter() - start
+    return finish(
+        run, result, wall, len(rows), fingerprint, train_rows, adapter_dir, checkpoint_dir, metrics_path, layout_path
+    )
+
+
+def main() -> None:
+    distributed.die_with_launcher()  # a worker of launch() below: stop when the launching process is killed
+    params = load_params()
+    pinned = distributed.one_gpu_env(params, torch.cuda.device_count())
+    if pinned is not None:  # mode single on a multi-GPU box: restart this stage seeing one GPU (CUDA reads it at start)
+        log.warning(
+            "train.distributed.mode=single with %d GPUs visible: training on GPU %s alone (set mode ddp or "
+            "fsdp and num_processes to use them all)",
+            torch.cuda.device_count(),
+            pinned["CUDA_VISIBLE_DEVICES"],
+        )
+        os.execve(sys.executable, [sys.executable, "-m", distributed.MODULE], pinned)
+    if distributed.needs_launch(params):
+        preflight(params)  # fail here, before N processes start
+        sys.exit(distributed.launch(params))  # re-run this stage as N workers; their exit status is ours
+    train(params)

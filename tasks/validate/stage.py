@@ -1,0 +1,159 @@
+"""Stage 2, validate: parse every raw row, run the great-expectations suite, and report token lengths.
+
+One streaming pass (scan.py) parses, renders and tokenizes each row once and keeps a compact feature table;
+the suite runs over that table, not over the texts. Writes reports/validation/ (result.json, index.html: the
+report readable offline, Data Docs HTML, lengths.json), reports/lengths.png and metrics/validate.json whatever the
+verdict, so a failed run can be read. Only on success does it write data/validated/conversations.jsonl (each
+conversation with its token counts and content key); on failure it exits non-zero, nothing downstream runs, and
+the last good conversations stay in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.common import paths
+from tasks.common.artifacts import atomic_writer, staged_dir, write_json
+from tasks.common.base_model import load_tokenizer
+from tasks.common.config import Params, load_params
+from tasks.common.errors import PipelineError, ValidationFailed
+from tasks.validate.expectations import excluded_rows, run_suite
+from tasks.validate.lengths import length_report, save_histogram
+from tasks.validate.scan import Scan, scan_rows
+from tasks.validate.validation_page import write_validation_page
+
+log = logging.getLogger(__name__)
+MAX_ROWS_LISTED = 20
+MAX_REASONS_LISTED = 3
+
+
+def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str]) -> str:
+    lines, unevaluated = [], []
+    for r in result["rules"]:
+        if r["status"] == "not evaluated":
+            unevaluated.append(f"  - {r['rule']}: {r['reason']}")
+        if r["status"] != "failed":
+            continue
+        rows = r["rows"][:MAX_ROWS_LISTED]
+        more = f" (+{len(r['rows']) - len(rows)} more)" if len(r["rows"]) > len(rows) else ""
+        where = f"; rows {rows}{more}" if rows else f"; observed {r['observed_value']}"
+        lines.append(f"  - {r['rule']}: {r['description']}: {r['unexpected_count'] or 0} row(s) break it{where}")
+        if r["rule"] == "parseable":  # why they do not parse: the parser's own words, first row of each reason
+            first = {}
+            for i in r["rows"]:
+                first.setdefault(parse_errors.get(i), i)
+            lines += [f"      row {i}: {why}" for why, i in list(first.items())[:MAX_REASONS_LISTED]]
+    if unevaluated:
+        lines += ["rules that could not be checked:", *unevaluated]
+    return (
+        "the data failed validation, so nothing was trained:\n"
+        + "\n".join(lines)
+        + f"\nRow numbers count from 0 in {paths.RAW_ROWS}. Details: {report_dir / 'index.html'} (open it in a "
+        f"browser; it reads offline) and {report_dir / 'result.json'}. Fix the rows, or loosen the threshold under "
+        "`validate:` (`dvc exp run -S validate.<setting>=...`, or params.yaml for `dvc repro`)."
+    )
+
+
+def _result_record(result: dict, raw_rows: Path, input_sha256: str, excluded: dict, parse_errors: dict) -> dict:
+    """reports/validation/result.json: every rule with its rows, and the rows left out or unparseable, with why."""
+    return {
+        "success": result["success"],
+        "rules": result["rules"],
+        "input": {"path": str(raw_rows), "sha256": input_sha256},  # the audit's link to download
+        # rows that broke a row rule within validate.max_bad_row_share: left out of the validated data
+        "excluded_rows": {str(i): broke for i, broke in sorted(excluded.items())},
+        "parse_errors": {str(i): why for i, why in parse_errors.items()},  # why rule parseable names each row
+        "ge_result": result["ge_result"],
+    }
+
+
+# metrics/validate.json holds these (what `dvc metrics show` prints); reports/validation/summary.json all of _summary.
+HEADLINE = ("success", "rows", "rows_excluded")
+
+
+def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_excluded: int) -> dict:
+    """The verdict, rule counts and the token-length figures `dvc metrics diff` can compare."""
+    return {
+        "success": result["success"],
+        "rows": n_rows,
+        "rows_excluded": n_excluded,
+        "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
+        "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
+        "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
+        "tokens_p50": report["percentiles"]["p50"],
+        "tokens_p95": report["percentiles"]["p95"],
+        "tokens_max": report["max"],
+        "share_over_max_length": report["share_over_max_length"],
+    }
+
+
+def validate(
+    params: Params,
+    raw_rows: Path = paths.RAW_ROWS,
+    out_conversations: Path = paths.CONVERSATIONS,
+    report_dir: Path = paths.VALIDATION_REPORT_DIR,
+    metrics_path: Path = paths.VALIDATION_METRICS,
+    histogram_path: Path = paths.LENGTH_HISTOGRAM,
+) -> dict:
+    if not raw_rows.exists():
+        raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
+    tokenizer = load_tokenizer(params.model)
+    # Conversations go to a hidden candidates file during the pass; they replace the last good ones only if the
+    # suite passes, less the rows it leaves out.
+    candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
+    try:
+        scan = scan_rows(raw_rows, tokenizer, params.model.max_length, params.format.system_prompt, candidates)
+        summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
+        _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
+    finally:
+        candidates.unlink(missing_ok=True)
+    return summary
+
+
+def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer) -> tuple[dict, dict]:
+    """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict."""
+    frame = scan.frame()
+    lengths = scan.lengths()
+    with staged_dir(report_dir) as tmp:
+        result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
+        excluded = excluded_rows(result)
+        report = length_report(
+            lengths, params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
+        )
+        write_json(tmp / paths.LENGTH_REPORT.name, report)
+        record = _result_record(result, raw_rows, scan.input_sha256, excluded, scan.parse_errors)
+        write_json(tmp / paths.VALIDATION_RESULT.name, record)
+        write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
+        summary = _summary(result, report, frame, scan.rows, len(excluded))
+        write_json(tmp / paths.VALIDATION_SUMMARY.name, summary)
+    save_histogram(lengths[:, 0], params.model.max_length, histogram_path)
+    write_json(metrics_path, {k: summary[k] for k in HEADLINE})
+    log.info(
+        "validation %s: %d rows, %d left out for breaking a row rule; %s",
+        "passed" if result["success"] else "FAILED",
+        scan.rows,
+        len(excluded),
+        report["policy_effect"],
+    )
+    if not result["success"]:
+        raise ValidationFailed(_failure_message(result, report_dir, scan.parse_errors))
+    return summary, excluded
+
+
+def _keep_candidates(candidates: Path, renderable: list[int], excluded: dict, out: Path) -> None:
+    """Make the candidates the validated conversations, less the excluded rows (line k holds row renderable[k])."""
+    if not any(i in excluded for i in renderable):
+        os.replace(candidates, out)
+        return
+    with open(candidates, "rb") as lines, atomic_writer(out) as kept:
+        for i, line in zip(renderable, lines):
+            if i not in excluded:
+                kept.write(line)
+
+
+def main() -> None:
+    validate(load_params())
