@@ -114,4 +114,4 @@ wheelhouse: install
 
 # The README's pictures (docs/*.png) from this workspace's reports, after `make run` (needs chromium).
 report-images: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m flows.report_images
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m tasks.validate.report_images
