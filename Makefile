@@ -89,8 +89,10 @@ test-latest:
 	rm -rf .venv-latest
 	python3 -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -q --require-hashes --no-deps -r requirements/build.lock
-	.venv-latest/bin/python -m pip install -q "$$(grep -oE '^torch==[^ ]+' requirements/cpu.lock)"
-	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev,lint]"
+	grep -oE '^torch==[^ ]+' requirements/cpu.lock > .venv-latest/torch-constraint.txt
+	.venv-latest/bin/python -m pip install -q -r .venv-latest/torch-constraint.txt
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt \
+	  -e ".[dev,lint]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/installed.txt
 	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/python -m pytest -q -ra
 
