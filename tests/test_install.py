@@ -118,11 +118,10 @@ def test_the_installed_set_equals_the_lock():
     import json
 
     installed = {canonicalize_name(d["name"]): d["version"] for d in json.loads(listed)}
-    lock = (
-        ROOT
-        / "requirements"
-        / ("gpu.lock" if "gpu" in (Path(sys.prefix) / ".lock-variant").read_text() else "cpu.lock")
-    )
+    variant = Path(sys.prefix) / ".lock-variant"  # written by make install; make test-latest installs the ranges
+    if not variant.is_file():
+        pytest.skip("not a venv made by `make install` from the lock (make test-latest installs the newest versions)")
+    lock = ROOT / "requirements" / ("gpu.lock" if "gpu" in variant.read_text() else "cpu.lock")
     expected = {**_lock_pins(ROOT / "requirements" / "build.lock"), **_lock_pins(lock)}
     extra = sorted(set(installed) - set(expected) - {"pip", "guanaco-qlora-pipeline"})
     assert not extra, f"installed but not in {lock.name}: {extra}"
