@@ -107,7 +107,7 @@ def _read(path: Path) -> dict | None:
 def summary_markdown(project_dir: Path, ran: dict[str, bool], outcome: str) -> str:
     val, ev = _read(project_dir / paths.VALIDATION_METRICS), _read(project_dir / paths.EVALUATION)
     lengths = _read(project_dir / paths.LENGTH_REPORT)
-    lineage = _read(project_dir / paths.RELEASE_DIR / "lineage.json")
+    lineage = _read(project_dir / paths.RELEASE_DIR / paths.LINEAGE)
     lines = ["# Guanaco QLoRA pipeline run", "", f"**Outcome**: {outcome}", "", "| stage | ran |", "|---|---|"]
     lines += [f"| {s} | {'yes' if r else 'up to date'} |" for s, r in ran.items()]
     if val:
@@ -137,7 +137,7 @@ def _now() -> str:
 
 
 def _record(root: Path, started: str, outcome: str, ran: dict[str, bool], **extra) -> None:
-    lineage = _read(root / paths.RELEASE_DIR / "lineage.json")
+    lineage = _read(root / paths.RELEASE_DIR / paths.LINEAGE)
     history.append(
         root,
         {

@@ -8,7 +8,6 @@ every test here; each test works on its own copy of that project.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import pytest
 
 from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_tree, write_json
+from tasks.common.environment import listing_sha256
 from tasks.publish import signing
 from tasks.publish.audit import audit
 from tasks.publish.audit import main as audit_main
@@ -176,11 +176,10 @@ def test_an_environment_that_differs_from_the_releases_is_named_package_by_packa
     def older_transformers_and_its_digest(lineage):
         older_transformers(lineage)
         env = lineage["training"]["environment"]
-        env["distributions_sha256"] = hashlib.sha256("\n".join(sorted(env["distributions"])).encode()).hexdigest()
+        env["distributions_sha256"] = listing_sha256(env["distributions"])
 
-    project_clean = project  # the lineage is rewritten again from the release as published
-    _restore_lineage(project_clean)
-    env = _rewrite_lineage(project_clean, older_transformers_and_its_digest)["environment"]
+    _restore_lineage(project)  # the lineage as published, rewritten again with a digest that matches its list
+    env = _rewrite_lineage(project, older_transformers_and_its_digest)["environment"]
     assert env.ok  # a different environment warns: the audit can run anywhere
     (warning,) = env.warnings
     assert "2 package(s)" in warning and "transformers 0.0.1 -> " in warning and "left-behind 1.0 -> absent" in warning

@@ -78,3 +78,20 @@ def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "OURS-WARNING" in proc.stderr
+
+
+def test_a_log_file_that_cannot_be_written_is_said_and_the_stage_goes_on(tmp_path):
+    (tmp_path / paths.LOG_DIR).write_text("a file where the logs folder belongs\n")
+    probe = (
+        "import logging\nfrom tasks.common.runner import run_main\n"
+        "run_main('probe', lambda: logging.getLogger('tasks.probe').info('OURS-DONE'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"cannot write {paths.LOG_DIR / 'probe.log'}" in proc.stderr and "OURS-DONE" in proc.stderr

@@ -63,6 +63,11 @@ def lock_differences(pins: dict[str, str], installed: dict[str, str]) -> list[st
     ]
 
 
+def listing_sha256(distributions: list[str]) -> str:
+    """The sha256 a release records for its list of `name==version` entries (sorted, one a line)."""
+    return hashlib.sha256("\n".join(sorted(distributions)).encode()).hexdigest()
+
+
 def environment(root: Path | str = ".") -> dict:
     """The whole Python environment: every installed distribution (and the sha256 of that list), the lock files'
     sha256, and the lock variant whose every pin is installed (None, with the differences, when none is)."""
@@ -87,7 +92,7 @@ def environment(root: Path | str = ".") -> dict:
         "lock": matched,
         "lock_differences": {} if matched else differences,
         "locks_sha256": locks,
-        "distributions_sha256": hashlib.sha256("\n".join(listing).encode()).hexdigest(),
+        "distributions_sha256": listing_sha256(listing),
         "distributions": listing,
     }
 
@@ -116,6 +121,9 @@ def broken_requirements(names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Check this environment against the lock `make install` installed (argv[0], e.g. requirements/cpu.lock)."""
     lock = Path((argv if argv is not None else sys.argv[1:])[0])
+    if not lock.is_file():
+        print(f"environment: {lock} not found: run from the project root, or `make lock` to make it", file=sys.stderr)
+        return 2
     pins = lock_pins(lock)
     if (build := lock.parent / "build.lock").is_file():  # setuptools, installed first by make install
         pins |= lock_pins(build)

@@ -20,15 +20,13 @@ OWN_LOGGERS = ("tasks", "flows", "benchmarks", "__main__")
 _PROJECT = Path(__file__).resolve().parent.parent
 
 
-def _is_own(record: logging.LogRecord) -> bool:
-    if record.name == "py.warnings":  # a warnings.warn: ours when raised from this project's own files
-        return getattr(record, "own_warning", False)
-    return record.name.split(".")[0] in OWN_LOGGERS
-
-
-class _TerminalFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _is_own(record) or record.levelno >= logging.ERROR
+def _on_terminal(record: logging.LogRecord) -> bool:
+    """The pipeline's own records (a warnings.warn is ours when raised from this project's files), and errors."""
+    if record.name == "py.warnings":
+        own = getattr(record, "own_warning", False)
+    else:
+        own = record.name.split(".")[0] in OWN_LOGGERS
+    return own or record.levelno >= logging.ERROR
 
 
 class _CountLibrary(logging.Filter):
@@ -39,8 +37,7 @@ class _CountLibrary(logging.Filter):
         self.count = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not _TerminalFilter().filter(record):
-            self.count += 1
+        self.count += not _on_terminal(record)
         return True
 
 
@@ -72,7 +69,7 @@ def configure(stage: str) -> None:
     """Send this process's logging and warnings to the terminal, sorted; open_file adds the stage's log file."""
     to_terminal = logging.StreamHandler(sys.stderr)
     to_terminal.setFormatter(logging.Formatter(f"[{stage}] %(message)s"))
-    to_terminal.addFilter(_TerminalFilter())
+    to_terminal.addFilter(_on_terminal)
     root = logging.getLogger()
     root.handlers[:] = [to_terminal]
     root.setLevel(logging.INFO)
@@ -80,12 +77,19 @@ def configure(stage: str) -> None:
     _adopt_self_handled_loggers()
 
 
-def open_file(stage: str) -> logging.Filter:
+def open_file(stage: str) -> _CountLibrary | None:
     """Add logs/<stage>.log (replaced each run) to the handlers: called once the stage holds the workspace, so a
-    stage refused by another run's lock writes nothing."""
+    stage refused by another run's lock writes nothing. A log file that cannot be written (a full disk, a
+    read-only folder) is said on the terminal and the stage goes on: its outputs do not depend on it."""
     path = log_file(stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+    except OSError as e:
+        logging.getLogger(__name__).warning(
+            "cannot write %s (%s): library messages go nowhere this run", path, e.strerror or type(e).__name__
+        )
+        return None
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     counter = _CountLibrary()
     to_file.addFilter(counter)
@@ -93,9 +97,9 @@ def open_file(stage: str) -> logging.Filter:
     return counter
 
 
-def report(stage: str, counter: logging.Filter) -> None:
+def report(stage: str, counter: _CountLibrary | None) -> None:
     """One line saying where the library messages went, when there were any."""
-    if getattr(counter, "count", 0):
-        logging.getLogger("tasks.common.stage_log").info(
+    if counter is not None and counter.count:
+        logging.getLogger(__name__).info(
             "%d library message(s) (warnings included) are in %s", counter.count, log_file(stage)
         )

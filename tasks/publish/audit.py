@@ -182,9 +182,8 @@ class Audit:
         if not self.release_only:
             from tasks.common.config import load_params
 
-            here = load_params(self.root / "params.yaml").as_dict()
-            if str(params["publish"].get("signing_key") or "").startswith("sha256:") and here["publish"]["signing_key"]:
-                here["publish"]["signing_key"] = params["publish"]["signing_key"]  # recorded as its fingerprint
+            signer = (self.lineage.get("signing") or {}).get("public_key_sha256")
+            here = signing.recorded_params(load_params(self.root / "params.yaml").as_dict(), signer)
             differ = sorted(
                 f"{section}.{k}"
                 for section in params
@@ -298,7 +297,7 @@ class Audit:
     def environment(self) -> Link:
         """The lock the release claims against the lock at its commit (a claim the commit cannot back fails), and
         the installed set it recorded against the one auditing (a difference warns, naming the packages)."""
-        from tasks.common.environment import environment
+        from tasks.common.environment import environment, listing_sha256
 
         link, env = Link("environment"), self.lineage["training"].get("environment")
         if not env:
@@ -327,7 +326,7 @@ class Audit:
                     )
                 elif actual != claimed:
                     link.warnings.append(f"{path} was edited and not committed when the release was made")
-        listed = hashlib.sha256("\n".join(sorted(env["distributions"])).encode()).hexdigest()
+        listed = listing_sha256(env["distributions"])
         if listed != env["distributions_sha256"]:
             link.problems.append(
                 f"the release's list of distributions hashes to {listed[:12]}, not the "

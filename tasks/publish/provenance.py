@@ -221,15 +221,17 @@ class EnvelopeError(ValueError):
     """The provenance envelope is not a DSSE envelope of an in-toto statement that the given key signed."""
 
 
-def sign_envelope(statement: dict, private_key, keyid: str) -> dict:
-    """The statement in a DSSE envelope signed with `private_key` (a cryptography EC key); keyid: its fingerprint."""
+def sign_envelope(statement: dict, private_key=None, keyid: str | None = None) -> dict:
+    """The statement in a DSSE envelope signed with `private_key` (a cryptography EC key; keyid: its fingerprint),
+    or with no signature when there is no key (a Sigstore release: model.sig covers the envelope)."""
     from securesystemslib.dsse import Envelope
     from securesystemslib.signer import CryptoSigner, SSlibKey
 
     envelope = Envelope(
         payload=json.dumps(statement, sort_keys=True).encode(), payload_type=PAYLOAD_TYPE, signatures={}
     )
-    envelope.sign(CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key(), keyid=keyid)))
+    if private_key is not None:
+        envelope.sign(CryptoSigner(private_key, SSlibKey.from_crypto(private_key.public_key(), keyid=keyid)))
     return envelope.to_dict()
 
 

@@ -14,9 +14,7 @@ instead (Sigstore's OIDC identity and transparency log; needs the network).
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -58,6 +56,14 @@ def verify_command(release: str = "release", public_key: str | None = None) -> s
     return (
         f"model_signing verify key {release} --signature {release}/{SIGNATURE} --public_key {key} --no-ignore-git-paths"
     )
+
+
+def recorded_params(params: dict, key_sha256: str | None) -> dict:
+    """Params as a release records them: publish.signing_key, a path on the publishing machine, becomes the key's
+    fingerprint, so nothing machine-local is published; the audit records params.yaml the same way to compare."""
+    if params["publish"].get("signing_key"):
+        params = {**params, "publish": {**params["publish"], "signing_key": f"sha256:{key_sha256}"}}
+    return params
 
 
 def trusted_keys(given: list[str], project: Path) -> dict[str, str]:
@@ -174,11 +180,7 @@ class Signer:
         from tasks.publish import provenance
 
         if self.method == "sigstore":
-            return {
-                "payloadType": provenance.PAYLOAD_TYPE,
-                "payload": base64.b64encode(json.dumps(statement, sort_keys=True).encode()).decode(),
-                "signatures": [],
-            }
+            return provenance.sign_envelope(statement)
         from cryptography.hazmat.primitives import serialization
 
         key = serialization.load_pem_private_key(self.key_path.read_bytes(), _password())

@@ -48,21 +48,13 @@ def check_gate(eval_metrics: dict, require_improvement: bool) -> None:
         )
 
 
-def recorded_params(params: Params, signed: dict) -> dict:
-    """The params as the release records them: publish.signing_key, a path on the publishing machine, becomes the
-    key's fingerprint (what an auditor can check), so nothing machine-local is published."""
-    record = params.as_dict()
-    if record["publish"].get("signing_key"):
-        record["publish"]["signing_key"] = f"sha256:{signed.get('public_key_sha256')}"
-    return record
-
-
 def build_lineage(params: Params, release_files: dict[str, str], release_id: str, signed: dict) -> dict:
     source = read_json(_require(paths.SOURCE_RECORD, "download"))
     validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))
     formatted = read_json(_require(paths.FORMAT_REPORT, "format"))
     training = read_json(_require(paths.ADAPTER_DIR / "training_run.json", "train"))
     base = resolve_base(params.model)
+    recorded = signing.recorded_params(params.as_dict(), signed.get("public_key_sha256"))
     return {
         "release": {
             "name": params.publish.name,
@@ -87,8 +79,8 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
             "eval_rows": formatted["eval_rows"],
             "length_policy": formatted["length_policy"],
         },
-        "params": recorded_params(params, signed),
-        "params_sha256": sha256_text(json.dumps(recorded_params(params, signed), sort_keys=True)),
+        "params": recorded,
+        "params_sha256": sha256_text(json.dumps(recorded, sort_keys=True)),
         "code": code_version(running="publish"),
         "base_model": {
             "id": params.model.base,
@@ -199,9 +191,7 @@ def check_publish_params(publish_params) -> None:
             f"publish.name {publish_params.name!r} cannot name a release: use letters, digits, '.', '_' and '-' "
             "(at most 64, starting with a letter or digit), e.g. -S publish.name=guanaco-llama2-qlora"
         )
-    if publish_params.push_to_hub:
-        if not publish_params.hub_repo_id:
-            raise PipelineError("publish.push_to_hub is on but publish.hub_repo_id is empty: set it to 'owner/name'")
+    if publish_params.push_to_hub:  # an empty repo id is refused with the params (tasks/common/config.py)
         try:
             validate_repo_id(publish_params.hub_repo_id)
         except HFValidationError:
@@ -214,14 +204,6 @@ def check_publish_params(publish_params) -> None:
             raise PipelineError(
                 f"publish.hub_repo_id {publish_params.hub_repo_id!r} names no owner: write it as 'owner/name'"
             )
-
-
-def check_every_file_signed(folder: Path) -> None:
-    """Refuse a release holding a file the signature does not cover: model-signing skips nothing here, but a
-    symlink or a special file would not be what the manifest says."""
-    for path in sorted(folder.rglob("*")):
-        if path.is_symlink() or not (path.is_file() or path.is_dir()):
-            raise PipelineError(f"cannot publish: {path.name} in the release is not a plain file")
 
 
 def push_to_hub(release_dir: Path, repo_id: str, private: bool, revision_note: str) -> str:
@@ -269,7 +251,11 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         lineage["files_sha256"] = sha256_tree(tmp, include_hidden=True)
         write_json(tmp / paths.LINEAGE, lineage)
         signer.sign(tmp, release_id)
-        check_every_file_signed(tmp)
+        if signer.method == "key":  # every file, dotfiles included, is what the signature covers: checked as the
+            try:  # audit and the standard CLI check it, before the release is swapped in or pushed
+                signing.verify(tmp)
+            except signing.SignatureError as e:
+                raise PipelineError(f"cannot publish: the release just signed does not verify: {e}") from None
         if params.publish.push_to_hub:  # before the swap: a failed push leaves the last release whole
             url = push_to_hub(tmp, params.publish.hub_repo_id, params.publish.private, f"Release {release_id}")
             log.info("pushed to the Hub: %s", url)
