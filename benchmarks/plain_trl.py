@@ -33,6 +33,7 @@ def train_plain_trl(model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps
         quantization_config=bnb_config,
         dtype=torch.bfloat16 if cuda else torch.float32,
         device_map={"": 0} if cuda else "cpu",
+        use_kernels=False,  # the default fetches Hub kernels at load time: the GPU machine here is offline
     )
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -58,6 +58,8 @@ def test_base_loads_as_bitsandbytes_4bit(trained, params, monkeypatch):
     q_proj = model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_state.quant_type == "nf4"
+    # no layer swapped for a Hub kernel: code fetched at load time (and, offline on a GPU, a crash)
+    assert model.use_kernels is False
 
 
 def test_train_writes_adapter_and_metrics(trained):

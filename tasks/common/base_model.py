@@ -178,6 +178,10 @@ def load_base_model(
         "dtype": storage or dtype,
         "attn_implementation": attn_implementation,
         "device_map": None if fsdp else {"": gpu} if device == "cuda" else "cpu",
+        # transformers 5 swaps layers for Hub kernels (the `kernels` package) by default whenever it is installed:
+        # code fetched from the Hub at load time, unpinned and unrecorded, and on an offline GPU machine a crash
+        # ("not available in the local cache"). The recipe's speed levers are its own (train.*), so: off.
+        "use_kernels": False,
     }
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
