@@ -144,3 +144,17 @@ def test_the_install_check_names_a_package_that_is_not_as_locked(tmp_path, capsy
     assert main([str(lock)]) == 1
     err = capsys.readouterr().err
     assert "requests: locked 0.0.1, installed " in err and "pyyaml" not in err and "pywin32" not in err
+
+
+def test_the_recorded_installed_set_ignores_folders_inside_packages(tmp_path, monkeypatch):
+    """setuptools (< 82) appends its `_vendor` folder to sys.path when imported: the vendored copies there are not
+    the environment, and counting them made a release's listing depend on what the process had imported."""
+    from tasks.common.environment import installed_distributions
+
+    site = tmp_path / "lib" / "site-packages"
+    for folder, name in ((site, "real-pkg"), (site / "setuptools" / "_vendor", "vendored-pkg")):
+        info = folder / f"{name.replace('-', '_')}-1.0.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    monkeypatch.setattr(sys, "path", [str(site), str(site / "setuptools" / "_vendor")])
+    assert installed_distributions() == {"real-pkg": "1.0"}

@@ -27,11 +27,18 @@ def _normal(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _environment_paths() -> list[str]:
+    """sys.path less the folders inside an installed package: setuptools (< 82) appends its `_vendor` folder when
+    imported, and its vendored copies would enter the listing or not depending on what the process imported."""
+    sites = [Path(p) for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    return [p for p in sys.path if not any(site in Path(p).parents for site in sites)]
+
+
 def installed_distributions() -> dict[str, str]:
     """Every distribution this interpreter imports from, {normalized name: version}; where two copies exist (a venv
     over the host's packages), the one found first on sys.path, as import finds it."""
     found: dict[str, str] = {}
-    for dist in metadata.distributions():
+    for dist in metadata.distributions(path=_environment_paths()):
         name = dist.metadata["Name"]
         if name:
             found.setdefault(_normal(name), dist.version)
