@@ -89,7 +89,7 @@ def run_config(name: str, args, recipe_batch: int) -> dict:
     if code != 0:
         print(f"{name}: failed ({code}) after {wall} s; see {log}")
         return {"mode": mode, "processes": n, "failed": code, "stage_wall_seconds": wall}
-    m = {**json.loads((work / paths.TRAIN_METRICS).read_text()), **json.loads((work / paths.TRAIN_LAYOUT).read_text())}
+    m = json.loads((work / paths.TRAINING).read_text())
     try:
         adapter = adapter_summary(work / paths.ADAPTER_DIR)
     except Exception as e:  # noqa: BLE001 - recorded, so the other configurations still run

@@ -105,7 +105,7 @@ def _read(path: Path) -> dict | None:
 
 
 def summary_markdown(project_dir: Path, ran: dict[str, bool], outcome: str) -> str:
-    val, ev = _read(project_dir / paths.VALIDATION_METRICS), _read(project_dir / paths.EVALUATION)
+    val, ev = _read(project_dir / paths.VALIDATION_SUMMARY), _read(project_dir / paths.EVALUATION)
     lengths = _read(project_dir / paths.LENGTH_REPORT)
     lineage = _read(project_dir / paths.RELEASE_DIR / paths.LINEAGE)
     lines = ["# Guanaco QLoRA pipeline run", "", f"**Outcome**: {outcome}", "", "| stage | ran |", "|---|---|"]

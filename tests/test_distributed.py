@@ -233,17 +233,13 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
 
     proc, _ = _train(workdir, p)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((workdir / paths.TRAIN_METRICS).read_text())
-    layout = json.loads((workdir / paths.TRAIN_LAYOUT).read_text())
-    assert metrics["resumed"] is True and metrics["steps"] == 30 and layout["world_size"] == 2
+    figures = json.loads((workdir / paths.TRAINING).read_text())
+    assert figures["resumed"] is True and figures["steps"] == 30 and figures["world_size"] == 2
 
 
 def _train_figures(project) -> dict:
-    """metrics/train.json and the layout file beside it, as train() returns them."""
-    return {
-        **json.loads((project / paths.TRAIN_METRICS).read_text()),
-        **json.loads((project / paths.TRAIN_LAYOUT).read_text()),
-    }
+    """Every figure of the run, as train() returns them."""
+    return json.loads((project / paths.TRAINING).read_text())
 
 
 def _running(proc) -> bool:
@@ -439,6 +435,5 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     for name in two_hosts:
         torch.testing.assert_close(two_hosts[name], one_host[name], rtol=1e-5, atol=1e-6)
     assert not (hosts[1] / paths.ADAPTER_DIR).exists()  # only the main host's rank 0 writes
-    metrics = json.loads((hosts[0] / paths.TRAIN_METRICS).read_text())
-    layout = json.loads((hosts[0] / paths.TRAIN_LAYOUT).read_text())
-    assert layout["world_size"] == 2 and metrics["steps"] == 3
+    figures = json.loads((hosts[0] / paths.TRAINING).read_text())
+    assert figures["world_size"] == 2 and figures["steps"] == 3

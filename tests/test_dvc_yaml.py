@@ -76,9 +76,40 @@ def test_every_output_persists_and_matches_tasks_paths():
         paths.TRAIN_METRICS,
         paths.EVAL_METRICS,
         paths.EVALUATION,
-        paths.TRAIN_LAYOUT,
+        paths.TRAINING,
         paths.GENERATIONS,
         paths.EVAL_RUN,
         paths.RELEASE_DIR,
     ):
         assert str(expected) in declared, expected
+
+
+def test_the_metrics_table_fits_80_columns_with_a_gpu_runs_widest_figures(tmp_path):
+    """`dvc metrics show` prints every stage's headline row in one table: with a GPU run's extra column (peak
+    memory) and the widest figures a run gives (ten million rows excluded, five-digit losses and tokens/s), it
+    still fits an 80-column terminal. The CPU sample's own table is checked in test_pipeline_e2e."""
+    import json
+    import subprocess
+
+    from tasks.evaluate.stage import headline as eval_headline
+    from tasks.train.stage import headline as train_headline
+    from tasks.validate.stage import headline as validate_headline
+
+    rows = {
+        paths.VALIDATION_METRICS: validate_headline({"success": False, "rows": 10**7, "rows_excluded": 10**7 - 1}),
+        paths.TRAIN_METRICS: train_headline(
+            {"train_loss": 12.34567, "tokens_per_second": 99999.4, "peak_memory_gib": 79.96}
+        ),
+        paths.EVAL_METRICS: eval_headline(
+            {"base": {"loss": 11.18173}, "tuned": {"loss": 10.75391, "stop_rate": 0.9375}}
+        ),
+    }
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    for path, figures in rows.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(figures))
+    table = subprocess.run(
+        ["dvc", "metrics", "show", *map(str, rows)], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
+    assert "peak_GiB" in table and "99999" in table, table
+    assert max(map(len, table.splitlines())) <= 80, table

@@ -70,9 +70,13 @@ def test_train_writes_adapter_and_metrics(trained):
     assert config["r"] == p.lora.r and config["lora_alpha"] == p.lora.alpha
     assert sorted(config["target_modules"]) == sorted(p.lora.target_modules)
     assert metrics["steps"] == 6 and metrics["tokens_seen"] > 0 and metrics["train_loss"] > 0
-    assert {**read_json(root / paths.TRAIN_METRICS), **read_json(root / paths.TRAIN_LAYOUT)} == metrics
-    assert "micro_batch" in read_json(root / paths.TRAIN_LAYOUT)
-    assert "micro_batch" not in read_json(root / paths.TRAIN_METRICS)
+    assert read_json(root / paths.TRAINING) == metrics
+    # the headline row of `dvc metrics show`: short names, rounded; the peak is null on the CPU
+    assert read_json(root / paths.TRAIN_METRICS) == {
+        "loss": round(metrics["train_loss"], 3),
+        "tok/s": round(metrics["tokens_per_second"]),
+        "peak_GiB": None,
+    }
     run = read_json(adapter / "training_run.json")
     assert run["train_rows_sha256"] == sha256_file(root / paths.TRAIN_ROWS) and run["libraries"]["bitsandbytes"]
     assert not (root / paths.CHECKPOINT_DIR).exists(), "a finished run leaves nothing to resume"
@@ -122,8 +126,8 @@ def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, mon
     monkeypatch.chdir(root)
     publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
-    good = read_json(root / paths.EVAL_METRICS)
-    write_json(root / paths.EVAL_METRICS, {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}})
+    good = read_json(root / paths.EVALUATION)
+    write_json(root / paths.EVALUATION, {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}})
     with pytest.raises(PipelineError, match="refusing to publish"):
         publish(p)
     assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before

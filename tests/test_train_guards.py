@@ -248,16 +248,14 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
 
     _run(killed, "train")
     _run(killed, "evaluate")
-    resumed = json.loads((killed / paths.TRAIN_METRICS).read_text())
-    assert (
-        resumed["resumed"] is True
-        and resumed["steps"] == json.loads((straight / paths.TRAIN_METRICS).read_text())["steps"]
-    )
-    a = json.loads((straight / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
-    b = json.loads((killed / paths.EVAL_METRICS).read_text())["tuned"]["loss"]
+    resumed = json.loads((killed / paths.TRAINING).read_text())
+    straight_steps = json.loads((straight / paths.TRAINING).read_text())["steps"]
+    assert resumed["resumed"] is True and resumed["steps"] == straight_steps
+    a = json.loads((straight / paths.EVALUATION).read_text())["tuned"]["loss"]
+    b = json.loads((killed / paths.EVALUATION).read_text())["tuned"]["loss"]
     assert abs(a - b) < 1e-3, (a, b)
     # the recorded (and published) train loss is the whole run's, not only the steps after the resume
-    whole = json.loads((straight / paths.TRAIN_METRICS).read_text())["train_loss"]
+    whole = json.loads((straight / paths.TRAINING).read_text())["train_loss"]
     assert resumed["train_loss"] == pytest.approx(whole, abs=2e-3), (resumed["train_loss"], whole)
 
 

@@ -22,7 +22,7 @@ from tasks.common.conversation import Conversation, near_duplicate_key, parse_te
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.format.stage import format_rows
 from tasks.validate.expectations import ROW_RULES, SUITE_RULES
-from tasks.validate.stage import HEADLINE, validate
+from tasks.validate.stage import headline, validate
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / paths.SAMPLE_DATA
@@ -116,7 +116,7 @@ def test_sample_passes(sample_run):
     assert all(0 < c["answer_tokens"] < c["n_tokens"] for c in convs)
     assert sample_run.summary["success"] is True and sample_run.summary["rows"] == 64
     assert json.loads((sample_run.report_dir / paths.VALIDATION_SUMMARY.name).read_text()) == sample_run.summary
-    assert json.loads(sample_run.metrics.read_text()) == {k: sample_run.summary[k] for k in HEADLINE}
+    assert json.loads(sample_run.metrics.read_text()) == headline(sample_run.summary) == {"ok": True, "excluded": 0}
 
 
 def test_sample_reports(sample_run):
@@ -208,7 +208,7 @@ def test_bad_rows_result_lists_each_failing_rule_with_rows(bad_run):
     assert {r["rule"] for r in result["rules"]} == set(SUITE_RULES)
     metrics = json.loads(run.metrics.read_text())
     summary = json.loads((run.report_dir / paths.VALIDATION_SUMMARY.name).read_text())
-    assert metrics["success"] is False and summary["rules_failed"] == len(expected)
+    assert metrics["ok"] is False and summary["rules_failed"] == len(expected)
     assert (run.report_dir / "data_docs" / "index.html").is_file()  # the failed run can be read
 
 

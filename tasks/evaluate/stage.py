@@ -99,12 +99,11 @@ def _summary(loss: float, tokens: int, gens: list[dict]) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """metrics/eval.json, what `dvc metrics show` prints: the two losses and whether the tuned model stops (every
-    figure is in reports/evaluation.json)."""
-    return {
-        "base": {"loss": metrics["base"]["loss"]},
-        "tuned": {"loss": metrics["tuned"]["loss"], "stop_rate": metrics["tuned"]["stop_rate"]},
-    }
+    """metrics/eval.json, the evaluate row of `dvc metrics show`: the tuned model's held-out answer loss (in the
+    column it shares with the training loss) and the share of its generations it ends itself. Short names and
+    rounded figures, so that the one table of every stage fits an 80-column terminal; every figure, the base's
+    among them, at full precision, is in reports/evaluation.json."""
+    return {"loss": round(metrics["tuned"]["loss"], 3), "stops": metrics["tuned"]["stop_rate"]}
 
 
 def evaluate(

@@ -292,6 +292,9 @@ class Audit:
             self._file_hash(
                 link, paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS, tr.get("adapter_sha256"), "trained adapter"
             )
+        here = self._workspace_json(link, paths.TRAINING, "training figures")
+        if here is not None and here != tr["metrics"]:
+            link.problems.append(f"{paths.TRAINING} differs from the training figures recorded in the release")
         return link
 
     def environment(self) -> Link:

@@ -89,8 +89,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
         },
         "training": {
             **training,
-            "metrics": read_json(_require(paths.TRAIN_METRICS, "train")),
-            "layout": read_json(_require(paths.TRAIN_LAYOUT, "train")),
+            "metrics": read_json(_require(paths.TRAINING, "train")),  # every figure of the run, its layout included
         },
         "evaluation": {
             **read_json(_require(paths.EVALUATION, "evaluate")),
@@ -137,7 +136,7 @@ Release `{lineage["release"]["id"]}`, code commit `{lineage["code"]["git_commit"
 LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {", ".join(lora.target_modules)};
 {t.optimizer}, lr {t.learning_rate}, {t.lr_scheduler} schedule, batch {t.batch_size} x {t.grad_accum},
 max_length {params.model.max_length}, seed {t.seed}. {tr["steps"]} steps, final train loss {tr["train_loss"]:.4f},
-{tr["tokens_per_second"]:.0f} tokens/s on {lineage["training"]["layout"]["device"]}.
+{tr["tokens_per_second"]:.0f} tokens/s on {tr["device"]}.
 
 ## Use
 
@@ -224,8 +223,7 @@ def push_to_hub(release_dir: Path, repo_id: str, private: bool, revision_note: s
 
 
 def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
-    eval_metrics = read_json(_require(paths.EVAL_METRICS, "evaluate"))
-    check_gate(eval_metrics, params.publish.require_improvement)
+    check_gate(read_json(_require(paths.EVALUATION, "evaluate")), params.publish.require_improvement)
     for name in ADAPTER_FILES:
         _require(paths.ADAPTER_DIR / name, "train")
     validation = read_json(_require(paths.VALIDATION_RESULT, "validate"))

@@ -345,9 +345,16 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 3)
 
 
-# metrics/train.json holds these (what `dvc metrics show` prints); the rest of run_metrics goes to
-# reports/train_layout.json, which dvc.lock tracks too.
-HEADLINE = ("train_loss", "steps", "tokens_per_second", "peak_memory_gib", "resumed")
+def headline(metrics: dict) -> dict:
+    """metrics/train.json, the train row of `dvc metrics show`: short names and rounded figures, so that the one table
+    of every stage fits an 80-column terminal. `loss` shares its column with the evaluation's held-out loss. Every
+    figure, at full precision, is in reports/training.json."""
+    peak = metrics["peak_memory_gib"]
+    return {
+        "loss": round(metrics["train_loss"], 3),
+        "tok/s": round(metrics["tokens_per_second"]),
+        "peak_GiB": None if peak is None else round(peak, 1),  # null on the CPU: `dvc metrics show` leaves it out
+    }
 
 
 def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
@@ -410,7 +417,7 @@ def finish(
     adapter_dir: Path,
     checkpoint_dir: Path,
     metrics_path: Path,
-    layout_path: Path,
+    report_path: Path,
 ) -> dict:
     """After a successful fit: the adapter and its run record, the metrics, the live plots and the loss curve in
     place of the last good ones, and the checkpoints removed (nothing left to resume). Rank 0 writes; every rank
@@ -425,8 +432,8 @@ def finish(
                 shutil.copytree(live_dir, tmp, dirs_exist_ok=True)
             if paths.LOSS_TSV.is_file():
                 save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
-        write_json(metrics_path, {k: metrics[k] for k in HEADLINE})
-        write_json(layout_path, {k: v for k, v in metrics.items() if k not in HEADLINE})
+        write_json(report_path, metrics)
+        write_json(metrics_path, headline(metrics))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
     log.info(
@@ -448,10 +455,10 @@ def train(
     checkpoint_dir: Path = paths.CHECKPOINT_DIR,
     metrics_path: Path = paths.TRAIN_METRICS,
     extra_callbacks: list | None = None,
-    layout_path: Path = paths.TRAIN_LAYOUT,
+    report_path: Path = paths.TRAINING,
 ) -> dict:
-    """Train the adapter; returns every figure of the run (metrics_path gets the headline ones, layout_path the
-    rest)."""
+    """Train the adapter; returns every figure of the run (report_path gets them all, metrics_path the headline
+    ones)."""
     preflight(params)
     if params.train.expandable_segments:
         use_expandable_segments()
@@ -474,7 +481,7 @@ def train(
     result = fit(run.trainer, resume, est, params)
     wall = time.perf_counter() - start
     return finish(
-        run, result, wall, len(rows), fingerprint, train_rows, adapter_dir, checkpoint_dir, metrics_path, layout_path
+        run, result, wall, len(rows), fingerprint, train_rows, adapter_dir, checkpoint_dir, metrics_path, report_path
     )
 
 
