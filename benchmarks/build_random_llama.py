@@ -20,7 +20,8 @@ from benchmarks.model_shapes import LLAMA2_7B_CHAT, SHAPES
 def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: int = 0) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.common.base_model import LLAMA2_CHAT_TEMPLATE, load_tokenizer
+    from tasks.common.base_model import load_tokenizer
+    from tasks.common.chat_template import LLAMA2_JINJA
     from tasks.common.config import ModelParams
 
     if (out / "config.json").exists():
@@ -35,7 +36,7 @@ def build(out: Path, tokenizer_dir: Path, shape: dict = LLAMA2_7B_CHAT, seed: in
     torch.set_default_dtype(torch.float32)
     model.save_pretrained(out, max_shard_size="5GB")
     tok = load_tokenizer(ModelParams(base=str(out), revision=None, tokenizer=str(tokenizer_dir), max_length=4096))
-    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    tok.chat_template = LLAMA2_JINJA
     tok.save_pretrained(out)
     del model
     print(

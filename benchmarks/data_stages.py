@@ -63,9 +63,12 @@ def write_rows(raw: Path, n: int, path: Path) -> Path:
 
 def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[list[str]]:
     """The texts validate tokenizes (renderable rows, rendered), FLOOR_BATCH at a time, never all in memory."""
-    from tasks.common.conversation import ParseError, detect_form, parse_row, render_llama2
+    from tasks.common.chat_template import BUILT_IN
+    from tasks.common.conversation import ParseError, detect_form, parse_row
     from tasks.validate.expectations import conversation_features
     from tasks.validate.scan import renderable
+
+    llama2 = BUILT_IN["llama2"]
 
     batch: list[str] = []
     with open(data_file, encoding="utf-8") as f:
@@ -77,7 +80,7 @@ def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[li
                 continue
             if not renderable(conversation_features(i, conv, detect_form(row), None)):
                 continue
-            batch.append(render_llama2(conv, system_prompt).text)
+            batch.append(llama2.render(conv, system_prompt).text)
             if len(batch) == FLOOR_BATCH:
                 yield batch
                 batch = []

@@ -94,6 +94,24 @@ def test_real_recipe_preset_is_one_switch(tmp_path):
     assert p.quant.quant_type == "nf4" and p.quant.load_in_4bit
 
 
+@pytest.mark.parametrize(
+    ("preset", "base", "template"),
+    [
+        ("llama3_8b_guanaco", "NousResearch/Meta-Llama-3.1-8B-Instruct", "llama3"),
+        ("qwen_7b_guanaco", "Qwen/Qwen2.5-7B-Instruct", "chatml"),
+        ("mistral_7b_guanaco", "mistralai/Mistral-7B-Instruct-v0.3", "mistral"),
+    ],
+)
+def test_each_family_preset_is_the_recipe_on_that_base_with_its_template(tmp_path, preset, base, template):
+    project = _project_with_conf(tmp_path)
+    compose_params(project, [f"preset={preset}"])
+    p = load_params(project / "params.yaml")
+    assert (p.model.base, p.format.template) == (base, template)
+    assert (p.lora.r, p.lora.alpha, p.lora.dropout, p.lora.target_modules) == (64, 16, 0.1, ["q_proj", "v_proj"])
+    assert p.train.optimizer == "paged_adamw_32bit" and p.train.learning_rate == 2e-4 and p.train.epochs == 1
+    assert p.quant.quant_type == "nf4" and p.download.hub_id == "mlabonne/guanaco-llama2-1k"
+
+
 def test_bad_override_leaves_params_intact(tmp_path):
     project = _project_with_conf(tmp_path)
     before = (project / "params.yaml").read_bytes()

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from tasks.common.chat_template import BUILT_IN
 from tasks.common.conversation import (
     ASSISTANT,
     USER,
@@ -15,9 +16,10 @@ from tasks.common.conversation import (
     detect_form,
     parse_row,
     parse_text,
-    render_llama2,
 )
 from tests.conftest import needs_shared
+
+LLAMA2 = BUILT_IN["llama2"]
 
 # --- raw guanaco text ---------------------------------------------------------------------------
 
@@ -82,8 +84,8 @@ def test_llama2_text_without_and_with_system_parse_to_same_turns():
     assert b.system == "Be brief."
     assert detect_form({"text": plain}) == "llama2"
     # both re-render to the text they came from
-    assert render_llama2(a).text == plain
-    assert render_llama2(b).text == with_sys
+    assert LLAMA2.render(a).text == plain
+    assert LLAMA2.render(b).text == with_sys
 
 
 def test_llama2_text_without_leading_bos():
@@ -229,7 +231,7 @@ MULTI_SYS = Conversation(turns=MULTI.turns, system="Be brief.")
     ids=["single", "single-system", "multi", "multi-system"],
 )
 def test_render_golden(conv, expected):
-    rendered = render_llama2(conv)
+    rendered = LLAMA2.render(conv)
     assert rendered.text == expected
     answers = [t for r, t in conv.turns if r == ASSISTANT]
     assert [rendered.text[a:b] for a, b in rendered.answer_spans] == [f"{ans} </s>" for ans in answers]
@@ -237,11 +239,11 @@ def test_render_golden(conv, expected):
 
 
 def test_render_default_system_applies_only_when_conversation_has_none():
-    assert render_llama2(ONE, default_system="Default.").text == (
+    assert LLAMA2.render(ONE, default_system="Default.").text == (
         "<s>[INST] <<SYS>>\nDefault.\n<</SYS>>\n\nWhat is 2+2? [/INST] 4. </s>"
     )
-    assert "Be exact." in render_llama2(ONE_SYS, default_system="Default.").text
-    assert "Default." not in render_llama2(ONE_SYS, default_system="Default.").text
+    assert "Be exact." in LLAMA2.render(ONE_SYS, default_system="Default.").text
+    assert "Default." not in LLAMA2.render(ONE_SYS, default_system="Default.").text
 
 
 def test_to_dict_round_trip():
@@ -260,8 +262,8 @@ def test_raw_guanaco_renders_to_published_llama2_text():
         raw = [json.loads(line) for line in f if line.strip()]
     published = pd.read_parquet(parquet)["text"].tolist()
     assert len(raw) == len(published) == 1000
-    mismatches = [i for i, (row, text) in enumerate(zip(raw, published)) if render_llama2(parse_row(row)).text != text]
+    mismatches = [i for i, (row, text) in enumerate(zip(raw, published)) if LLAMA2.render(parse_row(row)).text != text]
     assert mismatches == []
     # and the templated text parses back to itself
-    back = [i for i, text in enumerate(published) if render_llama2(parse_text(text)).text != text]
+    back = [i for i, text in enumerate(published) if LLAMA2.render(parse_text(text)).text != text]
     assert back == []

@@ -74,8 +74,9 @@ def test_measured_lengths_equal_the_label_counts_train_uses(max_length):
     """lengths.measure_rendered bisects token offsets; tokens._labels walks every token. Same figures, every row,
     on the real rows (with a system prompt, so every row has a prompt before its first answer span)."""
     from tasks.common.base_model import load_tokenizer
+    from tasks.common.chat_template import BUILT_IN
     from tasks.common.config import ModelParams
-    from tasks.common.conversation import parse_row, render_llama2
+    from tasks.common.conversation import parse_row
     from tasks.common.tokens import tokenize_rendered
     from tasks.validate.lengths import measure_rendered, row_lengths
 
@@ -83,7 +84,7 @@ def test_measured_lengths_equal_the_label_counts_train_uses(max_length):
     tok_dir = needs_shared("llama-2-tokenizer")
     tokenizer = load_tokenizer(ModelParams(base="tiny-llama", revision=None, tokenizer=str(tok_dir), max_length=512))
     lines = raw.read_text(encoding="utf-8").splitlines()
-    rendered = [render_llama2(parse_row(json.loads(line)), "Be brief.") for line in lines]
+    rendered = [BUILT_IN["llama2"].render(parse_row(json.loads(line)), "Be brief.") for line in lines]
     measured = measure_rendered(tokenizer, rendered, max_length).tolist()
     expected = [row_lengths(t, max_length) for t in tokenize_rendered(tokenizer, rendered)]
     assert measured == [[e["n_tokens"], e["answer_tokens"], e["answer_tokens_cut"]] for e in expected]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from tasks.common.base_model import load_tokenizer
+from tasks.common.chat_template import BUILT_IN
 from tasks.common.config import ModelParams
-from tasks.common.conversation import ASSISTANT, USER, Conversation, render_llama2
+from tasks.common.conversation import ASSISTANT, USER, Conversation
 from tasks.common.tokens import IGNORE, tokenize_rendered
 from tests.conftest import needs_shared
 
 BOS, EOS = 1, 2
+LLAMA2 = BUILT_IN["llama2"]
 SYSTEM = "You are a careful assistant. Answer briefly."
 USERS = ["What is the capital of France?", "And how many people live there?"]
 ANSWERS = ["The capital of France is Paris.", "About 2.1 million people live in Paris proper."]
@@ -34,7 +36,7 @@ def llama2_tokenizer():
 
 @pytest.fixture(scope="module")
 def tokenized(llama2_tokenizer):
-    rendered = render_llama2(CONV)
+    rendered = LLAMA2.render(CONV)
     return rendered, tokenize_rendered(llama2_tokenizer, [rendered])[0]
 
 
@@ -88,15 +90,17 @@ def test_prompts_are_masked_and_answers_labelled(tokenized, llama2_tokenizer):
 def test_ids_match_plain_tokenizer_and_chat_template(tokenized, llama2_tokenizer):
     rendered, tok = tokenized
     assert tok.input_ids == llama2_tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
-    assert llama2_tokenizer.apply_chat_template(MESSAGES, tokenize=False) == rendered.text
-    templated = llama2_tokenizer.apply_chat_template(MESSAGES, tokenize=True)
+    # Meta's Llama-2-chat template (what a release's tokenizer carries): the same text, the same ids
+    jinja = LLAMA2.jinja
+    assert llama2_tokenizer.apply_chat_template(MESSAGES, tokenize=False, chat_template=jinja) == rendered.text
+    templated = llama2_tokenizer.apply_chat_template(MESSAGES, tokenize=True, chat_template=jinja)
     template_ids = templated["input_ids"] if hasattr(templated, "keys") else templated
     assert list(template_ids) == tok.input_ids
 
 
 def test_batches_give_the_same_result(llama2_tokenizer):
     convs = [CONV, Conversation(turns=((USER, "Hi"), (ASSISTANT, "Hello!"))), CONV]
-    rendered = [render_llama2(c) for c in convs]
+    rendered = [LLAMA2.render(c) for c in convs]
     one = tokenize_rendered(llama2_tokenizer, rendered, batch=1000)
     small = tokenize_rendered(llama2_tokenizer, rendered, batch=1)
     assert one == small
@@ -105,7 +109,7 @@ def test_batches_give_the_same_result(llama2_tokenizer):
 
 def test_tiny_tokenizer_full_loss_labels_everything(params, workdir):
     tokenizer = load_tokenizer(params.model)
-    rendered = [render_llama2(CONV), render_llama2(Conversation(turns=((USER, "Hi"), (ASSISTANT, "Hello!"))))]
+    rendered = [LLAMA2.render(CONV), LLAMA2.render(Conversation(turns=((USER, "Hi"), (ASSISTANT, "Hello!"))))]
     full = tokenize_rendered(tokenizer, rendered, answer_only=False)
     masked = tokenize_rendered(tokenizer, rendered, answer_only=True)
     for f, m in zip(full, masked):

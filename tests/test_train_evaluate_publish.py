@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -132,6 +133,26 @@ def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, mon
         publish(p)
     assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before
     publish(with_overrides(p, **{"publish.require_improvement": False}))  # the override works
+
+
+def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, monkeypatch, tmp_path):
+    """Train/serve parity: a release tokenizer whose chat_template renders the eval rows otherwise than they were
+    trained (here one space less before the answer) stops publish, naming the row and token; the release stays."""
+    from tasks.common import chat_template
+    from tasks.publish.stage import publish
+
+    shared, p, _, _ = trained
+    root = tmp_path / "project"
+    shutil.copytree(shared, root)
+    monkeypatch.chdir(root)
+    publish(p)
+    before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
+    llama2 = chat_template.BUILT_IN["llama2"]
+    drifted = dataclasses.replace(llama2, jinja=llama2.jinja.replace("' [/INST]'", "'[/INST]'"))
+    monkeypatch.setitem(chat_template.BUILT_IN, "llama2", drifted)
+    with pytest.raises(PipelineError, match=r"serve another template than the one trained.*eval row \d+: .* position"):
+        publish(p)
+    assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before
 
 
 def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, monkeypatch):
@@ -295,7 +316,8 @@ def test_the_provenance_is_an_in_toto_slsa_statement_of_the_release(signed):
 
     run = statement["predicate"]["runDetails"]
     assert run["builder"]["id"] == provenance.BUILDER_PREFECT and run["metadata"]["invocationId"] == FLOW_RUN_ID
-    assert run["metadata"]["startedOn"] <= run["metadata"]["finishedOn"] <= lineage["release"]["created_at"][:19] + "Z"
+    created = lineage["release"]["created_at"][:19] + "Z"  # taken while the release is built, between the two
+    assert run["metadata"]["startedOn"] <= created <= run["metadata"]["finishedOn"]
     assert run["byproducts"][0]["annotations"]["hardware"] == lineage["training"]["hardware"]
 
 

@@ -484,3 +484,26 @@ def test_compiled_layers_with_partial_recomputation_give_eager_gradients():
     # more for the recomputed path (torch 2.13 with transformers 5.25 traces one; older transformers traced two).
     # Nothing is compiled after the first two steps, whatever the length or the number of recomputed layers.
     assert 1 <= graphs[-1] <= 2 and len(set(graphs[1:])) == 1, graphs
+
+
+def test_the_planner_reads_each_familys_shape_from_its_config(params):
+    """Grouped-query k/v, the vocabulary and tied embeddings come from the config class, not from a table of names:
+    Llama-3-8B's 8 k/v heads and 128k vocabulary, Qwen2.5-7B's 152k, and a tied LM head counted once."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    llama3 = ModelShape.from_config(
+        LlamaConfig(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256,
+        )
+    )  # fmt: skip
+    assert llama3.module_shapes()["k_proj"] == (4096, 1024) and llama3.vocab == 128256
+    qwen = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28)
+    untied = ModelShape.from_config(Qwen2Config(**qwen, num_key_value_heads=4, vocab_size=152064))
+    tied = ModelShape.from_config(
+        Qwen2Config(**qwen, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=True)
+    )
+    assert untied.module_shapes()["v_proj"] == (3584, 512) and tied.tied_embeddings and not untied.tied_embeddings
+    one_matrix_gib = 152064 * 3584 * 4 / 2**30  # params' compute dtype is float32 on the CPU preset
+    gap = estimate(untied, params).base_weights_gib - estimate(tied, params).base_weights_gib
+    assert gap == pytest.approx(one_matrix_gib, abs=2e-3)

@@ -17,8 +17,9 @@ import pytest
 from tasks.common import paths
 from tasks.common.artifacts import read_jsonl
 from tasks.common.base_model import load_tokenizer
+from tasks.common.chat_template import BUILT_IN
 from tasks.common.config import with_overrides
-from tasks.common.conversation import Conversation, near_duplicate_key, parse_text, render_llama2
+from tasks.common.conversation import Conversation, near_duplicate_key, parse_text
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.format.stage import format_rows
 from tasks.validate.expectations import ROW_RULES, SUITE_RULES
@@ -26,6 +27,7 @@ from tasks.validate.stage import headline, validate
 from tests.conftest import ROOT
 
 SAMPLE = ROOT / paths.SAMPLE_DATA
+LLAMA2 = BUILT_IN["llama2"]
 LLAMA2_ROW = re.compile(r"^(<s>\[INST\] (<<SYS>>\n.*?\n<</SYS>>\n\n)?.+? \[/INST\] .*? </s>)+$", re.S)
 
 
@@ -224,7 +226,7 @@ def test_row_over_hard_limit_fails(params, project):
         tokenizer = load_tokenizer(params.model)
     answer = "qz7 " * 12_500
     long_row = {"text": f"### Human: Repeat the word qz7 many times.### Assistant: {answer.strip()}"}
-    n_tokens = len(tokenizer(render_llama2(parse_text(long_row["text"])).text, add_special_tokens=False)["input_ids"])
+    n_tokens = len(tokenizer(LLAMA2.render(parse_text(long_row["text"])).text, add_special_tokens=False)["input_ids"])
     assert n_tokens > params.validate_.max_tokens_hard_limit == 32768
     assert len(long_row["text"]) < params.validate_.max_chars  # so only the token limit is at stake
     rows = _sample_rows()
@@ -376,7 +378,7 @@ def test_split_is_deterministic_and_disjoint(params, sample_run, tmp_path):
         assert [r["text"][s:e][-5:] for s, e in r["answer_spans"]] == [" </s>"] * len(r["answer_spans"])
     convs = {c["row_index"]: Conversation.from_dict(c) for c in read_jsonl(sample_run.conversations)}
     for r in evals:
-        assert render_llama2(parse_text(r["text"])).text == r["text"]
+        assert LLAMA2.render(parse_text(r["text"])).text == r["text"]
         assert parse_text(r["text"]) == convs[r["row_index"]]
 
 

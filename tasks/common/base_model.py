@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.common import paths
+from tasks.common import paths, tiny_families
 from tasks.common.artifacts import read_json, read_jsonl, sha256_file, sha256_text, staged_dir, write_json
+from tasks.common.chat_template import BUILT_IN, LLAMA2_JINJA
 from tasks.common.config import ModelParams, QuantParams
 from tasks.common.errors import PipelineError
 
@@ -36,25 +37,12 @@ TINY_CONFIG = dict(
 TINY_VOCAB = 1024
 BUILD_RECORD = "build.json"
 
-# Llama-2-chat's own chat template (as shipped in its tokenizer_config.json), attached to local
-# tokenizers that lack one so `apply_chat_template` gives the same string our renderer does.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
-    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
-    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
-    "{% if loop.index0 == 0 and system_message != false %}"
-    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
-    "{% else %}{% set content = message['content'] %}{% endif %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
-)
-
 
 def _sample_corpus() -> list[str]:
-    from tasks.common.conversation import parse_row, render_llama2
+    from tasks.common.conversation import parse_row
 
     rows = read_jsonl(paths.SAMPLE_DATA)
-    return [render_llama2(parse_row(r)).text for r in rows]
+    return [BUILT_IN["llama2"].render(parse_row(r)).text for r in rows]
 
 
 def tiny_fingerprint() -> str:
@@ -91,7 +79,7 @@ def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
         )
         (tmp / "tokenizer.model").write_bytes(model_proto.getvalue())
         tok = LlamaTokenizer.from_pretrained(tmp)
-        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+        tok.chat_template = LLAMA2_JINJA
         tok.save_pretrained(tmp)
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=len(tok), bos_token_id=1, eos_token_id=2, **TINY_CONFIG)
@@ -108,6 +96,8 @@ def resolve_base(model: ModelParams) -> str:
         if not record.exists() or read_json(record).get("fingerprint") != tiny_fingerprint():
             build_tiny_base()
         return str(paths.TINY_BASE_DIR)
+    if model.base in tiny_families.FAMILIES:
+        return str(tiny_families.resolve(model.base))
     if model.base.startswith((".", "/", "~")) and not Path(model.base).expanduser().is_dir():
         raise PipelineError(f"model.base {model.base!r} looks like a local path but is not a directory.")
     return model.base
@@ -132,11 +122,19 @@ def load_tokenizer(model: ModelParams):
             "tokenizer.json or tokenizer.model, or model.base at a reachable Hub id."
         ) from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        # Padding with EOS and masking pads would also mask the real EOS: use <unk> as the pad.
-        tok.pad_token = tok.unk_token
-    if not tok.chat_template:
-        tok.chat_template = LLAMA2_CHAT_TEMPLATE
+        # Padding with EOS and masking pads would also mask the real EOS: use <unk> as the pad, or one of the
+        # tokenizer's own reserved tokens where it has no <unk> (byte-level BPE: Llama-3, Qwen).
+        tok.pad_token = tok.unk_token or _spare_special_token(tok)
     return tok
+
+
+def _spare_special_token(tok) -> str | None:
+    """A special token of the tokenizer that no chat template writes (Llama-3's <|finetune_right_pad_id|> or a
+    <|reserved_special_token_N|>, Qwen's <|endoftext|>), to pad with; None if it has none."""
+    for name in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<|reserved_special_token_0|>", "<pad>"):
+        if name in tok.get_vocab() and name != tok.eos_token:
+            return name
+    return None
 
 
 def load_config(model: ModelParams):

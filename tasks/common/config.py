@@ -75,6 +75,10 @@ class ValidateParams(_Strict):
 
 
 class FormatParams(_Strict):
+    template: Literal["llama2", "llama3", "chatml", "mistral", "tokenizer"] = Field(
+        description="the chat template (tasks/common/chat_template.py): llama2, llama3, chatml (Qwen), mistral "
+        "(v0.3), or tokenizer (the base tokenizer's own)"
+    )
     system_prompt: str | None
     eval_fraction: float = Field(gt=0, lt=1)
     min_eval_rows: int = Field(ge=1)

@@ -1,4 +1,4 @@
-"""The canonical conversation, every input form parsed into it, and the one Llama-2 chat renderer.
+"""The canonical conversation and every input form parsed into it (tasks/common/chat_template.py renders it).
 
 Forms a row may come in (detected per row, by its keys):
   - `text` in raw OpenAssistant-Guanaco form: `### Human: q### Assistant: a` (multi-turn)
@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 USER, ASSISTANT = "user", "assistant"
 
-# Strings that mean a template leaked into content (checked by validation, rejected by the renderer's users).
-TEMPLATE_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>", "### Human:", "### Assistant:")
+# The markers of the text forms parsed here: inside a turn's content they mean a form leaked into it (validation
+# checks them, with the chosen chat template's own).
+FORM_MARKERS = ("### Human:", "### Assistant:", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<s>", "</s>")
 
 _ROLE_ALIASES = {
     "user": USER,
@@ -276,32 +277,3 @@ def parse_row(row: dict) -> Conversation:
     if "text" in row:
         return parse_text(row["text"])
     raise ParseError(no_column_message(row))
-
-
-def render_llama2(conv: Conversation, default_system: str | None = None) -> Rendered:
-    """Render the Llama-2 chat template; the answer spans cover each answer and its closing </s>.
-
-    `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>` for the first turn,
-    `<s>[INST] {user} [/INST] {answer} </s>` for each later one, concatenated with no separator
-    (the form of mlabonne/guanaco-llama2-1k and of Meta's reference chat code).
-    """
-    system = conv.system if conv.system is not None else default_system
-    out: list[str] = []
-    spans: list[tuple[int, int]] = []
-    length = 0
-    turns = conv.turns
-    for i in range(0, len(turns) - 1, 2):
-        (_, user), (_, answer) = turns[i], turns[i + 1]
-        sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if (i == 0 and system) else ""
-        prompt = f"<s>[INST] {sys_block}{user} [/INST] "
-        completion = f"{answer} </s>"
-        out += [prompt, completion]
-        spans.append((length + len(prompt), length + len(prompt) + len(completion)))
-        length += len(prompt) + len(completion)
-    return Rendered(text="".join(out), answer_spans=spans)
-
-
-def render_prompt(user: str, system: str | None = None) -> str:
-    """The generation prompt for one user message (no answer, no </s>)."""
-    sys_block = f"<<SYS>>\n{system}\n<</SYS>>\n\n" if system else ""
-    return f"<s>[INST] {sys_block}{user} [/INST]"

@@ -44,7 +44,8 @@ LINEAGE = "lineage.json"  # in RELEASE_DIR: the release's record, which the audi
 SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
 TRUSTED_KEYS_DIR = Path("trusted_keys")  # the audit: public keys (*.pub) whose releases a team trusts; committed
 
-TINY_BASE_DIR = Path("models/tiny-llama")  # built locally on first use (see tasks/common/base_model.py)
+MODELS_DIR = Path("models")  # the tiny bases, built locally on first use
+TINY_BASE_DIR = MODELS_DIR / "tiny-llama"  # built locally on first use (see tasks/common/base_model.py)
 SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")
 
 LOG_DIR = Path("logs")  # each stage's whole log, library messages included (common/stage_log.py); git-ignored

@@ -2,7 +2,8 @@
 
 Loss is the mean over answer tokens only (the same labels training used), so base and tuned are
 compared on exactly what the adapter was taught. Generations use the chat template and report
-stop rate (ended with </s> before max_new_tokens) and template leakage ([INST] / <<SYS>> in output).
+stop rate (ended with the template's end-of-turn token, e.g. </s> or <|eot_id|>, before max_new_tokens) and template
+leakage (a template's markers, [INST] or <|im_start|>, in the output).
 The base is loaded once; its score is taken with the adapter disabled.
 """
 
@@ -17,14 +18,14 @@ import torch
 from tasks.common import paths
 from tasks.common.artifacts import sha256_file, write_json, write_jsonl
 from tasks.common.base_model import load_base_model, load_tokenizer
+from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import Params, load_params
-from tasks.common.conversation import render_prompt
+from tasks.common.conversation import FORM_MARKERS
 from tasks.common.errors import PipelineError
 from tasks.common.formatted import load_rows
 from tasks.common.tokens import IGNORE, tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
-LEAK_MARKERS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
 
 
 @torch.no_grad()
@@ -62,19 +63,25 @@ def make_batches(tokenizer, rows, max_length: int, batch_size: int) -> list[dict
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], system: str | None, max_new_tokens: int) -> list[dict]:
+def generate(
+    model, tokenizer, template: ChatTemplate, prompts: list[str], system: str | None, max_new_tokens: int
+) -> list[dict]:
+    # Generation stops at the token that ends a turn (Llama-3's <|eot_id|>, not its <|end_of_text|>)
+    stop = tokenizer.convert_tokens_to_ids(template.end_of_turn)
+    leaks = tuple(dict.fromkeys(FORM_MARKERS + template.markers))
     out = []
     for prompt in prompts:
-        enc = tokenizer(render_prompt(prompt, system), add_special_tokens=False, return_tensors="pt").to(model.device)
+        text_in = template.prompt(prompt, system)
+        enc = tokenizer(text_in, add_special_tokens=False, return_tensors="pt").to(model.device)
         ids = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id,
         )
         new = ids[0, enc["input_ids"].shape[1] :].tolist()
-        stopped = tokenizer.eos_token_id in new
+        stopped = stop in new
         text = tokenizer.decode(new, skip_special_tokens=True)
         out.append(
             {
@@ -82,7 +89,7 @@ def generate(model, tokenizer, prompts: list[str], system: str | None, max_new_t
                 "output": text,
                 "stopped": stopped,
                 "new_tokens": len(new),
-                "leaked_template": any(m in text for m in LEAK_MARKERS),
+                "leaked_template": any(m in text for m in leaks),
             }
         )
     return out
@@ -121,6 +128,7 @@ def evaluate(
         raise PipelineError(f"no adapter in {adapter_dir}: run the train stage first (dvc repro train).")
     rows = load_rows(eval_rows)[: params.evaluate.max_rows]
     tokenizer = load_tokenizer(params.model)
+    template = chat_template(params.format.template, tokenizer)
     batches = make_batches(tokenizer, rows, params.model.max_length, params.evaluate.batch_size)
     if not batches:
         raise PipelineError(f"{eval_rows} has no row with an answer token inside model.max_length to evaluate on.")
@@ -130,9 +138,9 @@ def evaluate(
     e = params.evaluate
     with model.disable_adapter():
         base_loss, tokens = answer_loss(model, batches)
-        base_gens = generate(model, tokenizer, e.prompts, params.format.system_prompt, e.max_new_tokens)
+        base_gens = generate(model, tokenizer, template, e.prompts, params.format.system_prompt, e.max_new_tokens)
     tuned_loss, _ = answer_loss(model, batches)
-    tuned_gens = generate(model, tokenizer, e.prompts, params.format.system_prompt, e.max_new_tokens)
+    tuned_gens = generate(model, tokenizer, template, e.prompts, params.format.system_prompt, e.max_new_tokens)
 
     metrics = {
         "eval_rows": len(rows),

@@ -1,4 +1,4 @@
-"""Stage 3, format: validated conversations -> Llama-2 chat text, length policy applied, train/eval split.
+"""Stage 3, format: validated conversations -> chat text (format.template), length policy applied, train/eval split.
 
 Each output row holds the rendered `text`, the character spans of its answers (what carries the loss)
 and its token count. Rows over model.max_length keep their whole text: train cuts their ids (tokens.cut;
@@ -15,11 +15,21 @@ from pathlib import Path
 
 from tasks.common import paths
 from tasks.common.artifacts import atomic_writer, iter_jsonl, jsonl_line, staged_dir, write_json
+from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import FormatParams, ModelParams, load_params
-from tasks.common.conversation import Conversation, content_key, render_llama2
+from tasks.common.conversation import Conversation, content_key
 from tasks.common.errors import PipelineError
 
 log = logging.getLogger(__name__)
+
+
+def load_template(params: FormatParams, model: ModelParams) -> ChatTemplate:
+    """The chat template; only `tokenizer` needs the base's tokenizer here (validate checked a built-in's tokens)."""
+    if params.template != "tokenizer":
+        return chat_template(params.template)
+    from tasks.common.base_model import load_tokenizer
+
+    return chat_template(params.template, load_tokenizer(model))
 
 
 def apply_policies(rows: list[dict], params: FormatParams, model: ModelParams, report: dict) -> list[dict]:
@@ -78,13 +88,15 @@ def _measures(conversations: Path, hasher) -> list[dict]:
     return rows
 
 
-def _write_splits(conversations: Path, params: FormatParams, kept: set[int], eval_ids: set[int], tmp: Path) -> dict:
+def _write_splits(
+    conversations: Path, template: ChatTemplate, params: FormatParams, kept: set[int], eval_ids: set[int], tmp: Path
+) -> dict:
     """Render the kept conversations into train.jsonl and eval.jsonl (input order in each); their sha256s."""
     with atomic_writer(tmp / paths.TRAIN_ROWS.name) as train, atomic_writer(tmp / paths.EVAL_ROWS.name) as evals:
         for r in iter_jsonl(conversations):
             if r["row_index"] not in kept:
                 continue
-            rendered = render_llama2(Conversation.from_dict(r), params.system_prompt)
+            rendered = template.render(Conversation.from_dict(r), params.system_prompt)
             row = {"row_index": r["row_index"], "text": rendered.text, "answer_spans": rendered.answer_spans}
             out = evals if r["row_index"] in eval_ids else train
             out.write(jsonl_line({**row, "n_tokens": r["n_tokens"]}))
@@ -101,6 +113,7 @@ def format_rows(
     then the kept ones are rendered into the split files. No text is held in memory."""
     if not conversations.exists():
         raise PipelineError(f"{conversations} not found: run the validate stage first (dvc repro validate).")
+    template = load_template(params, model)
     hasher = hashlib.sha256()
     rows = _measures(conversations, hasher)
     report: dict = {
@@ -124,7 +137,7 @@ def format_rows(
     # The three files are swapped in together: train, eval and their report always belong to one run.
     with staged_dir(out_dir) as tmp:
         kept = {r["row_index"] for r in rows}
-        report |= _write_splits(conversations, params, kept, eval_ids, tmp)
+        report |= _write_splits(conversations, template, params, kept, eval_ids, tmp)
         write_json(tmp / paths.FORMAT_REPORT.name, report)
     log.info("formatted %d train / %d eval rows (%s)", report["train_rows"], report["eval_rows"], params.length_policy)
     return report

@@ -402,7 +402,28 @@ class Audit:
             link.problems.append(f"release id {rel['id']} does not name the released adapter ({adapter[:12]})")
         if link.ok:
             link.facts.append(f"{len(actual)} files, every sha256 matches")
+            self._serving_parity(link)
         return link
+
+    def _serving_parity(self, link: Link) -> None:
+        """The released tokenizer's chat_template renders the trained ids of the eval rows (publish checked it)."""
+        from transformers import AutoTokenizer
+
+        from tasks.common.chat_template import chat_template
+        from tasks.publish.parity import first_mismatch
+
+        eval_rows = self.root / self.lineage["formatted_data"]["eval_path"]
+        conversations = self.root / paths.CONVERSATIONS
+        if self.release_only or not (eval_rows.is_file() and conversations.is_file()):
+            return
+        fmt = self.lineage["params"]["format"]
+        name = fmt.get("template", "llama2")  # releases made before format.template are llama2
+        template = chat_template(name, AutoTokenizer.from_pretrained(self.release) if name == "tokenizer" else None)
+        compared, mismatch = first_mismatch(self.release, template, fmt.get("system_prompt"), eval_rows, conversations)
+        if mismatch:
+            link.problems.append(f"the release's tokenizer serves another template than the one trained: {mismatch}")
+        else:
+            link.facts.append(f"its chat_template ({name}) renders the trained token ids of all {compared} eval rows")
 
     def signature(self) -> Link:
         """The release's OpenSSF model signature over every file, verified as the standard CLI verifies it."""

@@ -21,9 +21,11 @@ from pathlib import Path
 from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_text, sha256_tree, staged_dir, write_json, write_text
 from tasks.common.base_model import load_tokenizer, resolve_base
+from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError
 from tasks.publish import provenance, signing
+from tasks.publish.parity import first_mismatch
 from tasks.publish.stage_code import code_version
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,17 @@ def _require(path: Path, stage: str) -> Path:
             f"Run `dvc repro {stage}` first."
         )
     return path
+
+
+def check_parity(release_dir: Path, template: ChatTemplate, system_prompt: str | None) -> None:
+    """The release's tokenizer must render, through its chat_template, exactly the ids trained (parity.py)."""
+    compared, mismatch = first_mismatch(release_dir, template, system_prompt)
+    if mismatch:
+        raise PipelineError(
+            f"cannot publish: the release's tokenizer would serve another template than the one trained "
+            f"(format.template {template.name}): {mismatch}. {paths.RELEASE_DIR}/ is unchanged."
+        )
+    log.info("the release's chat_template renders the trained token ids of all %d eval rows", compared)
 
 
 def check_gate(eval_metrics: dict, require_improvement: bool) -> None:
@@ -107,7 +120,7 @@ def _eval_row(name: str, m: dict) -> str:
     )
 
 
-def model_card(params: Params, lineage: dict) -> str:
+def model_card(params: Params, lineage: dict, prompt: str) -> str:
     ev, tr = lineage["evaluation"], lineage["training"]["metrics"]
     src = lineage["source"]
     data = src.get("hub_id") or src.get("path")
@@ -115,12 +128,12 @@ def model_card(params: Params, lineage: dict) -> str:
     return f"""---
 library_name: peft
 base_model: {params.model.base}
-tags: [qlora, llama-2, guanaco, sft]
+tags: [qlora, guanaco, sft]
 ---
 # {params.publish.name}
 
 LoRA adapter for `{params.model.base}`, trained with QLoRA (4-bit {params.quant.quant_type}) on `{data}`
-({lineage["formatted_data"]["train_rows"]} training conversations, Llama-2 chat template).
+({lineage["formatted_data"]["train_rows"]} training conversations, {params.format.template} chat template).
 
 Release `{lineage["release"]["id"]}`, code commit `{lineage["code"]["git_commit"]}`.
 
@@ -146,7 +159,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 base = AutoModelForCausalLM.from_pretrained("{params.model.base}")
 model = PeftModel.from_pretrained(base, "<this folder or repo>")
 tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")
-prompt = "<s>[INST] Your question [/INST]"
+messages = [{{"role": "user", "content": "Your question"}}]
+prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+# = {prompt!r}
 ```
 
 ## Lineage
@@ -237,11 +252,15 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         for name in ADAPTER_FILES:
             # contents only: the release's files get ordinary modes, whatever the adapter folder's were
             shutil.copyfile(paths.ADAPTER_DIR / name, tmp / name)
-        load_tokenizer(params.model).save_pretrained(tmp)
+        tokenizer = load_tokenizer(params.model)
+        template = chat_template(params.format.template, tokenizer)
+        tokenizer.chat_template = template.jinja  # what a server renders conversations with: the trained template
+        tokenizer.save_pretrained(tmp)
+        check_parity(tmp, template, params.format.system_prompt)
         signer.write_public_key(tmp)
         release_id = f"{params.publish.name}-{sha256_file(tmp / paths.ADAPTER_WEIGHTS)[:12]}"
         lineage = build_lineage(params, {}, release_id, signer.record())
-        write_text(tmp / "README.md", model_card(params, lineage))
+        write_text(tmp / "README.md", model_card(params, lineage, template.prompt("Your question")))
         # Each record covers what came before it: the statement the released files, lineage.json the statement
         # too, and the signature, written last, every file (all but itself).
         statement = provenance.statement(lineage, sha256_tree(tmp, include_hidden=True), started, provenance.now())

@@ -59,9 +59,12 @@ class ModelShape:
     heads: int
     kv_heads: int
     vocab: int
+    tied_embeddings: bool = False  # one matrix for the input embedding and the LM head (small Qwen models)
 
     @classmethod
     def from_config(cls, cfg) -> ModelShape:
+        """The shape from the model's own config, whatever its family: grouped-query k/v heads, the vocabulary
+        (32k Llama-2, 128k Llama-3, 152k Qwen2.5) and whether the LM head shares the embedding's weights."""
         return cls(
             cfg.hidden_size,
             cfg.intermediate_size,
@@ -69,6 +72,7 @@ class ModelShape:
             cfg.num_attention_heads,
             getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
             cfg.vocab_size,
+            bool(getattr(cfg, "tie_word_embeddings", False)),
         )
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -157,7 +161,8 @@ def estimate(
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
     else:
         per_param = _dtype_bytes(q.compute_dtype)
-    other = 2 * shape.vocab * shape.hidden + (2 * shape.layers + 1) * shape.hidden
+    embeddings = (1 if shape.tied_embeddings else 2) * shape.vocab * shape.hidden  # input embedding, LM head
+    other = embeddings + (2 * shape.layers + 1) * shape.hidden
     weights = linear * per_param + other * _dtype_bytes(q.compute_dtype)
 
     targets = [m for m in lora.target_modules if m in modules]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.common.config import ModelParams, ValidateParams
-from tasks.common.conversation import ASSISTANT, FORMS, TEMPLATE_MARKERS, USER, Conversation
+from tasks.common.conversation import ASSISTANT, FORM_MARKERS, FORMS, USER, Conversation
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
 
@@ -47,8 +47,11 @@ FEATURES = (
 )
 
 
-def conversation_features(index: int, conv: Conversation | None, form: str | None, error: str | None) -> dict:
-    """One row of features; structure fields are absent when the row could not be parsed."""
+def conversation_features(
+    index: int, conv: Conversation | None, form: str | None, error: str | None, markers: tuple[str, ...] = FORM_MARKERS
+) -> dict:
+    """One row of features; structure fields are absent when the row could not be parsed. `markers`: the strings
+    that mean a template leaked into content (the input forms' and the chat template's, leakage_markers)."""
     if conv is None:
         # "unknown", not None: great-expectations skips nulls, so a None form would never break `known_form`.
         return {"row_index": index, "form": form or "unknown", "parse_error": error}
@@ -64,7 +67,7 @@ def conversation_features(index: int, conv: Conversation | None, form: str | Non
         "last_role": roles[-1] if roles else None,
         "min_turn_chars": min((len(t) for t in texts), default=0),
         "total_chars": len(joined),
-        "has_template_marker": any(m in joined for m in TEMPLATE_MARKERS),
+        "has_template_marker": any(m in joined for m in markers),
         "has_replacement_char": "\ufffd" in joined,
         "has_control_char": _CONTROL.search(joined) is not None,
     }
@@ -139,7 +142,7 @@ def _content_rules(v: ValidateParams) -> list[tuple[Rule, object]]:
         (
             Rule(
                 "no_template_markers",
-                "no [INST], <<SYS>>, <s>, </s> or ### markers inside content",
+                "no chat template markers ([INST], <s>, <|im_start|>, ### Human: ...) inside content",
                 "has_template_marker",
             ),
             E.ExpectColumnValuesToBeInSet(column="has_template_marker", value_set=no, **row),

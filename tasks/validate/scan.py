@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.common.artifacts import atomic_writer, jsonl_line
-from tasks.common.conversation import ParseError, content_key, detect_form, parse_row, render_llama2
+from tasks.common.chat_template import ChatTemplate
+from tasks.common.conversation import FORM_MARKERS, ParseError, content_key, detect_form, parse_row
 from tasks.common.errors import PipelineError
 from tasks.validate.expectations import FEATURES, conversation_features
 from tasks.validate.lengths import length_rows, measure_rendered
@@ -103,15 +104,16 @@ class _Parsed:
     rendered: list = field(default_factory=list)
 
 
-def _parse_block(block, scan: Scan, seen: set[bytes], system_prompt: str | None) -> _Parsed:
+def _parse_block(block, scan: Scan, seen: set[bytes], template: ChatTemplate, system_prompt: str | None) -> _Parsed:
     parsed = _Parsed()
+    markers = tuple(dict.fromkeys(FORM_MARKERS + template.markers))  # the input forms' and the output template's
     for i, row in block:
         try:
             conv, error = parse_row(row), None
         except ParseError as e:
             conv, error = None, str(e)
             scan.parse_errors[i] = error
-        features = conversation_features(i, conv, detect_form(row), error)
+        features = conversation_features(i, conv, detect_form(row), error, markers)
         for name, column in scan.features.items():
             column.append(features.get(name))
         duplicate, key = False, None
@@ -123,7 +125,7 @@ def _parse_block(block, scan: Scan, seen: set[bytes], system_prompt: str | None)
         scan.is_duplicate.append(duplicate)
         if renderable(features):
             parsed.rows.append((i, conv, duplicate, key))
-            parsed.rendered.append(render_llama2(conv, system_prompt))
+            parsed.rendered.append(template.render(conv, system_prompt))
     return parsed
 
 
@@ -135,7 +137,14 @@ def _write_block(parsed: _Parsed, measured: np.ndarray, scan: Scan, out) -> None
         out.write(jsonl_line(row))
 
 
-def scan_rows(raw_rows: Path, tokenizer, max_length: int, system_prompt: str | None, candidates: Path) -> Scan:
+def scan_rows(
+    raw_rows: Path,
+    tokenizer,
+    max_length: int,
+    template: ChatTemplate,
+    system_prompt: str | None,
+    candidates: Path,
+) -> Scan:
     """Read raw_rows once; write every renderable conversation to `candidates` (in row order) and return the scan.
 
     Token counts are on the exact text that will be trained (lengths.measure_rendered); block k is tokenized on a
@@ -145,7 +154,7 @@ def scan_rows(raw_rows: Path, tokenizer, max_length: int, system_prompt: str | N
     with ThreadPoolExecutor(max_workers=1) as worker, atomic_writer(candidates) as out:
         pending = None
         for block in raw_blocks(raw_rows, hasher):
-            parsed = _parse_block(block, scan, seen, system_prompt)
+            parsed = _parse_block(block, scan, seen, template, system_prompt)
             job = worker.submit(measure_rendered, tokenizer, parsed.rendered, max_length)
             if pending is not None:
                 _write_block(pending[0], pending[1].result(), scan, out)

@@ -19,6 +19,7 @@ import pandas as pd
 from tasks.common import paths
 from tasks.common.artifacts import atomic_writer, staged_dir, write_json
 from tasks.common.base_model import load_tokenizer
+from tasks.common.chat_template import chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.validate.expectations import excluded_rows, run_suite
@@ -105,11 +106,14 @@ def validate(
     if not raw_rows.exists():
         raise PipelineError(f"{raw_rows} not found: run the download stage first (dvc repro download).")
     tokenizer = load_tokenizer(params.model)
+    template = chat_template(params.format.template, tokenizer)  # a template foreign to this tokenizer stops here
     # Conversations go to a hidden candidates file during the pass; they replace the last good ones only if the
     # suite passes, less the rows it leaves out.
     candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
     try:
-        scan = scan_rows(raw_rows, tokenizer, params.model.max_length, params.format.system_prompt, candidates)
+        scan = scan_rows(
+            raw_rows, tokenizer, params.model.max_length, template, params.format.system_prompt, candidates
+        )
         summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
         _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
     finally:
