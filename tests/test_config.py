@@ -1,5 +1,8 @@
 """params.yaml is loaded once into typed config that names every bad key."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,27 @@ def test_an_unquoted_path_with_parentheses_is_told_to_quote(tmp_path):
     assert (project / "params.yaml").read_bytes() == before
     compose_params(project, ["download.path='/data/my (copy).jsonl'"])  # the quoting the message gives works
     assert load_params(project / "params.yaml").download.path == "/data/my (copy).jsonl"
+
+
+@pytest.mark.parametrize("value", ["/data/guanaco é.jsonl", "/data/a–b.jsonl"])
+def test_an_unquoted_non_ascii_value_is_told_to_quote_and_the_cli_prints_no_traceback(tmp_path, value):
+    project = _project_with_conf(tmp_path)
+    before = (project / "params.yaml").read_bytes()
+    with pytest.raises(PipelineError, match=r"which Hydra reads only inside quotes: download.path='"):
+        compose_params(project, [f"download.path={value}"])
+    assert (project / "params.yaml").read_bytes() == before
+    compose_params(project, [f"download.path='{value}'"])  # quoted, it composes
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.common.compose", f"download.path={value}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "inside quotes" in proc.stderr
+
+
+def test_hydra_lists_and_interpolations_pass_the_quoting_check(tmp_path):
+    project = _project_with_conf(tmp_path)
+    compose_params(project, ["lora.target_modules=[q_proj,k_proj,v_proj]"])
+    assert load_params(project / "params.yaml").lora.target_modules == ["q_proj", "k_proj", "v_proj"]

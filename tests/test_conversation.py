@@ -267,3 +267,18 @@ def test_raw_guanaco_renders_to_published_llama2_text():
     # and the templated text parses back to itself
     back = [i for i, text in enumerate(published) if LLAMA2.render(parse_text(text)).text != text]
     assert back == []
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        ({"role": "assistant", "content": None, "tool_calls": [{"type": "function"}]}, "a tool call (`tool_calls`)"),
+        ({"role": "tool", "content": "sunny", "tool_call_id": "1"}, "a tool result (role 'tool')"),
+    ],
+)
+def test_a_tool_call_or_result_is_named_as_such(message, said):
+    """OpenAI-style tool use holds role and content keys (content null): it is named for what it is, not as
+    missing role+content, and the row is reported (validation leaves it out within its tolerance)."""
+    row = {"messages": [{"role": "user", "content": "Weather?"}, message, {"role": "assistant", "content": "Sunny."}]}
+    with pytest.raises(ParseError, match=rf"message 1 is {re.escape(said)}: this recipe trains on text turns"):
+        parse_row(row)

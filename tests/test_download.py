@@ -621,3 +621,31 @@ def test_a_file_written_while_it_is_read_stops_and_keeps_the_last_good_outputs(p
         _dl(params, path, workdir)
     assert (out_rows.read_bytes(), out_source.read_bytes()) == before
     assert sorted(p.name for p in out_rows.parent.iterdir()) == ["rows.jsonl", "source.json"]
+
+
+def test_a_one_column_csv_saved_with_semicolons_is_refused_not_trimmed(params, workdir):
+    """A one-column CSV saved with `;` whose text holds commas: read with the header's comma, each row splits into
+    more fields than the header names. pandas took the extras as an index and kept only the text after the last
+    comma; now the download stops, naming the line and the separator, and writes nothing."""
+    path = workdir / "export.csv"
+    path.write_text(
+        "text\n### Human: Hi there### Assistant: Hello, how can I help?\n### Human: And?### Assistant: Blue.\n"
+    )
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    message = str(err.value)
+    assert "export.csv, line 2: the row splits into more fields than the header's 1 column(s)" in message
+    assert "separator ','" in message and "Nothing was cut" in message
+    assert not (workdir / "out" / "rows.jsonl").exists()
+
+
+@pytest.mark.parametrize(("byte", "column"), [("\x00", 1), ("\x01", 38)])
+def test_a_raw_control_byte_in_a_jsonl_line_is_named_with_its_column(params, workdir, byte, column):
+    path = workdir / "rows.jsonl"
+    bad = byte + json.dumps(ROWS[1]) if byte == "\x00" else json.dumps(ROWS[1])[:37] + byte + json.dumps(ROWS[1])[37:]
+    path.write_text(json.dumps(ROWS[0]) + "\n" + bad + "\n")
+    with pytest.raises(PipelineError) as err:
+        _dl(params, path, workdir)
+    assert f"rows.jsonl, line 2: not valid JSON (a raw control byte 0x{ord(byte):02X} at column {column}" in str(
+        err.value
+    )

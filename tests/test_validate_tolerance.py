@@ -65,3 +65,45 @@ def test_the_share_bounds_all_row_rules_together(workdir, params):
     assert each["non_empty_turns"]["success"] and each["no_control_chars"]["success"]
     assert each["row_rules_together"]["status"] == "failed" and each["row_rules_together"]["rows"] == [10, 11, 12]
     assert (workdir / "conv.jsonl").read_text() == "last good\n"
+
+
+def test_rows_too_long_for_a_tiny_bases_tokenizer_say_the_tokenizer_may_be_the_cause(workdir, params):
+    """A newcomer's real rows against the tiny base: when rows do not fit model.max_length, the message says the
+    tiny tokenizer (learned from the sample) cuts real text finer than the real one, and what to change."""
+    import pytest
+
+    from tasks.common.errors import ValidationFailed
+
+    write_jsonl(workdir / "rows.jsonl", read_jsonl(ROOT / paths.SAMPLE_DATA))
+    p = with_overrides(params, **{"model.max_length": 64})
+    with pytest.raises(ValidationFailed) as err:
+        validate(
+            p,
+            raw_rows=workdir / "rows.jsonl",
+            out_conversations=workdir / "conv.jsonl",
+            report_dir=workdir / "report",
+            metrics_path=workdir / "m.json",
+            histogram_path=workdir / "h.png",
+        )
+    assert "within_max_length" in str(err.value)
+    assert "tiny-llama's tokenizer was learned from the 64-row sample" in str(err.value)
+    assert "point model.tokenizer at the real base's tokenizer" in str(err.value)
+
+
+def test_the_cpu_default_accepts_the_real_rows_its_sample_stands_for(workdir, params):
+    """A newcomer's first own file after `make run`: 200 real guanaco rows validate with the shipped params (the
+    tiny tokenizer cuts them into ~1.7x Llama-2's tokens; model.max_length 2048 holds them as 1024 does Llama-2's)."""
+    from tests.conftest import needs_shared
+
+    raw = needs_shared("guanaco-raw-1k") / "train.jsonl"
+    write_jsonl(workdir / "rows.jsonl", read_jsonl(raw)[:200])
+    summary = validate(
+        params,
+        raw_rows=workdir / "rows.jsonl",
+        out_conversations=workdir / "conv.jsonl",
+        report_dir=workdir / "report",
+        metrics_path=workdir / "m.json",
+        histogram_path=workdir / "h.png",
+    )
+    assert summary["success"] and summary["rows"] == 200
+    assert summary["share_over_max_length"] < 0.1

@@ -89,6 +89,11 @@ def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
     return out_dir
 
 
+def is_tiny_base(name: str) -> bool:
+    """Whether `name` is one of the tiny random-weight bases built here (tiny-llama, tiny_families.py's)."""
+    return name == TINY or name in tiny_families.FAMILIES
+
+
 def resolve_base(model: ModelParams) -> str:
     """Where to load the base from: the built tiny model's directory, a local directory, or a Hub id."""
     if model.base == TINY:

@@ -7,6 +7,7 @@ the current params.yaml, so a bad override never leaves a broken file behind.
 
 from __future__ import annotations
 
+import string
 import tempfile
 from pathlib import Path
 
@@ -14,11 +15,34 @@ from tasks.common.artifacts import write_bytes
 from tasks.common.config import load_params
 from tasks.common.errors import PipelineError
 
+# What Hydra reads in an unquoted override value (its grammar's unquoted characters); anything else, a letter
+# outside ASCII (é), a typographic dash (–), brackets or a comma, it reads only inside quotes.
+_UNQUOTED = frozenset(string.ascii_letters + string.digits + "_-+./\\$%*@?|:~ ")
+
+
+def unquoted_problem(override: str) -> str | None:
+    """Why Hydra cannot read `override` as written, in words, or None."""
+    key, sep, value = override.partition("=")
+    if not sep or value[:1] in ("'", '"', "[", "{") or "${" in value:  # quoted, a list, a dict, an interpolation
+        return None
+    bad = next((c for c in value if c not in _UNQUOTED), None)
+    if bad is None:
+        return None
+    return (
+        f"the value of {key.lstrip('+~')} holds {bad!r}, which Hydra reads only inside quotes: {key}='{value}' "
+        f"(in a shell, inside the shell's own quotes: -S \"{key}='{value}'\"). A value holding parentheses, "
+        "brackets, braces, commas, quotes, a letter outside ASCII or a typographic dash must be quoted for Hydra: "
+        "key='value'"
+    )
+
 
 def compose_params(project_dir: Path, overrides: list[str]) -> Path:
     from dvc.utils.hydra import compose_and_dump
     from hydra.errors import HydraException, OverrideParseException
 
+    for override in overrides:  # before Hydra, whose own words for it ("mismatched input") say nothing of quoting
+        if problem := unquoted_problem(override):
+            raise PipelineError(f"cannot compose params with override {override!r}: {problem}.")
     target = project_dir / "params.yaml"
     with tempfile.TemporaryDirectory() as tmp:
         composed = Path(tmp) / "params.yaml"
@@ -41,4 +65,8 @@ def compose_params(project_dir: Path, overrides: list[str]) -> Path:
 if __name__ == "__main__":
     import sys
 
-    compose_params(Path.cwd(), sys.argv[1:])
+    try:
+        compose_params(Path.cwd(), sys.argv[1:])
+    except PipelineError as e:  # a user's override: the message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -185,6 +185,12 @@ def _parse_messages(messages: object) -> Conversation:
             raise ParseError(f"message {i} is {_kind(msg)}, expected an object with role/content")
         role = msg.get("role", msg.get("from"))
         content = msg.get("content", msg.get("value"))
+        if msg.get("tool_calls") or str(role).lower() in ("tool", "function", "ipython"):
+            what = "a tool call (`tool_calls`)" if msg.get("tool_calls") else f"a tool result (role {role!r})"
+            raise ParseError(
+                f"message {i} is {what}: this recipe trains on text turns between a user and an assistant only; "
+                "remove the conversations that call tools from the data"
+            )
         if role is None or content is None:
             raise ParseError(f"message {i} has keys {sorted(msg)}; expected role+content or from+value")
         canon = _ROLE_ALIASES.get(str(role).lower())

@@ -18,11 +18,13 @@ import datetime as dt
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import lzma
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,9 +65,21 @@ def _plain(value):
     return str(value)
 
 
+def _is_control(char: str) -> bool:
+    return bool(char) and (ord(char) < 0x20 or ord(char) == 0x7F) and char not in "\t\n\r"
+
+
 def _json_problem(e: json.JSONDecodeError, line: bool = True) -> str:
     # Some of json's messages end in "at" ("Unterminated string starting at"): the position completes them.
     where = f"line {e.lineno}, column {e.colno}" if line else f"column {e.colno}"
+    found = e.doc[e.pos] if e.pos < len(e.doc) else ""
+    if _is_control(found):
+        # json names a raw control byte only as "Expecting value" or "Invalid control character": name the byte
+        why = " (a NUL often means a file saved as UTF-16)" if found == "\0" else ""
+        return (
+            f"a raw control byte 0x{ord(found):02X} at {where}, which JSON text cannot hold{why}: remove it, or "
+            f"write it escaped as \\u{ord(found):04x}"
+        )
     return f"{e.msg.removesuffix(' at')} at {where}"
 
 
@@ -102,7 +116,7 @@ def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
             except json.JSONDecodeError as e:
                 swapped = (
                     " If the file is one JSON document (a list of objects), name it .json."
-                    if (lineno == 1 and line.lstrip()[:1] in ("[", "{"))
+                    if (lineno == 1 and line.lstrip()[:1] in ("[", "{") and not _is_control(e.doc[e.pos : e.pos + 1]))
                     else ""
                 )
                 raise PipelineError(
@@ -228,13 +242,48 @@ def _csv_blocks(path: Path, sep: str | None = None) -> Iterator[list[tuple[dict,
             )
         start = 1
         # dtype=str: every cell as written. Inferred types turned "003" into 3 and an Alpaca input "0" into a
-        # falsy 0 the parser dropped; conversation data is text.
-        for frame in pd.read_csv(f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS, quoting=quoting, dtype=str):
-            rows = [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
-            if sep == "\t":
-                _check_no_merged_rows(path, rows, start)
-            start += len(rows)
-            yield [(row, None) for row in rows]
+        # falsy 0 the parser dropped; conversation data is text. index_col=False: a row with more fields than the
+        # header would otherwise turn its first fields into an index, silently (a one-column file saved with ";"
+        # lost the text before each comma); pandas warns instead, and the warning stops the read here.
+        frames = pd.read_csv(
+            f, sep=sep, keep_default_na=False, chunksize=BLOCK_ROWS, quoting=quoting, dtype=str, index_col=False
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            try:
+                for frame in frames:
+                    rows = [{str(k): _plain(v) for k, v in rec.items()} for rec in frame.to_dict(orient="records")]
+                    if sep == "\t":
+                        _check_no_merged_rows(path, rows, start)
+                    start += len(rows)
+                    yield [(row, None) for row in rows]
+            except pd.errors.ParserWarning:
+                raise PipelineError(_field_count_problem(path, sep, quoting)) from None
+
+
+def _field_count_problem(path: Path, sep: str, quoting: int) -> str:
+    """Which record splits into more fields than the header names, and the separator its lines look written with."""
+    with _open_text(path) as f:
+        records = csv.reader(f, delimiter=sep, quoting=quoting)
+        width = len(next(records, []))
+        for record in records:
+            if len(record) > width:
+                line = records.line_num
+                break
+        else:
+            line = None
+        f.seek(0)
+        sample = "".join(itertools.islice(f, 20))
+    try:
+        sniffed = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        sniffed = None
+    found = f"its lines look separated by {sniffed!r}" if sniffed and sniffed != sep else "no other separator found"
+    return (
+        f"{path}, line {line}: the row splits into more fields than the header's {width} column(s) when read with "
+        f"the separator {sep!r} (taken from the header line; {found}). Text that holds the separator must be quoted "
+        '("a, b"): save the file with quoting, with one separator throughout, or as .jsonl. Nothing was cut.'
+    )
 
 
 def _check_unique_columns(path: Path, header: str, sep: str) -> None:

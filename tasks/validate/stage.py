@@ -18,7 +18,7 @@ import pandas as pd
 
 from tasks.common import paths
 from tasks.common.artifacts import atomic_writer, staged_dir, write_json
-from tasks.common.base_model import load_tokenizer
+from tasks.common.base_model import is_tiny_base, load_tokenizer
 from tasks.common.chat_template import chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError, ValidationFailed
@@ -32,7 +32,18 @@ MAX_ROWS_LISTED = 20
 MAX_REASONS_LISTED = 3
 
 
-def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str]) -> str:
+def _tokenizer_hint(model) -> str:
+    """When rows are too long for a tiny base, the cause may be its tokenizer rather than the data."""
+    if model.tokenizer is None and is_tiny_base(model.base):
+        return (
+            f"\n      model.base {model.base}'s tokenizer was learned from the 64-row sample: it cuts real text into "
+            "about 1.7x the tokens of Llama-2's, so the rows may be too long for it rather than for the recipe. "
+            "Raise model.max_length, or point model.tokenizer at the real base's tokenizer."
+        )
+    return ""
+
+
+def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str], model=None) -> str:
     lines, unevaluated = [], []
     for r in result["rules"]:
         if r["status"] == "not evaluated":
@@ -43,6 +54,8 @@ def _failure_message(result: dict, report_dir: Path, parse_errors: dict[int, str
         more = f" (+{len(r['rows']) - len(rows)} more)" if len(r["rows"]) > len(rows) else ""
         where = f"; rows {rows}{more}" if rows else f"; observed {r['observed_value']}"
         lines.append(f"  - {r['rule']}: {r['description']}: {r['unexpected_count'] or 0} row(s) break it{where}")
+        if r["rule"] in ("within_max_length", "under_hard_limit") and model is not None:
+            lines[-1] += _tokenizer_hint(model)
         if r["rule"] == "parseable":  # why they do not parse: the parser's own words, first row of each reason
             first = {}
             for i in r["rows"]:
@@ -147,7 +160,7 @@ def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_pat
         report["policy_effect"],
     )
     if not result["success"]:
-        raise ValidationFailed(_failure_message(result, report_dir, scan.parse_errors))
+        raise ValidationFailed(_failure_message(result, report_dir, scan.parse_errors, params.model))
     return summary, excluded
 
 
