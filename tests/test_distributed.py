@@ -16,6 +16,7 @@ import yaml
 from tasks.common import paths
 from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
+from tasks.train.checkpoints import COMPLETE
 from tasks.train.distributed import LAUNCHER, launch_command, needs_launch, world
 from tests.conftest import ROOT
 
@@ -217,7 +218,7 @@ def test_a_killed_ddp_run_stops_all_workers_and_resumes(workdir, params):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ckpt = workdir / paths.CHECKPOINT_DIR / "checkpoint-10" / "trainer_state.json"
+    ckpt = workdir / paths.CHECKPOINT_DIR / "checkpoint-10" / COMPLETE  # the checkpoint whole, then the kill
     workers: list = []
     deadline = time.time() + 600
     while not ckpt.exists() and launcher.poll() is None and time.time() < deadline:

@@ -19,6 +19,7 @@ from benchmarks.model_shapes import LLAMA2_7B_CHAT
 from tasks.common import paths
 from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
+from tasks.train.checkpoints import COMPLETE
 from tasks.train.memory import ModelShape, estimate, plan
 from tests.conftest import ROOT
 
@@ -238,7 +239,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ckpt = killed / paths.CHECKPOINT_DIR / "checkpoint-10" / "trainer_state.json"
+    ckpt = killed / paths.CHECKPOINT_DIR / "checkpoint-10" / COMPLETE  # the checkpoint whole, then the kill
     deadline = time.time() + 300
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

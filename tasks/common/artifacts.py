@@ -8,6 +8,7 @@ crash or a bad input never leaves a half-written artifact where the last good on
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,6 +18,70 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import orjson
+
+from tasks.common.errors import DiskFull
+
+# The errors a full disk, a quota or a file-size limit give a write.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB" if n >= 2**10 else f"{n} bytes"
+
+
+def disk_full(final: Path, partial: Path, error: BaseException) -> DiskFull:
+    """The one line a stage stops with when `final` could not be written: where, how much was free, how much the
+    unfinished copy held and the last good one holds (left in place), so the user knows what to free."""
+    why = space_reason(final.parent if final.parent.exists() else Path.cwd(), error)
+    last = f"the last good copy ({_mib(_size(final))}) is left in place" if final.exists() else "nothing was there"
+    return DiskFull(
+        f"no space to write {final}: {why} after {_mib(_size(partial))} of it were written; {last}. Free at least "
+        f"{_mib(max(_size(final), _size(partial)) * 2)} (or raise the limit) and run it again."
+    )
+
+
+def space_reason(where: Path, error: BaseException) -> str:
+    """Why a write failed for want of space, in words: a file-size limit, or how much its filesystem has free."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY or any(getattr(e, "errno", None) == errno.EFBIG for e in chain(error)):
+        return f"a file-size limit (ulimit -f, {_mib(soft)}) was reached"
+    return f"its filesystem has {_mib(shutil.disk_usage(where).free)} free"
+
+
+def chain(error: BaseException | None) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def no_space(error: BaseException) -> bool:
+    """A write failed for want of space: the OSError itself, or one a library wrapped; or an error of a writer that
+    drops the errno (SQLite's, under DVC's and dvclive's caches; torch.save's zip writer, a RuntimeError) while
+    space is measurably short."""
+    import sqlite3
+
+    for e in chain(error):
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if isinstance(e, (sqlite3.OperationalError, RuntimeError)) and _space_short():
+            return True
+    return False
+
+
+def _space_short() -> bool:
+    """This process runs under a file-size limit, or the working directory's filesystem is (nearly) full."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY or shutil.disk_usage(Path.cwd()).free < 16 << 20
 
 
 # Temporary files and folders are named here and made like any file, 0666/0777 less the umask (so the
@@ -36,6 +101,10 @@ def write_bytes(path: Path | str, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise disk_full(path, tmp, e) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -64,8 +133,9 @@ class HashingWriter:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: Path | str) -> Iterator[HashingWriter]:
-    """Stream into a file that appears at `path` only when the block ends without error (else the old one stays)."""
+def atomic_writer(path: Path | str, reported_as: Path | None = None) -> Iterator[HashingWriter]:
+    """Stream into a file that appears at `path` only when the block ends without error (else the old one stays).
+    reported_as: the output a full disk is reported for, when `path` is a hidden step towards it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
@@ -75,6 +145,10 @@ def atomic_writer(path: Path | str) -> Iterator[HashingWriter]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in NO_SPACE:
+            raise disk_full(reported_as or path, tmp, e) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -122,7 +196,12 @@ def staged_dir(final: Path | str) -> Iterator[Path]:
     tmp = _tmp_name(final)
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:  # whoever wrote into tmp (this module, a library saving a model, Data Docs)
+            if no_space(e):  # reported for the folder being replaced, not for its temporary name
+                raise disk_full(final, tmp, e) from e
+            raise
         old = final.with_name(f".{final.name}.old")
         if old.exists():
             shutil.rmtree(old)

@@ -9,3 +9,7 @@ class PipelineError(Exception):
 
 class ValidationFailed(PipelineError):
     """The data broke the validation suite; the report names the rows and the rules."""
+
+
+class DiskFull(PipelineError):
+    """An output could not be written: its filesystem is full, or a file-size limit (ulimit -f) was reached."""

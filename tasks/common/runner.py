@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from tasks.common import run_lock, stage_log
+from tasks.common.artifacts import chain, no_space
 from tasks.common.errors import PipelineError
 
 
@@ -28,6 +29,7 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
     stage started while another run holds the workspace refuses before it touches anything."""
     stage_log.configure(stage)  # ours to the terminal; everything to logs/<stage>.log once the stage runs
     signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a file-size limit fails the write (EFBIG), not the process
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
             library_lines = stage_log.open_file(stage)
@@ -35,6 +37,17 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
         stage_log.report(stage, library_lines)
     except PipelineError as e:
         print(f"\n[{stage}] ERROR: {e}\n", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        if not no_space(e):
+            raise
+        # a write outside the stage's own outputs (a log, a library's cache): its outputs are whole, as above
+        where = next((x.filename for x in chain(e) if getattr(x, "filename", None)), None) or "a file (a cache)"
+        print(
+            f"\n[{stage}] ERROR: no space to write {where} (the disk is full or a file-size limit was "
+            "reached); every output is as the last good run left it. Free space and run it again.\n",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt as e:
         # Ctrl-C or SIGTERM: each output is replaced whole or not at all, so none is half-written; say so instead

@@ -77,6 +77,20 @@ def configure(stage: str) -> None:
     _adopt_self_handled_loggers()
 
 
+class _LogFile(logging.FileHandler):
+    """The stage's log file. When a write to it fails (the disk filled up during the run), it says so once on the
+    terminal and stops, instead of logging's "--- Logging error ---" traceback on every message after."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        logging.getLogger().removeHandler(self)
+        error = sys.exc_info()[1]
+        logging.getLogger(__name__).warning(
+            "cannot write %s any more (%s): library messages go nowhere from here",
+            self.baseFilename,
+            getattr(error, "strerror", None) or type(error).__name__,
+        )
+
+
 def open_file(stage: str) -> _CountLibrary | None:
     """Add logs/<stage>.log (replaced each run) to the handlers: called once the stage holds the workspace, so a
     stage refused by another run's lock writes nothing. A log file that cannot be written (a full disk, a
@@ -84,7 +98,7 @@ def open_file(stage: str) -> _CountLibrary | None:
     path = log_file(stage)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(path, mode="w", encoding="utf-8")
+        to_file = _LogFile(path, mode="w", encoding="utf-8")
     except OSError as e:
         logging.getLogger(__name__).warning(
             "cannot write %s (%s): library messages go nowhere this run", path, e.strerror or type(e).__name__

@@ -1,5 +1,5 @@
-"""What the train stage attaches to the Trainer: a stop on a non-finite loss, a throughput and memory meter, and
-dvclive's live plots."""
+"""What the train stage attaches to the Trainer: a stop on a non-finite loss, a throughput and memory meter, the
+marker of a complete checkpoint, and dvclive's live plots."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch
 from transformers import TrainerCallback
 
 from tasks.common import paths
+from tasks.common.artifacts import write_json
 from tasks.common.errors import PipelineError
+from tasks.train.checkpoints import COMPLETE
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,18 @@ class StopOnNonFiniteLoss(TrainerCallback):
             raise PipelineError(
                 f"training loss became {loss} at step {state.global_step}. Lower train.learning_rate, "
                 "use precision bf16 rather than fp16, or check the data; no adapter was written."
+            )
+
+
+class MarkCompleteCheckpoints(TrainerCallback):
+    """The Trainer writes a checkpoint's files one after another (weights, optimizer, state, RNG); on_save runs once
+    all are on disk. Its marker is what makes a checkpoint resumable (checkpoints.py): one cut short by a full disk
+    or a kill has none, and is removed rather than resumed from."""
+
+    def on_save(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            write_json(
+                Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE, {"step": state.global_step}
             )
 
 

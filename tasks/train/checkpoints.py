@@ -11,11 +11,13 @@ import logging
 import shutil
 from pathlib import Path
 
-from tasks.common.artifacts import sha256_file, sha256_text, write_json
+from tasks.common.artifacts import sha256_file, sha256_text, space_reason, write_json
 from tasks.common.config import Params
+from tasks.common.errors import DiskFull
 
 log = logging.getLogger(__name__)
 FINGERPRINT = "run.json"
+COMPLETE = "complete.json"  # in a checkpoint folder once every file of it is written (callbacks.py)
 
 
 def run_fingerprint(params: Params, train_rows: Path) -> str:
@@ -29,7 +31,7 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
     marker = checkpoint_dir / FINGERPRINT
     if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
         for ckpt in checkpoint_dir.glob("checkpoint-*"):
-            if not (ckpt / "trainer_state.json").exists():  # killed while writing it: unusable
+            if not (ckpt / COMPLETE).exists():  # cut short (a kill, a full disk) while it was written: unusable
                 log.info("removing incomplete checkpoint %s", ckpt)
                 shutil.rmtree(ckpt)
         return any(checkpoint_dir.glob("checkpoint-*"))
@@ -39,3 +41,19 @@ def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> bool:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"fingerprint": fingerprint})
     return False
+
+
+def no_space_for_checkpoint(checkpoint_dir: Path, error: BaseException) -> DiskFull:
+    """The one line train stops with when a checkpoint could not be written (a full disk, a file-size limit)."""
+    complete = sorted(
+        (c for c in Path(checkpoint_dir).glob("checkpoint-*") if (c / COMPLETE).exists()),
+        key=lambda c: int(c.name.split("-")[-1]),
+    )
+    biggest = max((sum(f.stat().st_size for f in c.rglob("*") if f.is_file()) for c in complete), default=0)
+    why = space_reason(checkpoint_dir, error)
+    last = f"the next run resumes from {complete[-1].name}" if complete else "no complete checkpoint is kept"
+    need = f" (a checkpoint takes {biggest / 2**20:.1f} MiB)" if biggest else ""
+    return DiskFull(
+        f"no space to write a checkpoint in {checkpoint_dir}: {why}. The unfinished one will not be resumed from; "
+        f"{last}; no adapter was written. Free space{need} and run the train stage again."
+    )

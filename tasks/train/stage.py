@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from tasks.common import paths
-from tasks.common.artifacts import sha256_file, staged_dir, write_json
+from tasks.common.artifacts import no_space, sha256_file, staged_dir, write_json
 from tasks.common.base_model import load_base_model, load_config, load_tokenizer
 from tasks.common.config import Params, batch_split_problem, load_params
 from tasks.common.conversation import Rendered
@@ -36,7 +36,7 @@ from tasks.common.lineage import hardware, library_versions
 from tasks.common.tokens import tokenize_rendered, truncate
 from tasks.train import attention as attention_impl
 from tasks.train import distributed
-from tasks.train.checkpoints import resumable_checkpoint, run_fingerprint
+from tasks.train.checkpoints import no_space_for_checkpoint, resumable_checkpoint, run_fingerprint
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -203,7 +203,13 @@ def build_trainer(
     checkpoint folder, so it resumes with it and replaces dvclive/train only once the run succeeded)."""
     from peft import LoraConfig
 
-    from tasks.train.callbacks import RecomputeSomeLayers, StopOnNonFiniteLoss, ThroughputMeter, live_plots
+    from tasks.train.callbacks import (
+        MarkCompleteCheckpoints,
+        RecomputeSomeLayers,
+        StopOnNonFiniteLoss,
+        ThroughputMeter,
+        live_plots,
+    )
     from tasks.train.dequantized_base import dequantize_base
     from tasks.train.step_overlap import trainer_class
 
@@ -227,7 +233,7 @@ def build_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[meter, StopOnNonFiniteLoss(), live, *extra_callbacks],
+        callbacks=[meter, StopOnNonFiniteLoss(), MarkCompleteCheckpoints(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
     if params.train.dequantized_base:
@@ -280,6 +286,8 @@ def fit(trainer, resume: bool, est: Estimate, params: Params):
             "train.gradient_checkpointing. The last checkpoint is kept: the next run resumes from it."
         ) from None
     except Exception as e:
+        if no_space(e):  # a checkpoint (or the live plots) could not be written
+            raise no_space_for_checkpoint(Path(trainer.args.output_dir), e) from None
         if params.train.compile and compile_failure(e):
             raise PipelineError(
                 f"train.compile: torch.compile failed on the decoder layers ({type(e).__name__}: {str(e)[:500]}); "

@@ -144,6 +144,7 @@ def scan_rows(
     template: ChatTemplate,
     system_prompt: str | None,
     candidates: Path,
+    output: Path | None = None,
 ) -> Scan:
     """Read raw_rows once; write every renderable conversation to `candidates` (in row order) and return the scan.
 
@@ -151,7 +152,7 @@ def scan_rows(
     worker thread while block k+1 is parsed.
     """
     scan, seen, hasher = Scan(), set(), hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=1) as worker, atomic_writer(candidates) as out:
+    with ThreadPoolExecutor(max_workers=1) as worker, atomic_writer(candidates, reported_as=output) as out:
         pending = None
         for block in raw_blocks(raw_rows, hasher):
             parsed = _parse_block(block, scan, seen, template, system_prompt)

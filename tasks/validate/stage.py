@@ -125,7 +125,13 @@ def validate(
     candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
     try:
         scan = scan_rows(
-            raw_rows, tokenizer, params.model.max_length, template, params.format.system_prompt, candidates
+            raw_rows,
+            tokenizer,
+            params.model.max_length,
+            template,
+            params.format.system_prompt,
+            candidates,
+            out_conversations,  # what a full disk is reported for
         )
         summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
         _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
