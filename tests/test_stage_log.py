@@ -80,6 +80,27 @@ def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
     assert "OURS-WARNING" in proc.stderr
 
 
+def test_a_librarys_deprecation_pointing_at_our_code_goes_to_the_log_file(tmp_path):
+    """trl warns `use_liger_kernel` is deprecated with stacklevel=2: the warning names this project's file, but it is
+    the library's notice to maintainers, by its category: the log file, not the user's terminal."""
+    probe = (
+        "import warnings\nfrom tasks.common.runner import run_main\n"
+        "def stage():\n    exec(compile('import warnings; warnings.warn(\"OLD-API\", FutureWarning)', "
+        f"{str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
+        "run_main('probe', stage)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OLD-API" not in proc.stderr
+    assert "OLD-API" in (tmp_path / paths.LOG_DIR / "probe.log").read_text()
+
+
 def test_a_log_file_that_cannot_be_written_is_said_and_the_stage_goes_on(tmp_path):
     (tmp_path / paths.LOG_DIR).write_text("a file where the logs folder belongs\n")
     probe = (

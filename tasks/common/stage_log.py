@@ -3,7 +3,8 @@
 Libraries (bitsandbytes, great-expectations, transformers, huggingface_hub, ...) log lines that read like failures
 and are not, and warn about their own deprecations. Sorting them by the logger's name and by where a warning was
 raised, never by the words of a message, keeps the terminal to what this pipeline says while a library rewording
-its messages changes nothing. Anything at ERROR or above reaches the terminal whoever logs it.
+its messages changes nothing; a deprecation notice goes to the file by its category, wherever it points. Anything at
+ERROR or above reaches the terminal whoever logs it.
 """
 
 from __future__ import annotations
@@ -41,8 +42,15 @@ class _CountLibrary(logging.Filter):
         return True
 
 
+# A library's deprecation notice points at its caller (stacklevel): raised "from" this project's file, it is still
+# the library speaking, to the maintainers of this code (trl's `use_liger_kernel` FutureWarning on a GPU run, say),
+# not to the user running the stage. By category, into the log file.
+_DEPRECATIONS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
 def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-    own = Path(filename).resolve().is_relative_to(_PROJECT) and ".venv" not in Path(filename).parts
+    here = Path(filename).resolve().is_relative_to(_PROJECT) and ".venv" not in Path(filename).parts
+    own = here and not issubclass(category, _DEPRECATIONS)
     text = warnings.formatwarning(message, category, filename, lineno, line).rstrip()
     logging.getLogger("py.warnings").warning(text, extra={"own_warning": own})
 
