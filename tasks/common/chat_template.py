@@ -200,7 +200,7 @@ class FromTokenizer(ChatTemplate):
 
     def render(self, conv: Conversation, default_system: str | None = None) -> Rendered:
         messages = self.messages(conv, default_system)
-        if len(messages) % 2 == 1 and messages[-1]["role"] == USER:
+        if messages and messages[-1]["role"] == USER:
             messages = messages[:-1]  # a trailing question without its answer is not rendered (validation names it)
         whole = self._apply(messages, False)
         spans = []
