@@ -33,6 +33,26 @@ PROBE = textwrap.dedent(
 )
 
 
+def _run_probe(probe: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def _warning_from_our_code(text: str, category: str = "UserWarning") -> str:
+    """A stage whose warnings.warn is raised from a file of this project (tasks/probe.py, compiled in place)."""
+    code = f"import warnings; warnings.warn({text!r}, {category})"
+    return (
+        "from tasks.common.runner import run_main\n"
+        f"def stage():\n    exec(compile({code!r}, {str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
+        "run_main('probe', stage)\n"
+    )
+
+
 def test_library_lines_go_to_the_stage_log_not_the_terminal(tmp_path):
     lib_dir = tmp_path / "site"
     lib_dir.mkdir()
@@ -63,19 +83,8 @@ def test_library_lines_go_to_the_stage_log_not_the_terminal(tmp_path):
 
 
 def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
-    probe = (
-        "import warnings\nfrom tasks.common.runner import run_main\n"
-        "def stage():\n    exec(compile('import warnings; warnings.warn(\"OURS-WARNING\")', "
-        f"{str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
-        "run_main('probe', stage)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    probe = _warning_from_our_code("OURS-WARNING")
+    proc = _run_probe(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "OURS-WARNING" in proc.stderr
 
@@ -83,19 +92,8 @@ def test_a_warning_of_the_pipelines_own_code_stays_on_the_terminal(tmp_path):
 def test_a_librarys_deprecation_pointing_at_our_code_goes_to_the_log_file(tmp_path):
     """trl warns `use_liger_kernel` is deprecated with stacklevel=2: the warning names this project's file, but it is
     the library's notice to maintainers, by its category: the log file, not the user's terminal."""
-    probe = (
-        "import warnings\nfrom tasks.common.runner import run_main\n"
-        "def stage():\n    exec(compile('import warnings; warnings.warn(\"OLD-API\", FutureWarning)', "
-        f"{str(ROOT / 'tasks' / 'probe.py')!r}, 'exec'))\n"
-        "run_main('probe', stage)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    probe = _warning_from_our_code("OLD-API", "FutureWarning")
+    proc = _run_probe(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "OLD-API" not in proc.stderr
     assert "OLD-API" in (tmp_path / paths.LOG_DIR / "probe.log").read_text()
@@ -107,12 +105,6 @@ def test_a_log_file_that_cannot_be_written_is_said_and_the_stage_goes_on(tmp_pat
         "import logging\nfrom tasks.common.runner import run_main\n"
         "run_main('probe', lambda: logging.getLogger('tasks.probe').info('OURS-DONE'))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
-    )
+    proc = _run_probe(probe, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"cannot write {paths.LOG_DIR / 'probe.log'}" in proc.stderr and "OURS-DONE" in proc.stderr

@@ -9,20 +9,25 @@ from tasks.validate.stage import validate
 from tests.conftest import ROOT
 
 
-def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
-    sample = read_jsonl(ROOT / paths.SAMPLE_DATA)
-    bad = {"text": "### Human: What is 2+2?### Assistant: "}  # empty answer, as in 3 rows of guanaco-llama2-1k
-    rows = sample[:30] + [bad] + sample[30:]
-    write_jsonl(workdir / "rows.jsonl", rows)
-    p = with_overrides(params, **{"validate.max_bad_row_share": 0.05})
-    summary = validate(
-        p,
+def _validate(params, workdir):
+    """validate() over workdir/rows.jsonl, every output in workdir (metrics m.json, report report/)."""
+    return validate(
+        params,
         raw_rows=workdir / "rows.jsonl",
         out_conversations=workdir / "conv.jsonl",
         report_dir=workdir / "report",
         metrics_path=workdir / "m.json",
         histogram_path=workdir / "h.png",
     )
+
+
+def test_a_few_bad_rows_are_left_out_and_reported(workdir, params):
+    sample = read_jsonl(ROOT / paths.SAMPLE_DATA)
+    bad = {"text": "### Human: What is 2+2?### Assistant: "}  # empty answer, as in 3 rows of guanaco-llama2-1k
+    rows = sample[:30] + [bad] + sample[30:]
+    write_jsonl(workdir / "rows.jsonl", rows)
+    p = with_overrides(params, **{"validate.max_bad_row_share": 0.05})
+    summary = _validate(p, workdir)
     assert summary["success"] and summary["rows_excluded"] == 1
     kept = [r["row_index"] for r in read_jsonl(workdir / "conv.jsonl")]
     assert 30 not in kept and len(kept) == len(rows) - 1
@@ -51,14 +56,7 @@ def test_the_share_bounds_all_row_rules_together(workdir, params):
     (workdir / "conv.jsonl").write_text("last good\n")
     p = with_overrides(params, **{"validate.max_bad_row_share": 0.02, "validate.max_duplicate_share": 0.05})
     with pytest.raises(ValidationFailed) as err:
-        validate(
-            p,
-            raw_rows=workdir / "rows.jsonl",
-            out_conversations=workdir / "conv.jsonl",
-            report_dir=workdir / "report",
-            metrics_path=workdir / "m.json",
-            histogram_path=workdir / "h.png",
-        )
+        _validate(p, workdir)
     assert "- row_rules_together:" in str(err.value) and "rows [10, 11, 12]" in str(err.value)
     result = read_json(workdir / "report" / "result.json")
     each = {r["rule"]: r for r in result["rules"]}
@@ -77,14 +75,7 @@ def test_rows_too_long_for_a_tiny_bases_tokenizer_say_the_tokenizer_may_be_the_c
     write_jsonl(workdir / "rows.jsonl", read_jsonl(ROOT / paths.SAMPLE_DATA))
     p = with_overrides(params, **{"model.max_length": 64})
     with pytest.raises(ValidationFailed) as err:
-        validate(
-            p,
-            raw_rows=workdir / "rows.jsonl",
-            out_conversations=workdir / "conv.jsonl",
-            report_dir=workdir / "report",
-            metrics_path=workdir / "m.json",
-            histogram_path=workdir / "h.png",
-        )
+        _validate(p, workdir)
     assert "within_max_length" in str(err.value)
     assert "tiny-llama's tokenizer was learned from the 64-row sample" in str(err.value)
     assert "point model.tokenizer at the real base's tokenizer" in str(err.value)
@@ -97,13 +88,6 @@ def test_the_cpu_default_accepts_the_real_rows_its_sample_stands_for(workdir, pa
 
     raw = needs_shared("guanaco-raw-1k") / "train.jsonl"
     write_jsonl(workdir / "rows.jsonl", read_jsonl(raw)[:200])
-    summary = validate(
-        params,
-        raw_rows=workdir / "rows.jsonl",
-        out_conversations=workdir / "conv.jsonl",
-        report_dir=workdir / "report",
-        metrics_path=workdir / "m.json",
-        histogram_path=workdir / "h.png",
-    )
+    summary = _validate(params, workdir)
     assert summary["success"] and summary["rows"] == 200
     assert summary["share_over_max_length"] < 0.1

@@ -8,7 +8,6 @@ sample (like Llama-2's own tokenizer.model) and a 2-layer Llama with seeded rand
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -52,32 +51,10 @@ def tiny_fingerprint() -> str:
 
 def build_tiny_base(out_dir: Path = paths.TINY_BASE_DIR) -> Path:
     """Build the tiny Llama (tokenizer + random weights) into `out_dir`, atomically."""
-    import sentencepiece as spm
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     with staged_dir(out_dir) as tmp:
-        model_proto = io.BytesIO()
-        # One thread and a fixed seed so two machines build the same tokenizer.
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_sample_corpus()),
-            model_writer=model_proto,
-            model_type="bpe",
-            vocab_size=TINY_VOCAB,
-            byte_fallback=True,
-            character_coverage=1.0,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            hard_vocab_limit=False,
-            num_threads=1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            max_sentence_length=1 << 16,
-            minloglevel=2,
-        )
-        (tmp / "tokenizer.model").write_bytes(model_proto.getvalue())
+        (tmp / "tokenizer.model").write_bytes(tiny_families.sentencepiece_bpe(_sample_corpus(), TINY_VOCAB))
         tok = LlamaTokenizer.from_pretrained(tmp)
         tok.chat_template = LLAMA2_JINJA
         tok.save_pretrained(tmp)

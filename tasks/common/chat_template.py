@@ -16,7 +16,7 @@ Jinja of llama3 and chatml equal to the originals that trl keeps of Meta's and Q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tasks.common.conversation import USER, Conversation, Rendered
 from tasks.common.errors import PipelineError
@@ -186,6 +186,7 @@ class Mistral(ChatTemplate):
         return f"<s>[INST] {sys_block}{user}[/INST]"
 
 
+@dataclass(frozen=True)
 class FromTokenizer(ChatTemplate):
     """The base tokenizer's own Jinja template. Its turns are found from the rendering itself: the first k messages
     rendered with the generation prompt must be a prefix of the first k+1 rendered, and each of those a prefix of
@@ -193,7 +194,7 @@ class FromTokenizer(ChatTemplate):
     that rewrites earlier turns as the conversation grows (one that drops past reasoning, say) cannot be split so,
     and stops with an error naming it."""
 
-    tokenizer: object = None
+    tokenizer: object = field(default=None, compare=False, repr=False)  # the base's, whose Jinja this renders
 
     def _apply(self, messages: list[dict], generation: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
@@ -307,8 +308,7 @@ def _from_tokenizer(tokenizer) -> ChatTemplate:
             "special token: the end of a turn cannot be trained or stopped at. Choose a built-in format.template."
         )
     used = tuple(t for t in specials if t and t in answer)
-    template = FromTokenizer(f"tokenizer:{name}", jinja, end_of_turn=end, special_tokens=used, markers=used)
-    object.__setattr__(template, "tokenizer", tokenizer)
+    template = FromTokenizer(f"tokenizer:{name}", jinja, end, used, used, tokenizer=tokenizer)
     template.render(Conversation(turns=((USER, "q"), ("assistant", "a"), (USER, "q2"), ("assistant", "a2"))))
     return template
 

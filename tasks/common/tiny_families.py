@@ -122,16 +122,17 @@ def _bytelevel_tokenizer(family: Family):
     )
 
 
-def _sentencepiece_tokenizer(family: Family, tmp: Path):
+def sentencepiece_bpe(corpus: list[str], vocab: int, symbols: tuple[str, ...] = ()) -> bytes:
+    """A SentencePiece BPE model learned from `corpus`, as Llama's tokenizer.model is made (byte fallback, digits
+    split, <unk>/<s>/</s> = 0/1/2); `symbols` become single pieces. One thread: every machine builds the same."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(  # as tiny-llama's (base_model.py): one thread, so every machine builds the same
-        sentence_iterator=iter(_corpus(family)),
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus),
         model_writer=proto,
         model_type="bpe",
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         byte_fallback=True,
         character_coverage=1.0,
         split_digits=True,
@@ -139,7 +140,7 @@ def _sentencepiece_tokenizer(family: Family, tmp: Path):
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        user_defined_symbols=[t for t in family.special if t not in ("<unk>", "<s>", "</s>")],
+        **({"user_defined_symbols": list(symbols)} if symbols else {}),
         hard_vocab_limit=False,
         num_threads=1,
         normalization_rule_name="identity",
@@ -147,7 +148,14 @@ def _sentencepiece_tokenizer(family: Family, tmp: Path):
         max_sentence_length=1 << 16,
         minloglevel=2,
     )
-    (tmp / "tokenizer.model").write_bytes(proto.getvalue())
+    return proto.getvalue()
+
+
+def _sentencepiece_tokenizer(family: Family, tmp: Path):
+    from transformers import LlamaTokenizer
+
+    symbols = tuple(t for t in family.special if t not in ("<unk>", "<s>", "</s>"))
+    (tmp / "tokenizer.model").write_bytes(sentencepiece_bpe(_corpus(family), VOCAB, symbols))
     tok = LlamaTokenizer.from_pretrained(tmp)
     tok.add_special_tokens({"additional_special_tokens": [t for t in family.special if t.startswith("[")]})
     tok.pad_token = family.pad
