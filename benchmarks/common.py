@@ -18,8 +18,6 @@ from tasks.common.config import Params, with_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench" / "recipe"
-H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM dense bf16 peak
-LLAMA2_7B_PARAMS = 6.74e9
 
 
 def bench_params(bench: Path, model_dir: Path | None, overrides: list[str] = ()) -> Params:
@@ -41,6 +39,19 @@ def workspace(bench: Path, work: Path, params: Params) -> Path:
     return work
 
 
+def model_mfu(model_dir: Path, tokens_per_second: float | None) -> dict:
+    """The train stage's MFU (tasks/train/mfu.py) of a run on the model in `model_dir` on this GPU: one formula for
+    ours and the references."""
+    import torch
+    from transformers import AutoConfig
+
+    from tasks.train.memory import ModelShape
+    from tasks.train.mfu import mfu
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return mfu(tokens_per_second, ModelShape.from_config(AutoConfig.from_pretrained(model_dir)), device)
+
+
 def save(out: Path, data: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
@@ -57,6 +68,6 @@ def bench_arguments(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--bench", type=Path, default=BENCH)
-    ap.add_argument("--shape", default="llama2-7b", choices=SHAPES, help="llama2-7b, or smoke for a CPU check")
+    ap.add_argument("--shape", default="llama2-7b", choices=SHAPES, help="the base's shape (smoke: a CPU check)")
     ap.add_argument("-S", dest="overrides", action="append", default=[], help="param override, key=value")
     return ap

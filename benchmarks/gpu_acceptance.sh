@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The real recipe on a GPU machine, through the product's own doors, from a fresh clone (issue 10):
 #   setup   git clone of the carried bundle; the README's install (make install TORCH=skip) against a local
-#           wheelhouse; a Llama-2-7B-shaped base with random weights and the real Llama-2 tokenizer
-#   accept  dvc exp run -S preset=llama2_7b_guanaco (local guanaco-llama2-1k, the random 7B as model.base):
-#           all six stages; then the audit; then one run of the Prefect flow against a local prefect server
+#           wheelhouse; a base of SHAPE (default llama2-7b; llama3-8b, qwen2.5-7b, mistral-7b) with random weights
+#           and the real Llama-2 tokenizer, or the family's stand-in tokenizer (benchmarks/build_random_base.py)
+#   accept  dvc exp run -S preset=$PRESET (default llama2_7b_guanaco; local guanaco-llama2-1k, the random base as
+#           model.base): all six stages; then the audit; then (unless FLOW=0) one run of the Prefect flow against a
+#           local prefect server
+#   base    only the random base of SHAPE (setup builds it too)
 #   layouts the memory planner's layouts timed against recomputation pinned on (benchmarks/train_throughput.py);
 #           LAYOUTS picks the configurations (e.g. plain_trl,ours_same,ours_16gib), REPEATS the turns; RESUME=1
 #           keeps the runs already in $OUT/$RESULT.json and runs the missing turns (one schedule over two commands)
@@ -22,7 +25,9 @@
 set -euo pipefail
 KIT=$(realpath "${GPU_KIT:-.gpu}")
 CLONE=${CLONE:-/tmp/guanaco-clone}
-MODEL=${MODEL:-/tmp/llama-2-7b-random}
+SHAPE=${SHAPE:-llama2-7b}
+MODEL=${MODEL:-/tmp/random-$SHAPE}
+PRESET=${PRESET:-llama2_7b_guanaco}
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 if [ -d "$KIT/wheels" ]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS="$KIT/wheels"; fi  # offline: the wheelhouse only
@@ -45,8 +50,14 @@ setup() {
 print("venv torch", torch.__version__, "from", torch.__file__)
 print(", ".join(f"{p} {md.version(p)}" for p in ("transformers", "trl", "peft", "bitsandbytes", "prefect", "dvc", "great_expectations")))
 if torch.version.cuda: print("liger-kernel", md.version("liger-kernel"))'
+  base
+}
+
+base() {
+  cd "$CLONE"
   if [ ! -f "$MODEL/config.json" ]; then
-    .venv/bin/python -m benchmarks.build_random_llama --out "$MODEL" --tokenizer "$KIT/tokenizer" --shape "${SHAPE:-llama2-7b}"
+    .venv/bin/python -m benchmarks.build_random_base --out "$MODEL" --shape "$SHAPE" --tokenizer "$KIT/tokenizer" \
+      --data "$KIT/data/train.parquet"
   fi
 }
 
@@ -54,10 +65,12 @@ accept() {
   cd "$CLONE"
   . .venv/bin/activate
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU"
-  { time dvc exp run -S preset=llama2_7b_guanaco -S download.source=local \
+  { time dvc exp run -S "preset=$PRESET" -S download.source=local \
       -S "download.path=$KIT/data/train.parquet" -S "model.base=$MODEL" ${EXTRA_S:-}; } 2>&1 | stamp | tee "$OUT/exp_run.log"
   dvc metrics show 2>&1 | tee "$OUT/metrics_show.txt"
   python -m tasks.publish.audit release 2>&1 | tee "$OUT/audit.txt"
+  cp reports/training.json "$OUT/training.json" 2>/dev/null || true
+  if [ "${FLOW:-1}" = 0 ]; then return; fi
   # The Prefect flow, as a scheduled run would start it, against a real local server: expected "up to date".
   prefect server start --host 127.0.0.1 --port 4200 > "$OUT/prefect_server.log" 2>&1 &
   server=$!

@@ -1,6 +1,6 @@
 """The real recipe's shape, end to end through the pipeline's own train and evaluate stages, on one GPU.
 
-Llama-2-7B-shaped base (random weights, benchmarks/build_random_llama.py), the real Llama-2 tokenizer,
+Llama-2-7B-shaped base (random weights, benchmarks/build_random_base.py), the real Llama-2 tokenizer,
 the guanaco-llama2-1k rows prepared by benchmarks/prepare_bench.py, preset llama2_7b_guanaco (4-bit
 NF4, LoRA r=64/alpha 16/dropout 0.1 on q,v, paged AdamW 32-bit, lr 2e-4, 1 epoch). Prints tokens/s,
 peak memory beside the planner's prediction, and wall time; any param can be overridden with -S key=value.
@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from benchmarks.build_random_llama import SHAPES, build
-from benchmarks.common import H100_BF16_DENSE_FLOPS, LLAMA2_7B_PARAMS, bench_arguments, bench_params, save, workspace
+from benchmarks.build_random_base import build_shape
+from benchmarks.common import bench_arguments, bench_params, model_mfu, save, workspace
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
     from tasks.train.stage import train
 
     params = bench_params(args.bench, args.model_dir, args.overrides)
-    build(args.model_dir, Path(params.model.tokenizer), SHAPES[args.shape])
+    build_shape(args.model_dir, args.shape, Path(params.model.tokenizer), None)
     os.chdir(workspace(args.bench, args.work.resolve(), params))
     times = {}
     start = time.perf_counter()
@@ -43,7 +43,7 @@ def main() -> None:
         "overrides": args.overrides,
         "stage_seconds": times,
         "train": train_metrics,
-        "mfu": round(tps * 4 * LLAMA2_7B_PARAMS / H100_BF16_DENSE_FLOPS, 4),
+        **model_mfu(args.model_dir, tps),
         "evaluate": eval_metrics,
     }
     save(args.out, result)

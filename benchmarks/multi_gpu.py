@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.build_random_llama import SHAPES, build
+from benchmarks.build_random_base import build_shape
 from benchmarks.common import ROOT, bench_arguments, bench_params, save, workspace
 
 # name: (mode, processes, global batch in units of the recipe's batch). Most keep each GPU's micro-batch at the
@@ -130,7 +130,7 @@ def main() -> None:
     import torch
 
     recipe = bench_params(args.bench, args.model_dir, args.overrides)
-    build(args.model_dir, Path(recipe.model.tokenizer), SHAPES[args.shape])
+    build_shape(args.model_dir, args.shape, Path(recipe.model.tokenizer), None)
     result = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "gpus": torch.cuda.device_count(),

@@ -257,10 +257,10 @@ def main() -> None:
     args.trace = args.trace.resolve() if args.trace else None
     if args.config == "plain_trl":
         raise SystemExit("profile_train profiles the stage's configurations; plain_trl is not the stage")
-    from benchmarks.build_random_llama import SHAPES, build
+    from benchmarks.build_random_base import build_shape
 
     if not (args.model_dir / "config.json").exists():
-        build(args.model_dir, Path(bench_params(args.bench, args.model_dir).model.tokenizer), SHAPES[args.shape])
+        build_shape(args.model_dir, args.shape, Path(bench_params(args.bench, args.model_dir).model.tokenizer), None)
     result = profile_config(args.config, args)
     print(json.dumps({k: v for k, v in result.items() if k != "top_kernels"}, indent=1))
     for k in result.get("top_kernels", [])[:15]:

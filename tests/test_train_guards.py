@@ -508,3 +508,14 @@ def test_the_planner_reads_each_familys_shape_from_its_config(params):
     one_matrix_gib = 152064 * 3584 * 4 / 2**30  # params' compute dtype is float32 on the CPU preset
     gap = estimate(untied, params).base_weights_gib - estimate(tied, params).base_weights_gib
     assert gap == pytest.approx(one_matrix_gib, abs=2e-3)
+
+
+def test_mfu_counts_four_times_the_matmul_weights_a_token_against_the_named_gpus_peak():
+    from tasks.train.mfu import flops_per_token, mfu
+
+    # Llama-2-7B: 6.61e9 matmul weights (32 layers of q/k/v/o and SwiGLU, the LM head; not the input embedding)
+    assert LLAMA_7B.matmul_params == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) + 32000 * 4096
+    assert flops_per_token(LLAMA_7B) == 4 * LLAMA_7B.matmul_params
+    at = mfu(10_000.0, LLAMA_7B, "NVIDIA H100 80GB HBM3")
+    assert at["peak_flops"] == 989e12 and at["mfu"] == round(10_000 * 4 * LLAMA_7B.matmul_params / 989e12, 4)
+    assert mfu(10_000.0, LLAMA_7B, "cpu")["mfu"] is None  # no peak known: no figure rather than a wrong one

@@ -97,13 +97,17 @@ def resolve(name: str) -> Path:
 
 
 def _corpus(family: Family) -> list[str]:
+    return rendered(family.template, read_jsonl(paths.SAMPLE_DATA))
+
+
+def rendered(template: str, rows) -> list[str]:
+    """Rows of any accepted form (tasks/common/conversation.py) rendered in built-in `template`."""
     from tasks.common.conversation import parse_row
 
-    template = BUILT_IN[family.template]
-    return [template.render(parse_row(r)).text for r in read_jsonl(paths.SAMPLE_DATA)]
+    return [BUILT_IN[template].render(parse_row(r)).text for r in rows]
 
 
-def _bytelevel_tokenizer(family: Family):
+def _bytelevel_tokenizer(family: Family, corpus: list[str], vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -111,12 +115,12 @@ def _bytelevel_tokenizer(family: Family):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         special_tokens=list(family.special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(family), trainer)
+    bpe.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad
     )
@@ -151,14 +155,28 @@ def sentencepiece_bpe(corpus: list[str], vocab: int, symbols: tuple[str, ...] = 
     return proto.getvalue()
 
 
-def _sentencepiece_tokenizer(family: Family, tmp: Path):
+def _sentencepiece_tokenizer(family: Family, tmp: Path, corpus: list[str], vocab: int):
     from transformers import LlamaTokenizer
 
     symbols = tuple(t for t in family.special if t not in ("<unk>", "<s>", "</s>"))
-    (tmp / "tokenizer.model").write_bytes(sentencepiece_bpe(_corpus(family), VOCAB, symbols))
+    (tmp / "tokenizer.model").write_bytes(sentencepiece_bpe(corpus, vocab, symbols))
     tok = LlamaTokenizer.from_pretrained(tmp)
     tok.add_special_tokens({"additional_special_tokens": [t for t in family.special if t.startswith("[")]})
     tok.pad_token = family.pad
+    return tok
+
+
+def family_tokenizer(name: str, folder: Path, corpus: list[str], vocab: int):
+    """A tokenizer of family `name` learned from `corpus` (texts rendered in the family's template) with `vocab`
+    pieces plus the family's special tokens and chat template, saved into `folder`. Also what the GPU benchmarks give
+    a random-weight base of a real shape (benchmarks/build_random_base.py), learned there from the 1k real rows."""
+    family = FAMILIES[name]
+    if family.tokenizer == "bytelevel":
+        tok = _bytelevel_tokenizer(family, corpus, vocab)
+    else:
+        tok = _sentencepiece_tokenizer(family, folder, corpus, vocab)
+    tok.chat_template = BUILT_IN[family.template].jinja
+    tok.save_pretrained(folder)
     return tok
 
 
@@ -168,12 +186,7 @@ def build(name: str, out: Path) -> Path:
 
     family = FAMILIES[name]
     with staged_dir(out) as tmp:
-        if family.tokenizer == "bytelevel":
-            tok = _bytelevel_tokenizer(family)
-        else:
-            tok = _sentencepiece_tokenizer(family, tmp)
-        tok.chat_template = BUILT_IN[family.template].jinja
-        tok.save_pretrained(tmp)
+        tok = family_tokenizer(name, tmp, _corpus(family), VOCAB)
         ids = {k: tok.convert_tokens_to_ids(t) for k, t in (("bos", family.bos), ("eos", family.eos)) if t}
         config = AutoConfig.for_model(
             family.architecture,

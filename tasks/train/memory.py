@@ -75,6 +75,12 @@ class ModelShape:
             bool(getattr(cfg, "tie_word_embeddings", False)),
         )
 
+    @property
+    def matmul_params(self) -> int:
+        """Weights the model multiplies by, per token: every decoder projection and the LM head (not the input
+        embedding, a lookup). What MFU counts (tasks/train/mfu.py)."""
+        return sum(a * b for a, b in self.module_shapes().values()) * self.layers + self.vocab * self.hidden
+
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         h, i = self.hidden, self.intermediate
         kv = h * self.kv_heads // self.heads

@@ -48,6 +48,7 @@ from tasks.train.memory import (
     use_expandable_segments,
     visible_gpu_gib,
 )
+from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
 
 log = logging.getLogger(__name__)
@@ -383,17 +384,22 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
     if est.recompute_thresholds:  # the longest micro-batch seen may have needed fewer
         recomputed_at_max = layers_to_recompute(est.recompute_thresholds, meter.max_tokens)
     mean_recomputed = run.recompute.mean_recomputed() if run.recompute else None
+    tokens_per_second = round(meter.tokens_this_run(state) / wall, 1)
+    steady = meter.steady_tokens_per_second()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {
         "train_loss": round(float(train_loss), 6),
         "steps": state.global_step,
         "epochs": round(float(state.epoch or 0), 3),
         "train_rows": rows,
         "tokens_seen": int(state.num_input_tokens_seen),
-        "tokens_per_second": round(meter.tokens_this_run(state) / wall, 1),
-        "steady_tokens_per_second": meter.steady_tokens_per_second(),
+        "tokens_per_second": tokens_per_second,
+        "steady_tokens_per_second": steady,
+        # per GPU: the steady rate (the whole job's) over the processes
+        **mfu((steady or tokens_per_second) / args.world_size, run.shape, device),
         "wall_seconds": round(wall, 2),
         "resumed": run.resume,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "device": device,
         "peak_memory_gib": _round(meter.peak_allocated),
         "peak_reserved_gib": _round(meter.peak_reserved),
         "predicted_peak_gib": est.peak_gib,  # worst case (every row max_length), what the budget is checked against
