@@ -97,3 +97,20 @@ def test_compiled_layers_trace_the_kernel_lookup_without_warnings():
         warnings.simplefilter("always")
         assert scaled(torch.ones(2)).tolist() in ([2.0, 2.0], [3.0, 3.0])
     assert not [w for w in caught if "Dynamo detected" in str(w.message)]
+
+
+def test_repeated_kv_heads_give_grouped_query_attention():
+    """What the CUDA path does for Llama-3/Qwen/Mistral where PyTorch's varlen kernel lacks GQA: repeated k/v heads
+    give exactly SDPA's own grouped-query attention."""
+    import torch.nn.functional as F
+
+    from tasks.train.attention import repeat_kv_heads
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(7, 8, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16)  # (tokens, heads, dim)
+    k2, v2 = repeat_kv_heads(q, k, v)
+    assert k2.shape == q.shape and v2.shape == q.shape
+    as_sdpa = lambda *t: [x.transpose(0, 1) for x in t]  # noqa: E731
+    grouped = F.scaled_dot_product_attention(*as_sdpa(q, k, v), is_causal=True, enable_gqa=True)
+    repeated = F.scaled_dot_product_attention(*as_sdpa(q, k2, v2), is_causal=True)
+    torch.testing.assert_close(repeated, grouped)

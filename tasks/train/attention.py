@@ -44,6 +44,13 @@ def varlen_attention_forward(
     cu_seq = cu_seq.to(device=query.device, dtype=torch.int32)
     gqa = k.shape[1] != q.shape[1]
     if query.is_cuda:
+        if gqa and "enable_gqa" not in _varlen_params():
+            # Grouped-query bases (Llama-3, Qwen2.5, Mistral v0.3): PyTorch 2.11's varlen kernel takes as many k/v
+            # heads as query heads, so each k/v head is repeated for its group, as transformers' repeat_kv does for
+            # SDPA (query head i reads k/v head i // group). The kept k/v then have a Llama-2-like full size, which
+            # is what the memory planner's activation fit assumes.
+            k, v = repeat_kv_heads(q, k, v)
+            gqa = False
         longest = int(kwargs.get("max_length_q") or int(cu_seq.diff().max()))
         out = _varlen_kernel()(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, **_causal_kwargs(gqa))
     else:
@@ -57,6 +64,12 @@ def varlen_attention_forward(
             ]
         )
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as the stock implementations return
+
+
+def repeat_kv_heads(q, k, v):
+    """k and v, in the varlen layout (tokens, heads, dim), with each head repeated for its group of query heads."""
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 # PyTorch's varlen kernel and its parameter names, resolved once. A plain global, not functools.cache: the forward
@@ -85,9 +98,7 @@ def _causal_kwargs(gqa: bool) -> dict:
     """Causal masking is `window_size=(-1, 0)` in newer PyTorch, `is_causal=True` in the first releases of the API."""
     params = _varlen_params()
     kwargs = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if gqa:
-        if "enable_gqa" not in params:
-            raise NotImplementedError("this PyTorch's varlen attention has no grouped-query support")
+    if gqa:  # only asked for where the kernel takes it (varlen_attention_forward repeats k/v otherwise)
         kwargs["enable_gqa"] = True
     return kwargs
 
