@@ -519,3 +519,12 @@ def test_mfu_counts_four_times_the_matmul_weights_a_token_against_the_named_gpus
     at = mfu(10_000.0, LLAMA_7B, "NVIDIA H100 80GB HBM3")
     assert at["peak_flops"] == 989e12 and at["mfu"] == round(10_000 * 4 * LLAMA_7B.matmul_params / 989e12, 4)
     assert mfu(10_000.0, LLAMA_7B, "cpu")["mfu"] is None  # no peak known: no figure rather than a wrong one
+
+
+def test_liger_on_an_architecture_it_does_not_patch_is_refused_with_the_setting():
+    from tasks.train.preflight import liger_architecture_problem
+
+    patched = frozenset({"llama", "qwen2", "mistral"})  # Liger 0.8's table includes these three families
+    assert all(liger_architecture_problem(t, patched) is None for t in ("llama", "qwen2", "mistral"))
+    problem = liger_architecture_problem("gpt_neox", patched)
+    assert "gpt_neox" in problem and "train.liger_kernels=false" in problem

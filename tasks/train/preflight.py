@@ -11,6 +11,7 @@ import importlib
 
 import torch
 
+from tasks.common.base_model import load_config
 from tasks.common.config import Params
 from tasks.common.errors import PipelineError
 from tasks.train import attention as attention_impl
@@ -72,6 +73,28 @@ def package_problems(params: Params, on_gpu: bool | None = None) -> list[str]:
     return problems
 
 
+def liger_architecture_problem(model_type: str, patched: set[str] | frozenset[str]) -> str | None:
+    """Liger patches a fixed list of architectures (Llama, Qwen2, Mistral and others); on any other base trl would
+    train without its kernels, silently, and the memory planner would count on Liger's smaller SwiGLU activations."""
+    if model_type in patched:
+        return None
+    return (
+        f"train.liger_kernels: Liger has no kernels for this base's architecture ({model_type}); set "
+        "train.liger_kernels=false"
+    )
+
+
+def _liger_problems(params: Params) -> list[str]:
+    if not (params.train.liger_kernels and torch.cuda.is_available()):
+        return []  # on the CPU hardware_problems refuses the setting outright
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return []  # package_problems says how to install it
+    problem = liger_architecture_problem(load_config(params.model).model_type, frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN))
+    return [problem] if problem else []
+
+
 def hardware_problems(params: Params) -> list[str]:
     t, cuda = params.train, torch.cuda.is_available()
     problems = []
@@ -124,5 +147,7 @@ def hardware_problems(params: Params) -> list[str]:
 def preflight(params: Params) -> None:
     """Raise one PipelineError listing every problem, before anything is loaded."""
     problems = package_problems(params) + hardware_problems(params)
+    if not problems:  # the base's config is read only once its packages and hardware are known good
+        problems = _liger_problems(params)
     if problems:
         raise PipelineError("this configuration cannot run here: " + "; ".join(problems) + ".")
