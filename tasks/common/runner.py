@@ -1,5 +1,6 @@
-"""The stage runner every `python -m tasks.<stage>` goes through: logging, SIGTERM as Ctrl-C, the workspace lock,
-and a user-fixable error (tasks/common/errors.py) printed as one paragraph instead of a traceback."""
+"""The stage runner every `python -m tasks.<stage>` goes through: logging, SIGTERM as Ctrl-C, the workspace lock, the
+sweep of what a killed run left, and a user-fixable error (tasks/common/errors.py) printed as one paragraph instead of
+a traceback."""
 
 from __future__ import annotations
 
