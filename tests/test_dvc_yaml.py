@@ -84,6 +84,19 @@ def test_every_output_persists_and_matches_tasks_paths():
         assert str(expected) in declared, expected
 
 
+def test_every_output_is_swept_of_what_a_killed_run_left():
+    """The next stage removes a killed run's temporary names beside (or inside) paths.WRITTEN: every output is one
+    of them or inside one."""
+    from pathlib import PurePosixPath
+
+    written = [PurePosixPath(p) for p in paths.WRITTEN]
+    for stage in _stages().values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind, []):
+                ((path, _),) = entry.items()
+                assert any(PurePosixPath(path).is_relative_to(w) for w in written), path
+
+
 def test_the_metrics_table_fits_80_columns_with_a_gpu_runs_widest_figures(tmp_path):
     """`dvc metrics show` prints every stage's headline row in one table: with a GPU run's extra column (peak
     memory) and the widest figures a run gives (ten million rows excluded, five-digit losses and tokens/s), it

@@ -90,3 +90,38 @@ def test_sigterm_in_download_leaves_no_temp_file_and_the_last_good_outputs(workd
     assert proc.returncode == 143, err
     assert "[download] interrupted: no output is half-written" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in raw.iterdir()} == good  # no temp file, the last good outputs intact
+
+
+def test_the_next_stage_removes_what_a_killed_run_left_and_puts_back_a_folder_moved_aside(workdir):
+    """SIGKILL runs no clean-up: the killed stage's temporary names stay beside (or inside) the outputs, hidden from
+    DVC (.dvcignore), which may never run that stage again. The next stage to start, holding the workspace lock,
+    removes them before anything else, whichever stage it is; a folder killed between staged_dir's two renames gets
+    its last good copy back. Names that are not the pipeline's stay."""
+    hexa = "0123456789abcdef"
+    (workdir / ".dvc" / "tmp").mkdir(parents=True)
+    files = [  # (a killed run's leftover, a file in it when it is a folder)
+        (f"data/raw/.rows.jsonl.{hexa}.tmp", None),
+        (f"data/validated/..conversations.jsonl.candidates.{hexa}.tmp", None),
+        ("data/validated/.conversations.jsonl.candidates", None),
+        (f"data/.formatted.{hexa}.tmp", "train.jsonl"),
+        (f"artifacts/checkpoints/.run.json.{hexa}.tmp", None),
+        (f".release.{hexa}.tmp", "lineage.json"),
+        (".release.old", "lineage.json"),  # beside a release in place: stale
+        (f"models/.tiny-llama.{hexa}.tmp", "config.json"),
+        (f".dvc/tmp/.pipeline-run.json.{hexa}.tmp", None),
+        ("artifacts/.adapter.old", "adapter_config.json"),  # the adapter itself is missing: its last good copy
+    ]
+    kept = ["release/lineage.json", "data/.notes.tmp", f".scratch.{hexa}.tmp", "data/raw/rows.jsonl"]
+    for rel in [f"{left}/{inside}" if inside else left for left, inside in files] + kept:
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text(rel)
+
+    proc = _stage("format", workdir, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err  # nothing to format: it stops, after the sweep
+    assert "removed what a killed run left unfinished" in err
+    assert [left for left, _ in files if (workdir / left).exists()] == []
+    restored = workdir / "artifacts" / "adapter" / "adapter_config.json"
+    assert restored.read_text() == "artifacts/.adapter.old/adapter_config.json"  # the last good copy, back
+    for rel in kept:
+        assert (workdir / rel).read_text() == rel

@@ -256,3 +256,20 @@ with rwlock('.dvc/tmp', localfs, 'dvc repro (pin)', [], [os.path.abspath('data/r
     print('repo lock released', flush=True)
     time.sleep(600)
 """
+
+
+def test_a_dvc_lock_table_cut_short_by_a_kill_stops_a_flow_with_what_to_do_and_holds_nothing(tmp_path):
+    """DVC rewrites its per-file lock table in place: a dvc command killed in that instant leaves a prefix of the
+    JSON, and every dvc command then refuses. A flow starting on it stopped with a traceback, and kept the workspace
+    lock while its process lived; now it says which file to delete and when, and holds nothing."""
+    from tasks.common.errors import PipelineError
+
+    (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    (tmp_path / run_lock.DVC_RWLOCK_GUARD).write_text("")
+    (tmp_path / run_lock.DVC_RWLOCK).write_text('{"write": {"/w/data/raw": {"pid": 12')  # as json.dump left it
+    with pytest.raises(PipelineError) as refused:
+        run_lock.hold_for_flow(tmp_path, "flow-1")
+    assert str(run_lock.DVC_RWLOCK) in str(refused.value) and "changed nothing" in str(refused.value)
+    assert not run_lock._taken(tmp_path / run_lock.LOCK_FILE)
+    (tmp_path / run_lock.DVC_RWLOCK).unlink()
+    run_lock.hold_for_flow(tmp_path, "flow-2").release()

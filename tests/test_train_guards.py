@@ -17,6 +17,7 @@ from transformers import LlamaConfig
 
 from benchmarks.model_shapes import LLAMA2_7B_CHAT
 from tasks.common import paths
+from tasks.common.artifacts import sha256_file
 from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
 from tasks.train.checkpoints import COMPLETE
@@ -249,6 +250,9 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
 
     _run(killed, "train")
     _run(killed, "evaluate")
+    # the very adapter of the uninterrupted run: resumed in the dtype it trains in (bf16 under QLoRA), not PEFT's fp32
+    weights = [sha256_file(root / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS) for root in (straight, killed)]
+    assert weights[0] == weights[1]
     resumed = json.loads((killed / paths.TRAINING).read_text())
     straight_steps = json.loads((straight / paths.TRAINING).read_text())["steps"]
     assert resumed["resumed"] is True and resumed["steps"] == straight_steps
@@ -258,6 +262,34 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
     # the recorded (and published) train loss is the whole run's, not only the steps after the resume
     whole = json.loads((straight / paths.TRAINING).read_text())["train_loss"]
     assert resumed["train_loss"] == pytest.approx(whole, abs=2e-3), (resumed["train_loss"], whole)
+
+
+def test_the_live_plots_resume_as_of_the_checkpoint(tmp_path):
+    """A run killed between checkpoints had logged past the last one, and dvclive resumes by appending: those rows
+    went into the plots twice. The resume keeps the rows up to the checkpoint's step, drops a row the kill cut short,
+    and removes a summary file dvclive could not read back (a kill while dvclive rewrote it)."""
+    from tasks.train.checkpoints import FINGERPRINT, resumable_checkpoint
+
+    live = tmp_path / "dvclive"
+    (live / "plots" / "metrics" / "train").mkdir(parents=True)
+    loss = live / "plots" / "metrics" / "loss.tsv"
+    loss.write_text("step\tloss\n2\t6.9\n4\t6.8\n6\t6.7\n8\t6.")
+    runtime = live / "plots" / "metrics" / "train" / "runtime.tsv"
+    runtime.write_text("step\truntime\n2\t1.5\n")
+    (live / "plots" / "metrics" / "epoch.tsv").write_text("ste")  # cut short at its header
+    (live / "metrics.json").write_text('{"loss": 6.8, "st')
+    (live / "params.yaml").write_text("lr: 0.002\n")
+    (tmp_path / FINGERPRINT).write_text(json.dumps({"fingerprint": "f"}))
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / COMPLETE).write_text("{}")
+    (tmp_path / "checkpoint-6").mkdir()  # no marker: cut short, removed
+
+    assert resumable_checkpoint(tmp_path, "f")
+    assert loss.read_text() == "step\tloss\n2\t6.9\n4\t6.8\n"
+    assert runtime.read_text() == "step\truntime\n2\t1.5\n"
+    assert sorted(p.name for p in live.rglob("*") if p.is_file()) == ["loss.tsv", "params.yaml", "runtime.tsv"]
 
 
 def test_whole_run_loss_joins_the_logged_steps_before_a_resume():

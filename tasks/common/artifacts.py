@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator
@@ -212,6 +213,42 @@ def staged_dir(final: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What a stage killed mid-write (SIGKILL: no clean-up runs) leaves: a temporary file or folder of _tmp_name, the last
+# good folder staged_dir had moved aside, validate's candidates file. .dvcignore hides the same names from DVC.
+_TMP = r"[0-9a-f]{16}\.tmp"
+_LEFTOVER_INSIDE = re.compile(rf"\..+\.(?:{_TMP}|old|candidates)")
+
+
+def sweep_leftovers(outputs: Iterable[Path | str]) -> list[Path]:
+    """Remove what killed runs left beside `outputs` (and inside those that are folders); return what was removed.
+
+    Only for a caller that knows no writer of these outputs is alive (the workspace lock: tasks/common/runner.py):
+    a live writer's temporary file has the same name. An output missing beside its `.old` copy was cut between
+    staged_dir's two renames: the last good copy is put back, never the unfinished new one."""
+    removed = []
+    for out in map(Path, outputs):
+        old = out.with_name(f".{out.name}.old")
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        beside = re.compile(rf"\.{re.escape(out.name)}\.(?:{_TMP}|old)")
+        found = [p for p in _entries(out.parent) if beside.fullmatch(p.name)]
+        found += [p for p in _entries(out) if _LEFTOVER_INSIDE.fullmatch(p.name)] if out.is_dir() else []
+        for p in found:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:

@@ -49,3 +49,28 @@ TINY_BASE_DIR = MODELS_DIR / "tiny-llama"  # built locally on first use (see tas
 SAMPLE_DATA = Path("data/sample/guanaco_sample.jsonl")
 
 LOG_DIR = Path("logs")  # each stage's whole log, library messages included (common/stage_log.py); git-ignored
+
+# Everything a stage writes through tasks/common/artifacts.py: dvc.yaml's outputs (tests/test_dvc_yaml.py), the
+# checkpoints, the tiny bases, the signing key. A stage killed mid-write leaves its temporary names beside (or
+# inside) these, never in their place; the next stage to start removes them (tasks/common/runner.py).
+WRITTEN = (
+    RAW_DIR,
+    VALIDATED_DIR,
+    VALIDATION_REPORT_DIR,
+    VALIDATION_METRICS,
+    LENGTH_HISTOGRAM,
+    FORMATTED_DIR,
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    TRAIN_METRICS,
+    TRAINING,
+    DVCLIVE_DIR,
+    LOSS_CURVE,
+    EVAL_METRICS,
+    EVALUATION,
+    GENERATIONS,
+    EVAL_RUN,
+    RELEASE_DIR,
+    MODELS_DIR,
+    SIGNING_KEY,
+)

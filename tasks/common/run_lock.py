@@ -142,6 +142,13 @@ def _dvc_at_work(root: Path) -> tuple[str, str] | None:
     try:
         fcntl.flock(guard, fcntl.LOCK_SH)  # DVC rewrites the table in place under this lock: read it whole
         table = json.loads((root / DVC_RWLOCK).read_text()) if (root / DVC_RWLOCK).exists() else {}
+    except ValueError:  # whole under the lock, yet unreadable: its writer was killed mid-write (a traceback, before)
+        raise PipelineError(
+            f"DVC's lock table {DVC_RWLOCK} in {root} is cut short: a dvc command was killed while it rewrote it "
+            "(DVC writes it in place), and every dvc command refuses to run until it is gone. This run changed "
+            f"nothing. If no dvc command is running in this workspace, delete {DVC_RWLOCK} (it lists only the files "
+            "of running dvc commands) and run again."
+        ) from None
     finally:
         os.close(guard)
     entries = [*table.get("write", {}).values(), *(e for es in table.get("read", {}).values() for e in es)]
@@ -164,7 +171,11 @@ def _acquire(root: Path, command: str, dvc_idle: bool = False) -> RunLock:
                 who.get("command", "holder unknown"),
             )
         ) from None
-    dvc = _dvc_at_work(root) if dvc_idle else None
+    try:
+        dvc = _dvc_at_work(root) if dvc_idle else None
+    except PipelineError:
+        os.close(fd)
+        raise
     if dvc:
         os.close(fd)
         raise RunInProgress(refusal(root, f"pid {dvc[0]}", dvc[1]))

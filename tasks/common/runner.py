@@ -1,15 +1,19 @@
-"""The stage runner every `python -m tasks.<stage>` goes through: logging, SIGTERM as Ctrl-C, the workspace lock,
-and a user-fixable error (tasks/common/errors.py) printed as one paragraph instead of a traceback."""
+"""The stage runner every `python -m tasks.<stage>` goes through: logging, SIGTERM as Ctrl-C, the workspace lock, the
+sweep of what a killed run left, and a user-fixable error (tasks/common/errors.py) printed as one paragraph instead of
+a traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from tasks.common import run_lock, stage_log
-from tasks.common.artifacts import chain, no_space
+from tasks.common import paths, run_lock, stage_log
+from tasks.common.artifacts import chain, no_space, sweep_leftovers
 from tasks.common.errors import PipelineError
 
 
@@ -20,6 +24,21 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame) -> None:
     raise Terminated()
+
+
+def _sweep_killed_runs() -> None:
+    """A SIGKILL (the OOM killer, a machine going down, a scheduler's hard stop) ends a stage before any clean-up:
+    its temporary files and folders stay beside the outputs, never in their place, and DVC, which does not see them
+    (.dvcignore), may never run that stage again. Every stage removes them before it writes anything: the workspace
+    lock, held now by this run, proves no writer of them is alive. Not in a folder without DVC, where no lock keeps
+    two runs apart, nor in the workers a multi-process train launches (its launcher swept before starting them)."""
+    if not Path(".dvc").is_dir() or "LOCAL_RANK" in os.environ:
+        return
+    removed = sweep_leftovers([*paths.WRITTEN, run_lock.HOLDER_FILE])
+    if removed:
+        logging.getLogger(__name__).info(
+            "removed what a killed run left unfinished: %s", ", ".join(str(p) for p in removed)
+        )
 
 
 def run_main(stage: str, fn: Callable[[], object]) -> None:
@@ -33,6 +52,7 @@ def run_main(stage: str, fn: Callable[[], object]) -> None:
     try:
         with run_lock.hold_for_stage(stage) or contextlib.nullcontext():
             library_lines = stage_log.open_file(stage)
+            _sweep_killed_runs()
             fn()
         stage_log.report(stage, library_lines)
     except PipelineError as e:

@@ -36,7 +36,12 @@ from tasks.common.lineage import hardware, library_versions
 from tasks.common.tokens import tokenize_rendered, truncate
 from tasks.train import attention as attention_impl
 from tasks.train import distributed
-from tasks.train.checkpoints import no_space_for_checkpoint, resumable_checkpoint, run_fingerprint
+from tasks.train.checkpoints import (
+    no_space_for_checkpoint,
+    resumable_checkpoint,
+    resume_in_training_dtype,
+    run_fingerprint,
+)
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -237,6 +242,7 @@ def build_trainer(
         callbacks=[meter, StopOnNonFiniteLoss(), MarkCompleteCheckpoints(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
+    resume_in_training_dtype(trainer)
     if params.train.dequantized_base:
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
     if params.train.compile:
