@@ -62,13 +62,17 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# The lint checks, then the whole test suite, slow end-to-end tests included (what CI runs).
+# The lint checks, then the whole test suite, slow end-to-end tests included (what CI runs), on TEST_WORKERS
+# pytest-xdist workers: most tests wait on subprocesses (dvc, stages, servers) that use one core each, so two
+# workers keep CI's two cores busy. A test file stays on one worker (--dist loadfile): its module-scoped servers
+# start once. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
 test: install lint
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
 # Everything but the slow end-to-end tests, for quick local iterations.
 test-fast: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q -ra -m "not slow" -n $(TEST_WORKERS) --dist loadfile
 
 # Refresh the lock on purpose: resolve pyproject.toml's ranges anew (uv, universal: every Python >= 3.11 and
 # platform), then run `make test` on it. Commit requirements/*.lock only after the suite passes.
