@@ -1,19 +1,24 @@
 """Data-stage speed and memory at scale: download -> validate -> format against the tokenizer floor.
 
-The rows are the 1k real guanaco rows (raw guanaco form) repeated and perturbed (a variant tag in the first human
-turn, alternate rows with Windows newlines and stray spaces), so the suite sees no mass duplication. For each size
-in --rows, in a scratch project with the recipe's params (max_length 1024, truncate) and the real Llama-2
+The rows (--rows-kind diverse, the default) are all different: the sentences of the 1k real guanaco rows (raw
+guanaco form), each role's apart, redrawn into new conversations of as many turns as a real row drawn at random, each
+turn as many sentences as the real turn it stands for, so turn counts and lengths follow the real rows' while no two
+rows repeat (a seeded draw: every run writes the same rows). --rows-kind repeated is the older set: the 1k rows
+repeated with a variant tag in the first human turn and alternate rows with Windows newlines and stray spaces. For
+each size in --rows, in a scratch project with the recipe's params (max_length 1024, truncate) and the real Llama-2
 tokenizer, the script:
 
-  1. times the floor: the fast tokenizer alone, batched as a user calls it (`tokenizer(texts)`, 1,000 texts a
-     call), on the exact texts validate tokenizes (the rendered conversations); the bare Rust backend
-     (`backend_tokenizer.encode_batch`) is timed too and printed beside it;
+  1. times the floor, in a process of its own: the fast tokenizer alone, batched as a user calls it
+     (`tokenizer(texts)`, 1,000 texts a call), on the exact texts validate tokenizes (the rendered conversations);
+     the bare Rust backend (`backend_tokenizer.encode_batch`) is timed too and printed beside it; its peak RSS is
+     reported apart from the stages';
   2. runs each stage as `dvc repro` does (`python -m tasks.download`, `tasks.validate`, `tasks.format`), each its
-     own process, timing it and reading its peak RSS from the kernel (wait4);
-  3. prints seconds, rows/s, the ratio of the three stages to the floor and the largest peak RSS, and saves all of
-     it as JSON.
+     own process, timing it and reading that process's own peak RSS (VmHWM, /proc/<pid>/status, read while it
+     runs: the kernel's wait4 figure starts a child at its parent's size, so it cannot tell a stage from the
+     process that started it);
+  3. prints seconds, the ratio of the three stages to the floor and each stage's peak RSS, and saves it as JSON.
 
-    python -m benchmarks.data_stages --rows 10000,100000,1000000 [--raw ...] [--tokenizer ...]
+    python -m benchmarks.data_stages --rows 10000,100000,1000000 [--rows-kind diverse] [--raw ...] [--tokenizer ...]
 
 Targets (issue 12, 2-core machine): 1M rows in at most 1.3x the floor, peak RSS at most 3 GB, cost linear in rows.
 """
@@ -24,6 +29,8 @@ import argparse
 import json
 import os
 import platform
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -53,10 +60,39 @@ def perturbed_rows(raw: Path, n: int) -> list[dict]:
     return list(iter_perturbed_rows(raw, n))
 
 
-def write_rows(raw: Path, n: int, path: Path) -> Path:
+SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+DIVERSE_SEED = 12
+
+
+def iter_diverse_rows(raw: Path, n: int, seed: int = DIVERSE_SEED) -> Iterator[dict]:
+    """n rows, all different, shaped like the real ones: see the module docstring."""
+    from tasks.common.conversation import ASSISTANT, USER, parse_text
+
+    marker = {USER: "### Human: ", ASSISTANT: "### Assistant: "}
+    shapes: list[list[tuple[str, int]]] = []  # per real row, per turn: (role, sentences)
+    pool: dict[str, list[str]] = {USER: [], ASSISTANT: []}
+    for line in raw.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        shape = []
+        for role, text in parse_text(json.loads(line)["text"]).turns:
+            sentences = [x for x in SENTENCE_END.split(text.strip()) if x]
+            pool[role].extend(sentences)
+            shape.append((role, max(len(sentences), 1)))
+        shapes.append(shape)
+    rng = random.Random(seed)
+    for _ in range(n):
+        turns = (f"{marker[role]}{' '.join(rng.choices(pool[role], k=k))}" for role, k in rng.choice(shapes))
+        yield {"text": "".join(turns)}
+
+
+ROW_KINDS = {"diverse": iter_diverse_rows, "repeated": iter_perturbed_rows}
+
+
+def write_rows(raw: Path, n: int, path: Path, kind: str = "diverse") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in iter_perturbed_rows(raw, n):
+        for row in ROW_KINDS[kind](raw, n):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
@@ -108,17 +144,44 @@ def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | N
     return {"seconds": round(call, 2), "backend_seconds": round(bare, 2), "texts": texts, "tokens": tokens}
 
 
-def run_stage(name: str, project: Path) -> dict:
-    """One stage as dvc runs it, in its own process: wall seconds and the process's peak RSS."""
+def _own_peak_rss_gb(pid: int) -> float | None:
+    """The process's own high-water RSS (VmHWM), None once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
+    """Run cmd (a stage as dvc runs it, or the floor) in its own process: wall seconds and that process's own peak
+    RSS, sampled every 50 ms (VmHWM only grows, so the last sample before it ends is its peak, give or take what it
+    allocated in its last 50 ms)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", f"tasks.{name}"], cwd=project, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env)
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, _own_peak_rss_gb(proc.pid) or 0.0)
+        time.sleep(0.05)
     seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
-        sys.exit(f"stage {name} failed (exit {proc.returncode}) in {project}")
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3)}
+        sys.exit(f"{what} failed (exit {proc.returncode}) in {cwd}")
+    return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3)}
+
+
+def run_stage(name: str, project: Path) -> dict:
+    return run_process([sys.executable, "-m", f"tasks.{name}"], project, f"stage {name}")
+
+
+def run_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None, work: Path) -> dict:
+    """tokenizer_floor in a process of its own, so its memory is neither the stages' nor this script's."""
+    out = work / "floor.json"
+    args = [str(data_file), str(tokenizer_dir), json.dumps(system_prompt), str(out)]
+    process = run_process([sys.executable, "-m", "benchmarks.data_stages", "--floor-only", *args], work, "the floor")
+    return {**json.loads(out.read_text()), "process_seconds": process["seconds"], "peak_rss_gb": process["peak_rss_gb"]}
 
 
 def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
@@ -142,9 +205,9 @@ def measure(rows: int, args) -> dict:
     from tasks.common.config import load_params
 
     work = Path(tempfile.mkdtemp(prefix=f"data-bench-{rows}-", dir=args.work))
-    data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl")
+    data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl", args.rows_kind)
     project = make_project(work, data_file, args.tokenizer)
-    floor = tokenizer_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt)
+    floor = run_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt, work)
     stages = {name: run_stage(name, project) for name in STAGES}
     total = sum(s["seconds"] for s in stages.values())
     from tasks.common import paths
@@ -153,13 +216,14 @@ def measure(rows: int, args) -> dict:
     report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
     result = {
         "rows": rows,
+        "rows_kind": args.rows_kind,
         "input_gb": round(data_file.stat().st_size / 1e9, 3),
         "floor": floor,
         "stages": stages,
         "total_seconds": round(total, 2),
         "ratio_to_floor": round(total / floor["seconds"], 3),
         "ratio_to_backend_floor": round(total / floor["backend_seconds"], 3),
-        "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()),
+        "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()),  # the largest stage's own; the floor's apart
         "seconds_per_1k_rows": round(total / rows * 1000, 3),
         "validated": {k: metrics[k] for k in ("success", "rows_excluded", "tokens_p50", "tokens_max")},
         "formatted": {k: report[k] for k in ("train_rows", "eval_rows")},
@@ -176,7 +240,9 @@ def _print(r: dict) -> None:
         + "  ".join(f"{n} {s[n]['seconds']:7.1f}s" for n in STAGES)
         + f"  total {r['total_seconds']:7.1f}s  floor {r['floor']['seconds']:7.1f}s"
         f" (backend {r['floor']['backend_seconds']:.1f}s)  ratio {r['ratio_to_floor']:.2f}"
-        f" (to backend {r['ratio_to_backend_floor']:.2f})  peak RSS {r['peak_rss_gb']:.2f} GB"
+        f" (to backend {r['ratio_to_backend_floor']:.2f})  peak RSS "
+        + " ".join(f"{n} {s[n]['peak_rss_gb']:.2f}" for n in STAGES)
+        + f" GB (floor {r['floor']['peak_rss_gb']:.2f})"
         f"  {r['seconds_per_1k_rows']:.3f} s/1k rows",
         flush=True,
     )
@@ -190,7 +256,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None, help="where the scratch projects go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data_stages_cpu.json")
+    ap.add_argument("--rows-kind", choices=ROW_KINDS, default="diverse")
+    ap.add_argument("--floor-only", nargs=4, help=argparse.SUPPRESS)  # run_floor's own process
     args = ap.parse_args()
+    if args.floor_only:
+        data_file, tokenizer_dir, system_prompt, out = args.floor_only
+        save(Path(out), tokenizer_floor(Path(data_file), Path(tokenizer_dir), json.loads(system_prompt)))
+        return
     for path in (args.raw, args.tokenizer):
         if not path.exists():
             sys.exit(f"{path} not found: pass --raw / --tokenizer (the reference data lives in ../shared/data)")

@@ -104,3 +104,25 @@ def test_control_character_regex_is_exactly_unicode_cc_but_newline_and_tab():
         if (unicodedata.category(chr(c)) == "Cc" and chr(c) not in "\n\t") != bool(_CONTROL.match(chr(c)))
     ]
     assert differ == []
+
+
+def test_the_benchmarks_diverse_rows_are_all_different_and_shaped_like_the_real_ones():
+    """benchmarks/data_stages.py's default rows (issue 29): no tagged repeats; turn counts and lengths as the real."""
+    from benchmarks.data_stages import iter_diverse_rows
+    from tasks.common.conversation import parse_text
+    from tests.data_stage_sets import RAW_1K
+
+    needs_shared("guanaco-raw-1k", "train.jsonl")
+    rows = [r["text"] for r in iter_diverse_rows(RAW_1K, 5000)]
+    assert rows == [r["text"] for r in iter_diverse_rows(RAW_1K, 5000)]  # seeded: every run writes the same rows
+    assert len(set(rows)) >= 0.999 * len(rows)
+    real = [json.loads(line)["text"] for line in RAW_1K.read_text(encoding="utf-8").splitlines()]
+
+    def single_turn_share(texts):
+        return sum(len(parse_text(t).turns) == 2 for t in texts) / len(texts)
+
+    def mean_length(texts):
+        return sum(map(len, texts)) / len(texts)
+
+    assert abs(single_turn_share(rows) - single_turn_share(real)) < 0.03  # 647 of the 1,000 real rows
+    assert abs(mean_length(rows) / mean_length(real) - 1) < 0.1
