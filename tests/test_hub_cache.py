@@ -193,3 +193,51 @@ def test_a_revision_the_cache_lacks_is_a_pipeline_error_naming_id_and_revision(h
     with pytest.raises(PipelineError) as err:
         getattr(base_model, load)(*args)
     assert MODEL_ID in str(err.value) and ABSENT in str(err.value)
+
+
+def test_the_lineage_names_the_commit_the_cache_held_for_the_base(hub_model, hub_home, params):
+    from tasks.common.base_model import cached_commit
+
+    for revision in (None, "main", hub_home.model_commit):
+        assert cached_commit(hub_model(revision).model) == hub_home.model_commit, revision
+    assert cached_commit(hub_model(ABSENT).model) is None
+    assert cached_commit(params.model) is None  # the tiny local base: its files' hashes stand for it
+
+
+# --- the whole pipeline through the cache: dvc repro, then the audit ------------------------------------------
+
+
+@pytest.mark.slow
+def test_dvc_repro_through_the_hub_cache_to_an_audited_release(hub_home, project_copy):
+    project = project_copy
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["download"] |= {"source": "hub", "hub_id": DATASET_ID, "revision": hub_home.dataset_commit}
+    params["model"] |= {"base": MODEL_ID, "revision": hub_home.model_commit}
+    params["train"] |= {"max_steps": 3, "epochs": 1}
+    params["evaluate"] |= {"max_rows": 8, "max_new_tokens": 8}
+    params["publish"]["require_improvement"] = False  # 3 steps on random weights: what counts here is the lineage
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    subprocess.run(["git", "commit", "-qam", "the preset's Hub ids"], cwd=project, check=True, env=os.environ | git)
+    env = hub_home.env(
+        HF_DATASETS_CACHE=str(project.parent / "datasets_cache"),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )
+    repro = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
+    assert repro.returncode == 0, repro.stdout + repro.stderr
+
+    lineage = json.loads((project / paths.RELEASE_DIR / "lineage.json").read_text())
+    assert lineage["source"]["hub_id"] == DATASET_ID and lineage["source"]["revision"] == hub_home.dataset_commit
+    assert lineage["source"]["row_count"] == len(hub_home.rows)
+    base = lineage["base_model"]
+    assert base["id"] == MODEL_ID and base["revision"] == base["commit"] == hub_home.model_commit
+    audit = subprocess.run(
+        [sys.executable, "-m", "tasks.publish.audit", str(paths.RELEASE_DIR)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert f"Hub dataset {DATASET_ID} split train at revision {hub_home.dataset_commit}" in audit.stdout
+    assert f"base {MODEL_ID} at commit {hub_home.model_commit}" in audit.stdout

@@ -85,6 +85,22 @@ def resolve_base(model: ModelParams) -> str:
     return model.base
 
 
+def cached_commit(model: ModelParams) -> str | None:
+    """The commit of a Hub base that the Hugging Face cache holds for model.revision (a branch or tag through refs/,
+    a sha as is): the snapshot from_pretrained read, offline or after it downloaded. Read from the cache, not asked
+    of the Hub, so the lineage names what was loaded. None for a local or tiny base, or one the cache lacks."""
+    where = resolve_base(model)
+    if Path(where).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(where, "config.json", revision=model.revision)
+    except ValueError:  # not a repo id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def _named(model: ModelParams, where: str) -> str:
     """What a load error names: a local path as given; a Hub id with the revision asked for and, offline, where to
     get it (only the Hugging Face cache is read then, and it may hold other revisions or none)."""
