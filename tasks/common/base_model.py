@@ -85,6 +85,39 @@ def resolve_base(model: ModelParams) -> str:
     return model.base
 
 
+def cached_commit(model: ModelParams) -> str | None:
+    """The commit of a Hub base that the Hugging Face cache holds for model.revision (a branch or tag through refs/,
+    a sha as is): the snapshot from_pretrained read, offline or after it downloaded. Read from the cache, not asked
+    of the Hub, so the lineage names what was loaded. None for a local or tiny base, or one the cache lacks."""
+    where = resolve_base(model)
+    if Path(where).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(where, "config.json", revision=model.revision)
+    except ValueError:  # not a repo id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def _named(model: ModelParams, where: str) -> str:
+    """What a load error names: a local path as given; a Hub id with the revision asked for and, offline, where to
+    get it (only the Hugging Face cache is read then, and it may hold other revisions or none)."""
+    if Path(where).expanduser().exists():
+        return repr(where)
+    from huggingface_hub import constants
+
+    named = f"{where!r} at revision {model.revision or 'main'}"
+    if constants.is_offline_mode():
+        pin = f" --revision {model.revision}" if model.revision else ""
+        named += (
+            f" (offline: only the Hugging Face cache {constants.HF_HUB_CACHE} is read; download it there once online "
+            f"with `hf download {where}{pin}`, or set model.revision to one the cache holds)"
+        )
+    return named
+
+
 def load_tokenizer(model: ModelParams):
     """The base model's tokenizer, with a pad token distinct from EOS (padding is masked out of the loss)."""
     from transformers import AutoTokenizer, LlamaTokenizer
@@ -100,7 +133,7 @@ def load_tokenizer(model: ModelParams):
             tok = AutoTokenizer.from_pretrained(where, revision=None if local.exists() else model.revision)
     except (OSError, ValueError) as e:
         raise PipelineError(
-            f"could not load the tokenizer from {where!r}: {e}. Point model.tokenizer at a directory with "
+            f"could not load the tokenizer from {_named(model, where)}: {e}. Point model.tokenizer at a directory with "
             "tokenizer.json or tokenizer.model, or model.base at a reachable Hub id."
         ) from None
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
@@ -127,7 +160,7 @@ def load_config(model: ModelParams):
     try:
         return AutoConfig.from_pretrained(where, revision=None if Path(where).exists() else model.revision)
     except OSError as e:
-        raise PipelineError(f"could not read the config of base model {where!r}: {e}") from None
+        raise PipelineError(f"could not read the config of base model {_named(model, where)}: {e}") from None
 
 
 def compute_dtype(quant: QuantParams) -> torch.dtype:
@@ -177,4 +210,4 @@ def load_base_model(
             where, revision=None if Path(where).exists() else model.revision, **kwargs
         )
     except OSError as e:
-        raise PipelineError(f"could not load the base model {where!r}: {e}") from None
+        raise PipelineError(f"could not load the base model {_named(model, where)}: {e}") from None

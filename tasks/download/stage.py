@@ -479,12 +479,24 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
     import datasets
 
     saved = Path(params.hub_id) / "state.json"  # a folder written by Dataset.save_to_disk: load_dataset refuses it
+    # Offline, datasets never reads the Hugging Face hub cache (what `hf download` or an earlier online run left):
+    # it only falls back to its own Arrow cache, whichever revision that was made from. So the snapshot folder of
+    # the configured revision is found here and read as the local folder it is; its name is the commit.
+    from_cache = _offline() and not Path(params.hub_id).is_dir()
+    snapshot = hub_snapshot(params) if from_cache else None
+    if from_cache and snapshot is None and params.revision:
+        # datasets' own offline fallback, its Arrow cache, cannot tell revisions apart: a pinned one stops here
+        raise PipelineError(_not_cached(params))
     try:
         if saved.is_file():
             ds = datasets.load_from_disk(str(saved.parent))
+        elif snapshot is not None:
+            ds = datasets.load_dataset(str(snapshot), split=params.split)
         else:
             ds = datasets.load_dataset(params.hub_id, revision=params.revision, split=params.split)
     except Exception as e:  # network, auth, unknown repo or split: all user-fixable
+        if from_cache and snapshot is None:  # in neither cache
+            raise PipelineError(_not_cached(params)) from None
         raise PipelineError(
             f"could not load Hub dataset {params.hub_id!r} (revision {params.revision or 'latest'}, split "
             f"{params.split!r}): {type(e).__name__}: {e}. Check the id and your network/HF_TOKEN, or download "
@@ -499,11 +511,12 @@ def read_hub(params: DownloadParams) -> tuple[Iterator[list[tuple[dict, None]]],
             start += len(block)
             yield block
 
-    return blocks(), resolve_hub_revision(params)
+    return blocks(), snapshot.name if snapshot is not None else resolve_hub_revision(params)
 
 
 def resolve_hub_revision(params: DownloadParams) -> str | None:
-    """The commit sha the Hub serves for the configured revision (None when the Hub is unreachable). For a local
+    """The commit sha the Hub serves for the configured revision (None when the Hub is unreachable); offline, the
+    commit the hub cache holds for it (None when it holds none). For a local
     folder given as hub_id (a Hub repo's files copied here, or a `save_to_disk` folder) there is no commit: the
     sha256 of its files stands in, so a changed folder reads as a new revision (the flow then downloads again)."""
     local = Path(params.hub_id)
@@ -513,6 +526,9 @@ def resolve_hub_revision(params: DownloadParams) -> str | None:
         for file in sorted(p for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts):
             digest.update(f"{file.relative_to(local).as_posix()}\0{sha256_file(file)}\n".encode())
         return f"folder-sha256:{digest.hexdigest()}"
+    if _offline():  # the commit the hub cache holds for the revision (refs/<branch or tag>, or the sha itself)
+        snapshot = hub_snapshot(params)
+        return snapshot.name if snapshot is not None else None
     try:
         from huggingface_hub import HfApi
 
@@ -520,6 +536,40 @@ def resolve_hub_revision(params: DownloadParams) -> str | None:
     except Exception as e:
         log.warning("could not resolve the Hub revision of %s: %s", params.hub_id, e)
         return None
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1): nothing may be fetched, the hub cache is all there is."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def hub_snapshot(params: DownloadParams) -> Path | None:
+    """The hub cache's snapshot folder of the dataset at download.revision (None: main), as huggingface_hub
+    resolves it offline: a branch or tag through refs/, a commit sha directly. None when the cache has none."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(params.hub_id, repo_type="dataset", revision=params.revision, local_files_only=True)
+    except IncompleteSnapshotError as e:  # an interrupted download: its listing names files that are not there
+        raise PipelineError(f"{_not_cached(params)} The cached snapshot is incomplete: {e}") from None
+    except (LocalEntryNotFoundError, ValueError):  # not cached, or not a repo id at all (load_dataset then says so)
+        return None
+    return Path(folder)
+
+
+def _not_cached(params: DownloadParams) -> str:
+    from huggingface_hub import constants
+
+    revision = f" --revision {params.revision}" if params.revision else ""
+    return (
+        f"Hub dataset {params.hub_id!r} at revision {params.revision or 'main'} is not in the Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}), and offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) fetches nothing. "
+        f"Download it once online (`hf download --repo-type dataset {params.hub_id}{revision}`), point HF_HOME or "
+        "HF_HUB_CACHE at the cache holding it, or set download.revision to a revision the cache holds."
+    )
 
 
 def source_fingerprint(params: DownloadParams) -> str | None:

@@ -173,9 +173,12 @@ class Audit:
             self.lineage["params_sha256"],
             "params in lineage.json vs their recorded hash",
         )
-        t, lo = params["train"], params["lora"]
+        t, lo, base = params["train"], params["lora"], self.lineage.get("base_model", {})
+        at = f" at commit {base['commit']}" if base.get("commit") else ""  # a Hub base, as the cache held it
+        if base.get("commit") and not base.get("revision"):
+            link.warnings.append("model.revision was not pinned: the Hub may serve other weights today")
         link.facts.append(
-            f"base {params['model']['base']}, max_length {params['model']['max_length']}, "
+            f"base {params['model']['base']}{at}, max_length {params['model']['max_length']}, "
             f"LoRA r={lo['r']} alpha={lo['alpha']}, {t['optimizer']} lr {t['learning_rate']}, "
             f"{t['epochs']} epoch(s), seed {t['seed']}"
         )

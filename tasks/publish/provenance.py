@@ -78,6 +78,8 @@ def _base_model(base: dict) -> list[dict]:
     entry = {"uri": f"https://huggingface.co/{base['id']}", "name": "base model"}
     if base.get("revision"):
         entry["annotations"] = {"revision": base["revision"]}
+    if base.get("commit"):  # the commit the Hugging Face cache held for that revision: what was loaded
+        entry["digest"] = {"gitCommit": base["commit"]}
     return [entry]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_text, sha256_tree, staged_dir, write_json, write_text
-from tasks.common.base_model import load_tokenizer, resolve_base
+from tasks.common.base_model import cached_commit, load_tokenizer, resolve_base
 from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError
@@ -98,6 +98,7 @@ def build_lineage(params: Params, release_files: dict[str, str], release_id: str
         "base_model": {
             "id": params.model.base,
             "revision": params.model.revision,
+            "commit": cached_commit(params.model),  # a Hub base: the snapshot's commit; the revision may be a branch
             "files_sha256": sha256_tree(base) if Path(base).is_dir() else None,
         },
         "training": {
