@@ -438,3 +438,39 @@ def test_two_machines_as_two_launchers_match_a_two_process_ddp_run(tmp_path, par
     assert not (hosts[1] / paths.ADAPTER_DIR).exists()  # only the main host's rank 0 writes
     figures = json.loads((hosts[0] / paths.TRAINING).read_text())
     assert figures["world_size"] == 2 and figures["steps"] == 3
+
+
+FAMILIES = [("tiny-llama3", "llama3"), ("tiny-qwen2", "chatml"), ("tiny-mistral", "mistral")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base,template", FAMILIES)
+def test_two_process_ddp_trains_each_family_on_the_cpu(workdir, params, base, template):
+    """Issue 26's levers per family: a 2-process DDP run (gloo) of each other family's tiny base and template."""
+    from tasks.download.stage import download
+    from tasks.format.stage import format_rows
+    from tasks.validate.stage import validate
+
+    p = with_overrides(params, **{"model.base": base, "format.template": template, "train.max_steps": 2})
+    download(p.download)
+    validate(p)
+    format_rows(p.format, p.model)
+    ddp, _ = _train(workdir, _mode(p, "ddp", 2))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    figures = _train_figures(workdir)
+    assert (figures["world_size"], figures["distributed_mode"], figures["steps"]) == (2, "ddp", 2)
+    assert sorted(p.name for p in (workdir / "artifacts").iterdir()) == ["adapter"]
+
+
+@pytest.mark.parametrize("base,template", FAMILIES)
+def test_fsdp_loading_stores_each_familys_4bit_weights_in_a_float_dtype(workdir, params, base, template):
+    """FSDP-QLoRA's storage dtype for every family's 4-bit layers (FSDP itself needs CUDA GPUs: preflight says so)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tasks.common.base_model import load_base_model
+
+    p = with_overrides(params, **{"model.base": base, "format.template": template})
+    model = load_base_model(p.model, p.quant, fsdp=True)
+    weights = [m.weight for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert weights and all(w.dtype == getattr(torch, p.quant.compute_dtype) for w in weights)
