@@ -393,6 +393,7 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         "steady_tokens_per_second": meter.steady_tokens_per_second(),
         "wall_seconds": round(wall, 2),
         "resumed": run.resume,
+        "resumed_from_step": meter.step0,  # 0 unless resumed: the step of the checkpoint it went on from
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "peak_memory_gib": _round(meter.peak_allocated),
         "peak_reserved_gib": _round(meter.peak_reserved),
