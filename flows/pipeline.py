@@ -183,11 +183,13 @@ def pipeline(preset: str | None = None, overrides: list[str] | None = None, proj
     except run_lock.RunInProgress as busy:
         return _skipped(root, started, busy)
     with lock:
-        return _run(root, preset, overrides, started)
+        return _run(root, preset, overrides, started, lock.stale)
 
 
-def _run(root: Path, preset: str | None, overrides: list[str] | None, started: str) -> dict:
+def _run(root: Path, preset: str | None, overrides: list[str] | None, started: str, stale: str | None) -> dict:
     logger = get_run_logger()
+    if stale:  # a killed run's leftovers: said here and kept in this run's record, since the killed one wrote none
+        logger.warning("%s", stale)
     if preset or overrides:
         compose_params(root, ([f"preset={preset}"] if preset else []) + list(overrides or []))
         logger.info("params.yaml composed with preset=%s overrides=%s", preset, overrides)
@@ -207,7 +209,7 @@ def _run(root: Path, preset: str | None, overrides: list[str] | None, started: s
         outcome = f"failed at {next((s for s in paths.STAGES if s not in ran), 'the end')}"
         raise
     finally:
-        _record(root, started, outcome, ran)
+        _record(root, started, outcome, ran, **({"stale_lock": stale} if stale else {}))
         create_markdown_artifact(
             summary_markdown(root, ran, outcome),
             key="guanaco-pipeline-summary",

@@ -26,13 +26,14 @@ HOLD_AS_STAGE = "import sys, time; from tasks.common import run_lock; lock = run
 HOLD_AS_DVC = (
     "import time, zc.lockfile; lock = zc.lockfile.LockFile('.dvc/tmp/lock'); print('held', flush=True); time.sleep(600)"  # noqa: E501
 )
-# A dvc command running a stage: DVC has let go of its repo lock and holds the stage's files in its per-file lock.
+# A dvc command running a stage: DVC has let go of its repo lock and holds the stage's files in its per-file lock,
+# under its command line as DVC records it (" ".join(sys.argv), which the flow checks against the live process).
 HOLD_AS_DVC_STAGE = """
-import os, time
+import os, sys, time
 from dvc.fs import localfs
 from dvc.rwlock import rwlock
 os.makedirs('.dvc/tmp', exist_ok=True)
-with rwlock('.dvc/tmp', localfs, 'dvc repro (a stage starting up)', [], [os.path.abspath('data/raw')], False):
+with rwlock('.dvc/tmp', localfs, ' '.join(sys.argv), [], [os.path.abspath('data/raw')], False):
     print('held', flush=True)
     time.sleep(600)
 """
@@ -169,7 +170,11 @@ def test_a_flow_skips_while_a_stage_or_a_dvc_command_is_at_work_and_touches_noth
     for code, args, names in (
         (HOLD_AS_STAGE, ["train"], "stage 'train'"),
         (HOLD_AS_DVC, [], "holding DVC's lock"),
-        (HOLD_AS_DVC_STAGE, [], "`dvc repro (a stage starting up)` running a stage"),
+        (
+            HOLD_AS_DVC_STAGE,
+            ["dvc", "repro", "(a stage starting up)"],
+            "dvc repro (a stage starting up)` running a stage",
+        ),
     ):
         with holding(project_copy, code, *args) as holder:
             state = pipeline(project_dir=str(project_copy), overrides=["train.max_steps=2"], return_state=True)

@@ -11,145 +11,34 @@ is refused, and a run that asks for another command is refused by the server.
 from __future__ import annotations
 
 import base64
-import glob
 import json
-import os
 import re
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from flows import history
-from tests.conftest import free_port, wait_for
+from tests.conftest import Team, wait_for
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-POOL = "guanaco-pool"
-DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
-
-
-def _pg_bindir() -> Path | None:
-    """Where initdb and pg_ctl live (Debian keeps them under /usr/lib/postgresql/<version>/bin)."""
-    found = shutil.which("initdb") and shutil.which("pg_ctl")
-    if found:
-        return Path(shutil.which("initdb")).resolve().parent
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if Path(d, "initdb").exists() and Path(d, "pg_ctl").exists():
-            return Path(d)
-    return None
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A throwaway PostgreSQL cluster on a free local port; yields its asyncpg URL, stops and deletes it after."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are absent: apt-get install -y postgresql")
-    as_user: list[str] = []
-    base = Path(tempfile.mkdtemp(prefix="guanaco-pg-"))
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run the cluster as the postgres user
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
-        as_user = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(base, "postgres", "postgres")
-    data, port = base / "data", free_port()
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    run(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
-    run(
-        str(bindir / "pg_ctl"),
-        "-D",
-        str(data),
-        "-l",
-        str(base / "postgres.log"),
-        "-w",
-        "-t",
-        "60",
-        "-o",
-        f"-p {port} -h 127.0.0.1 -k {base} -c fsync=off",
-        "start",
-    )
-    try:
-        run(str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect")
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
-    finally:
-        subprocess.run(
-            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True
-        )
-        shutil.rmtree(base, ignore_errors=True)
+POOL, DEPLOYMENT = Team.POOL, Team.DEPLOYMENT
 
 
 @pytest.fixture(scope="module")
 def team(postgres, new_project, tmp_path_factory):
     """Prefect server on PostgreSQL, a process work pool with the deployment on it, and a worker polling it."""
     tmp = tmp_path_factory.mktemp("team")
-    project = new_project(tmp / "project")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    auth = f"admin:{secrets.token_urlsafe(16)}"
-    env = {
-        **os.environ,
-        "PREFECT_API_AUTH_STRING": auth,  # every client: CLI, deploy, worker, flow runs
-        "PREFECT_HOME": str(tmp / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_API_DATABASE_CONNECTION_URL": postgres,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PYTHONPATH": str(project),
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, *cmd: str, extra_env: dict | None = None) -> subprocess.Popen:
-        p = subprocess.Popen(
-            [sys.executable, "-m", *cmd],
-            cwd=project,
-            env={**env, **(extra_env or {})},
-            stdout=open(tmp / f"{name}.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-        procs.append(p)
-        return p
-
+    setup = Team(postgres.url, new_project(tmp / "project"), tmp)
     try:
-        start(
-            "server",
-            *("prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)),
-            extra_env={"PREFECT_SERVER_API_AUTH_STRING": auth},
-        )
-        wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, 180, "the Prefect server")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "flows.deploy",
-                "--pool",
-                POOL,
-                "--project-dir",
-                str(project),
-                "--cron",
-                "0 3 * * *",
-            ],
-            cwd=project,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        start("worker", "prefect", "worker", "start", "--pool", POOL)
-        yield project, url, env, tmp, auth
+        setup.start_server()
+        setup.deploy("--cron", "0 3 * * *")
+        setup.start_worker()
+        yield setup.project, setup.url, setup.env, tmp, setup.auth
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        setup.close()
 
 
 def _client_call(url: str, auth: str, fn):

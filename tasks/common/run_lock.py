@@ -16,7 +16,14 @@ The lock is `fcntl.flock` on `.dvc/tmp/pipeline-run.lock`: the kernel releases i
 its descriptor ends, so a killed run never blocks the next one. Beside it, `pipeline-run.json` says who holds it
 (pid, start, command); it is read only by a process the flock has just refused, so a stale one left by a killed
 run is never trusted. (Just after a new holder takes the flock, for the instant before it rewrites the file, a
-refused process may still read the previous holder's details; the refusal itself is right either way.)
+refused process may still read the previous holder's details; the refusal itself is right either way.) A new
+holder that finds one says so (`RunLock.stale`): the run it names was killed, or its machine went down.
+
+A killed `dvc repro` also leaves its entries in DVC's per-file lock table (`.dvc/tmp/rwlock`, pid and command line).
+DVC drops an entry whose pid is gone, but trusts a pid that lives: once the system has given the dead dvc's pid to
+another program, DVC calls the stage's files "busy" for as long as that program runs, and a flow would take it for
+a dvc at work and skip. An entry whose pid is gone or runs another command line is provably dead: the flow removes
+it (under DVC's own guard lock, as DVC does) and says which.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
 import os
 import secrets
 import sys
@@ -43,6 +51,7 @@ DVC_RWLOCK, DVC_RWLOCK_GUARD = Path(".dvc/tmp/rwlock"), Path(".dvc/tmp/rwlock.lo
 COVER_ENV = "GUANACO_PIPELINE_RUN"  # the holder's token, in the environment of the processes its run starts
 
 _held: dict[Path, RunLock] = {}  # the locks this process holds, by workspace root
+log = logging.getLogger(__name__)
 
 
 class RunInProgress(PipelineError):
@@ -54,6 +63,7 @@ class RunLock:
     root: Path
     fd: int
     token: str
+    stale: str | None = None  # what a holder that never let go (killed) left behind, for the new holder to say
 
     def release(self) -> None:
         if self.fd < 0:
@@ -127,6 +137,54 @@ def _cmdline(pid: int | str) -> str:
         return "a dvc command"
 
 
+def _entry_dead(entry: dict) -> bool:
+    """Whether the dvc command of an rwlock entry is provably gone: its pid is not running, or runs another command
+    line (the pid was given to another program). DVC records `" ".join(sys.argv)`; the process's command line starts
+    with the interpreter and names dvc its own way (`.../bin/dvc`, `-m dvc`), so only the arguments after argv[0] are
+    compared. Where the command line cannot be read, the entry is taken as alive. (A dvc run inside a program that
+    rewrites its own command line, setproctitle, would read as another program: none of this pipeline's does.)"""
+    pid = int(entry["pid"])
+    if not _alive(pid):
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return False
+    return not " ".join(a.decode(errors="replace") for a in argv).endswith(entry["cmd"].partition(" ")[2])
+
+
+def _drop_dead_dvc_entries(root: Path) -> list[str]:
+    """Remove the provably dead entries (`_entry_dead`) from DVC's per-file lock table, under DVC's guard lock as DVC
+    edits it; returns a line for each removed. DVC removes those of gone pids itself, at the next command that wants
+    their files; one whose pid lives on in another program it never removes."""
+    try:
+        guard = os.open(root / DVC_RWLOCK_GUARD, os.O_RDWR)
+    except FileNotFoundError:
+        return []
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # DVC rewrites the table in place under this lock
+        try:
+            table = json.loads((root / DVC_RWLOCK).read_text())
+        except FileNotFoundError:
+            return []
+        dropped: list[str] = []
+        for path, entry in list(table.get("write", {}).items()):
+            if _entry_dead(entry):
+                del table["write"][path]
+                dropped.append(f"pid {entry['pid']} (`{entry['cmd']}`) writing {path}")
+        for path, entries in list(table.get("read", {}).items()):
+            for entry in [e for e in entries if _entry_dead(e)]:
+                entries.remove(entry)
+                dropped.append(f"pid {entry['pid']} (`{entry['cmd']}`) reading {path}")
+            if not entries:
+                del table["read"][path]
+        if dropped:
+            write_json(root / DVC_RWLOCK, {k: v for k, v in table.items() if v})
+        return dropped
+    finally:
+        os.close(guard)
+
+
 def _dvc_at_work(root: Path) -> tuple[str, str] | None:
     """(pid, what) of a dvc command at work in this workspace, else None. Between stages a `dvc repro` holds DVC's
     repo lock; while a stage's command runs it lets go of it but lists the stage's files, with its pid, in DVC's
@@ -152,8 +210,25 @@ def _dvc_at_work(root: Path) -> tuple[str, str] | None:
     finally:
         os.close(guard)
     entries = [*table.get("write", {}).values(), *(e for es in table.get("read", {}).values() for e in es)]
-    live = next((e for e in entries if _alive(int(e["pid"]))), None)  # DVC itself drops the entries of dead pids
+    live = next((e for e in entries if not _entry_dead(e)), None)
     return (str(live["pid"]), f"`{live['cmd']}` running a stage") if live else None
+
+
+def _stale(root: Path) -> str | None:
+    """What the last holder left if it never let go: its `pipeline-run.json`, read by a process that has just taken
+    the flock, so that holder's processes are all gone (killed, or its machine went down)."""
+    try:
+        who = json.loads((root / HOLDER_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:  # cut short while it was written
+        who = {}
+    return (
+        f"stale lock: the last run to hold {root} (pid {who.get('pid', '?')}, started {who.get('started_at', '?')}: "
+        f"{who.get('command', 'holder unknown')}) ended without letting go of it: it was killed, or its machine "
+        "went down. Its lock went with its processes, so this run goes on; a stage it left half done runs again "
+        "(training from its last complete checkpoint)."
+    )
 
 
 def _acquire(root: Path, command: str, dvc_idle: bool = False) -> RunLock:
@@ -179,9 +254,15 @@ def _acquire(root: Path, command: str, dvc_idle: bool = False) -> RunLock:
     if dvc:
         os.close(fd)
         raise RunInProgress(refusal(root, f"pid {dvc[0]}", dvc[1]))
+    stale = _stale(root)  # before our own record replaces the dead holder's
+    if dvc_idle and (dropped := _drop_dead_dvc_entries(root)):  # no dvc at work: every entry left is a dead one's
+        stale = (stale + " " if stale else "") + (
+            f"DVC's per-file lock ({DVC_RWLOCK}) still listed a killed dvc command, whose process is gone or whose "
+            f"pid now runs another program; removed: {'; '.join(dropped)}."
+        )
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     write_json(root / HOLDER_FILE, {"pid": os.getpid(), "started_at": _now(), "command": command, "token": token})
-    return RunLock(root, fd, token)
+    return RunLock(root, fd, token, stale)
 
 
 def hold_for_flow(root: Path, flow_run: str) -> RunLock:
@@ -222,4 +303,6 @@ def hold_for_stage(stage: str) -> RunLock | None:
     os.set_inheritable(lock.fd, True)  # the train stage re-executes itself (os.execve): keep the lock across that,
     os.environ[COVER_ENV] = lock.token  # and cover the new image and the workers it launches
     _held[root] = lock
+    if lock.stale:
+        log.warning("%s", lock.stale)
     return lock

@@ -112,6 +112,8 @@ class ThroughputMeter(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.t0, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
         self.step0 = state.global_step  # a resumed run: the checkpoint's step
+        if self.step0 and state.is_world_process_zero:  # said, so a resumed run is told from a restart at step 0
+            log.info("resumed at step %d of %d from the last complete checkpoint", self.step0, state.max_steps)
 
     def on_step_end(self, args, state, control, **kw):
         self.timer.mark(state.num_input_tokens_seen)

@@ -405,6 +405,7 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         **mfu((steady or tokens_per_second) / args.world_size, run.shape, device),
         "wall_seconds": round(wall, 2),
         "resumed": run.resume,
+        "resumed_from_step": meter.step0,  # 0 unless resumed: the step of the checkpoint it went on from
         "device": device,
         "peak_memory_gib": _round(meter.peak_allocated),
         "peak_reserved_gib": _round(meter.peak_reserved),
