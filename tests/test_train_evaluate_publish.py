@@ -122,14 +122,13 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
     assert check["recorded_sha256"] == sha256_file(root / paths.GENERATIONS)
 
 
-def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, monkeypatch, tmp_path):
+def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, signed, monkeypatch, tmp_path):
     from tasks.publish.stage import publish
 
-    shared, p, _, ev = trained
+    _, p, _, ev = trained
     root = tmp_path / "project"  # this test rewrites the eval metrics: on its own copy, not the module's project
-    shutil.copytree(shared, root)
+    shutil.copytree(signed[0], root)  # a published project: its release is the last good one
     monkeypatch.chdir(root)
-    publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
     good = read_json(root / paths.EVALUATION)
     write_json(root / paths.EVALUATION, {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}})
@@ -139,17 +138,16 @@ def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, mon
     publish(with_overrides(p, **{"publish.require_improvement": False}))  # the override works
 
 
-def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, monkeypatch, tmp_path):
+def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, signed, monkeypatch, tmp_path):
     """Train/serve parity: a release tokenizer whose chat_template renders the eval rows otherwise than they were
     trained (here one space less before the answer) stops publish, naming the row and token; the release stays."""
     from tasks.common import chat_template
     from tasks.publish.stage import publish
 
-    shared, p, _, _ = trained
+    _, p, _, _ = trained
     root = tmp_path / "project"
-    shutil.copytree(shared, root)
+    shutil.copytree(signed[0], root)  # a published project: its release is the last good one
     monkeypatch.chdir(root)
-    publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
     llama2 = chat_template.BUILT_IN["llama2"]
     drifted = dataclasses.replace(llama2, jinja=llama2.jinja.replace("' [/INST]'", "'[/INST]'"))
