@@ -116,16 +116,19 @@ def test_publish_writes_release_with_lineage(trained, monkeypatch):
     assert lineage["params"]["lora"]["r"] == p.lora.r
     assert lineage["evaluation"]["tuned"]["loss"] == ev["tuned"]["loss"]
     assert "Evaluation" in (release / "README.md").read_text()
+    # the release, loaded in a fresh process, generated every token evaluate recorded (generation_check.py)
+    check = lineage["generation_check"]
+    assert check["prompts"] == len(p.evaluate.prompts) and check["tokens_compared"] > 0
+    assert check["recorded_sha256"] == sha256_file(root / paths.GENERATIONS)
 
 
-def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, monkeypatch, tmp_path):
+def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, signed, monkeypatch, tmp_path):
     from tasks.publish.stage import publish
 
-    shared, p, _, ev = trained
+    _, p, _, ev = trained
     root = tmp_path / "project"  # this test rewrites the eval metrics: on its own copy, not the module's project
-    shutil.copytree(shared, root)
+    shutil.copytree(signed[0], root)  # a published project: its release is the last good one
     monkeypatch.chdir(root)
-    publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
     good = read_json(root / paths.EVALUATION)
     write_json(root / paths.EVALUATION, {**good, "tuned": {**good["tuned"], "loss": good["base"]["loss"] + 1}})
@@ -135,17 +138,16 @@ def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, mon
     publish(with_overrides(p, **{"publish.require_improvement": False}))  # the override works
 
 
-def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, monkeypatch, tmp_path):
+def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, signed, monkeypatch, tmp_path):
     """Train/serve parity: a release tokenizer whose chat_template renders the eval rows otherwise than they were
     trained (here one space less before the answer) stops publish, naming the row and token; the release stays."""
     from tasks.common import chat_template
     from tasks.publish.stage import publish
 
-    shared, p, _, _ = trained
+    _, p, _, _ = trained
     root = tmp_path / "project"
-    shutil.copytree(shared, root)
+    shutil.copytree(signed[0], root)  # a published project: its release is the last good one
     monkeypatch.chdir(root)
-    publish(p)
     before = {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()}
     llama2 = chat_template.BUILT_IN["llama2"]
     drifted = dataclasses.replace(llama2, jinja=llama2.jinja.replace("' [/INST]'", "'[/INST]'"))
@@ -478,3 +480,115 @@ def test_a_signing_key_given_by_path_is_recorded_by_its_fingerprint_only(trained
     assert lineage["params"]["publish"]["signing_key"] == f"sha256:{fingerprint_of(pem)}"
     for name in ("lineage.json", provenance.FILE, "README.md"):
         assert "machine-local-secrets" not in (root / paths.RELEASE_DIR / name).read_text(), name
+
+
+def test_a_release_that_generates_otherwise_than_evaluated_stops_publish(trained, signed, monkeypatch, tmp_path):
+    """The load-and-generate check, real end to end: evaluate's record of one token differs from what the release
+    generates (as an adapter that changed since evaluate would); publish names the prompt and the first differing
+    token, and the last good release stays whole."""
+    from tasks.common.artifacts import read_jsonl, write_jsonl
+    from tasks.publish.stage import publish
+
+    _, p, *_ = trained
+    root = tmp_path / "project"
+    shutil.copytree(signed[0], root)  # a published project: its release is the last good one
+    monkeypatch.chdir(root)
+    before = _release_bytes(root)
+    rows = read_jsonl(paths.GENERATIONS)
+    ids = rows[1]["tuned_token_ids"]
+    at = min(2, len(ids) - 1)
+    ids[at] = (ids[at] + 1) % 100  # another token id, inside the tiny vocabulary
+    write_jsonl(paths.GENERATIONS, rows)
+    with pytest.raises(PipelineError, match=rf"eval prompt 1 .*gives token .* at position {at} where evaluate"):
+        publish(p)
+    assert _release_bytes(root) == before
+
+
+def test_generations_without_token_ids_name_the_file_and_the_stage_to_rerun(params, tmp_path):
+    from tasks.common.artifacts import write_jsonl
+    from tasks.publish.generation_check import recorded_tokens
+
+    old = tmp_path / "generations.jsonl"  # as evaluate wrote it before it recorded the ids
+    write_jsonl(old, [{"prompt": q, "tuned": "text"} for q in params.evaluate.prompts])
+    with pytest.raises(PipelineError, match=r"generations.jsonl row 0 has no tuned_token_ids.*dvc repro evaluate"):
+        recorded_tokens(params, old)
+
+
+@pytest.fixture(scope="module")
+def merged_release(trained, tmp_path_factory):
+    """A release published with publish.merged: true, in its own copy of the project."""
+    from tasks.publish.stage import publish
+
+    shared, p, *_ = trained
+    root = tmp_path_factory.mktemp("merged") / "project"
+    shutil.copytree(shared, root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        lineage = publish(with_overrides(p, **{"publish.merged": True}))
+    return root, lineage
+
+
+def test_the_merged_model_is_written_whole_signed_recorded_and_generates_as_the_adapter(merged_release, trained):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from tasks.publish.audit import audit
+
+    root, lineage = merged_release
+    _, p, *_ = trained
+    release = root / paths.RELEASE_DIR
+    merged = release / paths.MERGED
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md"):
+        assert (merged / name).is_file(), name
+    # 16-bit or compute-dtype weights of the whole model, no LoRA tensors left, no 4-bit storage
+    with safe_open(merged / "model.safetensors", framework="pt") as f:
+        names = list(f.keys())
+        dtypes = {str(f.get_tensor(n).dtype) for n in names}
+    assert not [n for n in names if "lora_" in n] and dtypes == {f"torch.{p.quant.compute_dtype}"}
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(release).chat_template
+    record = lineage["merged"]
+    assert record["base_loaded_as"] == f"unquantized, {p.quant.compute_dtype}"
+    assert {f"{paths.MERGED}/{k}": v for k, v in record["files_sha256"].items()}.items() <= lineage[
+        "files_sha256"
+    ].items()
+    assert "merged" in lineage["generation_check"]  # the merged model generated what the adapter does
+    signing.verify(release)  # the release's signature covers merged/
+    links = {link.name: link for link in audit(release, release_only=True)}
+    assert all(link.ok for link in links.values()), [(n, link.problems) for n, link in links.items() if not link.ok]
+
+
+def test_the_released_adapter_is_what_vllms_lora_loader_takes(merged_release, trained, tmp_path):
+    """vLLM's requirements, from its source (vllm/lora/peft_helper.py PEFTHelper.from_dict and validate_legal;
+    vllm/config/lora.py MaxLoRARanks; vllm/lora/utils.py parse_fine_tuned_lora_name), checked on the released files
+    directly, then the same checker on a folder breaking each of them."""
+    from safetensors import safe_open
+
+    from tasks.publish import serving
+
+    root, _ = merged_release
+    _, p, *_ = trained
+    release = root / paths.RELEASE_DIR
+    config = json.loads((release / "adapter_config.json").read_text())
+    assert {"r", "lora_alpha", "target_modules"} <= config.keys()  # PEFTHelper's required fields
+    assert config["peft_type"] == "LORA" and not config["modules_to_save"] and not config["use_dora"]
+    assert config["bias"] == "none"  # validate_legal: no adapter bias
+    assert config["r"] <= 512 and serving.vllm_max_lora_rank(config["r"]) in (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    with safe_open(release / paths.ADAPTER_WEIGHTS, framework="pt") as f:
+        names = list(f.keys())
+    assert names and all(n.endswith((".lora_A.weight", ".lora_B.weight")) for n in names)
+    assert {n.rsplit(".", 3)[-3] for n in names} == set(config["target_modules"])
+    assert serving.vllm_problems(release) == []
+    command = serving.serve_command(p.model.base, p.publish.name, "<this folder>", p.lora.r)
+    assert command in (release / "README.md").read_text() and "--max-lora-rank 64" in command
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy2(release / paths.ADAPTER_WEIGHTS, bad / paths.ADAPTER_WEIGHTS)
+    wrong = {**config, "modules_to_save": ["lm_head"], "use_dora": True, "bias": "all", "r": 1024}
+    (bad / "adapter_config.json").write_text(json.dumps(wrong))
+    problems = " | ".join(serving.vllm_problems(bad))
+    for key in ("modules_to_save", "use_dora", "bias", "rank 1024", "has rank"):
+        assert key in problems, (key, problems)
+    (bad / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "lora_alpha"}))
+    assert serving.vllm_problems(bad) == ["adapter_config.json has no 'lora_alpha'"]

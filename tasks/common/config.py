@@ -218,6 +218,9 @@ class PublishParams(_Strict):
     signing: Literal["key", "sigstore"]
     # A path only: the key itself is read at signing time and never written anywhere (tasks/publish/signing.py).
     signing_key: str | None
+    merged: bool = Field(
+        description="also write the adapter merged into the unquantized base in release/merged/ (publish/merge.py)"
+    )
 
     @model_validator(mode="after")
     def _hub(self) -> PublishParams:

@@ -41,6 +41,7 @@ EVAL_RUN = Path("reports/eval_run.json")  # what was evaluated (adapter and rows
 
 RELEASE_DIR = Path("release")  # publish: the versioned release folder
 LINEAGE = "lineage.json"  # in RELEASE_DIR: the release's record, which the audit checks
+MERGED = "merged"  # in RELEASE_DIR when publish.merged: the adapter merged into the base, a standalone model
 SIGNING_KEY = Path(".keys/release-signing.pem")  # publish: the default signing key, made on first use; git-ignored
 TRUSTED_KEYS_DIR = Path("trusted_keys")  # the audit: public keys (*.pub) whose releases a team trusts; committed
 

@@ -89,6 +89,7 @@ def generate(
                 "output": text,
                 "stopped": stopped,
                 "new_tokens": len(new),
+                "token_ids": new,
                 "leaked_template": any(m in text for m in leaks),
             }
         )
@@ -166,6 +167,8 @@ def evaluate(
                 "tuned": t["output"],
                 "base_stopped": b["stopped"],
                 "tuned_stopped": t["stopped"],
+                # the ids themselves: publish's load-and-generate check compares the release's, token for token
+                "tuned_token_ids": t["token_ids"],
             }
             for b, t in zip(base_gens, tuned_gens)
         ),

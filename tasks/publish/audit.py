@@ -378,6 +378,14 @@ class Audit:
         here = self._workspace_json(link, paths.EVALUATION, "eval metrics")
         if here is not None and here != {k: v for k, v in ev.items() if k != "inputs"}:
             link.problems.append(f"{paths.EVALUATION} differs from the metrics recorded in the release")
+        checked = self.lineage.get("generation_check")  # releases made before publish's load-and-generate check lack it
+        if checked:
+            link.facts.append(
+                f"publish loaded the release in a fresh process: {checked['tokens_compared']} greedy tokens of "
+                f"{checked['prompts']} eval prompts as evaluated"
+                + (", the merged model as the adapter" if "merged" in checked else "")
+            )
+            self._file_hash(link, checked["recorded"], checked["recorded_sha256"], "generations evaluated")
         return link
 
     def release_files(self) -> Link:

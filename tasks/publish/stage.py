@@ -24,7 +24,7 @@ from tasks.common.base_model import cached_commit, load_tokenizer, resolve_base
 from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError
-from tasks.publish import provenance, signing
+from tasks.publish import generation_check, merge, provenance, serving, signing
 from tasks.publish.parity import first_mismatch
 from tasks.publish.stage_code import code_version
 
@@ -165,6 +165,15 @@ prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_
 # = {prompt!r}
 ```
 
+## Serve
+
+```bash
+{serving.serve_command(params.model.base, params.publish.name, "<this folder>", lora.r)}
+```
+
+Publish loaded this folder with `PeftModel.from_pretrained` in a fresh process and checked that it generates, token
+for token, the greedy answers the evaluation recorded.{_merged_line(lineage)}
+
 ## Lineage
 
 `lineage.json` records the data source and its hashes, the validation verdict, every parameter, the
@@ -176,6 +185,16 @@ the same as an in-toto statement with SLSA provenance v1. Verify the chain with
 
 {_signature_section(lineage["signing"])}
 """
+
+
+def _merged_line(lineage: dict) -> str:
+    if "merged" not in lineage:
+        return ""
+    merged = lineage["merged"]
+    return (
+        f" `{merged['folder']}/` holds the adapter merged into the base ({merged['base_loaded_as']}), a standalone "
+        f"model: `vllm serve <this folder>/{merged['folder']}`."
+    )
 
 
 def _signature_section(signed: dict) -> str:
@@ -253,6 +272,11 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         for name in ADAPTER_FILES:
             # contents only: the release's files get ordinary modes, whatever the adapter folder's were
             shutil.copyfile(paths.ADAPTER_DIR / name, tmp / name)
+        if problems := serving.vllm_problems(tmp):
+            raise PipelineError(
+                f"cannot publish: vLLM's LoRA loader would refuse the adapter ({'; '.join(problems)}). "
+                f"{paths.RELEASE_DIR}/ is unchanged."
+            )
         tokenizer = load_tokenizer(params.model)
         template = chat_template(params.format.template, tokenizer)
         tokenizer.chat_template = template.jinja  # what a server renders conversations with: the trained template
@@ -260,7 +284,15 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         check_parity(tmp, template, params.format.system_prompt)
         signer.write_public_key(tmp)
         release_id = f"{params.publish.name}-{sha256_file(tmp / paths.ADAPTER_WEIGHTS)[:12]}"
+        merged = None
+        if params.publish.merged:
+            merged = merge.write_merged(params, tmp, tmp / paths.MERGED, tokenizer, release_id)
+        # In a fresh process, as a user loads them: the release (and the merged model) generate what was evaluated.
+        checked = generation_check.check_release(params, tmp, tmp / paths.MERGED if merged else None)
         lineage = build_lineage(params, {}, release_id, signer.record())
+        lineage["generation_check"] = checked
+        if merged:
+            lineage["merged"] = merged
         write_text(tmp / "README.md", model_card(params, lineage, template.prompt("Your question")))
         # Each record covers what came before it: the statement the released files, lineage.json the statement
         # too, and the signature, written last, every file (all but itself).
