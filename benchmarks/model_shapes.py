@@ -70,23 +70,16 @@ QWEN25_7B_INSTRUCT = dict(
     use_sliding_window=False,
 )
 
-# config.json of mistralai/Mistral-7B-Instruct-v0.3: 8 k/v heads, a 32,768-token vocabulary, no sliding window
-MISTRAL_7B_INSTRUCT_V03 = dict(
-    model_type="mistral",
-    vocab_size=32768,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-    rms_norm_eps=1e-5,
-    rope_theta=1000000.0,
-    hidden_act="silu",
-    initializer_range=0.02,
-    tie_word_embeddings=False,
-    sliding_window=None,
-)
+# config.json of mistralai/Mistral-7B-Instruct-v0.3: Llama-3.1-8B's decoder (8 k/v heads of 32, 14,336 SwiGLU) with a
+# 32,768-token vocabulary, plain RoPE at theta 1e6 and no sliding window
+MISTRAL_7B_INSTRUCT_V03 = {
+    **{k: v for k, v in LLAMA31_8B_INSTRUCT.items() if k not in ("rope_scaling", "attention_bias")},
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+}
 
 
 def smoke_of(shape: dict) -> dict:

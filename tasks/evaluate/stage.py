@@ -23,6 +23,7 @@ from tasks.common.config import Params, load_params
 from tasks.common.conversation import FORM_MARKERS
 from tasks.common.errors import PipelineError
 from tasks.common.formatted import load_rows
+from tasks.common.generation import greedy_new_tokens
 from tasks.common.tokens import IGNORE, tokenize_rendered, truncate
 
 log = logging.getLogger(__name__)
@@ -72,15 +73,8 @@ def generate(
     out = []
     for prompt in prompts:
         text_in = template.prompt(prompt, system)
-        enc = tokenizer(text_in, add_special_tokens=False, return_tensors="pt").to(model.device)
-        ids = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new = ids[0, enc["input_ids"].shape[1] :].tolist()
+        prompt_ids = tokenizer(text_in, add_special_tokens=False)["input_ids"]
+        new = greedy_new_tokens(model, prompt_ids, stop, tokenizer.pad_token_id, max_new_tokens)
         stopped = stop in new
         text = tokenizer.decode(new, skip_special_tokens=True)
         out.append(

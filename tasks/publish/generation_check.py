@@ -32,22 +32,6 @@ RECORDED_KEY = "tuned_token_ids"  # in reports/generations.jsonl: the adapter's 
 
 
 # -- the child: load, render, generate -------------------------------------------------------------------------------
-def _generate(model, tokenizer, prompt_ids: list[int], stop: int, max_new_tokens: int) -> list[int]:
-    import torch
-
-    ids = torch.tensor([prompt_ids], device=model.device)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return out[0, len(prompt_ids) :].tolist()
-
-
 def _load(kind: str, params: Params, release: Path, merged: Path | None):
     """The model a user gets: `adapter` on the base as evaluate loaded it, `adapter_unquantized` on the base in its
     compute dtype (what the merge started from), or the `merged` folder alone."""
@@ -76,6 +60,7 @@ def run_child(request: dict) -> dict:
     from transformers import AutoTokenizer
 
     from tasks.common.chat_template import chat_template
+    from tasks.common.generation import greedy_new_tokens
 
     params = Params.model_validate(request["params"])
     release = Path(request["release"])
@@ -96,7 +81,8 @@ def run_child(request: dict) -> dict:
         model = _load(kind, params, release, merged)
         model.eval()
         result["tokens"][kind] = [
-            _generate(model, tokenizer, ids, stop, params.evaluate.max_new_tokens) for ids in served
+            greedy_new_tokens(model, ids, stop, tokenizer.pad_token_id, params.evaluate.max_new_tokens)
+            for ids in served
         ]
         del model
         if torch.cuda.is_available():
