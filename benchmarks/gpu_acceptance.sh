@@ -85,7 +85,7 @@ accept() {
 
 layouts() {
   cd "$CLONE"
-  .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work /tmp/layouts --bench "${BENCH:-$CLONE}" \
+  .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work "${WORK:-/tmp/layouts}" --bench "${BENCH:-$CLONE}" \
     --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
     ${RESUME:+--resume} ${EXTRA_S:-} 2>&1 | stamp | tee -a "$OUT/${RESULT:-layouts}.log"
 }

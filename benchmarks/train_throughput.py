@@ -19,15 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.common import bench_arguments, bench_params, model_mfu, save, workspace
 
-COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000"]
+# train.compile pinned off unless a configuration says otherwise: the presets' auto would decide by each run's length
+COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000", "train.compile=false"]
 # Loss logged every 10 steps, trl's default (SFTConfig.logging_steps) and so what plain_trl gets: each log reads the
 # loss off the GPU, a synchronize, and logging every step would charge both sides that stall ten times over. Each
 # logged loss is the mean over its 10 steps, so their mean is still the mean over all steps.
@@ -125,6 +128,18 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         40,
         False,
     ),
+    # ours_compile with Liger on: Liger then patches the loss alone (its fused LM head), the layers are inductor's
+    "ours_compile_liger": (
+        [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=true", "train.compile=true"],
+        40,
+        False,
+    ),
+    # ours_compile against an empty compile cache (its own folder, removed after): the cold first-step cost
+    "ours_compile_cold": (
+        [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false", "train.compile=true"],
+        40,
+        False,
+    ),
     # ours_compile on a base dequantized once for the run (train.dequantized_base): no per-step dequantization
     "ours_compile_deq": (
         [
@@ -184,6 +199,10 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the same with recomputation pinned on (the pre-auto default), and the planner's choice under card-sized caps
     # (a numeric budget also caps this process's CUDA memory at it, as a card of that size would).
     "recipe_auto": (["train.group_by_length=true"], 40, False),
+    # The whole recipe, one epoch (max_steps -1): compile off as before issue 32, and compile auto as shipped now (on
+    # when the planned epoch saves more than compiling costs: warm when an earlier run of the invocation compiled)
+    "recipe_epoch_eager": (["train.group_by_length=true", "train.compile=false"], -1, False),
+    "recipe_epoch_auto": (["train.group_by_length=true", "train.compile=auto"], -1, False),
     "recipe_gc": (["train.group_by_length=true", "train.gradient_checkpointing=true"], 40, False),
     "recipe_16gib": (["train.group_by_length=true", "train.memory_budget_gib=16"], 40, False),
     "recipe_24gib": (["train.group_by_length=true", "train.memory_budget_gib=24"], 40, False),
@@ -287,13 +306,16 @@ def run_one(name: str, args) -> dict:
             args.model_dir,
             [
                 *COMMON,
-                f"train.logging_steps={min(LOGGING_STEPS, steps)}",
+                f"train.logging_steps={LOGGING_STEPS if steps < 0 else min(LOGGING_STEPS, steps)}",
                 f"train.max_steps={steps}",
                 *overrides,
                 *args.overrides,
             ],
         )
         os.chdir(workspace(args.bench, work, params))
+        # One compile cache for the invocation (a later compiled run finds it warm), or an empty one for *_cold
+        cache = Path(tempfile.mkdtemp(prefix="cold-cache-")) if name.endswith("_cold") else args.work / "compile-cache"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
         budget = params.train.memory_budget_gib
         if isinstance(budget, float) and torch.cuda.is_available():  # behave as a card of `budget` GiB would
             torch.cuda.set_per_process_memory_fraction(
@@ -312,6 +334,8 @@ def run_one(name: str, args) -> dict:
                     model.train()
 
         metrics = train(params, extra_callbacks=[clock, HeldOut()])
+        if name.endswith("_cold"):
+            shutil.rmtree(cache, ignore_errors=True)
         r = {
             "steps": metrics["steps"],
             "micro_batch": metrics["micro_batch"],
@@ -327,6 +351,8 @@ def run_one(name: str, args) -> dict:
             "recompute_layers": metrics["recompute_layers"],
             "recompute_layers_mean": metrics["recompute_layers_mean"],
             "layout_reason": metrics["layout_reason"],
+            "train_wall_seconds": metrics["wall_seconds"],  # the stage's fit: first step (compiling) to the last
+            "compile": metrics["compile"],
             "losses": clock.losses,
             **result,
         }
@@ -361,11 +387,23 @@ def run_process(name: str, label: str) -> dict:
             f"(reserved {r['peak_reserved_gib']}, predicted {r['predicted_at_max_micro_batch_gib']} at "
             f"{r['max_micro_batch_tokens']} tokens)  micro {r['micro_batch']} x {r['grad_accum']}, "
             f"recompute {r.get('recompute_layers_mean')} layers  MFU {r['mfu']}  mean loss {r['mean_loss']}  "
-            f"held-out {r.get('heldout_loss')}  [{time.perf_counter() - start:.0f} s]",
+            f"held-out {r.get('heldout_loss')}  fit {r.get('train_wall_seconds')} s  {_compile_summary(r)}  "
+            f"[{time.perf_counter() - start:.0f} s]",
             flush=True,
         )
     r["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole process: load, compile, steps
     return r
+
+
+def _compile_summary(r: dict) -> str:
+    c = r.get("compile") or {}
+    if not c:
+        return ""
+    return (
+        f"compile {c.get('setting')}->{'on' if c.get('on') else 'off'} first step {c.get('first_step_seconds')} s "
+        f"(+{c.get('first_step_overhead_seconds')} s) graphs {c.get('graphs')} "
+        f"recompiled {c.get('recompilations_after_first_step')}"
+    )
 
 
 def main() -> None:

@@ -168,8 +168,9 @@ class TrainParams(_Strict):
     save_steps: int = Field(ge=1)
     padding_free: bool = Field(description="flatten each micro-batch into one row; varlen attention keeps rows apart")
     liger_kernels: bool = Field(description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (CUDA only)")
-    compile: bool = Field(
-        description="regional torch.compile: each decoder layer compiled (dynamic shapes), the rest eager (CUDA only)"
+    compile: bool | Literal["auto"] = Field(
+        description="regional torch.compile: the decoder block compiled once for every layer, the rest eager (CUDA "
+        "only); auto: on when the planned run saves more than compiling costs (tasks/train/compilation.py)"
     )
     sync_free_step: bool = Field(
         description="no CUDA synchronize inside a step: bitsandbytes' optimizer without its per-parameter waits, "

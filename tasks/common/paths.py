@@ -28,6 +28,8 @@ FORMAT_REPORT = FORMATTED_DIR / "report.json"
 ADAPTER_DIR = Path("artifacts/adapter")  # train: LoRA adapter + run record
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the LoRA weights in ADAPTER_DIR and RELEASE_DIR, as PEFT names them
 CHECKPOINT_DIR = Path("artifacts/checkpoints")  # train: resumable checkpoints (not cached by DVC)
+# train.compile: inductor's and Triton's caches, reused by the next run of the same configuration (not DVC's, not git's)
+COMPILE_CACHE = Path(".cache/torch-compile")
 TRAIN_METRICS = Path("metrics/train.json")  # the headline figures (`dvc metrics show`)
 TRAINING = Path("reports/training.json")  # every figure of the run: loss, speed, memory plan, batch split, processes
 DVCLIVE_DIR = Path("dvclive/train")

@@ -192,6 +192,12 @@ def estimate(
     )
 
 
+def liger_in_layers(params: Params) -> bool:
+    """Whether Liger's kernels run inside the decoder layers: with train.compile, Liger keeps only its fused loss
+    (dynamo cannot trace its RMSNorm, and inductor fuses the layer's elementwise work itself)."""
+    return params.train.liger_kernels and params.train.compile is not True
+
+
 def _activation_bytes(params: Params) -> int:
     t, q = params.train, params.quant
     return 4 if t.precision == "fp32" and q.compute_dtype == "float32" else 2
@@ -199,9 +205,9 @@ def _activation_bytes(params: Params) -> int:
 
 def _layer_bytes_per_token(shape: ModelShape, params: Params) -> float:
     """What one decoder layer keeps for the backward, per token, when it is not recomputed."""
-    i_share = ACT_PER_I_LIGER if params.train.liger_kernels else ACT_PER_I
+    i_share = ACT_PER_I_LIGER if liger_in_layers(params) else ACT_PER_I
     per_layer = (ACT_PER_H * shape.hidden + i_share * shape.intermediate) * _activation_bytes(params) / 2
-    return per_layer * (COMPILED_ACTIVATION_SHARE if params.train.compile else 1.0)
+    return per_layer * (COMPILED_ACTIVATION_SHARE if params.train.compile is True else 1.0)
 
 
 def _activation_bytes_per_token(shape: ModelShape, params: Params, recomputed: int) -> float:

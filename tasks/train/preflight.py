@@ -102,14 +102,9 @@ def hardware_problems(params: Params) -> list[str]:
         problems.append(f"train.optimizer={t.optimizer} needs a CUDA GPU (use adamw_torch on the CPU)")
     if not cuda and t.liger_kernels:
         problems.append("train.liger_kernels needs a CUDA GPU (set it to false on the CPU)")
-    if not cuda and t.compile:
-        problems.append("train.compile needs a CUDA GPU (inductor's Triton kernels; set it to false on the CPU)")
-    if t.compile and t.liger_kernels:
-        # Seen on an H200 (torch 2.11, liger-kernel 0.8.5): dynamo cannot trace Liger's RMSNorm autograd function
-        # (an AssertionError at the first step; benchmarks/results/vs_plain_trl_levers_h200.log)
+    if not cuda and t.compile is True:  # auto decides off without a GPU
         problems.append(
-            "train.compile does not work with train.liger_kernels (torch.compile fails on Liger's RMSNorm "
-            "at the first step): turn one of them off"
+            "train.compile needs a CUDA GPU (inductor's Triton kernels; set it to auto or false on the CPU)"
         )
     if t.dequantized_base and not params.quant.load_in_4bit:
         problems.append("train.dequantized_base keeps a 4-bit base dequantized; quant.load_in_4bit is false")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -27,7 +28,7 @@ import torch
 from tasks.common import paths
 from tasks.common.artifacts import no_space, sha256_file, staged_dir, write_json
 from tasks.common.base_model import load_base_model, load_config, load_tokenizer
-from tasks.common.config import Params, batch_split_problem, load_params
+from tasks.common.config import Params, batch_split_problem, load_params, with_overrides
 from tasks.common.conversation import Rendered
 from tasks.common.environment import environment
 from tasks.common.errors import PipelineError
@@ -42,12 +43,23 @@ from tasks.train.checkpoints import (
     resume_in_training_dtype,
     run_fingerprint,
 )
+from tasks.train.compilation import (
+    CompileMeter,
+    Decision,
+    compile_failure,
+    compile_layers,
+    configuration_key,
+    decide,
+    remember_compiled,
+    use_cache_folder,
+)
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
     ModelShape,
     estimate,
     layers_to_recompute,
+    liger_in_layers,
     plan,
     resolve_budget,
     use_expandable_segments,
@@ -57,6 +69,17 @@ from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
 
 log = logging.getLogger(__name__)
+
+# With train.compile, Liger patches the loss alone (its fused LM head and cross-entropy, outside the compiled layers):
+# dynamo fails to trace Liger's RMSNorm (an AssertionError at the first step on an H200, torch 2.11, liger-kernel
+# 0.8.5: benchmarks/results/vs_plain_trl_levers_h200.log), and inductor fuses norm, RoPE and SwiGLU itself.
+LIGER_LOSS_ONLY = {
+    "rope": False,
+    "rms_norm": False,
+    "swiglu": False,
+    "cross_entropy": False,
+    "fused_linear_cross_entropy": True,
+}
 
 
 # --- set-up steps -------------------------------------------------------------------------------------------------
@@ -72,12 +95,33 @@ def build_dataset(tokenizer, rows: list[Rendered], answer_only: bool, max_length
     return Dataset.from_dict({"input_ids": [t.input_ids for t in toks], "labels": [t.labels for t in toks]})
 
 
-def memory_plan(params: Params) -> tuple[ModelShape, Estimate]:
-    """Predict peak memory from the base's config; with a budget (auto: this GPU's), pick the fastest fitting layout."""
-    shape = ModelShape.from_config(load_config(params.model))
+def model_shape(params: Params) -> ModelShape:
+    """The base's shape, from its config alone (the weights are not loaded)."""
+    return ModelShape.from_config(load_config(params.model))
+
+
+def planned_tokens(dataset, params: Params) -> int:
+    """The tokens the run will train on: every row's ids, times the epochs (or the share of them max_steps allows)."""
+    t = params.train
+    tokens = sum(len(ids) for ids in dataset["input_ids"]) * t.epochs
+    if t.max_steps > 0:
+        steps = math.ceil(len(dataset) / (t.batch_size * t.grad_accum)) * t.epochs
+        tokens *= min(1.0, t.max_steps / steps)
+    return int(tokens)
+
+
+def compile_or_not(params: Params, dataset, shape: ModelShape, world_size: int) -> tuple[Params, Decision]:
+    """train.compile resolved to true or false for this run (auto weighs the planned run against the compile cost),
+    so that the memory plan and the trainer see what will run."""
+    decision = decide(params, shape, planned_tokens(dataset, params), world_size)
+    return with_overrides(params, **{"train.compile": decision.on}), decision
+
+
+def memory_plan(params: Params, shape: ModelShape) -> Estimate:
+    """Predict peak memory from the base's shape; with a budget (auto: this GPU's), pick the fastest fitting layout."""
     est = plan(shape, params, resolve_budget(params.train.memory_budget_gib, visible_gpu_gib()))
     log.info("memory planner: %s", est.describe())
-    return shape, est
+    return est
 
 
 def per_rank_batch(micro_batch: int, grad_accum: int, world_size: int) -> tuple[int, int]:
@@ -122,6 +166,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         packing=False,
         padding_free=t.padding_free,
         use_liger_kernel=t.liger_kernels,
+        liger_kernel_config=None if liger_in_layers(params) else LIGER_LOSS_ONLY,
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
         # No checkpoints under FSDP: with PEFT, the Trainer's sharded FSDP checkpoints hold an empty adapter (PEFT 0.21
@@ -183,6 +228,8 @@ class Run:
     resume: bool
     meter: object  # callbacks.ThroughputMeter: tokens/s, peak memory, the longest micro-batch
     recompute: object | None  # callbacks.RecomputeSomeLayers when the planner recomputes some layers only
+    compile_meter: object  # compilation.CompileMeter: the first step's cost, graphs, recompilations
+    compiled: Decision  # whether the decoder layers are compiled, and why (train.compile: auto decides)
 
     def layout(self) -> dict:
         """How the run was spread: the mode, the processes, their collective backend."""
@@ -200,6 +247,7 @@ def build_trainer(
     dataset,
     shape: ModelShape,
     est: Estimate,
+    decision: Decision,
     world: distributed.World,
     checkpoint_dir: Path,
     resume: bool,
@@ -227,7 +275,7 @@ def build_trainer(
         bias=params.lora.bias,
         task_type="CAUSAL_LM",
     )
-    meter = ThroughputMeter()
+    meter, compile_meter = ThroughputMeter(), CompileMeter()
     live = live_plots(resume, checkpoint_dir / "dvclive", main_process=world.rank == 0)
     recompute = None
     if est.partial_recompute or est.recompute_thresholds:
@@ -239,43 +287,20 @@ def build_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora,
-        callbacks=[meter, StopOnNonFiniteLoss(), MarkCompleteCheckpoints(), live, *extra_callbacks],
+        callbacks=[meter, compile_meter, StopOnNonFiniteLoss(), MarkCompleteCheckpoints(), live, *extra_callbacks],
     )
     meter.watch(trainer.model)
     resume_in_training_dtype(trainer)
     if params.train.dequantized_base:
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
-    if params.train.compile:
+    log.info("train.compile (%s): %s", decision.setting, decision.reason)
+    if decision.on:
+        use_cache_folder()
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
-    return Run(trainer, params, shape, est, resume, meter, recompute)
+    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision)
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
-
-
-def compile_failure(e: BaseException) -> bool:
-    """Whether an exception came out of torch.compile (dynamo or inductor), whatever its type."""
-    import traceback
-
-    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
-        return True
-    frames = traceback.extract_tb(e.__traceback__)
-    return any("/torch/_dynamo/" in f.filename or "/torch/_inductor/" in f.filename for f in frames)
-
-
-def compile_layers(model) -> int:
-    """Regional torch.compile: each decoder layer compiled in place (nn.Module.compile, so parameter names, the saved
-    adapter and recomputation are unchanged), the embeddings, loss and optimizer eager. All layers share one compiled
-    graph (same code, parameters as inputs), traced with dynamic shapes, since padding-free micro-batches vary in
-    length. Compilation happens at the first step; a failure there stops the run (fit), never falls back silently."""
-    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    if not layers:
-        raise PipelineError(
-            f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile: false"
-        )
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
 
 
 def fit(trainer, resume: bool, est: Estimate, params: Params):
@@ -295,7 +320,7 @@ def fit(trainer, resume: bool, est: Estimate, params: Params):
     except Exception as e:
         if no_space(e):  # a checkpoint (or the live plots) could not be written
             raise no_space_for_checkpoint(Path(trainer.args.output_dir), e) from None
-        if params.train.compile and compile_failure(e):
+        if params.train.compile is True and compile_failure(e):  # resolved by compile_or_not: auto is gone here
             raise PipelineError(
                 f"train.compile: torch.compile failed on the decoder layers ({type(e).__name__}: {str(e)[:500]}); "
                 "set train.compile: false to train eagerly."
@@ -422,6 +447,8 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         "recompute_layers_mean": float(est.recompute_layers) if mean_recomputed is None else mean_recomputed,
         "memory_budget_gib": est.budget_gib,  # what the planner fitted (auto: a share of this GPU's memory)
         "layout_reason": est.reason,
+        # train.compile: the decision and its reason, the first step's cost, graphs and recompilations after it
+        "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
@@ -455,6 +482,8 @@ def finish(
                 save_loss_curve(paths.LOSS_TSV, paths.LOSS_CURVE)
         write_json(report_path, metrics)
         write_json(metrics_path, headline(metrics))
+        if run.compiled.on and torch.cuda.is_available():  # the next run of this configuration finds the cache warm
+            remember_compiled(use_cache_folder(), configuration_key(run.params, run.shape, metrics["device"]))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the run finished: nothing left to resume
     trainer.accelerator.wait_for_everyone()  # the other ranks end once the adapter and metrics are in place
     log.info(
@@ -491,12 +520,14 @@ def train(
     with group.local_main_process_first() if group else contextlib.nullcontext():
         tokenizer = load_tokenizer(params.model)
         dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
-        shape, est = memory_plan(params)
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
+        shape = model_shape(params)
+        params, decision = compile_or_not(params, dataset, shape, world.size)
+        est = memory_plan(params, shape)
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
     model = load_model(params, world)
     run = build_trainer(
-        params, model, tokenizer, dataset, shape, est, world, checkpoint_dir, resume, extra_callbacks or []
+        params, model, tokenizer, dataset, shape, est, decision, world, checkpoint_dir, resume, extra_callbacks or []
     )
     start = time.perf_counter()
     result = fit(run.trainer, resume, est, params)

@@ -1,0 +1,215 @@
+"""train.compile: regional torch.compile of the decoder block, its on-disk cache, its cost, and `auto`'s decision.
+
+One graph for every layer. Each decoder layer is compiled in place (nn.Module.compile): dynamo caches by code, and
+the layers share their code, with parameters as graph inputs, so the block is traced and code-generated once and
+every other layer reuses it. Two things made layers differ and recompile, found by counting graphs on the CPU
+(tests/test_compilation.py): the first layer's input needs no gradient (the embeddings are frozen) while every other
+layer's does, and a KV cache guarded on each layer's index (the Trainer turns use_cache off; the test keeps it off).
+The first is closed here by asking for the embedding output's gradient (transformers' enable_input_require_grads):
+one more small matmul chain in the first layer's backward, against a second compilation of the whole block.
+
+The cache. Inductor's FX-graph and AOTAutograd caches (on by default) and Triton's kernels live under one folder,
+paths.COMPILE_CACHE (or the TORCHINDUCTOR_CACHE_DIR a user set), in the workspace rather than /tmp: the next run of
+the same configuration (a scheduled deployment, a resumed run, every DDP rank of this host) loads the compiled code
+instead of generating it again. Dynamo's own tracing is not cached; that is the warm run's remaining cost.
+
+`auto`. Compiling costs seconds at the first step and saves a share of every step after. `decide` weighs the two for
+the planned run, from the tokens it will train on (known exactly before the base loads), a modelled eager speed
+(this GPU's peak and the MFU measured for the eager recipe) and the measured compile cost, cold or warm (warm when
+a compiled run of the same configuration finished here before). The reason goes to reports/training.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from tasks.common import paths
+from tasks.common.artifacts import read_json, write_json
+from tasks.common.config import Params
+from tasks.common.errors import PipelineError
+from tasks.train.memory import ModelShape
+from tasks.train.mfu import flops_per_token, peak_flops
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable; Triton's cache goes inside it
+COMPILED_RUNS = "compiled-runs.json"  # in the cache folder: the configurations a compiled run finished with
+
+# The model behind `auto`, measured on one H100 80GB (7B recipe, 4-bit base, bf16; docs/performance.md, "Compile"):
+EAGER_MFU = 0.24  # the eager recipe's steady MFU (8,975 tokens/s at batch 4)
+COMPILE_SPEEDUP = 1.28  # steady tokens/s compiled over eager, same layout (15,403 against 12,010 at batch 8)
+COMPILE_COST_COLD_S = 40.0  # first-step overhead with an empty cache
+COMPILE_COST_WARM_S = 8.0  # first-step overhead when this configuration compiled here before
+
+
+@dataclass(frozen=True)
+class Decision:
+    on: bool
+    setting: str  # what train.compile said: "true", "false" or "auto"
+    reason: str
+    saving_s: float | None = None  # modelled seconds saved over the run (auto on a GPU with a known peak)
+    cost_s: float | None = None  # modelled compile overhead
+    cache_warm: bool | None = None
+
+    def record(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def use_cache_folder(folder: Path = paths.COMPILE_CACHE) -> Path:
+    """Point inductor (and Triton inside it) at `folder`, unless the user chose one with TORCHINDUCTOR_CACHE_DIR.
+    Set before the first compilation: inductor reads the variable when it first needs the folder."""
+    os.environ.setdefault(CACHE_ENV, str(folder.resolve()))
+    return Path(os.environ[CACHE_ENV])
+
+
+def configuration_key(params: Params, shape: ModelShape, device: str) -> str:
+    """What the compiled block depends on: the libraries, the GPU, the layer's shape and every setting traced into
+    it. Two runs with the same key reuse each other's cache entries."""
+    import triton  # noqa: F401  (present wherever compile runs: inductor's GPU backend)
+
+    t = params.train
+    parts = {
+        "torch": torch.__version__,
+        "device": device,
+        "shape": shape.__dict__,
+        "lora": params.lora.model_dump(),
+        "quant": params.quant.model_dump(),
+        "train": [t.precision, t.padding_free, t.dequantized_base],  # compiled, Liger keeps out of the layers
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _compiled_before(folder: Path, key: str) -> bool:
+    record = folder / COMPILED_RUNS
+    return record.is_file() and key in read_json(record).get("keys", [])
+
+
+def remember_compiled(folder: Path, key: str) -> None:
+    """After a compiled run finished: the next run of this configuration finds the cache warm."""
+    record = folder / COMPILED_RUNS
+    keys = read_json(record).get("keys", []) if record.is_file() else []
+    if key not in keys:
+        write_json(record, {"keys": [*keys, key]})
+
+
+def decide(params: Params, shape: ModelShape, planned_tokens: int, world_size: int = 1) -> Decision:
+    """Whether this run compiles its decoder layers, and why."""
+    setting = params.train.compile
+    if setting is not True and setting is not False:  # auto
+        return _auto(params, shape, planned_tokens, world_size)
+    return Decision(on=setting, setting=str(setting).lower(), reason="set by train.compile")
+
+
+def _auto(params: Params, shape: ModelShape, planned_tokens: int, world_size: int) -> Decision:
+    def off(why: str) -> Decision:
+        return Decision(on=False, setting="auto", reason=why)
+
+    if not torch.cuda.is_available():
+        return off("no CUDA GPU: inductor's Triton kernels need one")
+    device = torch.cuda.get_device_name()
+    peak = peak_flops(device)
+    if peak is None:
+        return off(f"no speed model for {device} (mfu.PEAK_BF16_FLOPS): set train.compile: true to compile anyway")
+    try:
+        key = configuration_key(params, shape, device)
+    except ImportError:
+        return off("Triton is not installed")
+    return weigh(planned_tokens, shape, peak, _compiled_before(use_cache_folder(), key), world_size)
+
+
+def weigh(planned_tokens: int, shape: ModelShape, peak: float, warm: bool, world_size: int = 1) -> Decision:
+    """auto's arithmetic: the eager run's modelled seconds (each process trains on its share of the tokens at
+    EAGER_MFU of the GPU's peak), the share compiling saves, against the cold or warm compile cost."""
+    eager_seconds = planned_tokens / world_size * flops_per_token(shape) / (peak * EAGER_MFU)
+    saving = eager_seconds * (1 - 1 / COMPILE_SPEEDUP)
+    cost = COMPILE_COST_WARM_S if warm else COMPILE_COST_COLD_S
+    on = saving > cost
+    reason = (
+        f"{planned_tokens:,} tokens, about {eager_seconds:.0f} s eager: compiling saves about {saving:.0f} s "
+        f"against {cost:.0f} s to compile ({'warm' if warm else 'empty'} cache): {'on' if on else 'off'}"
+    )
+    return Decision(on=on, setting="auto", reason=reason, saving_s=round(saving, 1), cost_s=cost, cache_warm=warm)
+
+
+def compile_failure(e: BaseException) -> bool:
+    """Whether an exception came out of torch.compile (dynamo or inductor), whatever its type."""
+    import traceback
+
+    if isinstance(e, torch._dynamo.exc.TorchDynamoException):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return any("/torch/_dynamo/" in f.filename or "/torch/_inductor/" in f.filename for f in frames)
+
+
+def decoder_layers(model) -> list:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """Regional torch.compile: each decoder layer compiled in place (nn.Module.compile, so parameter names, the saved
+    adapter and recomputation are unchanged), the embeddings, loss and optimizer eager; traced with dynamic shapes,
+    since padding-free micro-batches vary in length. Every layer's input asks for its gradient, so all share one
+    graph (module docstring). Compilation happens at the first step; a failure there stops the run (stage.fit)."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise PipelineError(
+            f"train.compile: no decoder layers found in {type(model).__name__}; set train.compile: false"
+        )
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend)
+    return len(layers)
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (each recompilation adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompileMeter(TrainerCallback):
+    """What compiling cost: the first step's wall time (one synchronize, there only), the graphs compiled by then,
+    and those compiled after it (recompilations: a new shape or setting the first trace did not cover)."""
+
+    def __init__(self):
+        self.first_step_start = self.first_step_seconds = None
+        self.graphs_after_first_step = self.graphs_at_end = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        if self.first_step_start is None:
+            self.first_step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.first_step_seconds is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.first_step_seconds = time.perf_counter() - self.first_step_start
+            self.graphs_after_first_step = compiled_graphs()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.graphs_at_end = compiled_graphs()
+
+    def report(self, steady_step_seconds: list[float]) -> dict:
+        """The figures for reports/training.json: the first step's overhead over a steady step (the median of the
+        later ones), graphs, and recompilations after the first step."""
+        if self.first_step_seconds is None:
+            return {}
+        steady = statistics.median(steady_step_seconds) if steady_step_seconds else None
+        return {
+            "first_step_seconds": round(self.first_step_seconds, 2),
+            "first_step_overhead_seconds": None if steady is None else round(self.first_step_seconds - steady, 2),
+            "graphs": self.graphs_at_end,
+            "recompilations_after_first_step": self.graphs_at_end - self.graphs_after_first_step,
+        }

@@ -1,0 +1,110 @@
+"""train.compile: one graph for every decoder layer, no recompilation as lengths change, the cache folder, and
+`auto`'s decision (tasks/train/compilation.py). Dynamo's graph counting is the same on the CPU as on a GPU; the
+aot_eager backend traces forward and backward as inductor would, without generating code."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tasks.common.config import with_overrides
+from tasks.train import compilation
+from tasks.train.memory import ModelShape
+
+LLAMA_7B = ModelShape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+
+
+def tiny_peft_llama(layers: int = 4):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        use_cache=False,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    model.train()
+    return model
+
+
+def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing():
+    """The first layer's input needs no gradient (frozen embeddings), the others' do: without asking for the
+    embedding output's gradient, the first layer was a second graph (counted 2 before the fix). Now one graph
+    serves all four layers, and five different lengths add none."""
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    model = tiny_peft_llama()
+    assert compilation.compile_layers(model, backend="aot_eager") == 4
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for length in (33, 47, 12, 64, 50):
+        ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        model(input_ids=ids, labels=ids).loss.backward()
+        graphs.append(compilation.compiled_graphs())
+    assert graphs == [1] * 5, graphs
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_cache_folder_is_the_workspaces_unless_the_user_chose_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
+    assert compilation.use_cache_folder(tmp_path / "cache") == tmp_path / "cache"
+    assert os.environ[compilation.CACHE_ENV] == str(tmp_path / "cache")
+    monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path / "mine"))
+    assert compilation.use_cache_folder(tmp_path / "cache") == tmp_path / "mine"  # the user's wins
+    assert not compilation._compiled_before(tmp_path / "mine", "abc")
+    (tmp_path / "mine").mkdir()
+    compilation.remember_compiled(tmp_path / "mine", "abc")
+    compilation.remember_compiled(tmp_path / "mine", "abc")
+    compilation.remember_compiled(tmp_path / "mine", "def")
+    mine = tmp_path / "mine"
+    assert compilation._compiled_before(mine, "abc") and compilation._compiled_before(mine, "def")
+
+
+def test_auto_weighs_the_planned_run_against_the_compile_cost():
+    """The 1k-row recipe on an H100 (about 464k tokens) against a 10k-row run, with an empty and a warm cache."""
+    h100 = 989e12
+    small_cold = compilation.weigh(464_000, LLAMA_7B, h100, warm=False)
+    small_warm = compilation.weigh(464_000, LLAMA_7B, h100, warm=True)
+    large_cold = compilation.weigh(4_640_000, LLAMA_7B, h100, warm=False)
+    assert small_warm.saving_s == small_cold.saving_s and 0 < small_cold.saving_s < large_cold.saving_s
+    assert large_cold.saving_s == pytest.approx(10 * small_cold.saving_s, rel=1e-3)
+    assert large_cold.on and "on" in large_cold.reason and "empty cache" in large_cold.reason
+    assert small_warm.cost_s < small_cold.cost_s
+    assert small_cold.on is (small_cold.saving_s > compilation.COMPILE_COST_COLD_S)
+    # two processes share the tokens: each runs half as long, so saves half as much
+    assert compilation.weigh(4_640_000, LLAMA_7B, h100, warm=False, world_size=2).saving_s == pytest.approx(
+        large_cold.saving_s / 2, rel=1e-3
+    )
+
+
+def test_pinned_settings_pass_through_and_auto_is_off_without_a_gpu(params):
+    on = compilation.decide(with_overrides(params, **{"train.compile": True}), LLAMA_7B, 10**6)
+    off = compilation.decide(with_overrides(params, **{"train.compile": False}), LLAMA_7B, 10**9)
+    assert (on.on, on.setting, off.on, off.setting) == (True, "true", False, "false")
+    if torch.cuda.is_available():
+        pytest.skip("the no-GPU decision is for a machine without CUDA")
+    auto = compilation.decide(with_overrides(params, **{"train.compile": "auto"}), LLAMA_7B, 10**9)
+    assert not auto.on and auto.setting == "auto" and "no CUDA GPU" in auto.reason
+
+
+def test_the_meter_reports_the_first_steps_overhead_and_recompilations():
+    meter = compilation.CompileMeter()
+    assert meter.report([0.1]) == {}  # no step ran
+    meter.on_step_begin(None, None, None)
+    meter.on_step_end(None, None, None)
+    meter.on_train_end(None, None, None)
+    report = meter.report([0.0, 0.0, 0.0])
+    assert report["recompilations_after_first_step"] == 0 and report["first_step_seconds"] >= 0
+    assert report["first_step_overhead_seconds"] == report["first_step_seconds"]
