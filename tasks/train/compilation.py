@@ -186,6 +186,7 @@ class CompileMeter(TrainerCallback):
     def __init__(self):
         self.first_step_start = self.first_step_seconds = None
         self.graphs_after_first_step = self.graphs_at_end = None
+        self.cache_counters: dict = {}
 
     def on_step_begin(self, args, state, control, **kw):
         if self.first_step_start is None:
@@ -199,7 +200,18 @@ class CompileMeter(TrainerCallback):
             self.graphs_after_first_step = compiled_graphs()
 
     def on_train_end(self, args, state, control, **kw):
+        from torch._dynamo.utils import compile_times, counters
+
         self.graphs_at_end = compiled_graphs()
+        # whether inductor's and AOTAutograd's caches were hit (a warm run) and where compile time went
+        self.cache_counters = {
+            f"{group}.{k}": v
+            for group in ("inductor", "aot_autograd")
+            for k, v in counters[group].items()
+            if "cache" in k
+        }
+        if self.graphs_at_end:
+            log.info("torch.compile times:\n%s", compile_times(repr="str"))
 
     def report(self, steady_step_seconds: list[float]) -> dict:
         """The figures for reports/training.json: the first step's overhead over a steady step (the median of the
@@ -212,4 +224,5 @@ class CompileMeter(TrainerCallback):
             "first_step_overhead_seconds": None if steady is None else round(self.first_step_seconds - steady, 2),
             "graphs": self.graphs_at_end,
             "recompilations_after_first_step": self.graphs_at_end - self.graphs_after_first_step,
+            **({"cache": self.cache_counters} if self.cache_counters else {}),
         }
