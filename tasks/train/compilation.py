@@ -48,9 +48,11 @@ COMPILED_RUNS = "compiled-runs.json"  # in the cache folder: the configurations 
 # The model behind `auto`, measured on one H100 80GB (7B recipe, 4-bit base, bf16; docs/performance.md, "Compile"):
 EAGER_MFU = 0.24  # the eager recipe's steady MFU (8,975 tokens/s at batch 4)
 COMPILE_SPEEDUP = 1.28  # steady tokens/s compiled over eager, same layout (15,403 against 12,010 at batch 8)
-# first-step overhead, one H100, 7B shape, one graph for all layers (benchmarks/results/compile_h100/compile_h100.json):
-COMPILE_COST_COLD_S = 53.0  # with an empty cache (53.8 s and 52.2 s)
-COMPILE_COST_WARM_S = 36.5  # when this configuration compiled here before (36.5 s)
+# First-step overhead, 7B Llama-2 shape, one graph for all layers, on two H100 machines (benchmarks/results/
+# compile_h100/): 53.8, 52.2 and 90.3 s with an empty cache; 36.5 and 58.8 s warm (inductor's FX-graph cache hit,
+# AOTAutograd's bypassed). The means:
+COMPILE_COST_COLD_S = 65.0
+COMPILE_COST_WARM_S = 48.0
 
 
 @dataclass(frozen=True)

@@ -192,9 +192,11 @@ def estimate(
     )
 
 
-def liger_in_layers(params: Params) -> bool:
-    """Whether Liger's kernels run inside the decoder layers: with train.compile, Liger keeps only its fused loss
-    (dynamo cannot trace its RMSNorm, and inductor fuses the layer's elementwise work itself)."""
+def liger_applied(params: Params) -> bool:
+    """Whether Liger's kernels run: not in a compiled run, whatever train.liger_kernels says. Dynamo cannot trace
+    Liger's RMSNorm (an AssertionError at the first step on an H200, torch 2.11, liger-kernel 0.8.5:
+    benchmarks/results/vs_plain_trl_levers_h200.log), trl 1.16 refuses Liger on the loss alone (its own fused LM head
+    replaces the model's forward), and inductor fuses norm, RoPE and SwiGLU itself."""
     return params.train.liger_kernels and params.train.compile is not True
 
 
@@ -205,7 +207,7 @@ def _activation_bytes(params: Params) -> int:
 
 def _layer_bytes_per_token(shape: ModelShape, params: Params) -> float:
     """What one decoder layer keeps for the backward, per token, when it is not recomputed."""
-    i_share = ACT_PER_I_LIGER if liger_in_layers(params) else ACT_PER_I
+    i_share = ACT_PER_I_LIGER if liger_applied(params) else ACT_PER_I
     per_layer = (ACT_PER_H * shape.hidden + i_share * shape.intermediate) * _activation_bytes(params) / 2
     return per_layer * (COMPILED_ACTIVATION_SHARE if params.train.compile is True else 1.0)
 

@@ -59,7 +59,7 @@ from tasks.train.memory import (
     ModelShape,
     estimate,
     layers_to_recompute,
-    liger_in_layers,
+    liger_applied,
     plan,
     resolve_budget,
     use_expandable_segments,
@@ -69,17 +69,6 @@ from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
 
 log = logging.getLogger(__name__)
-
-# With train.compile, Liger patches the loss alone (its fused LM head and cross-entropy, outside the compiled layers):
-# dynamo fails to trace Liger's RMSNorm (an AssertionError at the first step on an H200, torch 2.11, liger-kernel
-# 0.8.5: benchmarks/results/vs_plain_trl_levers_h200.log), and inductor fuses norm, RoPE and SwiGLU itself.
-LIGER_LOSS_ONLY = {
-    "rope": False,
-    "rms_norm": False,
-    "swiglu": False,
-    "cross_entropy": False,
-    "fused_linear_cross_entropy": True,
-}
 
 
 # --- set-up steps -------------------------------------------------------------------------------------------------
@@ -165,8 +154,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         max_length=None,  # rows were cut to model.max_length in build_dataset
         packing=False,
         padding_free=t.padding_free,
-        use_liger_kernel=t.liger_kernels,
-        liger_kernel_config=None if liger_in_layers(params) else LIGER_LOSS_ONLY,
+        use_liger_kernel=liger_applied(params),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
         # No checkpoints under FSDP: with PEFT, the Trainer's sharded FSDP checkpoints hold an empty adapter (PEFT 0.21
@@ -295,6 +283,8 @@ def build_trainer(
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
     log.info("train.compile (%s): %s", decision.setting, decision.reason)
     if decision.on:
+        if params.train.liger_kernels:
+            log.info("train.liger_kernels: off in this compiled run (inductor fuses the layers; memory.liger_applied)")
         use_cache_folder()
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
     return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision)
