@@ -132,7 +132,7 @@ def benchmarks_table(bench: dict | None) -> str:
         for metric, pair in (figures or {}).get("metrics", {}).items():
             better = (figures.get("higher_is_better") or {}).get(metric)
             arrow = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
-            base, tuned = (f"{v:.4f}" if v is not None else "n/a" for v in (pair["base"], pair["tuned"]))
+            base, tuned = (_with_stderr(pair[k], pair[f"{k}_stderr"]) for k in ("base", "tuned"))
             rows.append(f"| {task} | {metric}{arrow} | {figures['n_samples']} | {base} | {tuned} |")
     shots = bench["num_fewshot"] if bench["num_fewshot"] is not None else "each task's default"
     limit = f"at most {bench['limit']} examples a task" if bench["limit"] else "every example"
@@ -140,6 +140,12 @@ def benchmarks_table(bench: dict | None) -> str:
         f"\n### Standard benchmarks (lm-evaluation-harness {bench['lm_eval_version']}; {limit}, few-shot: {shots})\n\n"
         "| task | metric | examples | base | tuned |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
+
+
+def _with_stderr(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
 def model_card(params: Params, lineage: dict, prompt: str) -> str:
