@@ -1,8 +1,8 @@
 # Two entry points for a fresh clone (see README):  make run   |   make test
 # Every install comes from the lock in requirements/ (hash-checked, docs/environment.md says how it is made):
-#   requirements/cpu.lock  the project, its dev and lint extras, and PyTorch's CPU wheel (what CI tests)
+#   requirements/cpu.lock  the project, its dev, lint and bench extras, and PyTorch's CPU wheel (what CI tests)
 #   requirements/gpu.lock  the same plus the gpu extra, without torch/triton: a GPU box keeps its CUDA torch
-#   requirements/build.lock  setuptools, which builds this project and the one sdist in the lock (antlr4)
+#   requirements/build.lock  setuptools, which builds this project and the lock's few sdists (antlr4, rouge-score, ...)
 # TORCH=lock (default) installs the locked CPU torch; TORCH=skip keeps the torch of the python3 running make
 # (a venv's or the system's) and installs gpu.lock when that torch is a CUDA build.
 # Offline, point pip at a wheelhouse made by `make wheelhouse`:
@@ -96,7 +96,7 @@ test-latest:
 	grep -oE '^torch==[^ ]+' requirements/cpu.lock > .venv-latest/torch-constraint.txt
 	.venv-latest/bin/python -m pip install -q -r .venv-latest/torch-constraint.txt
 	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-constraint.txt \
-	  -e ".[dev,lint]"
+	  -e ".[dev,lint,bench]"
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/installed.txt
 	PATH="$(CURDIR)/.venv-latest/bin:$$PATH" .venv-latest/bin/python -m pytest -q -ra
 

@@ -203,11 +203,23 @@ class TrainParams(_Strict):
         return self
 
 
+class BenchmarkParams(_Strict):
+    """Standard benchmarks through lm-evaluation-harness, base vs tuned (tasks/evaluate/benchmarks.py)."""
+
+    tasks: list[str] = Field(
+        description="lm-eval task, group or tag names, and heldout_answers (the held-out rows' answers, built in); "
+        "empty: no benchmark runs"
+    )
+    limit: int | None = Field(ge=1, description="examples per task (null: all of them)")
+    num_fewshot: int | None = Field(ge=0, description="few-shot examples (null: each task's own default)")
+
+
 class EvaluateParams(_Strict):
     max_rows: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
     prompts: list[str] = Field(min_length=1)
+    benchmarks: BenchmarkParams
 
 
 class PublishParams(_Strict):

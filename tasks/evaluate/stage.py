@@ -4,7 +4,8 @@ Loss is the mean over answer tokens only (the same labels training used), so bas
 compared on exactly what the adapter was taught. Generations use the chat template and report
 stop rate (ended with the template's end-of-turn token, e.g. </s> or <|eot_id|>, before max_new_tokens) and template
 leakage (a template's markers, [INST] or <|im_start|>, in the output).
-The base is loaded once; its score is taken with the adapter disabled.
+The base is loaded once; its score is taken with the adapter disabled. Standard benchmarks (lm-evaluation-harness,
+evaluate.benchmarks) run on that same model object, base then tuned (tasks/evaluate/benchmarks.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tasks.common.errors import PipelineError
 from tasks.common.formatted import load_rows
 from tasks.common.generation import greedy_new_tokens
 from tasks.common.tokens import IGNORE, tokenize_rendered, truncate
+from tasks.evaluate import benchmarks
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,10 @@ def headline(metrics: dict) -> dict:
     column it shares with the training loss) and the share of its generations it ends itself. Short names and
     rounded figures, so that the one table of every stage fits an 80-column terminal; every figure, the base's
     among them, at full precision, is in reports/evaluation.json."""
-    return {"loss": round(metrics["tuned"]["loss"], 3), "stops": metrics["tuned"]["stop_rate"]}
+    out = {"loss": round(metrics["tuned"]["loss"], 3), "stops": metrics["tuned"]["stop_rate"]}
+    if "benchmarks" in metrics:  # only when evaluate.benchmarks.tasks names some
+        out["benchmarks"] = benchmarks.headline(metrics["benchmarks"])
+    return out
 
 
 def evaluate(
@@ -127,6 +132,8 @@ def evaluate(
     batches = make_batches(tokenizer, rows, params.model.max_length, params.evaluate.batch_size)
     if not batches:
         raise PipelineError(f"{eval_rows} has no row with an answer token inside model.max_length to evaluate on.")
+    # the benchmarks' tasks and data before the model: one whose data cannot be had stops the stage here
+    prepared = benchmarks.prepare(params.evaluate.benchmarks.tasks, rows) if params.evaluate.benchmarks.tasks else None
 
     model = PeftModel.from_pretrained(load_base_model(params.model, params.quant), adapter_dir)
     model.eval()
@@ -143,6 +150,8 @@ def evaluate(
         "tuned": _summary(tuned_loss, tokens, tuned_gens),
         "loss_improvement": round(base_loss - tuned_loss, 6),
     }
+    if prepared is not None:
+        metrics["benchmarks"] = benchmarks.run(model, tokenizer, prepared, params)
     # What was evaluated, beside the metrics (not in them: `dvc metrics show` is for numbers).
     write_json(
         run_path,

@@ -121,6 +121,33 @@ def _eval_row(name: str, m: dict) -> str:
     )
 
 
+def benchmarks_table(bench: dict | None) -> str:
+    """The card's table of standard benchmarks (evaluate.benchmarks), each requested task's metrics base and tuned;
+    nothing when none ran."""
+    if not bench:
+        return ""
+    rows = []
+    for task in bench["requested"]:
+        figures = bench["tasks"].get(task)
+        for metric, pair in (figures or {}).get("metrics", {}).items():
+            better = (figures.get("higher_is_better") or {}).get(metric)
+            arrow = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
+            base, tuned = (_with_stderr(pair[k], pair[f"{k}_stderr"]) for k in ("base", "tuned"))
+            rows.append(f"| {task} | {metric}{arrow} | {figures['n_samples']} | {base} | {tuned} |")
+    shots = bench["num_fewshot"] if bench["num_fewshot"] is not None else "each task's default"
+    limit = f"at most {bench['limit']} examples a task" if bench["limit"] else "every example"
+    return (
+        f"\n### Standard benchmarks (lm-evaluation-harness {bench['lm_eval_version']}; {limit}, few-shot: {shots})\n\n"
+        "| task | metric | examples | base | tuned |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _with_stderr(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+
+
 def model_card(params: Params, lineage: dict, prompt: str) -> str:
     ev, tr = lineage["evaluation"], lineage["training"]["metrics"]
     src = lineage["source"]
@@ -144,7 +171,7 @@ Release `{lineage["release"]["id"]}`, code commit `{lineage["code"]["git_commit"
 |---|---|---|---|---|
 {_eval_row("base", ev["base"])}
 {_eval_row("tuned", ev["tuned"])}
-
+{benchmarks_table(ev.get("benchmarks"))}
 ## Training
 
 LoRA r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, modules {", ".join(lora.target_modules)};
