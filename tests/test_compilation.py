@@ -41,7 +41,7 @@ def tiny_peft_llama(layers: int = 4):
 def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing():
     """The first layer's input needs no gradient (frozen embeddings), the others' do: without asking for the
     embedding output's gradient, the first layer was a second graph (counted 2 before the fix). Now one graph
-    serves all four layers, and five different lengths add none."""
+    serves all four layers, traced once, and five different lengths add none."""
     import torch._dynamo.utils
 
     torch._dynamo.reset()
@@ -54,13 +54,17 @@ def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing(
         model(input_ids=ids, labels=ids).loss.backward()
         graphs.append(compilation.compiled_graphs())
     assert graphs == [1] * 5, graphs
+    # traced once: no restart of dynamo's analysis over Python floats (compile_settings' specialize_float; it was 2)
+    assert torch._dynamo.utils.counters["aot_autograd"]["total"] == 1
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
-def test_the_cache_folder_is_the_workspaces_unless_the_user_chose_one(tmp_path, monkeypatch):
+def test_the_cache_folder_is_the_workspaces_per_library_versions_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
-    assert compilation.use_cache_folder(tmp_path / "cache") == tmp_path / "cache"
-    assert os.environ[compilation.CACHE_ENV] == str(tmp_path / "cache")
+    folder = compilation.use_cache_folder(tmp_path / "cache")
+    assert folder.parent == tmp_path / "cache" and folder.name == compilation.library_key()
+    assert os.environ[compilation.CACHE_ENV] == str(folder)
+    monkeypatch.delenv(compilation.CACHE_ENV)
     monkeypatch.setenv(compilation.CACHE_ENV, str(tmp_path / "mine"))
     assert compilation.use_cache_folder(tmp_path / "cache") == tmp_path / "mine"  # the user's wins
     assert not compilation._compiled_before(tmp_path / "mine", "abc")

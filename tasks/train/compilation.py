@@ -68,11 +68,54 @@ class Decision:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+# The libraries whose Python code is traced into the compiled block, custom autograd.Functions included (bitsandbytes'
+# 4-bit matmul): the cache folder is one per set of their versions, because AOTAutograd's cache key does not cover a
+# custom Function's source (compile_settings), so an upgrade must not find the old entries.
+TRACED_LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+
+
+def library_key() -> str:
+    import importlib.metadata as md
+
+    versions = []
+    for name in TRACED_LIBRARIES:
+        try:
+            versions.append(f"{name}={md.version(name)}")
+        except md.PackageNotFoundError:
+            versions.append(f"{name}=none")
+    return hashlib.sha256(";".join(versions).encode()).hexdigest()[:12]
+
+
 def use_cache_folder(folder: Path = paths.COMPILE_CACHE) -> Path:
-    """Point inductor (and Triton inside it) at `folder`, unless the user chose one with TORCHINDUCTOR_CACHE_DIR.
-    Set before the first compilation: inductor reads the variable when it first needs the folder."""
-    os.environ.setdefault(CACHE_ENV, str(folder.resolve()))
+    """Point inductor (and Triton inside it) at folder/<library versions>, unless the user chose a folder with
+    TORCHINDUCTOR_CACHE_DIR. Set before the first compilation: inductor reads the variable when it first needs it."""
+    os.environ.setdefault(CACHE_ENV, str((folder / library_key()).resolve()))
     return Path(os.environ[CACHE_ENV])
+
+
+def compile_settings() -> dict:
+    """Two settings of this process's torch.compile, each measured on the CPU (tiny 4-bit Llama, inductor, the first
+    step's seconds, medians of 2; benchmarks/results/compile_settings_cpu.json): cold 21.5 -> 19.4 s, warm 6.7 -> 3.2 s.
+    - specialize_float: with dynamic shapes dynamo first traces Python floats (dropout p, LoRA scaling, eps) as
+      symbols, then fails to turn them into tensors and restarts the whole analysis ("Restarting analysis due to
+      _tensorify_python_scalars"); fixed floats from the start trace once. They are the same in every layer and
+      step, so nothing recompiles.
+    - autograd_cache_allow_custom_autograd_functions: without it AOTAutograd's cache is bypassed for any graph
+      holding a custom autograd.Function (bitsandbytes' 4-bit matmul: "Unsupported call_function target
+      autograd_function_apply"), so a warm run traced and partitioned the joint graph again. Safe here because the
+      cache folder is per library versions (use_cache_folder)."""
+    import torch._dynamo.config
+    import torch._functorch.config
+
+    settings = {}
+    for module, name in (
+        (torch._dynamo.config, "specialize_float"),
+        (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"),
+    ):
+        if hasattr(module, name):  # a torch without one keeps its default
+            setattr(module, name, True)
+            settings[name] = True
+    return settings
 
 
 def configuration_key(params: Params, shape: ModelShape, device: str) -> str:
@@ -170,6 +213,7 @@ def compile_layers(model, backend: str = "inductor") -> int:
         )
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+    compile_settings()
     for layer in layers:
         layer.compile(dynamic=True, backend=backend)
     return len(layers)
