@@ -25,20 +25,22 @@ from pathlib import Path
 SETTINGS = ("defaults", "stage")
 
 
-def build_tiny(out: Path) -> Path:
+# Four decoder layers: tiny, or of Llama-2-7B's shape (the compiled block is one graph whatever the layer count, so
+# four layers cost what 32 do to compile)
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=1024),
+    "llama2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, vocab_size=32000
+    ),
+}
+
+
+def build_base(out: Path, shape: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=1024,
-        use_cache=False,
-    )
+    config = LlamaConfig(num_hidden_layers=4, use_cache=False, **SHAPES[shape])
     LlamaForCausalLM(config).save_pretrained(out)
     return out
 
@@ -92,7 +94,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model-dir", type=Path, help="a base to compile (default: a tiny 4-layer Llama built here)")
+    ap.add_argument("--model-dir", type=Path, help="a base to compile (default: a 4-layer Llama built here)")
+    ap.add_argument("--shape", choices=SHAPES, default="tiny", help="the built base's layer shape")
     ap.add_argument("--measure", choices=SETTINGS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
@@ -101,7 +104,7 @@ def main() -> None:
     if args.out is None:
         ap.error("--out is required")
     scratch = Path(tempfile.mkdtemp(prefix="compile-cost-"))
-    model_dir = args.model_dir or build_tiny(scratch / "tiny")
+    model_dir = args.model_dir or build_base(scratch / "base", args.shape)
     runs: dict[str, dict[str, list]] = {s: {"cold": [], "warm": []} for s in SETTINGS}
     for rep in range(args.repeats):
         for setting in SETTINGS:
