@@ -100,6 +100,17 @@ def content_key(conv: Conversation) -> str:
     return hashlib.sha256(near_duplicate_key(conv).encode("utf-8")).hexdigest()
 
 
+def key_words(keys: list[str]):
+    """The first 128 bits of content keys (64-character hex sha256s) as two uint64 arrays (high, low): what
+    validate finds duplicates by and format orders the split by, 16 bytes a row instead of a 64-character string.
+    Big-endian, so (high, low) sorts as the hex keys do. Two different keys agree in 128 bits with probability
+    about rows^2 / 2^129: 1.5e-25 at ten million rows."""
+    import numpy as np
+
+    words = np.frombuffer(bytes.fromhex("".join(k[:32] for k in keys)), dtype=">u8").reshape(-1, 2)
+    return words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
+
+
 def _clean(text: str) -> str:
     # Windows newlines and stray edge whitespace are transport noise, not content.
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()

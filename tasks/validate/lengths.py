@@ -128,11 +128,11 @@ def save_histogram(n_tokens: np.ndarray, max_length: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = n_tokens.tolist()
+    n = np.asarray(n_tokens, dtype=np.int64)  # an array, not a list: 8 bytes a row, where a Python int takes 36
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
     ax.hist(n, bins=min(60, max(10, len(n) // 5)), color="#4c72b0")
     ax.axvline(max_length, color="#c44e52", linestyle="--", label=f"max_length = {max_length}")
-    over = sum(x > max_length for x in n)
+    over = int((n > max_length).sum())
     ax.set_title(f"Tokens per conversation ({len(n)} rows, {over} over max_length)")
     ax.set_xlabel("tokens (chat template included)")
     ax.set_ylabel("rows")

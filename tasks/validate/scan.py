@@ -1,10 +1,15 @@
-"""validate's one pass over the raw rows: parse, features, duplicates, render, token counts, in bounded memory.
+"""validate's one pass over the raw rows: parse, features, duplicates, render, token counts, in flat memory.
 
 The raw rows are read in blocks, never all at once: a million conversations are gigabytes of text, while what the
 suite needs is a compact table of per-row features (counts, flags). Each row is parsed, rendered and tokenized
 exactly once; its conversation goes straight to a candidates file, with its token counts and its content key
 (the sha256 of its folded text), which format uses to split without re-reading the text. Duplicates are found by
 that key, first occurrence kept, so no text is held to compare.
+
+What is kept a row is numpy, not Python objects (issue 29: Python lists of ints, bools and 32-byte digests cost
+about 0.9 KB a row and left the heap fragmented): each feature as a 4-byte code or an 8-byte count, the content
+key's first 128 bits (16 bytes, SeenKeys), the renderable rows' index and token counts (32 bytes). About 90 bytes
+a row in all, 0.9 GB at ten million rows; the suite's table is built from them at the end (Scan.frame).
 
 The fast tokenizer releases the GIL, so each block is tokenized on a worker thread while the next block is parsed.
 """
@@ -23,45 +28,134 @@ import pandas as pd
 
 from tasks.common.artifacts import atomic_writer, jsonl_line
 from tasks.common.chat_template import ChatTemplate
-from tasks.common.conversation import FORM_MARKERS, ParseError, content_key, detect_form, parse_row
+from tasks.common.conversation import FORM_MARKERS, ParseError, content_key, detect_form, key_words, parse_row
 from tasks.common.errors import PipelineError
 from tasks.validate.expectations import FEATURES, conversation_features
 from tasks.validate.lengths import length_rows, measure_rendered
 
 BLOCK_ROWS = 2000  # rows a block: large enough for the tokenizer's batching, small enough to bound memory
 
+# Features whose values are None, bools or a few short strings: kept as a code a row into the column's own values.
+CODED = ("form", "roles_alternate", "last_role", "has_template_marker", "has_replacement_char", "has_control_char")
+# Counts, present for the rows that parse (absent, so null, for the rest).
+COUNTS = ("n_turns", "min_turn_chars", "total_chars")
+
+
+class SeenKeys:
+    """The content keys seen so far, as their first 128 bits (conversation.key_words), for duplicates: a few sorted
+    runs of unique keys, merged as they grow (each key is moved about log2(rows / block) times), looked up with a
+    binary search. 16 bytes a unique row, where a Python set of 32-byte digests took about 110."""
+
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (high, low) words, each run sorted by (high, low)
+
+    def add(self, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+        """Whether each key (in order) was seen before it: in an earlier call, or earlier in this one."""
+        order = np.lexsort((low, high))  # stable: of equal keys, the earliest comes first
+        sorted_high, sorted_low = high[order], low[order]
+        repeat = np.zeros(len(order), dtype=bool)
+        repeat[1:] = (sorted_high[1:] == sorted_high[:-1]) & (sorted_low[1:] == sorted_low[:-1])
+        duplicate = np.zeros(len(order), dtype=bool)
+        duplicate[order] = repeat
+        first_high, first_low, first_at = sorted_high[~repeat], sorted_low[~repeat], order[~repeat]
+        seen = np.zeros(len(first_high), dtype=bool)
+        for run_high, run_low in self._runs:
+            seen |= _contains(run_high, run_low, first_high, first_low)
+        duplicate[first_at[seen]] = True
+        if (~seen).any():
+            self._runs.append((first_high[~seen], first_low[~seen]))
+            while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+                (h1, l1), (h2, l2) = self._runs.pop(), self._runs.pop()
+                merged_high, merged_low = np.concatenate((h2, h1)), np.concatenate((l2, l1))
+                by_key = np.lexsort((merged_low, merged_high))
+                self._runs.append((merged_high[by_key], merged_low[by_key]))
+        return duplicate
+
+
+def _contains(run_high, run_low, high, low) -> np.ndarray:
+    """Whether each (high, low) is in the run (sorted by (high, low)). Keys sharing their high word are rare (about
+    rows^2 / 2^65), so a range of more than one entry is searched in Python."""
+    left, right = np.searchsorted(run_high, high, "left"), np.searchsorted(run_high, high, "right")
+    found = np.zeros(len(high), dtype=bool)
+    single = right - left == 1
+    found[single] = run_low[left[single]] == low[single]
+    for k in np.flatnonzero(right - left > 1):
+        found[k] = bool((run_low[left[k] : right[k]] == low[k]).any())
+    return found
+
 
 @dataclass
 class Scan:
-    """What one pass over the raw rows leaves: a value per row for each feature, and per renderable row its index
-    (in the candidates file's line order) and its [n_tokens, answer_tokens, answer_tokens_cut]."""
+    """What one pass over the raw rows leaves, compact: per row a code or a count for each feature and whether it
+    is a duplicate; per renderable row its index (in the candidates file's line order) and its [n_tokens,
+    answer_tokens, answer_tokens_cut]. Blocks of numpy arrays, joined when read."""
 
-    features: dict[str, list] = field(default_factory=lambda: {name: [] for name in FEATURES})
-    is_duplicate: list[bool] = field(default_factory=list)
+    values: dict[str, dict] = field(default_factory=lambda: {name: {} for name in CODED})  # value -> code
+    codes: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in CODED})
+    counts: dict[str, list[np.ndarray]] = field(default_factory=lambda: {name: [] for name in COUNTS})
+    duplicates: list[np.ndarray] = field(default_factory=list)
     parse_errors: dict[int, str] = field(default_factory=dict)
-    renderable: list[int] = field(default_factory=list)
+    renderable_blocks: list[np.ndarray] = field(default_factory=list)
     measured: list[np.ndarray] = field(default_factory=list)
     input_sha256: str = ""
+    rows: int = 0
+
+    def add_features(self, features: list[dict], duplicate: np.ndarray) -> None:
+        """One block's features (conversation_features' dicts, in row order) and duplicate flags."""
+        for name in CODED:
+            values = self.values[name]
+            # an absent feature (a row that does not parse) is None, as the suite's table has it
+            self.codes[name].append(np.array([values.setdefault(f.get(name), len(values)) for f in features], np.int32))
+        for name in COUNTS:
+            self.counts[name].append(np.array([f.get(name, 0) for f in features], dtype=np.int64))
+        self.duplicates.append(duplicate)
+        self.rows += len(features)
 
     @property
-    def rows(self) -> int:
-        return len(self.is_duplicate)
+    def renderable(self) -> np.ndarray:
+        return _joined(self.renderable_blocks, np.int64)
 
     def lengths(self) -> np.ndarray:
         return np.concatenate(self.measured) if self.measured else np.zeros((0, 3), dtype=np.int64)
 
     def frame(self) -> pd.DataFrame:
-        """The suite's table: one row per raw row (structure features null where the row did not parse)."""
-        frame = pd.DataFrame(self.features)
-        if len(self.parse_errors) == self.rows:
+        """The suite's table: one row per raw row (structure features null where the row did not parse), with the
+        values and dtypes the suite has always been given (expectations.run_suite): row_index int64; counts int64,
+        or float64 with NaN where some row did not parse; every other feature Python objects (bools, strings, None);
+        n_tokens nullable Int64. The per-block arrays are released as their columns are built."""
+        rows, parsed = self.rows, np.ones(self.rows, dtype=bool)
+        parsed[list(self.parse_errors)] = False
+        columns: dict[str, np.ndarray] = {"row_index": np.arange(rows, dtype=np.int64)}
+        for name in FEATURES[1:]:
+            if name == "parse_error":
+                column = np.full(rows, None, dtype=object)
+                for i, why in self.parse_errors.items():
+                    column[i] = why
+            elif name in CODED:
+                values = np.empty(len(self.values[name]), dtype=object)
+                values[:] = list(self.values[name])
+                column = values[_joined(self.codes.pop(name), np.int32)]
+            else:
+                column = _joined(self.counts.pop(name), np.int64)
+                if not parsed.all():
+                    column = np.where(parsed, column, np.nan)
+            columns[name] = column
+        # no row at all: the empty columns pandas makes from empty lists, as the suite has always been given them
+        frame = pd.DataFrame(columns, copy=False) if rows else pd.DataFrame({name: [] for name in FEATURES})
+        if len(self.parse_errors) == rows:
             # No row parsed, so no row has structure features: their columns are absent (not all null), and the
             # suite reports the rules on them as not evaluated instead of passing them on no values.
             frame = frame[["row_index", "form", "parse_error"]]
-        frame["is_duplicate"] = self.is_duplicate
-        n_tokens = np.full(self.rows, -1, dtype=np.int64)
+        duplicate = _joined(self.duplicates, bool)
+        frame["is_duplicate"] = duplicate.astype(object) if rows else []
+        n_tokens = np.full(rows, -1, dtype=np.int64)
         n_tokens[self.renderable] = self.lengths()[:, 0]
         frame["n_tokens"] = pd.arrays.IntegerArray(n_tokens, n_tokens < 0)  # null where the row cannot be rendered
         return frame
+
+
+def _joined(blocks: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=dtype)
 
 
 def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
@@ -104,35 +198,37 @@ class _Parsed:
     rendered: list = field(default_factory=list)
 
 
-def _parse_block(block, scan: Scan, seen: set[bytes], template: ChatTemplate, system_prompt: str | None) -> _Parsed:
-    parsed = _Parsed()
+def _parse_block(block, scan: Scan, seen: SeenKeys, template: ChatTemplate, system_prompt: str | None) -> _Parsed:
     markers = tuple(dict.fromkeys(FORM_MARKERS + template.markers))  # the input forms' and the output template's
+    features, convs, keys = [], [], []
     for i, row in block:
         try:
             conv, error = parse_row(row), None
         except ParseError as e:
             conv, error = None, str(e)
             scan.parse_errors[i] = error
-        features = conversation_features(i, conv, detect_form(row), error, markers)
-        for name, column in scan.features.items():
-            column.append(features.get(name))
-        duplicate, key = False, None
+        features.append(conversation_features(i, conv, detect_form(row), error, markers))
+        convs.append(conv)
         if conv is not None:
-            key = content_key(conv)
-            digest = bytes.fromhex(key)  # 32 bytes a row held, not the 64-character hex string
-            duplicate = digest in seen
-            seen.add(digest)
-        scan.is_duplicate.append(duplicate)
-        if renderable(features):
-            parsed.rows.append((i, conv, duplicate, key))
+            keys.append(content_key(conv))
+    # duplicates by content key, first occurrence kept; rows that do not parse have no key and are no duplicate
+    duplicate = np.zeros(len(block), dtype=bool)
+    parsed_at = [k for k, conv in enumerate(convs) if conv is not None]
+    if keys:
+        duplicate[parsed_at] = seen.add(*key_words(keys))
+    scan.add_features(features, duplicate)
+    parsed, key_of = _Parsed(), dict(zip(parsed_at, keys))
+    for k, ((i, _), conv, f) in enumerate(zip(block, convs, features)):
+        if renderable(f):
+            parsed.rows.append((i, conv, bool(duplicate[k]), key_of[k]))
             parsed.rendered.append(template.render(conv, system_prompt))
     return parsed
 
 
 def _write_block(parsed: _Parsed, measured: np.ndarray, scan: Scan, out) -> None:
     scan.measured.append(measured)
+    scan.renderable_blocks.append(np.array([i for i, *_ in parsed.rows], dtype=np.int64))
     for (i, conv, duplicate, key), lengths in zip(parsed.rows, length_rows(measured)):
-        scan.renderable.append(i)
         row = {"row_index": i, **conv.to_dict(), **lengths, "is_duplicate": duplicate, "content_key": key}
         out.write(jsonl_line(row))
 
@@ -151,7 +247,7 @@ def scan_rows(
     Token counts are on the exact text that will be trained (lengths.measure_rendered); block k is tokenized on a
     worker thread while block k+1 is parsed.
     """
-    scan, seen, hasher = Scan(), set(), hashlib.sha256()
+    scan, seen, hasher = Scan(), SeenKeys(), hashlib.sha256()
     with ThreadPoolExecutor(max_workers=1) as worker, atomic_writer(candidates, reported_as=output) as out:
         pending = None
         for block in raw_blocks(raw_rows, hasher):

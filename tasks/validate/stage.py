@@ -14,6 +14,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.common import paths
@@ -141,43 +142,48 @@ def validate(
 
 
 def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer) -> tuple[dict, dict]:
-    """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict."""
+    """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict.
+
+    The length report is made first and the scan's arrays go into the suite's table (Scan.frame releases them), so
+    while great-expectations runs, memory holds that table and little else."""
+    report = length_report(
+        scan.lengths(), params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
+    )
     frame = scan.frame()
-    lengths = scan.lengths()
     with staged_dir(report_dir) as tmp:
         result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
         excluded = excluded_rows(result)
-        report = length_report(
-            lengths, params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
-        )
         write_json(tmp / paths.LENGTH_REPORT.name, report)
         record = _result_record(result, raw_rows, scan.input_sha256, excluded, scan.parse_errors)
         write_json(tmp / paths.VALIDATION_RESULT.name, record)
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
         summary = _summary(result, report, frame, scan.rows, len(excluded))
         write_json(tmp / paths.VALIDATION_SUMMARY.name, summary)
-    save_histogram(lengths[:, 0], params.model.max_length, histogram_path)
+    n_tokens = frame["n_tokens"].to_numpy(dtype=np.int64, na_value=-1)
+    del frame, result
+    save_histogram(n_tokens[n_tokens >= 0], params.model.max_length, histogram_path)  # renderable rows, in order
     write_json(metrics_path, headline(summary))
     log.info(
         "validation %s: %d rows, %d left out for breaking a row rule; %s",
-        "passed" if result["success"] else "FAILED",
+        "passed" if summary["success"] else "FAILED",
         scan.rows,
         len(excluded),
         report["policy_effect"],
     )
-    if not result["success"]:
-        raise ValidationFailed(_failure_message(result, report_dir, scan.parse_errors, params.model))
+    if not summary["success"]:
+        raise ValidationFailed(_failure_message(record, report_dir, scan.parse_errors, params.model))
     return summary, excluded
 
 
-def _keep_candidates(candidates: Path, renderable: list[int], excluded: dict, out: Path) -> None:
+def _keep_candidates(candidates: Path, renderable: np.ndarray, excluded: dict, out: Path) -> None:
     """Make the candidates the validated conversations, less the excluded rows (line k holds row renderable[k])."""
-    if not any(i in excluded for i in renderable):
+    keep = ~np.isin(renderable, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    if keep.all():
         os.replace(candidates, out)
         return
     with open(candidates, "rb") as lines, atomic_writer(out) as kept:
-        for i, line in zip(renderable, lines):
-            if i not in excluded:
+        for kept_line, line in zip(keep.tolist(), lines):  # bools, the same object each: 8 bytes a row
+            if kept_line:
                 kept.write(line)
 
 
