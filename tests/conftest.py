@@ -294,28 +294,3 @@ def _stop(p: subprocess.Popen | None) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
-
-
-# The test files that run whole pipelines, servers or kills, longest first (durations on the 2-core machine, three
-# workers, a fresh clone: 2-5 minutes each). pytest-xdist's --dist loadfile hands files to workers in collection
-# order, so these go first and the many short files fill in behind them: a long file started last would run alone
-# at the end while the other workers sit idle.
-LONGEST_FIRST = (
-    "test_deployment.py",
-    "test_disk_full.py",
-    "test_pipeline_e2e.py",
-    "test_orchestration_faults.py",
-    "test_families_e2e.py",
-    "test_train_guards.py",
-    "test_kill.py",
-    "test_audit.py",
-    "test_distributed.py",
-    "test_team.py",
-    "test_hub_cache.py",
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """Files in LONGEST_FIRST order, then the rest as collected; each file's own tests keep their order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # sort is stable
