@@ -63,15 +63,20 @@ def params() -> Params:
     return load_params(ROOT / "params.yaml")
 
 
+def scratch_project(root: Path) -> Path:
+    """A scratch project directory holding the shipped sample and, when built, the tiny base (its fingerprint still
+    guards staleness); the stages use paths relative to it."""
+    (root / "data" / "sample").mkdir(parents=True)
+    shutil.copy2(ROOT / paths.SAMPLE_DATA, root / paths.SAMPLE_DATA)
+    if (ROOT / paths.TINY_BASE_DIR).exists():
+        shutil.copytree(ROOT / paths.TINY_BASE_DIR, root / paths.TINY_BASE_DIR)
+    return root
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
-    """Run a test from a scratch directory holding the shipped sample (stages use relative paths)."""
-    (tmp_path / "data" / "sample").mkdir(parents=True)
-    shutil.copy2(ROOT / paths.SAMPLE_DATA, tmp_path / paths.SAMPLE_DATA)
-    tiny = ROOT / "models" / "tiny-llama"
-    if tiny.exists():  # reuse the built tiny base (its fingerprint still guards staleness)
-        shutil.copytree(tiny, tmp_path / "models" / "tiny-llama")
-    monkeypatch.chdir(tmp_path)
+    """Run a test from a scratch project directory (scratch_project)."""
+    monkeypatch.chdir(scratch_project(tmp_path))
     return tmp_path
 
 

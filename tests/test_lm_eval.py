@@ -8,7 +8,6 @@ that names a harness task pays lm-eval's task index (~10 s: it reads every one o
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +21,7 @@ from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
 from tasks.common.formatted import load_rows
 from tasks.evaluate import benchmarks
-from tests.conftest import ROOT
+from tests.conftest import scratch_project
 from tests.hub_cache import Repo, fill_hub_cache
 
 SPLITS = ("train", "validation", "test")  # arc_easy reads test, and its few-shot examples from train
@@ -39,11 +38,7 @@ def project(tmp_path_factory, params):
     from tasks.format.stage import format_rows
     from tasks.validate.stage import validate
 
-    root = tmp_path_factory.mktemp("project")
-    (root / "data/sample").mkdir(parents=True)
-    shutil.copy2(ROOT / paths.SAMPLE_DATA, root / paths.SAMPLE_DATA)
-    if (ROOT / paths.TINY_BASE_DIR).exists():
-        shutil.copytree(ROOT / paths.TINY_BASE_DIR, root / paths.TINY_BASE_DIR)
+    root = scratch_project(tmp_path_factory.mktemp("project"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         download(params.download)

@@ -20,7 +20,7 @@ from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
 from tasks.publish import provenance, signing
 from tasks.train.loss_curve import read_loss
-from tests.conftest import ROOT
+from tests.conftest import ROOT, scratch_project
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,7 @@ def trained(tmp_path_factory, params):
     from tasks.train.stage import train
     from tasks.validate.stage import validate
 
-    root = tmp_path_factory.mktemp("project")
-    (root / "data/sample").mkdir(parents=True)
-    shutil.copy2(ROOT / paths.SAMPLE_DATA, root / paths.SAMPLE_DATA)
-    if (ROOT / paths.TINY_BASE_DIR).exists():
-        shutil.copytree(ROOT / paths.TINY_BASE_DIR, root / paths.TINY_BASE_DIR)
+    root = scratch_project(tmp_path_factory.mktemp("project"))
     with pytest.MonkeyPatch.context() as mp:  # the stages use paths relative to the project root
         mp.chdir(root)
         p = with_overrides(params, **{"train.max_steps": 6, "train.save_steps": 3, "train.logging_steps": 1})
