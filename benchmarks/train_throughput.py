@@ -119,18 +119,12 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         False,
     ),
     "ours_16gib_sync": ([*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=true", *OVERLAP_OFF], 40, False),
-    # levers on top of ours_same / ours_16gib: regional torch.compile of the decoder layers. With Liger on, torch 2.11
-    # fails to trace Liger's RMSNorm (vs_plain_trl_levers_h200.log), so preflight refuses the pair and compile stands
-    # in for Liger's fusions here (inductor fuses RMSNorm/SwiGLU itself); ours_noliger is its baseline
+    # levers on top of ours_same / ours_16gib: regional torch.compile of the decoder layers. A compiled run turns Liger
+    # off (memory.liger_applied: dynamo cannot trace Liger's RMSNorm, trl refuses Liger on the loss alone), so compile
+    # stands in for Liger's fusions here (inductor fuses RMSNorm/SwiGLU itself); ours_noliger is its baseline
     "ours_noliger": ([*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false"], 40, False),
     "ours_compile": (
         [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false", "train.compile=true"],
-        40,
-        False,
-    ),
-    # ours_compile with Liger on: Liger then patches the loss alone (its fused LM head), the layers are inductor's
-    "ours_compile_liger": (
-        [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=true", "train.compile=true"],
         40,
         False,
     ),
