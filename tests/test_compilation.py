@@ -112,3 +112,11 @@ def test_the_meter_reports_the_first_steps_overhead_and_recompilations():
     report = meter.report([0.0, 0.0, 0.0])
     assert report["recompilations_after_first_step"] == 0 and report["first_step_seconds"] >= 0
     assert report["first_step_overhead_seconds"] == report["first_step_seconds"]
+
+
+def test_a_compiled_run_record_that_cannot_be_written_only_warns(tmp_path, caplog):
+    """The record is advisory: a folder it cannot be written into (here a file in its place) leaves a warning."""
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")
+    compilation.remember_compiled(blocked, "abc")
+    assert "could not record" in caplog.text and blocked.read_text() == "x"

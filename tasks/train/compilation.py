@@ -141,11 +141,15 @@ def _compiled_before(folder: Path, key: str) -> bool:
 
 
 def remember_compiled(folder: Path, key: str) -> None:
-    """After a compiled run finished: the next run of this configuration finds the cache warm."""
+    """After a compiled run finished: the next run of this configuration finds the cache warm. Advisory only: a record
+    that cannot be read or written (a full disk) costs the next run a cold estimate, never this run its adapter."""
     record = folder / COMPILED_RUNS
-    keys = read_json(record).get("keys", []) if record.is_file() else []
-    if key not in keys:
-        write_json(record, {"keys": [*keys, key]})
+    try:
+        keys = read_json(record).get("keys", []) if record.is_file() else []
+        if key not in keys:
+            write_json(record, {"keys": [*keys, key]})
+    except (OSError, ValueError) as e:
+        log.warning("train.compile: could not record the compiled configuration in %s (%s)", record, e)
 
 
 def decide(params: Params, shape: ModelShape, planned_tokens: int, world_size: int = 1) -> Decision:
