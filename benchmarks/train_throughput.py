@@ -197,6 +197,8 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # when the planned epoch saves more than compiling costs: warm when an earlier run of the invocation compiled)
     "recipe_epoch_eager": (["train.group_by_length=true", "train.compile=false"], -1, False),
     "recipe_epoch_auto": (["train.group_by_length=true", "train.compile=auto"], -1, False),
+    # ... and compile forced on: what auto would give if it chose compile for the recipe's epoch
+    "recipe_epoch_compile": (["train.group_by_length=true", "train.compile=true"], -1, False),
     "recipe_gc": (["train.group_by_length=true", "train.gradient_checkpointing=true"], 40, False),
     "recipe_16gib": (["train.group_by_length=true", "train.memory_budget_gib=16"], 40, False),
     "recipe_24gib": (["train.group_by_length=true", "train.memory_budget_gib=24"], 40, False),
