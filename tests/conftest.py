@@ -3,6 +3,7 @@ Prefect set-up (a throwaway PostgreSQL cluster, the server on it, the deployment
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import secrets
@@ -110,6 +111,35 @@ def make_project_copy(dest: Path) -> Path:
 @pytest.fixture
 def project_copy(tmp_path) -> Path:
     return make_project_copy(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def reproduced_template(tmp_path_factory, worker_id) -> Path:
+    """A project copy (with the built tiny base) on which `dvc repro` has run, made once for the whole test run:
+    pytest-xdist's workers share it through a lock file in the run's base folder. Only for tests whose subject comes
+    after a first good run (a fault, a kill, a schedule); tests of the first run itself start from project_copy."""
+    shared = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        shared = shared.parent  # above each worker's own folder
+    template = shared / "reproduced" / "project"
+    with open(shared / "reproduced.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (template.parent / "done").exists():
+            shutil.rmtree(template.parent, ignore_errors=True)
+            make_project_copy(template)
+            if (ROOT / paths.TINY_BASE_DIR).exists():  # its fingerprint guards staleness, as in scratch_project
+                shutil.copytree(ROOT / paths.TINY_BASE_DIR, template / paths.TINY_BASE_DIR)
+            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+            proc = subprocess.run(["dvc", "repro"], cwd=template, capture_output=True, text=True, env=env)
+            assert proc.returncode == 0, f"dvc repro of the shared template failed:\n{proc.stdout}\n{proc.stderr}"
+            (template.parent / "done").touch()
+    return template
+
+
+@pytest.fixture
+def reproduced_project(reproduced_template, tmp_path) -> Path:
+    """This test's own copy of reproduced_template (git history, DVC cache, dvc.lock and outputs)."""
+    return Path(shutil.copytree(reproduced_template, tmp_path / "project", symlinks=True))
 
 
 @pytest.fixture(scope="session")
