@@ -113,26 +113,28 @@ def project_copy(tmp_path) -> Path:
     return make_project_copy(tmp_path / "project")
 
 
+FIRST_REPRO_OUTPUT = "first-repro.out"  # beside reproduced_template's project: what its `dvc repro` printed
+
+
 @pytest.fixture(scope="session")
 def reproduced_template(tmp_path_factory, worker_id) -> Path:
-    """A project copy (with the built tiny base) on which `dvc repro` has run, made once for the whole test run:
-    pytest-xdist's workers share it through a lock file in the run's base folder. Only for tests whose subject comes
-    after a first good run (a fault, a kill, a schedule); tests of the first run itself start from project_copy."""
+    """A fresh clone (make_project_copy) on which `dvc repro` has run once, made once for the whole test run:
+    pytest-xdist's workers share it through a lock file in the run's base folder. What that repro printed is in
+    FIRST_REPRO_OUTPUT beside it (test_pipeline_e2e checks it). Tests copy it (reproduced_project) when their subject
+    comes after a first good run: a fault, a kill, a schedule."""
     shared = tmp_path_factory.getbasetemp()
     if worker_id != "master":
         shared = shared.parent  # above each worker's own folder
     template = shared / "reproduced" / "project"
     with open(shared / "reproduced.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (template.parent / "done").exists():
+        if not (template.parent / FIRST_REPRO_OUTPUT).exists():
             shutil.rmtree(template.parent, ignore_errors=True)
             make_project_copy(template)
-            if (ROOT / paths.TINY_BASE_DIR).exists():  # its fingerprint guards staleness, as in scratch_project
-                shutil.copytree(ROOT / paths.TINY_BASE_DIR, template / paths.TINY_BASE_DIR)
             env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
             proc = subprocess.run(["dvc", "repro"], cwd=template, capture_output=True, text=True, env=env)
-            assert proc.returncode == 0, f"dvc repro of the shared template failed:\n{proc.stdout}\n{proc.stderr}"
-            (template.parent / "done").touch()
+            assert proc.returncode == 0, f"dvc repro of a fresh clone failed:\n{proc.stdout}\n{proc.stderr}"
+            (template.parent / FIRST_REPRO_OUTPUT).write_text(proc.stdout + proc.stderr)
     return template
 
 

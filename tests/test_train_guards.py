@@ -229,10 +229,9 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
         params, **{"train.epochs": 1, "train.batch_size": 2, "train.save_steps": 10, "train.logging_steps": 5}
     )
     straight = _project(tmp_path / "straight", p)
+    killed = Path(shutil.copytree(straight, tmp_path / "killed"))  # the same formatted rows, before any training
     _run(straight, "train")
-    _run(straight, "evaluate")
 
-    killed = _project(tmp_path / "killed", p)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tasks.train"],
         cwd=killed,
@@ -249,16 +248,13 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path, params):
     assert not (killed / paths.ADAPTER_DIR).exists()
 
     _run(killed, "train")
-    _run(killed, "evaluate")
-    # the very adapter of the uninterrupted run: resumed in the dtype it trains in (bf16 under QLoRA), not PEFT's fp32
+    # the very adapter of the uninterrupted run, byte for byte (so it evaluates the same): resumed in the dtype it
+    # trains in (bf16 under QLoRA), not PEFT's fp32
     weights = [sha256_file(root / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS) for root in (straight, killed)]
     assert weights[0] == weights[1]
     resumed = json.loads((killed / paths.TRAINING).read_text())
     straight_steps = json.loads((straight / paths.TRAINING).read_text())["steps"]
     assert resumed["resumed"] is True and resumed["steps"] == straight_steps
-    a = json.loads((straight / paths.EVALUATION).read_text())["tuned"]["loss"]
-    b = json.loads((killed / paths.EVALUATION).read_text())["tuned"]["loss"]
-    assert abs(a - b) < 1e-3, (a, b)
     # the recorded (and published) train loss is the whole run's, not only the steps after the resume
     whole = json.loads((straight / paths.TRAINING).read_text())["train_loss"]
     assert resumed["train_loss"] == pytest.approx(whole, abs=2e-3), (resumed["train_loss"], whole)
