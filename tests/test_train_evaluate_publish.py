@@ -22,6 +22,11 @@ from tasks.publish import provenance, signing
 from tasks.train.loss_curve import read_loss
 from tests.conftest import ROOT, scratch_project
 
+# For tests whose subject is not the release's load-and-generate check (tested in its own tests and by every publish
+# of the end-to-end tests): publish.generation_check off spares each publish a second load of the base in a fresh
+# process (the lineage then records it as skipped).
+UNCHECKED = {"publish.generation_check": False}
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, params):
@@ -131,7 +136,7 @@ def test_publish_refuses_a_worse_adapter_and_keeps_the_last_release(trained, sig
     with pytest.raises(PipelineError, match="refusing to publish"):
         publish(p)
     assert {f.name: f.read_bytes() for f in (root / paths.RELEASE_DIR).iterdir()} == before
-    publish(with_overrides(p, **{"publish.require_improvement": False}))  # the override works
+    publish(with_overrides(p, **{"publish.require_improvement": False}, **UNCHECKED))  # the override works
 
 
 def test_publish_refuses_a_release_whose_template_serves_other_ids_than_trained(trained, signed, monkeypatch, tmp_path):
@@ -177,7 +182,7 @@ def test_publish_to_hub_uploads_privately_without_writing_the_token(trained, mon
     secret = "hf_plantedSECRETtoken123"
     monkeypatch.setenv("HF_TOKEN", secret)
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    publish(with_overrides(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}))
+    publish(with_overrides(p, **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter"}, **UNCHECKED))
     assert calls["token"] == secret and calls["create"] == ("me/adapter", True)
     assert paths.ADAPTER_WEIGHTS in calls["files"]
     for path in (root / paths.RELEASE_DIR).rglob("*"):
@@ -197,7 +202,7 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
     try:
         for f in adapter:
             f.chmod(0o600)  # as tempfile left them before: the release must not inherit it
-        publish(with_overrides(p, **{"publish.require_improvement": False}))
+        lineage = publish(with_overrides(p, **{"publish.require_improvement": False}, **UNCHECKED))
     finally:
         os.umask(old_umask)
         for f, mode in zip(adapter, modes):
@@ -208,6 +213,7 @@ def test_release_is_readable_by_other_users(trained, monkeypatch):
     }
     assert paths.ADAPTER_WEIGHTS in found and paths.LINEAGE in found
     assert {k: v for k, v in found.items() if v != ("0o755" if (release / k).is_dir() else "0o644")} == {}
+    assert lineage["generation_check"] == {"skipped": "publish.generation_check is false"}  # said, not hidden
 
 
 # -- signed releases and their provenance statement -------------------------------------------------------------
@@ -436,6 +442,7 @@ def test_a_failed_push_leaves_the_last_release_whole_and_says_what_to_fix(traine
     params = with_overrides(
         p,
         **{"publish.push_to_hub": True, "publish.hub_repo_id": "me/adapter", "publish.require_improvement": False},
+        **UNCHECKED,
     )
     with pytest.raises(PipelineError, match=r"me/adapter failed .*ConnectionError.* is unchanged"):
         publish(params)
@@ -472,7 +479,9 @@ def test_a_signing_key_given_by_path_is_recorded_by_its_fingerprint_only(trained
     key_file.parent.mkdir()
     key_file.write_bytes(pem)
     monkeypatch.chdir(root)
-    lineage = publish(with_overrides(p, **{"publish.signing_key": str(key_file), "publish.require_improvement": False}))
+    lineage = publish(
+        with_overrides(p, **{"publish.signing_key": str(key_file), "publish.require_improvement": False}, **UNCHECKED)
+    )
     assert lineage["params"]["publish"]["signing_key"] == f"sha256:{fingerprint_of(pem)}"
     for name in ("lineage.json", provenance.FILE, "README.md"):
         assert "machine-local-secrets" not in (root / paths.RELEASE_DIR / name).read_text(), name

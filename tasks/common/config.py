@@ -234,6 +234,10 @@ class PublishParams(_Strict):
     merged: bool = Field(
         description="also write the adapter merged into the unquantized base in release/merged/ (publish/merge.py)"
     )
+    generation_check: bool = Field(
+        description="load the release in a fresh process and check it generates what evaluate recorded "
+        "(publish/generation_check.py); false skips that second load of the base, and the lineage and audit say so"
+    )
 
     @model_validator(mode="after")
     def _hub(self) -> PublishParams:

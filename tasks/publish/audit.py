@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_text, sha256_tree
-from tasks.publish import signing
+from tasks.publish import generation_check, signing
 
 
 @dataclass
@@ -379,7 +379,10 @@ class Audit:
         if here is not None and here != {k: v for k, v in ev.items() if k != "inputs"}:
             link.problems.append(f"{paths.EVALUATION} differs from the metrics recorded in the release")
         checked = self.lineage.get("generation_check")  # releases made before publish's load-and-generate check lack it
-        if checked:
+        if checked and generation_check.SKIPPED in checked:
+            why = checked[generation_check.SKIPPED]
+            link.facts.append(f"publish did not load the release in a fresh process: {why}")
+        elif checked:
             link.facts.append(
                 f"publish loaded the release in a fresh process: {checked['tokens_compared']} greedy tokens of "
                 f"{checked['prompts']} eval prompts as evaluated"

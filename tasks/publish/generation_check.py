@@ -28,6 +28,7 @@ from tasks.common.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+SKIPPED = "skipped"  # the lineage's generation_check record when publish.generation_check is false: {SKIPPED: why}
 RECORDED_KEY = "tuned_token_ids"  # in reports/generations.jsonl: the adapter's greedy new tokens, per prompt
 
 

@@ -315,7 +315,11 @@ def publish(params: Params, release_dir: Path = paths.RELEASE_DIR) -> dict:
         if params.publish.merged:
             merged = merge.write_merged(params, tmp, tmp / paths.MERGED, tokenizer, release_id)
         # In a fresh process, as a user loads them: the release (and the merged model) generate what was evaluated.
-        checked = generation_check.check_release(params, tmp, tmp / paths.MERGED if merged else None)
+        if params.publish.generation_check:
+            checked = generation_check.check_release(params, tmp, tmp / paths.MERGED if merged else None)
+        else:
+            checked = {generation_check.SKIPPED: "publish.generation_check is false"}
+            log.warning("load-and-generate check skipped (publish.generation_check: false); the lineage says so")
         lineage = build_lineage(params, {}, release_id, signer.record())
         lineage["generation_check"] = checked
         if merged:
