@@ -59,6 +59,23 @@ def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing(
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
+def test_a_first_micro_batch_of_hidden_size_tokens_recompiles_nothing():
+    """Duck shaping gave a first length equal to hidden_size (64 here, 4096 on Llama-2-7B) the weights' static
+    symbol, and every later length recompiled ([1, 2, 2] before compile_settings turned it off)."""
+    import torch._dynamo.utils
+
+    torch._dynamo.reset()
+    model = tiny_peft_llama()
+    compilation.compile_layers(model, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for length in (model.config.hidden_size, 33, 47):
+        ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
+        model(input_ids=ids, labels=ids).loss.backward()
+        graphs.append(compilation.compiled_graphs())
+    assert graphs == [1, 1, 1], graphs
+
+
 def test_the_cache_folder_is_the_workspaces_per_library_versions_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
     folder = compilation.use_cache_folder(tmp_path / "cache")
@@ -83,13 +100,18 @@ def test_auto_weighs_the_planned_run_against_the_compile_cost():
     small_warm = compilation.weigh(464_000, LLAMA_7B, h100, warm=True)
     large_cold = compilation.weigh(4_640_000, LLAMA_7B, h100, warm=False)
     assert small_warm.saving_s == small_cold.saving_s and 0 < small_cold.saving_s < large_cold.saving_s
-    assert large_cold.saving_s == pytest.approx(10 * small_cold.saving_s, rel=1e-3)
+    assert large_cold.saving_s == pytest.approx(10 * small_cold.saving_s, abs=0.6)  # seconds are rounded to 0.1
     assert large_cold.on and "on" in large_cold.reason and "empty cache" in large_cold.reason
     assert small_warm.cost_s < small_cold.cost_s
     assert small_cold.on is (small_cold.saving_s > compilation.COMPILE_COST_COLD_S)
+    # the recipe's epoch as measured on an H100 (compile_h100_c2f95d5): compiling from an empty cache lost (44.6 s
+    # against 40.6 and 43.8 s eager), from a warm one won (36.0 s): auto decides so
+    recipe_cold = compilation.weigh(398_365, LLAMA_7B, h100, warm=False)
+    recipe_warm = compilation.weigh(398_365, LLAMA_7B, h100, warm=True)
+    assert not recipe_cold.on and recipe_warm.on, (recipe_cold.reason, recipe_warm.reason)
     # two processes share the tokens: each runs half as long, so saves half as much
     assert compilation.weigh(4_640_000, LLAMA_7B, h100, warm=False, world_size=2).saving_s == pytest.approx(
-        large_cold.saving_s / 2, rel=1e-3
+        large_cold.saving_s / 2, abs=0.1
     )
 
 

@@ -45,14 +45,14 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable; Triton's cache goes inside it
 COMPILED_RUNS = "compiled-runs.json"  # in the cache folder: the configurations a compiled run finished with
 
-# The model behind `auto`, measured on one H100 80GB (7B recipe, 4-bit base, bf16; docs/performance.md, "Compile"):
-EAGER_MFU = 0.24  # the eager recipe's steady MFU (8,975 tokens/s at batch 4)
-COMPILE_SPEEDUP = 1.28  # steady tokens/s compiled over eager, same layout (15,403 against 12,010 at batch 8)
-# First-step overhead, 7B Llama-2 shape, one graph for all layers, on two H100 machines (benchmarks/results/
-# compile_h100/): 53.8, 52.2 and 90.3 s with an empty cache; 36.5 and 58.8 s warm (inductor's FX-graph cache hit,
-# AOTAutograd's bypassed). The means:
-COMPILE_COST_COLD_S = 65.0
-COMPILE_COST_WARM_S = 48.0
+# The model behind `auto`, measured on one H100 80GB, 7B Llama-2 shape, 4-bit base, bf16, all in one invocation
+# (benchmarks/results/compile_h100_c2f95d5/; docs/performance.md, "Compile"):
+EAGER_MFU = 0.26  # the recipe's epoch eager (batch 4): 25.7% and 26.7% MFU, 9,613 and 9,992 tokens/s
+COMPILE_SPEEDUP = 1.18  # the same epoch compiled, warm: 11,774 against 9,992 tokens/s
+# First-step overhead, one graph for all layers (batch 8): 9.41, 8.89 and 8.93 s with an empty cache (their mean);
+# 2.59 s warm (the recipe's batch 4: 1.84 s; the larger is kept)
+COMPILE_COST_COLD_S = 9.1
+COMPILE_COST_WARM_S = 2.6
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,9 @@ def use_cache_folder(folder: Path = paths.COMPILE_CACHE) -> Path:
 
 
 def compile_settings() -> dict:
-    """Two settings of this process's torch.compile, each measured on the CPU (tiny 4-bit Llama, inductor, the first
-    step's seconds, medians of 2; benchmarks/results/compile_settings_cpu.json): cold 21.5 -> 19.4 s, warm 6.7 -> 3.2 s.
+    """Three settings of this process's torch.compile. The first two measured on the CPU (tiny 4-bit Llama, inductor,
+    the first step's seconds, medians of 2; benchmarks/results/compile_settings_cpu.json): cold 21.5 -> 19.4 s, warm
+    6.7 -> 3.2 s.
     - specialize_float: with dynamic shapes dynamo first traces Python floats (dropout p, LoRA scaling, eps) as
       symbols, then fails to turn them into tensors and restarts the whole analysis ("Restarting analysis due to
       _tensorify_python_scalars"); fixed floats from the start trace once. They are the same in every layer and
@@ -103,18 +104,24 @@ def compile_settings() -> dict:
     - autograd_cache_allow_custom_autograd_functions: without it AOTAutograd's cache is bypassed for any graph
       holding a custom autograd.Function (bitsandbytes' 4-bit matmul: "Unsupported call_function target
       autograd_function_apply"), so a warm run traced and partitioned the joint graph again. Safe here because the
-      cache folder is per library versions (use_cache_folder)."""
+      cache folder is per library versions (use_cache_folder).
+    - use_duck_shape off: dynamo gives dimensions of equal size one symbol, so a first micro-batch of exactly
+      hidden_size tokens (4096 on Llama-2-7B: four rows cut at 1024, the recipe's group_by_length puts them first)
+      tied the token count to the weights' static size and every later length recompiled (seen on an H100,
+      "size mismatch at index 1. expected 4096, actual 4066"; tests/test_compilation.py reproduces it)."""
     import torch._dynamo.config
     import torch._functorch.config
+    import torch.fx.experimental._config
 
     settings = {}
-    for module, name in (
-        (torch._dynamo.config, "specialize_float"),
-        (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions"),
+    for module, name, value in (
+        (torch._dynamo.config, "specialize_float", True),
+        (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", True),
+        (torch.fx.experimental._config, "use_duck_shape", False),
     ):
         if hasattr(module, name):  # a torch without one keeps its default
-            setattr(module, name, True)
-            settings[name] = True
+            setattr(module, name, value)
+            settings[name] = value
     return settings
 
 
