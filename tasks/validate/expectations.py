@@ -3,15 +3,23 @@
 Each input row becomes one row of features (parse error, roles, turn and character counts,
 template leaks, encoding, duplicates, token length); each rule is one expectation on a feature,
 its threshold a param. Running it through a Checkpoint gives the JSON result and the Data Docs HTML.
+
+The suite reads the table BATCH_ROWS rows at a time, so that great-expectations' working memory stays one batch's
+whatever the row count (issue 29), and the batches' results are merged into the result one run over all rows gives
+(_merged): the same rules, statuses, counts, failing rows and values, shares and verdicts, fingerprint included.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tasks.common.config import ModelParams, ValidateParams
@@ -186,6 +194,16 @@ def _share_rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, obje
     ]
 
 
+# Rows great-expectations validates at once. For a batch it holds the rows in the dtypes the suite is given (about
+# 110 bytes a row: Python objects for the flags and strings), a copy of them without nulls for each rule on a column
+# with nulls, each rule's condition and pandas' row hashes for its fingerprint: a few hundred bytes a row at its
+# peak, about 0.1-0.2 GB for a batch whatever the row count. Larger batches would only save its fixed cost per run
+# (about a second; a batch of 500k rows takes minutes to scan).
+BATCH_ROWS = 500_000
+RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]}
+FINGERPRINT = "pandas_data_fingerprint"  # great-expectations' batch marker (_Fingerprint)
+
+
 def excluded_rows(result: dict) -> dict[int, list[str]]:
     """Rows that broke a row rule (tolerated under the share), with the rules they broke."""
     out: dict[int, list[str]] = {}
@@ -196,12 +214,17 @@ def excluded_rows(result: dict) -> dict[int, list[str]]:
     return out
 
 
+def _errors(res) -> list[dict]:
+    """What great-expectations raised evaluating a rule: one {raised_exception, exception_message} or, in GX 1.x,
+    one such entry per metric it tried to compute; empty when it evaluated the rule."""
+    info = res.exception_info or {}
+    return [e for e in ([info] if "raised_exception" in info else info.values()) if e.get("raised_exception")]
+
+
 def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
     """Why great-expectations could not evaluate a rule (None when it did): it then reports success false with
     no observed value, which would read as a failure that no row caused."""
-    info = res.exception_info or {}
-    # one {raised_exception, exception_message} or, in GX 1.x, one such entry per metric it tried to compute
-    errors = [e for e in ([info] if "raised_exception" in info else info.values()) if e.get("raised_exception")]
+    errors = _errors(res)
     if not errors:
         return None
     if column and column not in frame:  # features of parsed rows only: no row parsed
@@ -212,8 +235,9 @@ def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
 
 
 def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
-    """An ephemeral great-expectations context with the suite, a pandas batch and a checkpoint that builds Data Docs
-    into docs_dir. Returns the checkpoint and each rule's feature column."""
+    """An ephemeral great-expectations context with the suite, a pandas batch, a Data Docs site in docs_dir and a
+    checkpoint that validates one batch of rows (the docs are built once, from the merged result: _build_docs).
+    Returns the context, the checkpoint and each rule's feature column."""
     import great_expectations as gx
 
     context = gx.get_context(mode="ephemeral")
@@ -240,14 +264,9 @@ def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
         gx.ValidationDefinition(name="conversations", data=batch, suite=suite)
     )
     checkpoint = context.checkpoints.add(
-        gx.Checkpoint(
-            name="validate",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]},
-        )
+        gx.Checkpoint(name="validate", validation_definitions=[definition], result_format=dict(RESULT_FORMAT))
     )
-    return checkpoint, {rule.name: rule.column for rule, _ in pairs}
+    return context, checkpoint, {rule.name: rule.column for rule, _ in pairs}
 
 
 def _rule_report(res, columns: dict, frame: pd.DataFrame) -> dict:
@@ -269,29 +288,175 @@ def _rule_report(res, columns: dict, frame: pd.DataFrame) -> dict:
     }
 
 
-def run_suite(features: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
-    """Run the suite, build Data Docs into docs_dir, and return {success, rules: [...], ge_result}.
+def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
+    """Run the suite over the table (scan.Scan.frame) BATCH_ROWS rows at a time, merge the batches' results into the
+    one a single run over all rows gives, build Data Docs from it into docs_dir, and return {success, rules: [...],
+    ge_result}.
 
     Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
     `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
     """
-    checkpoint, columns = _checkpoint(docs_dir, v, model)
-    # The flag columns go to great-expectations as Python objects. scan.Scan.frame builds them so; a frame of numpy
-    # bools is cast into a new frame, never in place and never copied whole when nothing needs a cast (at ten
-    # million rows the table is about a gigabyte).
-    flags = ("roles_alternate", "has_template_marker", "has_replacement_char", "has_control_char", "is_duplicate")
-    casts = {col: "object" for col in flags if col in features and features[col].dtype != object}
-    frame = features.astype(casts) if casts else features
-    run = checkpoint.run(batch_parameters={"dataframe": frame})
-    result = next(iter(run.run_results.values()))
-    by_rule = [_rule_report(res, columns, frame) for res in result.results]
-    together = _row_rules_together(by_rule, len(frame), v)
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    context, checkpoint, columns = _checkpoint(docs_dir, v, model)
+    run_id = RunIdentifier(run_time=dt.datetime.now(dt.UTC))  # one run, whatever the batches
+    fingerprint, parts = _Fingerprint(len(table)), []
+    for batch in _batches(table):
+        fingerprint.add(batch)
+        run = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=run_id)
+        ((key, part),) = run.run_results.items()  # the same key each batch, so the store keeps only the last
+        parts.append(part)
+        del batch, run  # before the next batch is built
+    result = _merged(parts, len(table), fingerprint.value())
+    _build_docs(context, key, result)
+    by_rule = [_rule_report(res, columns, table) for res in result.results]
+    together = _row_rules_together(by_rule, len(table), v)
     by_rule.append(together)
     return {
         "success": bool(result.success) and together["success"],
         "rules": by_rule,
         "ge_result": result.to_json_dict(),
     }
+
+
+def _batches(table: pd.DataFrame) -> Iterator[pd.DataFrame]:
+    """The table's rows, BATCH_ROWS at a time (one empty batch for no rows), as great-expectations is given them."""
+    # Counts are float with NaN when any row of the whole table does not parse, in every batch alike.
+    float_counts = bool(table["parse_error"].notna().any())
+    for start in range(0, max(len(table), 1), BATCH_ROWS):
+        yield _as_given(table, start, min(start + BATCH_ROWS, len(table)), float_counts)
+
+
+def _as_given(table: pd.DataFrame, start: int, stop: int, float_counts: bool) -> pd.DataFrame:
+    """Rows [start, stop) of the compact table in the columns and dtypes the suite has always been given (its
+    results list values of these types and its fingerprint hashes them): row_index int64 first; counts int64, or
+    float64 with NaN where the row did not parse; the coded features, parse errors and duplicate flags as Python
+    objects (None where absent); n_tokens nullable Int64. Indexed by row number, as rows of the whole table."""
+    part = table.iloc[start:stop]
+    columns: dict[str, object] = {"row_index": np.arange(start, stop, dtype=np.int64)}
+    for name, column in part.items():
+        if name == "n_tokens":
+            values = column.to_numpy(dtype=np.int64, na_value=-1)
+            columns[name] = pd.arrays.IntegerArray(values, values < 0)
+        elif pd.api.types.is_integer_dtype(column.dtype):  # the counts
+            columns[name] = (
+                column.to_numpy(dtype=np.float64, na_value=np.nan) if float_counts else column.to_numpy(np.int64)
+            )
+        else:
+            columns[name] = column.to_numpy(dtype=object, na_value=None)
+    return pd.DataFrame(columns, index=part.index, copy=False)
+
+
+class _Fingerprint:
+    """great-expectations' fingerprint of the data it validates (batch_markers.pandas_data_fingerprint: the md5 of
+    pandas' row hashes, taken while the table's shallow size is under its HASH_THRESHOLD), taken over the batches as
+    over the whole table: a row's hash depends on that row alone, so the batches' hashes in order are the table's."""
+
+    def __init__(self, rows: int) -> None:
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._bytes = pd.RangeIndex(rows).memory_usage()  # the whole table's index
+
+    def add(self, batch: pd.DataFrame) -> None:
+        self._md5.update(pd.util.hash_pandas_object(batch, index=True).to_numpy())
+        self._bytes += int(batch.memory_usage(index=False).sum())
+
+    def value(self) -> str | None:
+        from great_expectations.execution_engine.pandas_execution_engine import HASH_THRESHOLD
+
+        return self._md5.hexdigest() if self._bytes < HASH_THRESHOLD else None
+
+
+def _merged(parts: list, rows: int, fingerprint: str | None):
+    """The suite's result over all rows from its results over each batch, in row order (one batch: its result as
+    great-expectations gave it). Each rule is merged by _merged_rule; the suite's statistics are counted again,
+    and its meta is the first batch's (one run id for all) with the whole table's fingerprint."""
+    from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
+    from great_expectations.validator.validation_statistics import calc_validation_statistics
+
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    results = [_merged_rule([part.results[k] for part in parts], rows) for k in range(len(first.results))]
+    statistics = calc_validation_statistics(results)
+    markers = type(first.meta["batch_markers"])(first.meta["batch_markers"])
+    markers.pop(FINGERPRINT, None)
+    if fingerprint is not None:
+        markers[FINGERPRINT] = fingerprint
+    return ExpectationSuiteValidationResult(
+        success=statistics.success,
+        results=results,
+        suite_name=first.suite_name,
+        suite_parameters=first.suite_parameters,
+        statistics={
+            "evaluated_expectations": statistics.evaluated_expectations,
+            "successful_expectations": statistics.successful_expectations,
+            "unsuccessful_expectations": statistics.unsuccessful_expectations,
+            "success_percent": statistics.success_percent,
+        },
+        meta={**first.meta, "batch_markers": markers},
+        batch_id=first.batch_id,
+        id=first.id,
+    )
+
+
+def _merged_rule(parts: list, rows: int):
+    """One rule's result over all rows from its result on each batch (in row order), computed by great-expectations
+    itself: the rule's metrics_validate on the metrics one run would have computed (_metrics), so every share and
+    verdict is taken over all rows with its own formulas. A rule it could not evaluate (a column absent from the
+    table, so from every batch) keeps its first batch's result."""
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+
+    raised = [part for part in parts if _errors(part)]
+    if raised:
+        return raised[0]
+    first = parts[0]
+    expectation = first.expectation_config.to_domain_obj()
+    runtime = {"result_format": dict(RESULT_FORMAT)}
+    wanted = expectation.get_validation_dependencies(runtime_configuration=runtime).metric_configurations
+    values = _metrics(expectation, [part.result for part in parts], rows)
+    outcome = expectation.metrics_validate({c.id: values[name] for name, c in wanted.items()}, runtime)
+    return ExpectationValidationResult(
+        success=outcome.success,
+        expectation_config=first.expectation_config,
+        result=outcome.result,
+        meta=first.meta,
+        exception_info=first.exception_info,
+    )
+
+
+def _metrics(expectation, results: list[dict], rows: int) -> dict:
+    """The metrics, by name, that one run over all rows computes for a rule, from its results on each batch: the row
+    count (all a table rule reads); for a column rule, the null and failing counts summed, the failing rows
+    concatenated and the query that selects them, and the failing values concatenated up to the number
+    great-expectations lists (MAX_RESULT_RECORDS, the first in row order). A metric not named here is a KeyError,
+    not a guess."""
+    from great_expectations.constants import MAX_RESULT_RECORDS
+    from great_expectations.core.metric_function_types import SummarizationMetricNameSuffixes as Suffix
+
+    metrics: dict = {"table.row_count": rows}
+    metric = getattr(expectation, "map_metric", None)
+    if metric is None:
+        return metrics
+    nulls = [r.get("missing_count") for r in results]  # not reported by a rule that reads no null count
+    failing = [row for r in results for row in r["unexpected_index_list"]]
+    values = [value for r in results for value in r["unexpected_list"]]  # each batch's are at most as many
+    # great-expectations' query lists the failing rows' pandas index labels, as Python ints: each batch is indexed
+    # by row number (_as_given), so they are the rows' row_index (which the index list holds as numpy ints)
+    query = f"df.filter(items={[int(row['row_index']) for row in failing]}, axis=0)"
+    return metrics | {
+        f"column_values.nonnull.{Suffix.UNEXPECTED_COUNT.value}": None if None in nulls else sum(nulls),
+        f"{metric}.{Suffix.UNEXPECTED_COUNT.value}": sum(r["unexpected_count"] for r in results),
+        f"{metric}.{Suffix.UNEXPECTED_VALUES.value}": values[:MAX_RESULT_RECORDS],
+        f"{metric}.{Suffix.UNEXPECTED_INDEX_LIST.value}": failing,
+        f"{metric}.{Suffix.UNEXPECTED_INDEX_QUERY.value}": query,
+    }
+
+
+def _build_docs(context, key, result) -> None:
+    """Data Docs from the merged result: stored under the run's key (replacing the last batch's) and rendered, as
+    great-expectations' UpdateDataDocsAction renders a checkpoint's result."""
+    context.validation_results_store.set(key, result)
+    context.build_data_docs(resource_identifiers=[key, key.expectation_suite_identifier])
 
 
 def _row_rules_together(by_rule: list[dict], rows: int, v: ValidateParams) -> dict:

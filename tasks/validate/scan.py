@@ -7,9 +7,10 @@ exactly once; its conversation goes straight to a candidates file, with its toke
 that key, first occurrence kept, so no text is held to compare.
 
 What is kept a row is numpy, not Python objects (issue 29: Python lists of ints, bools and 32-byte digests cost
-about 0.9 KB a row and left the heap fragmented): each feature as a 4-byte code or an 8-byte count, the content
-key's first 128 bits (16 bytes, SeenKeys), the renderable rows' index and token counts (32 bytes). About 90 bytes
-a row in all, 0.9 GB at ten million rows; the suite's table is built from them at the end (Scan.frame).
+about 0.9 KB a row and left the heap fragmented): each coded feature as a 1-byte code (6), each count as 4 bytes
+(12), the duplicate flag (1), the content key's first 128 bits (16, SeenKeys), the renderable rows' index and token
+counts (16). About 51 bytes a row in all, 0.5 GB at ten million rows; the suite's compact table is built from them
+at the end (Scan.frame, about 30 bytes a row) and the content keys are dropped with the pass.
 
 The fast tokenizer releases the GIL, so each block is tokenized on a worker thread while the next block is parsed.
 """
@@ -36,9 +37,14 @@ from tasks.validate.lengths import length_rows, measure_rendered
 BLOCK_ROWS = 2000  # rows a block: large enough for the tokenizer's batching, small enough to bound memory
 
 # Features whose values are None, bools or a few short strings: kept as a code a row into the column's own values.
+# int8: each takes a handful of values (the forms, the roles, True/False/None), and numpy refuses a code past 127
+# (OverflowError) rather than wrapping it.
 CODED = ("form", "roles_alternate", "last_role", "has_template_marker", "has_replacement_char", "has_control_char")
-# Counts, present for the rows that parse (absent, so null, for the rest).
+CODE = np.int8
+# Counts, present for the rows that parse (absent, so null, for the rest). int32, as are token counts and row
+# numbers: 2^31 characters or tokens in one row would be gigabytes of text, far past anything a row can hold.
 COUNTS = ("n_turns", "min_turn_chars", "total_chars")
+COUNT = np.int32
 
 
 class SeenKeys:
@@ -105,53 +111,61 @@ class Scan:
         for name in CODED:
             values = self.values[name]
             # an absent feature (a row that does not parse) is None, as the suite's table has it
-            self.codes[name].append(np.array([values.setdefault(f.get(name), len(values)) for f in features], np.int32))
+            self.codes[name].append(np.array([values.setdefault(f.get(name), len(values)) for f in features], CODE))
         for name in COUNTS:
-            self.counts[name].append(np.array([f.get(name, 0) for f in features], dtype=np.int64))
+            self.counts[name].append(np.array([f.get(name, 0) for f in features], dtype=COUNT))
         self.duplicates.append(duplicate)
         self.rows += len(features)
 
     @property
     def renderable(self) -> np.ndarray:
-        return _joined(self.renderable_blocks, np.int64)
+        return _joined(self.renderable_blocks, COUNT)
 
     def lengths(self) -> np.ndarray:
-        return np.concatenate(self.measured) if self.measured else np.zeros((0, 3), dtype=np.int64)
+        """Per renderable row [n_tokens, answer_tokens, answer_tokens_cut] (lengths.measure_rendered's figures)."""
+        return np.concatenate(self.measured) if self.measured else np.zeros((0, 3), dtype=COUNT)
 
     def frame(self) -> pd.DataFrame:
-        """The suite's table: one row per raw row (structure features null where the row did not parse), with the
-        values and dtypes the suite has always been given (expectations.run_suite): row_index int64; counts int64,
-        or float64 with NaN where some row did not parse; every other feature Python objects (bools, strings, None);
-        n_tokens nullable Int64. The per-block arrays are released as their columns are built."""
+        """The suite's table, compact: one row per raw row, indexed by row number; each coded feature and the parse
+        error a category (1 byte a row; null where the row lacks it), the counts and n_tokens nullable Int32 (5
+        bytes; null where the row does not parse or cannot be rendered), is_duplicate a bool: about 30 bytes a row.
+        When no row parses, the structure features are absent rather than all null, so the suite reports their rules
+        as not evaluated instead of passing them on no values. expectations.run_suite gives great-expectations a
+        batch of it at a time, in the dtypes the suite has always been given. The per-block arrays are released as
+        their columns are built."""
         rows, parsed = self.rows, np.ones(self.rows, dtype=bool)
         parsed[list(self.parse_errors)] = False
-        columns: dict[str, np.ndarray] = {"row_index": np.arange(rows, dtype=np.int64)}
-        for name in FEATURES[1:]:
+        columns: dict[str, object] = {}
+        for name in FEATURES[1:]:  # row_index is the table's index
             if name == "parse_error":
-                column = np.full(rows, None, dtype=object)
-                for i, why in self.parse_errors.items():
-                    column[i] = why
+                columns[name] = self._parse_error_column()
             elif name in CODED:
-                values = np.empty(len(self.values[name]), dtype=object)
-                values[:] = list(self.values[name])
-                column = values[_joined(self.codes.pop(name), np.int32)]
+                columns[name] = _category(_joined(self.codes.pop(name), CODE), self.values[name])
             else:
-                column = _joined(self.counts.pop(name), np.int64)
-                if not parsed.all():
-                    column = np.where(parsed, column, np.nan)
-            columns[name] = column
-        # no row at all: the empty columns pandas makes from empty lists, as the suite has always been given them
-        frame = pd.DataFrame(columns, copy=False) if rows else pd.DataFrame({name: [] for name in FEATURES})
+                columns[name] = pd.arrays.IntegerArray(_joined(self.counts.pop(name), COUNT), ~parsed)
         if len(self.parse_errors) == rows:
-            # No row parsed, so no row has structure features: their columns are absent (not all null), and the
-            # suite reports the rules on them as not evaluated instead of passing them on no values.
-            frame = frame[["row_index", "form", "parse_error"]]
-        duplicate = _joined(self.duplicates, bool)
-        frame["is_duplicate"] = duplicate.astype(object) if rows else []
-        n_tokens = np.full(rows, -1, dtype=np.int64)
+            columns = {name: columns[name] for name in ("form", "parse_error")}
+        columns["is_duplicate"] = _joined(self.duplicates, bool)
+        self.duplicates.clear()
+        n_tokens = np.full(rows, -1, dtype=COUNT)
         n_tokens[self.renderable] = self.lengths()[:, 0]
-        frame["n_tokens"] = pd.arrays.IntegerArray(n_tokens, n_tokens < 0)  # null where the row cannot be rendered
-        return frame
+        columns["n_tokens"] = pd.arrays.IntegerArray(n_tokens, n_tokens < 0)
+        return pd.DataFrame(columns, copy=False)
+
+    def _parse_error_column(self) -> pd.Categorical:
+        """Each row's parse error (null where it parsed), as a category of the distinct messages."""
+        messages = list(dict.fromkeys(self.parse_errors.values()))
+        code_of = {message: k for k, message in enumerate(messages)}
+        codes = np.full(self.rows, -1, dtype=np.int32)  # pandas narrows them to the fewest bytes the messages need
+        codes[list(self.parse_errors)] = [code_of[message] for message in self.parse_errors.values()]
+        return pd.Categorical.from_codes(codes, categories=messages)
+
+
+def _category(codes: np.ndarray, values: dict) -> pd.Categorical:
+    """Codes into `values` (value -> code, in the order first seen) as a Categorical: None is no category but null."""
+    known = [value for value in values if value is not None]
+    recode = np.array([known.index(value) if value is not None else -1 for value in values], dtype=CODE)
+    return pd.Categorical.from_codes(recode[codes], categories=known)
 
 
 def _joined(blocks: list[np.ndarray], dtype) -> np.ndarray:
@@ -226,8 +240,8 @@ def _parse_block(block, scan: Scan, seen: SeenKeys, template: ChatTemplate, syst
 
 
 def _write_block(parsed: _Parsed, measured: np.ndarray, scan: Scan, out) -> None:
-    scan.measured.append(measured)
-    scan.renderable_blocks.append(np.array([i for i, *_ in parsed.rows], dtype=np.int64))
+    scan.measured.append(measured.astype(COUNT))  # kept: 12 bytes a row, not 24
+    scan.renderable_blocks.append(np.array([i for i, *_ in parsed.rows], dtype=COUNT))
     for (i, conv, duplicate, key), lengths in zip(parsed.rows, length_rows(measured)):
         row = {"row_index": i, **conv.to_dict(), **lengths, "is_duplicate": duplicate, "content_key": key}
         out.write(jsonl_line(row))

@@ -10,6 +10,7 @@ the last good conversations stay in place.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -101,7 +102,7 @@ def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_exc
         "rows_excluded": n_excluded,
         "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
         "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
-        "duplicates": int(frame["is_duplicate"].sum()) if "is_duplicate" in frame else 0,
+        "duplicates": int(frame["is_duplicate"].sum()),
         "tokens_p50": report["percentiles"]["p50"],
         "tokens_p95": report["percentiles"]["p95"],
         "tokens_max": report["max"],
@@ -144,8 +145,9 @@ def validate(
 def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer) -> tuple[dict, dict]:
     """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict.
 
-    The length report is made first and the scan's arrays go into the suite's table (Scan.frame releases them), so
-    while great-expectations runs, memory holds that table and little else."""
+    The scan's feature arrays go into the suite's compact table (Scan.frame releases them), which the suite reads a
+    batch of rows at a time (expectations.run_suite): while great-expectations runs, memory holds that table (about
+    30 bytes a row), the token counts (16), one batch and the rows that break a rule."""
     report = length_report(
         scan.lengths(), params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
     )
@@ -159,9 +161,8 @@ def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_pat
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
         summary = _summary(result, report, frame, scan.rows, len(excluded))
         write_json(tmp / paths.VALIDATION_SUMMARY.name, summary)
-    n_tokens = frame["n_tokens"].to_numpy(dtype=np.int64, na_value=-1)
     del frame, result
-    save_histogram(n_tokens[n_tokens >= 0], params.model.max_length, histogram_path)  # renderable rows, in order
+    save_histogram(scan.lengths()[:, 0], params.model.max_length, histogram_path)  # renderable rows, in order
     write_json(metrics_path, headline(summary))
     log.info(
         "validation %s: %d rows, %d left out for breaking a row rule; %s",
@@ -182,9 +183,8 @@ def _keep_candidates(candidates: Path, renderable: np.ndarray, excluded: dict, o
         os.replace(candidates, out)
         return
     with open(candidates, "rb") as lines, atomic_writer(out) as kept:
-        for kept_line, line in zip(keep.tolist(), lines):  # bools, the same object each: 8 bytes a row
-            if kept_line:
-                kept.write(line)
+        for line in itertools.compress(lines, keep):  # the flags read one at a time from the array, never a list
+            kept.write(line)
 
 
 def main() -> None:
