@@ -194,11 +194,10 @@ def _share_rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, obje
     ]
 
 
-# Rows great-expectations validates at once. For a batch it holds the rows in the dtypes the suite is given (about
-# 110 bytes a row: Python objects for the flags and strings), a copy of them without nulls for each rule on a column
-# with nulls, each rule's condition and pandas' row hashes for its fingerprint: a few hundred bytes a row at its
-# peak, about 0.1-0.2 GB for a batch whatever the row count. Larger batches would only save its fixed cost per run
-# (about a second; a batch of 500k rows takes minutes to scan).
+# Rows great-expectations validates at once. It holds a batch in the dtypes the suite is given (Python objects for
+# the flags and strings: about 125 bytes a row), copies it without nulls for each rule on a column with nulls and
+# works out each rule's condition: about 0.5 KB a row at its peak, measured 0.25-0.3 GB for a batch of 500k rows,
+# whatever the table's size. Smaller batches would save little more and pay its fixed cost per run more often.
 BATCH_ROWS = 500_000
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]}
 FINGERPRINT = "pandas_data_fingerprint"  # great-expectations' batch marker (_Fingerprint)
@@ -221,13 +220,13 @@ def _errors(res) -> list[dict]:
     return [e for e in ([info] if "raised_exception" in info else info.values()) if e.get("raised_exception")]
 
 
-def _not_evaluated(res, column: str | None, frame: pd.DataFrame) -> str | None:
+def _not_evaluated(res, column: str | None, present: set[str]) -> str | None:
     """Why great-expectations could not evaluate a rule (None when it did): it then reports success false with
     no observed value, which would read as a failure that no row caused."""
     errors = _errors(res)
     if not errors:
         return None
-    if column and column not in frame:  # features of parsed rows only: no row parsed
+    if column and column not in present:  # features of parsed rows only: no row parsed
         return (
             f"no row has a `{column}` to check: it is computed for rows that parse, and none did (see rule parseable)"
         )
@@ -269,12 +268,12 @@ def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
     return context, checkpoint, {rule.name: rule.column for rule, _ in pairs}
 
 
-def _rule_report(res, columns: dict, frame: pd.DataFrame) -> dict:
+def _rule_report(res, columns: dict, present: set[str]) -> dict:
     """One rule's entry in result.json: its status (or why it could not be evaluated) and the rows that broke it."""
     meta = res.expectation_config.meta or {}
     detail = res.result or {}
     rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
-    reason = _not_evaluated(res, columns.get(meta.get("rule")), frame)
+    reason = _not_evaluated(res, columns.get(meta.get("rule")), present)
     return {
         "rule": meta.get("rule"),
         "description": meta.get("description"),
@@ -291,7 +290,8 @@ def _rule_report(res, columns: dict, frame: pd.DataFrame) -> dict:
 def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
     """Run the suite over the table (scan.Scan.frame) BATCH_ROWS rows at a time, merge the batches' results into the
     one a single run over all rows gives, build Data Docs from it into docs_dir, and return {success, rules: [...],
-    ge_result}.
+    ge_result}. A caller that hands the table over without keeping it (validate does) has its memory back once the
+    batches are validated, before great-expectations copies the failing rows (Data Docs, the JSON result).
 
     Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
     `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
@@ -300,17 +300,19 @@ def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_d
 
     context, checkpoint, columns = _checkpoint(docs_dir, v, model)
     run_id = RunIdentifier(run_time=dt.datetime.now(dt.UTC))  # one run, whatever the batches
-    fingerprint, parts = _Fingerprint(len(table)), []
+    rows, present = len(table), set(table.columns)
+    fingerprint, parts = _Fingerprint(rows), []
     for batch in _batches(table):
         fingerprint.add(batch)
         run = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=run_id)
         ((key, part),) = run.run_results.items()  # the same key each batch, so the store keeps only the last
         parts.append(part)
         del batch, run  # before the next batch is built
-    result = _merged(parts, len(table), fingerprint.value())
+    del table  # every batch is validated: the table can go before the failing rows are copied
+    result = _merged(parts, rows, fingerprint.value())
     _build_docs(context, key, result)
-    by_rule = [_rule_report(res, columns, table) for res in result.results]
-    together = _row_rules_together(by_rule, len(table), v)
+    by_rule = [_rule_report(res, columns, present) for res in result.results]
+    together = _row_rules_together(by_rule, rows, v)
     by_rule.append(together)
     return {
         "success": bool(result.success) and together["success"],

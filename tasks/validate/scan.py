@@ -105,6 +105,7 @@ class Scan:
     measured: list[np.ndarray] = field(default_factory=list)
     input_sha256: str = ""
     rows: int = 0
+    duplicate_rows: int = 0
 
     def add_features(self, features: list[dict], duplicate: np.ndarray) -> None:
         """One block's features (conversation_features' dicts, in row order) and duplicate flags."""
@@ -115,6 +116,7 @@ class Scan:
         for name in COUNTS:
             self.counts[name].append(np.array([f.get(name, 0) for f in features], dtype=COUNT))
         self.duplicates.append(duplicate)
+        self.duplicate_rows += int(duplicate.sum())
         self.rows += len(features)
 
     @property

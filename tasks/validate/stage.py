@@ -16,7 +16,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from tasks.common import paths
 from tasks.common.artifacts import atomic_writer, staged_dir, write_json
@@ -94,7 +93,7 @@ def headline(summary: dict) -> dict:
     return {"ok": summary["success"], "excluded": summary["rows_excluded"]}
 
 
-def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_excluded: int) -> dict:
+def _summary(result: dict, report: dict, n_rows: int, n_excluded: int, n_duplicates: int) -> dict:
     """The verdict, rule counts and the token-length figures `dvc metrics diff` can compare."""
     return {
         "success": result["success"],
@@ -102,7 +101,7 @@ def _summary(result: dict, report: dict, frame: pd.DataFrame, n_rows: int, n_exc
         "rows_excluded": n_excluded,
         "rules_failed": sum(r["status"] == "failed" for r in result["rules"]),
         "rules_not_evaluated": sum(r["status"] == "not evaluated" for r in result["rules"]),
-        "duplicates": int(frame["is_duplicate"].sum()),
+        "duplicates": n_duplicates,
         "tokens_p50": report["percentiles"]["p50"],
         "tokens_p95": report["percentiles"]["p95"],
         "tokens_max": report["max"],
@@ -145,23 +144,24 @@ def validate(
 def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer) -> tuple[dict, dict]:
     """Run the suite over the scan's feature table and write the reports; raise ValidationFailed on a failed verdict.
 
-    The scan's feature arrays go into the suite's compact table (Scan.frame releases them), which the suite reads a
-    batch of rows at a time (expectations.run_suite): while great-expectations runs, memory holds that table (about
-    30 bytes a row), the token counts (16), one batch and the rows that break a rule."""
+    The scan's feature arrays go into the suite's compact table (Scan.frame releases them), handed to the suite and
+    not kept: it reads a batch of rows at a time and frees the table when done (expectations.run_suite). What grows
+    with rows is then the table (28 bytes a row) and the token counts with the renderable rows' index (16) while the
+    batches run, 16 after; and about 1.5 KB at the peak for each row that breaks a rule, which the result lists and
+    great-expectations copies through JSON (measured: benchmarks/suite_memory.py, docs/performance.md)."""
     report = length_report(
         scan.lengths(), params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
     )
-    frame = scan.frame()
     with staged_dir(report_dir) as tmp:
-        result = run_suite(frame, params.validate_, params.model, tmp / "data_docs")
+        result = run_suite(scan.frame(), params.validate_, params.model, tmp / "data_docs")
         excluded = excluded_rows(result)
         write_json(tmp / paths.LENGTH_REPORT.name, report)
         record = _result_record(result, raw_rows, scan.input_sha256, excluded, scan.parse_errors)
         write_json(tmp / paths.VALIDATION_RESULT.name, record)
         write_validation_page(tmp)  # reports/validation/index.html: readable offline, unlike the Data Docs
-        summary = _summary(result, report, frame, scan.rows, len(excluded))
+        summary = _summary(result, report, scan.rows, len(excluded), scan.duplicate_rows)
         write_json(tmp / paths.VALIDATION_SUMMARY.name, summary)
-    del frame, result
+    del result
     save_histogram(scan.lengths()[:, 0], params.model.max_length, histogram_path)  # renderable rows, in order
     write_json(metrics_path, headline(summary))
     log.info(
