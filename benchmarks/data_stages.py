@@ -144,11 +144,12 @@ def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | N
     return {"seconds": round(call, 2), "backend_seconds": round(bare, 2), "texts": texts, "tokens": tokens}
 
 
-def _own_peak_rss_gb(pid: int) -> float | None:
-    """The process's own high-water RSS (VmHWM), None once it has ended."""
+def rss_gb(pid: int | str = "self", field: str = "VmHWM") -> float | None:
+    """A process's memory figure from /proc/<pid>/status in GB: its own high-water RSS (VmHWM) unless field says
+    otherwise (VmRSS: now); None once the process has ended."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024 / 1e9
     except (FileNotFoundError, ProcessLookupError):
         return None
@@ -164,7 +165,7 @@ def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
     peak = 0.0
     while proc.poll() is None:
-        peak = max(peak, _own_peak_rss_gb(proc.pid) or 0.0)
+        peak = max(peak, rss_gb(proc.pid) or 0.0)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     if proc.returncode:

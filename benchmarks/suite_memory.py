@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import ROOT, save
-from benchmarks.data_stages import make_project, run_process
+from benchmarks.data_stages import make_project, rss_gb, run_process
 
 MEDIAN_TOKENS, SIGMA = 315, 0.875  # lognormal: P(n > 1024) = 8.9%, as in the diverse rows
 BAD_EVERY, DUPLICATE_EVERY = 50_000, 2_000
@@ -61,13 +61,6 @@ def synthetic_scan(rows: int, seed: int = 0):
     return scan
 
 
-def _rss_gb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return round(int(line.split()[1]) * 1024 / 1e9, 3)
-    return 0.0
-
-
 def child(rows: int, batch_rows: int, project: Path, out: Path) -> None:
     """In a process of its own: build the table, run the suite, write result.json; save RSS and seconds to `out`."""
     from tasks.common.artifacts import write_json
@@ -75,14 +68,15 @@ def child(rows: int, batch_rows: int, project: Path, out: Path) -> None:
     from tasks.validate import expectations
 
     params = load_params(project / "params.yaml")
-    figures = {"rss_start_gb": _rss_gb()}
+    figures = {"rss_start_gb": round(rss_gb(field="VmRSS"), 3)}
     scan = synthetic_scan(rows)
     table = [scan.frame()]  # handed to the suite and not kept, as validate does
-    figures["rss_table_gb"] = _rss_gb()
-    expectations.BATCH_ROWS = batch_rows or max(rows, 1)
+    figures["rss_table_gb"] = round(rss_gb(field="VmRSS"), 3)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="suite-memory-") as tmp:
-        result = expectations.run_suite(table.pop(), params.validate_, params.model, Path(tmp) / "data_docs")
+        result = expectations.run_suite(
+            table.pop(), params.validate_, params.model, Path(tmp) / "data_docs", batch_rows or max(rows, 1)
+        )
         write_json(Path(tmp) / "result.json", {"rules": result["rules"], "ge_result": result["ge_result"]})
     figures |= {
         "suite_seconds": round(time.perf_counter() - start, 1),

@@ -81,6 +81,25 @@ def workdir(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
+def venv_env(**more: str) -> dict[str, str]:
+    """This environment with the running venv's bin/ first on PATH (dvc, prefect, the stages' python), plus `more`."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **more}
+
+
+def dvc(project: Path, *args: str, with_stderr: bool = False) -> str:
+    """`dvc <args>` in project, which must succeed; its output (stdout, and stderr with with_stderr)."""
+    proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=venv_env())
+    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr if with_stderr else proc.stdout
+
+
+def dvc_fails(project: Path, *args: str) -> str:
+    """`dvc <args>` in project, which must fail; everything it printed."""
+    proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=venv_env())
+    assert proc.returncode != 0, f"dvc {' '.join(args)} should have failed:\n{proc.stdout}"
+    return proc.stdout + proc.stderr
+
+
 def project_files() -> list[str]:
     out = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
@@ -131,10 +150,7 @@ def reproduced_template(tmp_path_factory, worker_id) -> Path:
         if not (template.parent / FIRST_REPRO_OUTPUT).exists():
             shutil.rmtree(template.parent, ignore_errors=True)
             make_project_copy(template)
-            env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-            proc = subprocess.run(["dvc", "repro"], cwd=template, capture_output=True, text=True, env=env)
-            assert proc.returncode == 0, f"dvc repro of a fresh clone failed:\n{proc.stdout}\n{proc.stderr}"
-            (template.parent / FIRST_REPRO_OUTPUT).write_text(proc.stdout + proc.stderr)
+            (template.parent / FIRST_REPRO_OUTPUT).write_text(dvc(template, "repro", with_stderr=True))
     return template
 
 
@@ -247,7 +263,7 @@ class Team:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
             "PYTHONPATH": str(project),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PATH": venv_env()["PATH"],
         }
         from flows.deploy import DURABLE_LEASES
 

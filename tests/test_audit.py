@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from tasks.common.environment import listing_sha256
 from tasks.publish import signing
 from tasks.publish.audit import audit
 from tasks.publish.audit import main as audit_main
+from tests.conftest import dvc
 from tests.test_signing import ec_key_pem, fingerprint_of, key_secrets
 
 pytestmark = pytest.mark.slow
@@ -395,15 +395,8 @@ def test_the_planted_hub_token_and_signing_key_are_in_no_output_log_or_prefect_a
 
 
 def test_artifacts_survive_the_machine_through_the_dvc_remote(project):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-
-    def dvc(*args: str) -> str:
-        proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, f"dvc {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
-        return proc.stdout
-
     before = {out: sha256_tree(project / out) for out in OUTS}
-    dvc("push")
+    dvc(project, "push")
     remote = project.parent / "guanaco-dvc-storage"  # the default remote: beside the project, outside it
     assert remote.is_dir() and any(remote.rglob("*"))
     # A new machine: no outputs, no cache.
@@ -411,7 +404,7 @@ def test_artifacts_survive_the_machine_through_the_dvc_remote(project):
         target = project / out
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     shutil.rmtree(project / ".dvc" / "cache")
-    dvc("pull")
+    dvc(project, "pull")
     assert {out: sha256_tree(project / out) for out in OUTS} == before
     assert _first_failure(project) is None
 

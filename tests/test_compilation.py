@@ -38,10 +38,9 @@ def tiny_peft_llama(layers: int = 4):
     return model
 
 
-def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing():
-    """The first layer's input needs no gradient (frozen embeddings), the others' do: without asking for the
-    embedding output's gradient, the first layer was a second graph (counted 2 before the fix). Now one graph
-    serves all four layers, traced once, and five different lengths add none."""
+def _graphs_after_each(lengths: tuple[int, ...]):
+    """A fresh tiny model with its layers compiled (aot_eager), trained one step on each length in turn: dynamo's
+    graph count after each step, and the model."""
     import torch._dynamo.utils
 
     torch._dynamo.reset()
@@ -49,10 +48,20 @@ def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing(
     assert compilation.compile_layers(model, backend="aot_eager") == 4
     torch._dynamo.utils.counters.clear()
     graphs = []
-    for length in (33, 47, 12, 64, 50):
+    for length in lengths:
         ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
         model(input_ids=ids, labels=ids).loss.backward()
         graphs.append(compilation.compiled_graphs())
+    return graphs, model
+
+
+def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing():
+    """The first layer's input needs no gradient (frozen embeddings), the others' do: without asking for the
+    embedding output's gradient, the first layer was a second graph (counted 2 before the fix). Now one graph
+    serves all four layers, traced once, and five different lengths add none."""
+    import torch._dynamo.utils
+
+    graphs, model = _graphs_after_each((33, 47, 12, 64, 50))
     assert graphs == [1] * 5, graphs
     # traced once: no restart of dynamo's analysis over Python floats (compile_settings' specialize_float; it was 2)
     assert torch._dynamo.utils.counters["aot_autograd"]["total"] == 1
@@ -62,17 +71,8 @@ def test_every_decoder_layer_shares_one_graph_and_new_lengths_recompile_nothing(
 def test_a_first_micro_batch_of_hidden_size_tokens_recompiles_nothing():
     """Duck shaping gave a first length equal to hidden_size (64 here, 4096 on Llama-2-7B) the weights' static
     symbol, and every later length recompiled ([1, 2, 2] before compile_settings turned it off)."""
-    import torch._dynamo.utils
-
-    torch._dynamo.reset()
-    model = tiny_peft_llama()
-    compilation.compile_layers(model, backend="aot_eager")
-    torch._dynamo.utils.counters.clear()
-    graphs = []
-    for length in (model.config.hidden_size, 33, 47):
-        ids = torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(length))
-        model(input_ids=ids, labels=ids).loss.backward()
-        graphs.append(compilation.compiled_graphs())
+    hidden_size = tiny_peft_llama(layers=1).config.hidden_size
+    graphs, _ = _graphs_after_each((hidden_size, 33, 47))
     assert graphs == [1, 1, 1], graphs
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 
 from flows import history
 from tasks.common import paths
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, venv_env, wait_for
 
 pytestmark = pytest.mark.slow
 DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
@@ -24,14 +23,12 @@ DEPLOYMENT = "guanaco-qlora-pipeline/guanaco-scheduled"
 def prefect_server(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-    }
+    env = venv_env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -73,11 +70,10 @@ def _deployment(url: str):
 def test_scheduled_deployment_retrains_only_when_the_data_changes(reproduced_project, prefect_server, tmp_path):
     """From a project whose last run is good: a scheduled run with nothing changed runs no stage; after the data
     changes, the next one runs every stage and publishes."""
-    project_copy = reproduced_project
     url, env = prefect_server
     served = subprocess.Popen(
-        [sys.executable, "-m", "flows.deploy", "--project-dir", str(project_copy), "--cron", "0 3 * * *"],
-        cwd=project_copy,
+        [sys.executable, "-m", "flows.deploy", "--project-dir", str(reproduced_project), "--cron", "0 3 * * *"],
+        cwd=reproduced_project,
         env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
         stdout=open(tmp_path / "serve.log", "w"),
         stderr=subprocess.STDOUT,
@@ -90,18 +86,18 @@ def test_scheduled_deployment_retrains_only_when_the_data_changes(reproduced_pro
         start = time.perf_counter()
         assert _trigger(url) == "COMPLETED"
         no_change_seconds = time.perf_counter() - start
-        first = history.read(project_copy)[-1]
+        first = history.read(reproduced_project)[-1]
         assert first["stages_ran"] == [] and first["outcome"] == "up to date"
         print(f"\nno-change scheduled run: {no_change_seconds:.1f} s end to end")
 
-        sample = project_copy / paths.SAMPLE_DATA
+        sample = reproduced_project / paths.SAMPLE_DATA
         sample.write_text(
             sample.read_text()
             + json.dumps({"text": "### Human: Name a prime number above 90.### Assistant: 97 is a prime number."})
             + "\n"
         )
         assert _trigger(url) == "COMPLETED"
-        second = history.read(project_copy)[-1]
+        second = history.read(reproduced_project)[-1]
         assert second["stages_ran"] == list(paths.STAGES) and second["outcome"] == "published"
         assert second["release_id"] is not None
     finally:

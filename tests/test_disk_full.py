@@ -6,7 +6,6 @@ audit pass."""
 
 from __future__ import annotations
 
-import os
 import resource
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 
 from tasks.common import paths
 from tasks.common.artifacts import sha256_tree
-from tests.test_pipeline_e2e import dvc
+from tests.conftest import dvc, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +36,7 @@ def _limited(project: Path, stage: str, limit: int) -> subprocess.CompletedProce
     def set_limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()
     return subprocess.run(
         [sys.executable, "-m", f"tasks.{stage}"], cwd=project, capture_output=True, text=True, env=env,
         preexec_fn=set_limit, timeout=600,
@@ -49,39 +48,38 @@ def _outputs(project: Path) -> dict[str, dict[str, str]]:
 
 
 def test_each_stage_stops_cleanly_when_the_disk_is_full_and_the_next_run_completes(reproduced_project):
-    project_copy = reproduced_project  # after a first good run
     # DVC keeps caches per project path (its site cache: file hashes, links); a first run in this folder would have
     # made them, and dvclive's calls into DVC during train would otherwise write them under the limit
-    dvc(project_copy, "status")
-    good = _outputs(project_copy)
+    dvc(reproduced_project, "status")
+    good = _outputs(reproduced_project)
     for stage, (limit, output) in LIMITS.items():
-        proc = _limited(project_copy, stage, limit)
+        proc = _limited(reproduced_project, stage, limit)
         assert proc.returncode == 2, f"{stage}: {proc.returncode}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, f"{stage}:\n{proc.stderr[-3000:]}"
         errors = [line for line in proc.stderr.splitlines() if f"[{stage}] ERROR:" in line]
         assert len(errors) == 1 and "no space to write" in errors[0], f"{stage}:\n{proc.stderr[-3000:]}"
         assert f" {output}:" in errors[0], errors[0]  # the output it could not write
         assert "file-size limit" in errors[0]
-        assert _outputs(project_copy) == good, f"{stage} changed the last good outputs"
-        leftovers = [p for p in project_copy.rglob(".*.tmp")] + [p for p in project_copy.rglob(".*.old")]
+        assert _outputs(reproduced_project) == good, f"{stage} changed the last good outputs"
+        leftovers = [p for p in reproduced_project.rglob(".*.tmp")] + [p for p in reproduced_project.rglob(".*.old")]
         assert not leftovers, leftovers
 
     # the checkpoint train could not finish has no completion marker: the next run removes it, never resumes from it
     from tasks.train.checkpoints import COMPLETE
 
-    unfinished = list((project_copy / paths.CHECKPOINT_DIR).glob("checkpoint-*"))
+    unfinished = list((reproduced_project / paths.CHECKPOINT_DIR).glob("checkpoint-*"))
     assert unfinished and not any((c / COMPLETE).exists() for c in unfinished)
 
     # space back: train runs again, removing the unfinished checkpoint instead of resuming from it; `dvc repro`
     # brings the rest up to date and the audit passes
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()
     again = subprocess.run(
-        [sys.executable, "-m", "tasks.train"], cwd=project_copy, capture_output=True, text=True, env=env
+        [sys.executable, "-m", "tasks.train"], cwd=reproduced_project, capture_output=True, text=True, env=env
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "removing incomplete checkpoint" in again.stderr + again.stdout
-    dvc(project_copy, "repro")
+    dvc(reproduced_project, "repro")
     audit = subprocess.run(
-        [sys.executable, "-m", "tasks.publish.audit", "release"], cwd=project_copy, capture_output=True, text=True
+        [sys.executable, "-m", "tasks.publish.audit", "release"], cwd=reproduced_project, capture_output=True, text=True
     )
     assert audit.returncode == 0, audit.stdout[-3000:]

@@ -5,7 +5,6 @@ tested in test_chat_template.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,13 @@ import pytest
 
 from tasks.common import paths
 from tasks.common.chat_template import BUILT_IN
+from tests.conftest import venv_env
 
 pytestmark = pytest.mark.slow
 
 
 def _run(project: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = venv_env()
     proc = subprocess.run(args, cwd=project, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr

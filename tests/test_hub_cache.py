@@ -21,7 +21,7 @@ from tasks.common import paths
 from tasks.common.artifacts import read_jsonl
 from tasks.common.config import with_overrides
 from tasks.common.errors import PipelineError
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, venv_env
 from tests.hub_cache import Repo, fill_hub_cache
 
 DATASET_ID = "mlabonne/guanaco-llama2-1k"  # conf/config.yaml's download.hub_id and model.base
@@ -221,7 +221,7 @@ def test_dvc_repro_through_the_hub_cache_to_an_audited_release(hub_home, project
     subprocess.run(["git", "commit", "-qam", "the preset's Hub ids"], cwd=project, check=True, env=os.environ | git)
     env = hub_home.env(
         HF_DATASETS_CACHE=str(project.parent / "datasets_cache"),
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PATH=venv_env()["PATH"],
     )
     repro = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr

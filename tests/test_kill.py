@@ -27,8 +27,7 @@ import yaml
 from tasks.common import paths
 from tasks.common.artifacts import sha256_file, sha256_tree
 from tasks.common.run_lock import HOLDER_FILE
-from tests.conftest import ROOT
-from tests.test_pipeline_e2e import dvc
+from tests.conftest import ROOT, dvc, venv_env
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +144,7 @@ class StageRun:
 
     def __init__(self, project: Path, stage: str, log: Path):
         self.project, self.stage = project, stage
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        env = venv_env()
         with open(log, "w") as out:
             self.dvc = subprocess.Popen(
                 ["dvc", "repro", "-s", stage, "--force"], cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -228,44 +227,43 @@ def _check_after_kill(project: Path, stage: str, point: str, before: dict) -> di
 
 
 def test_sigkill_at_chosen_points_of_every_stage_leaves_no_half_written_output(reproduced_project, tmp_path):
-    project_copy = reproduced_project  # after a first good run
-    good = _outputs(project_copy)
-    good_adapter = sha256_file(project_copy / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
-    good_loss = (project_copy / paths.LOSS_TSV).read_bytes()
+    good = _outputs(reproduced_project)
+    good_adapter = sha256_file(reproduced_project / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS)
+    good_loss = (reproduced_project / paths.LOSS_TSV).read_bytes()
     before = good
     times = {}
     start = time.monotonic()
     for stage, points in KILLS.items():
         for n, (point, whom) in enumerate(points):
-            run = StageRun(project_copy, stage, tmp_path / f"{stage}-{n}.log")
+            run = StageRun(reproduced_project, stage, tmp_path / f"{stage}-{n}.log")
             run.kill_at(point, whom, half=times.get(stage))
             if point == "recorded":  # the stage's own time, from its lock to its end, for a point halfway
                 times[stage] = (run.ended_at - run.locked_at) / 2
-            if recovered := _recover_dvc_own_files(project_copy):
+            if recovered := _recover_dvc_own_files(reproduced_project):
                 print(f"{stage} killed at {point!r} inside DVC's own write: {recovered} recovered as documented")
-            now = _check_after_kill(project_copy, stage, point, before)
+            now = _check_after_kill(reproduced_project, stage, point, before)
             changed = [rel for rel in now if now[rel] != before[rel]]
             print(f"{stage} killed ({whom}) at {point!r}, {time.monotonic() - run.started_at:.1f} s in: replaced "
-                  f"whole {changed}, left {_leftovers(project_copy)}")  # fmt: skip
+                  f"whole {changed}, left {_leftovers(reproduced_project)}")  # fmt: skip
             before = now
 
         if stage == "train":  # the killed run resumes from its last complete checkpoint to the very same adapter
-            dvc(project_copy, "repro", "-s", "train", "--force")
-            assert json.loads((project_copy / paths.TRAINING).read_text())["resumed"] is True
-            assert sha256_file(project_copy / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS) == good_adapter
-            assert (project_copy / paths.LOSS_TSV).read_bytes() == good_loss  # each step once, as uninterrupted
-            before = _outputs(project_copy)
+            dvc(reproduced_project, "repro", "-s", "train", "--force")
+            assert json.loads((reproduced_project / paths.TRAINING).read_text())["resumed"] is True
+            assert sha256_file(reproduced_project / paths.ADAPTER_DIR / paths.ADAPTER_WEIGHTS) == good_adapter
+            assert (reproduced_project / paths.LOSS_TSV).read_bytes() == good_loss  # each step once, as uninterrupted
+            before = _outputs(reproduced_project)
 
     print(f"kills: {time.monotonic() - start:.0f} s")
-    out = dvc(project_copy, "repro", with_stderr=True)
+    out = dvc(reproduced_project, "repro", with_stderr=True)
     print("the next dvc repro ran", re.findall(r"Running stage '(\w+)'", out))
-    assert _leftovers(project_copy) == []
-    assert not (project_copy / paths.CHECKPOINT_DIR).exists()
-    final = _outputs(project_copy)
+    assert _leftovers(reproduced_project) == []
+    assert not (reproduced_project / paths.CHECKPOINT_DIR).exists()
+    final = _outputs(reproduced_project)
     for rel, files in final.items():
         changed = {f for f in files.keys() | good[rel].keys() if files.get(f) != good[rel].get(f)}
         assert all(f.startswith(VARYING) for f in changed), f"{rel}: {sorted(changed)} differ from the first run"
     audit = subprocess.run(
-        [sys.executable, "-m", "tasks.publish.audit", "release"], cwd=project_copy, capture_output=True, text=True
+        [sys.executable, "-m", "tasks.publish.audit", "release"], cwd=reproduced_project, capture_output=True, text=True
     )
     assert audit.returncode == 0, audit.stdout[-3000:]

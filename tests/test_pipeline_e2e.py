@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +12,9 @@ import yaml
 
 from tasks.common import paths
 from tasks.common.paths import STAGES
-from tests.conftest import FIRST_REPRO_OUTPUT
+from tests.conftest import FIRST_REPRO_OUTPUT, dvc, dvc_fails
 
 pytestmark = pytest.mark.slow
-
-
-def dvc(project: Path, *args: str, with_stderr: bool = False) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout + proc.stderr if with_stderr else proc.stdout
 
 
 def ran(output: str) -> list[str]:
@@ -35,14 +25,13 @@ def test_dvc_repro_from_a_fresh_clone(reproduced_template, reproduced_project):
     """The fresh clone's first `dvc repro` is the one reproduced_template ran (shared with the tests that start after
     a first good run); what follows it runs on this test's own copy."""
     out = (reproduced_template.parent / FIRST_REPRO_OUTPUT).read_text()
-    project_copy = reproduced_project
     assert ran(out) == list(STAGES)
     # Library messages go to each stage's log file, not the terminal (tasks/common/stage_log.py): no Python warning line
     # (its own format, "<file>:<line>: <Category>: ...") reaches the output, whatever a library's words.
     assert not re.search(r"^\S+:\d+: \w+: ", out, re.M), out
     for stage in STAGES:
-        assert (project_copy / paths.LOG_DIR / f"{stage}.log").stat().st_size > 0, stage
-    release = project_copy / paths.RELEASE_DIR
+        assert (reproduced_project / paths.LOG_DIR / f"{stage}.log").stat().st_size > 0, stage
+    release = reproduced_project / paths.RELEASE_DIR
     for name in (
         paths.ADAPTER_WEIGHTS,
         "adapter_config.json",
@@ -68,26 +57,26 @@ def test_dvc_repro_from_a_fresh_clone(reproduced_template, reproduced_project):
         paths.TRAINING,
         paths.GENERATIONS,
     ):
-        assert (project_copy / out_path).is_file(), out_path
-    assert (project_copy / paths.VALIDATION_REPORT_DIR / "data_docs" / "index.html").is_file()
+        assert (reproduced_project / out_path).is_file(), out_path
+    assert (reproduced_project / paths.VALIDATION_REPORT_DIR / "data_docs" / "index.html").is_file()
 
     # One table of every stage's headline figures that fits an 80-column terminal (every figure: reports/)
-    table = dvc(project_copy, "metrics", "show")
+    table = dvc(reproduced_project, "metrics", "show")
     assert max(len(line) for line in table.splitlines()) <= 80, table
     header = table.splitlines()[0].split()
     assert set(header) == {"Path", "ok", "excluded", "loss", "tok/s", "stops"}, header  # peak_GiB: null on the CPU
 
-    edges = re.findall(r'"(\w+)" -> "(\w+)"', dvc(project_copy, "dag", "--dot"))
+    edges = re.findall(r'"(\w+)" -> "(\w+)"', dvc(reproduced_project, "dag", "--dot"))
     for a, b in zip(STAGES, STAGES[1:]):
         assert (a, b) in edges, f"{a} -> {b} missing from dvc dag"
 
-    again = dvc(project_copy, "repro")
+    again = dvc(reproduced_project, "repro")
     assert ran(again) == [] and "up to date" in again
 
-    params = yaml.safe_load((project_copy / "params.yaml").read_text())
+    params = yaml.safe_load((reproduced_project / "params.yaml").read_text())
     params["train"]["learning_rate"] = 1.0e-3
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran(dvc(project_copy, "repro")) == ["train", "evaluate", "publish"]
+    (reproduced_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(reproduced_project, "repro")) == ["train", "evaluate", "publish"]
 
     # A failed stage leaves every output of every stage as the last good run left it (dvc.yaml: all persist).
     outputs = [
@@ -101,20 +90,20 @@ def test_dvc_repro_from_a_fresh_clone(reproduced_template, reproduced_project):
         paths.EVAL_RUN,
         paths.RELEASE_DIR,
     ]
-    good = snapshot(project_copy, outputs)
+    good = snapshot(reproduced_project, outputs)
     assert good[str(paths.TRAIN_METRICS)] and any(k.startswith(str(paths.DVCLIVE_DIR)) for k in good)
     params["train"]["optimizer"] = "paged_adamw_32bit"  # stops in train's preflight on the CPU
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    failed = dvc_fails(project_copy, "repro")
+    (reproduced_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = dvc_fails(reproduced_project, "repro")
     assert "paged_adamw_32bit needs a CUDA GPU" in failed
-    assert snapshot(project_copy, outputs) == good
+    assert snapshot(reproduced_project, outputs) == good
 
     params["train"]["optimizer"] = "adamw_torch"  # train is up to date again; now evaluate fails on broken rows
-    (project_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (project_copy / paths.EVAL_ROWS).write_text("{not json\n")
-    failed = dvc_fails(project_copy, "repro", "--single-item", "evaluate")
+    (reproduced_project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (reproduced_project / paths.EVAL_ROWS).write_text("{not json\n")
+    failed = dvc_fails(reproduced_project, "repro", "--single-item", "evaluate")
     assert "Running stage 'evaluate'" in failed
-    assert snapshot(project_copy, outputs) == good
+    assert snapshot(reproduced_project, outputs) == good
 
 
 def snapshot(project: Path, rels: list) -> dict[str, str]:
@@ -127,13 +116,6 @@ def snapshot(project: Path, rels: list) -> dict[str, str]:
         for f in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
             files[str(f.relative_to(project))] = sha256_file(f)
     return files
-
-
-def dvc_fails(project: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["dvc", *args], cwd=project, capture_output=True, text=True, env=env)
-    assert proc.returncode != 0, f"dvc {' '.join(args)} should have failed:\n{proc.stdout}"
-    return proc.stdout + proc.stderr
 
 
 def test_prefect_flow_runs_the_same_stages_and_leaves_the_same_lineage(project_copy, prefect_harness):

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from tasks.common import paths, run_lock
+from tests.conftest import venv_env
 
-ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+ENV = venv_env()
 ENV.pop(run_lock.COVER_ENV, None)
 
 # A stage process of another run: takes the workspace lock exactly as a stage entry does, then stays in its stage.

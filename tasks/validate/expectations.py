@@ -287,11 +287,14 @@ def _rule_report(res, columns: dict, present: set[str]) -> dict:
     }
 
 
-def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path) -> dict:
-    """Run the suite over the table (scan.Scan.frame) BATCH_ROWS rows at a time, merge the batches' results into the
-    one a single run over all rows gives, build Data Docs from it into docs_dir, and return {success, rules: [...],
-    ge_result}. A caller that hands the table over without keeping it (validate does) has its memory back once the
-    batches are validated, before great-expectations copies the failing rows (Data Docs, the JSON result).
+def run_suite(
+    table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_dir: Path, batch_rows: int | None = None
+) -> dict:
+    """Run the suite over the table (scan.Scan.frame) batch_rows (default BATCH_ROWS) rows at a time, merge the
+    batches' results into the one a single run over all rows gives, build Data Docs from it into docs_dir, and return
+    {success, rules: [...], ge_result}. A caller that hands the table over without keeping it (validate does) has its
+    memory back once the batches are validated, before great-expectations copies the failing rows (Data Docs, the
+    JSON result).
 
     Each rule has a status: "passed", "failed" (rows broke it), or "not evaluated" (with the reason);
     `success` is true, false, or null when not evaluated. The suite succeeds only when every rule passed.
@@ -302,7 +305,7 @@ def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_d
     run_id = RunIdentifier(run_time=dt.datetime.now(dt.UTC))  # one run, whatever the batches
     rows, present = len(table), set(table.columns)
     fingerprint, parts = _Fingerprint(rows), []
-    for batch in _batches(table):
+    for batch in _batches(table, batch_rows or BATCH_ROWS):
         fingerprint.add(batch)
         run = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=run_id)
         ((key, part),) = run.run_results.items()  # the same key each batch, so the store keeps only the last
@@ -321,12 +324,12 @@ def run_suite(table: pd.DataFrame, v: ValidateParams, model: ModelParams, docs_d
     }
 
 
-def _batches(table: pd.DataFrame) -> Iterator[pd.DataFrame]:
-    """The table's rows, BATCH_ROWS at a time (one empty batch for no rows), as great-expectations is given them."""
+def _batches(table: pd.DataFrame, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The table's rows, batch_rows at a time (one empty batch for no rows), as great-expectations is given them."""
     # Counts are float with NaN when any row of the whole table does not parse, in every batch alike.
     float_counts = bool(table["parse_error"].notna().any())
-    for start in range(0, max(len(table), 1), BATCH_ROWS):
-        yield _as_given(table, start, min(start + BATCH_ROWS, len(table)), float_counts)
+    for start in range(0, max(len(table), 1), batch_rows):
+        yield _as_given(table, start, min(start + batch_rows, len(table)), float_counts)
 
 
 def _as_given(table: pd.DataFrame, start: int, stop: int, float_counts: bool) -> pd.DataFrame:
