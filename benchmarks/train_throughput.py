@@ -197,6 +197,8 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # when the planned epoch saves more than compiling costs: warm when an earlier run of the invocation compiled)
     "recipe_epoch_eager": (["train.group_by_length=true", "train.compile=false"], -1, False),
     "recipe_epoch_auto": (["train.group_by_length=true", "train.compile=auto"], -1, False),
+    # ... and auto against an empty compile cache, as the first run of a fresh clone meets it
+    "recipe_epoch_auto_cold": (["train.group_by_length=true", "train.compile=auto"], -1, False),
     # ... and compile forced on: what auto would give if it chose compile for the recipe's epoch
     "recipe_epoch_compile": (["train.group_by_length=true", "train.compile=true"], -1, False),
     "recipe_gc": (["train.group_by_length=true", "train.gradient_checkpointing=true"], 40, False),
