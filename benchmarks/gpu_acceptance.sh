@@ -14,11 +14,18 @@
 #           $CLONE/.bench/recipe); layouts and profile then take BENCH=$CLONE/.bench/recipe
 #   profile torch.profiler over a few steps of each PROFILE configuration (benchmarks/profile_train.py),
 #           with its timeline (profile_<config>.json and .trace.json.gz in $OUT)
+#   unsloth Unsloth's own venv beside ours, for layouts' unsloth, unsloth_nogc and unsloth_recipe configurations
+#           (benchmarks/unsloth_trl.py): UNSLOTH_VENV (default /tmp/unsloth-venv) from the machine's python3 (its
+#           torch), the wheels of UNSLOTH_WHEELS (default $KIT/unsloth-wheels) over it, bitsandbytes from there or
+#           from $KIT/wheels; then `import unsloth` and the versions it runs with. layouts finds it there (or at
+#           UNSLOTH_PYTHON); without it those configurations are recorded as skipped
 #
 #   bash benchmarks/gpu_acceptance.sh setup accept [layouts]      run from the repository root
 #
 # Inputs, prepared on the workstation in an ignored, carried folder GPU_KIT (default .gpu):
 #   wheels/      the wheelhouse from the lock: `make wheelhouse` (requirements/gpu.lock for CPython 3.12)
+#   unsloth-wheels/  Unsloth 2026.10.9 and what it needs beyond the machine's torch python, one version of each
+#                (xformers left out: no build for torch 2.11 / CUDA 13, and Unsloth then uses PyTorch's attention)
 #   repo.bundle  `git bundle create .gpu/repo.bundle HEAD`: the commit under test
 #   data/train.parquet, tokenizer/tokenizer.model   the guanaco-llama2-1k rows and Llama-2's tokenizer
 # Outputs (logs, metrics, dvc.lock, the lineage record) go to $OUT (default /tmp/gpu-out).
@@ -85,6 +92,7 @@ accept() {
 
 layouts() {
   cd "$CLONE"
+  export UNSLOTH_PYTHON=${UNSLOTH_PYTHON:-${UNSLOTH_VENV:-/tmp/unsloth-venv}/bin/python}
   .venv/bin/python -m benchmarks.train_throughput --model-dir "$MODEL" --work "${WORK:-/tmp/layouts}" --bench "${BENCH:-$CLONE}" \
     --out "$OUT/${RESULT:-layouts}.json" --configs "${LAYOUTS:-recipe_auto,recipe_gc,recipe_16gib}" --repeats "${REPEATS:-2}" \
     ${RESUME:+--resume} ${EXTRA_S:-} 2>&1 | stamp | tee -a "$OUT/${RESULT:-layouts}.log"
@@ -104,6 +112,35 @@ profile() {
       > "$OUT/profile_$config.log" 2>&1 || echo "profile $config failed: see $OUT/profile_$config.log"
     grep -v "it/s\]" "$OUT/profile_$config.log" | tail -45
   done
+}
+
+unsloth() {
+  # Its own venv: Unsloth caps transformers (<=5.17), trl (<=1.15) and datasets (<5) below the pipeline's lock. Made
+  # from the machine's python3 as `make install TORCH=skip` makes ours: --system-site-packages, and where python3 is
+  # itself a venv (/opt/torch/.venv), a .pth adding that venv's site-packages after the venv's own, so the kit's
+  # wheels shadow the machine's copies and everything else (torch, triton, transformers, accelerate) is the machine's.
+  local venv=${UNSLOTH_VENV:-/tmp/unsloth-venv} wheels=${UNSLOTH_WHEELS:-$KIT/unsloth-wheels} bnb host
+  python3 -m venv --system-site-packages "$venv"
+  host=$(python3 -c 'import sys, sysconfig; print(sysconfig.get_paths()["purelib"] if sys.prefix != sys.base_prefix else "")')
+  if [ -n "$host" ]; then echo "$host" > "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-python.pth"; fi
+  bnb=$(ls "$wheels"/bitsandbytes-*.whl 2>/dev/null || ls "$KIT"/wheels/bitsandbytes-*.whl 2>/dev/null | head -1) ||
+    { echo "no bitsandbytes wheel in $wheels or $KIT/wheels" >&2; return 1; }
+  start=$SECONDS
+  "$venv/bin/python" -m pip install -q --no-index --no-deps "$wheels"/*.whl $bnb
+  echo "unsloth venv $venv: $((SECONDS - start)) s"
+  # what pip check misses: xformers, diffusers and hf_transfer, left out of the kit on purpose (none imported on
+  # this path; xformers has no build for this torch)
+  "$venv/bin/python" -m pip check || true
+  HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 "$venv/bin/python" -c 'import unsloth, sys
+import importlib.metadata as md, torch
+print("import unsloth: ok,", unsloth.__version__, "backend", "cpu" if getattr(unsloth, "_IS_CPU_BACKEND", False) else "gpu")
+from unsloth import FastLanguageModel
+import trl, datasets, transformers, peft, bitsandbytes
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+for m in ("unsloth_zoo", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes", "triton", "torchao"):
+    print(" ", m, md.version(m), __import__(m).__file__)
+print("  xformers", "loaded" if "xformers" in sys.modules else "absent (PyTorch attention)")' 2>&1 | tee "$OUT/unsloth_venv.txt" ||
+    echo "import unsloth FAILED (above; $OUT/unsloth_venv.txt): the unsloth configurations of layouts will fail"
 }
 
 for phase in "$@"; do

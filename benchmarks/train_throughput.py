@@ -1,7 +1,9 @@
 """Training throughput on one GPU: a plain trl script (the reference) vs the pipeline's train stage, side by side.
 
-`plain_trl` is benchmarks/plain_trl.py, QLoRA SFT as the notebooks and trl's docs write it; every other
-configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs) on the same
+`plain_trl` is benchmarks/plain_trl.py, QLoRA SFT as the notebooks and trl's docs write it; `unsloth`,
+`unsloth_nogc` and `unsloth_recipe` are the same SFT through Unsloth (benchmarks/unsloth_trl.py), run with the python
+of Unsloth's own venv (UNSLOTH_PYTHON, default /tmp/unsloth-venv/bin/python; recorded as skipped where there is none);
+every other configuration runs the pipeline's own train stage (tasks.train.train, the code `dvc repro` runs) on the same
 Llama-2-7B-shaped model, tokenizer and guanaco-1k rows, differing only in params. Each run is its own process
 so peak-memory figures do not mix; one discarded warm-up run of the first configuration goes first (the first
 GPU process on a machine ran slow here); with --repeats the configurations take turns (a, b, a, b) and each
@@ -27,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import bench_arguments, bench_params, model_mfu, save, workspace
+from benchmarks.common import ROOT, bench_arguments, bench_params, model_mfu, save, workspace
+from benchmarks.step_clock import StepClock
 
 # train.compile pinned off unless a configuration says otherwise: the presets' auto would decide by each run's length
 COMMON = ["train.max_grad_norm=0.3", "train.save_steps=100000", "train.compile=false"]
@@ -222,35 +225,24 @@ PLAIN_TRL = "plain_trl"  # benchmarks/plain_trl.py: what a trl user writes; the 
 CONFIGS[PLAIN_TRL] = ([], 40, False)
 TRL_TUNED = "trl_tuned"  # benchmarks/plain_trl.py as an informed user tunes it: the second reference
 CONFIGS[TRL_TUNED] = ([], 40, False)
+# Unsloth, the peer users pick for speed (benchmarks/unsloth_trl.py): plain_trl's SFT loaded through Unsloth, run with
+# the python of Unsloth's own venv (gpu_acceptance.sh's `unsloth` phase), the same rows in the same order
+UNSLOTH = "unsloth"  # the settings Unsloth's docs recommend (recomputation "unsloth", dropout 0, adamw_8bit)
+UNSLOTH_NOGC = "unsloth_nogc"  # the same without recomputation, which this card has the memory for
+UNSLOTH_RECIPE = "unsloth_recipe"  # the recipe's (plain_trl's) settings through Unsloth's kernels
+UNSLOTH_CONFIGS = (UNSLOTH, UNSLOTH_NOGC, UNSLOTH_RECIPE)
+for _name in UNSLOTH_CONFIGS:
+    CONFIGS[_name] = ([], 40, False)
+UNSLOTH_PYTHON_DEFAULT = "/tmp/unsloth-venv/bin/python"
 REFERENCE = PLAIN_TRL
-
-
-class StepClock:
-    """Tokens/s from the Trainer's non-padding token count, from the end of step `skip` to the end of the last step
-    (tasks.train.callbacks.StepTimer: CUDA events, no synchronize between steps), and the logged losses; the same
-    measure for the reference and for ours."""
-
-    def __new__(cls, skip: int = 2):
-        from transformers import TrainerCallback
-
-        from tasks.train.callbacks import StepTimer
-
-        class _Clock(TrainerCallback):
-            def __init__(self):
-                self.timer = StepTimer()
-                self.losses: list[float] = []
-
-            def on_step_end(self, args, state, control, **kw):
-                self.timer.mark(state.num_input_tokens_seen)
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    self.losses.append(float(logs["loss"]))
-
-            def tokens_per_second(self) -> float | None:
-                return self.timer.tokens_per_second(skip)
-
-        return _Clock()
+# Every row's ratio to each of these that ran, under its key: the README divides by the first
+RATIOS = (
+    (PLAIN_TRL, "speedup_vs_reference"),
+    (TRL_TUNED, "speedup_vs_trl_tuned"),
+    (UNSLOTH, "speedup_vs_unsloth"),
+    (UNSLOTH_NOGC, "speedup_vs_unsloth_nogc"),
+    (UNSLOTH_RECIPE, "speedup_vs_unsloth_recipe"),
+)
 
 
 def run_plain_trl(args, steps: int, tuned: bool = False) -> dict:
@@ -283,6 +275,67 @@ def run_plain_trl(args, steps: int, tuned: bool = False) -> dict:
     }
 
 
+def unsloth_python() -> str:
+    return os.environ.get("UNSLOTH_PYTHON") or UNSLOTH_PYTHON_DEFAULT
+
+
+def unsloth_missing() -> str | None:
+    """Why an Unsloth configuration cannot run here, or None."""
+    python = unsloth_python()
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        return (
+            f"skipped: no Unsloth python at {python} (UNSLOTH_PYTHON); make its venv first: "
+            "bash benchmarks/gpu_acceptance.sh unsloth"
+        )
+    return None
+
+
+def run_unsloth(args, steps: int, setting: str) -> dict:
+    """benchmarks/unsloth_trl.py in Unsloth's venv, from its own scratch dir (Unsloth writes its compiled cache into
+    the working directory), our repo on its PYTHONPATH; its RESULT line in run_plain_trl's schema."""
+    reason = unsloth_missing()
+    if reason:
+        raise RuntimeError(reason)
+    work = args.work / setting
+    work.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        # one compile cache for Unsloth's runs of the invocation (its torch may differ from ours)
+        "TORCHINDUCTOR_CACHE_DIR": str(args.work / "unsloth-compile-cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [
+            unsloth_python(),
+            "-m",
+            "benchmarks.unsloth_trl",
+            "--setting",
+            setting,
+            "--model-dir",
+            str(args.model_dir.resolve()),
+            "--train-jsonl",
+            str((args.bench / "data" / "formatted" / "train.jsonl").resolve()),
+            "--out-dir",
+            str(work / "out"),
+            "--max-steps",
+            str(steps),
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    (work / "unsloth.log").write_text(proc.stdout + proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(
+            f"{setting} in {unsloth_python()} exited {proc.returncode} without a result (log {work / 'unsloth.log'}):\n"
+            + (proc.stderr or proc.stdout)[-2500:]
+        )
+    return json.loads(line[7:])
+
+
 def run_one(name: str, args) -> dict:
     """Inside the per-configuration process: train K steps through the stage, optionally score held-out rows."""
     import torch
@@ -295,7 +348,9 @@ def run_one(name: str, args) -> dict:
     from tasks.train.stage import train
 
     overrides, steps, heldout = CONFIGS[name]
-    if name in (PLAIN_TRL, TRL_TUNED):
+    if name in UNSLOTH_CONFIGS:
+        r = run_unsloth(args, steps, name)  # before this process touches the GPU
+    elif name in (PLAIN_TRL, TRL_TUNED):
         r = run_plain_trl(args, steps, tuned=name == TRL_TUNED)
     else:
         work = args.work / name
@@ -368,6 +423,10 @@ def run_one(name: str, args) -> dict:
 def run_process(name: str, label: str) -> dict:
     """One configuration in its own process (so peak-memory figures do not mix); prints and returns its result."""
     start = time.perf_counter()
+    reason = unsloth_missing() if name in UNSLOTH_CONFIGS else None
+    if reason:  # recorded, not raised: the other configurations of the invocation still run
+        print(f"{name} ({label}): {reason}", flush=True)
+        return {"name": name, "error": reason, "skipped": True, "wall_seconds": 0.0}
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.train_throughput", *sys.argv[1:], "--run-one", name],
         capture_output=True,
@@ -446,18 +505,7 @@ def main() -> None:
         runs[name].append(run_process(name, f"run {rep + 1}"))
         save(args.out, {"runs": runs, "reference": REFERENCE, "warmup": warmup})
     results = {name: _median_run(rs) for name, rs in runs.items()}
-    ref = results.get(REFERENCE, {}).get("tokens_per_second")
-    if ref:
-        for name, r in results.items():
-            if r.get("tokens_per_second"):
-                r["speedup_vs_reference"] = round(r["tokens_per_second"] / ref, 2)
-                print(f"{name:13s} {r['speedup_vs_reference']:.2f}x {REFERENCE}")
-    tuned = results.get(TRL_TUNED, {}).get("tokens_per_second")
-    if tuned:  # the second reference: every claim names which one it divides by
-        for name, r in results.items():
-            if r.get("tokens_per_second"):
-                r["speedup_vs_trl_tuned"] = round(r["tokens_per_second"] / tuned, 2)
-                print(f"{name:13s} {r['speedup_vs_trl_tuned']:.2f}x {TRL_TUNED}")
+    add_ratios(results)
     check_losses(results, runs)
     for name, r in results.items():
         print(
@@ -465,6 +513,19 @@ def main() -> None:
             f"{r.get('all_tokens_per_second')}; peak {r.get('peak_allocated_gib')} GiB"
         )
     save(args.out, {"results": results, "runs": runs, "reference": REFERENCE, "warmup": warmup})
+
+
+def add_ratios(results: dict[str, dict]) -> None:
+    """Every row's tokens/s over each reference that ran in this invocation (RATIOS): every claim names which one it
+    divides by."""
+    for ref_name, key in RATIOS:
+        ref = results.get(ref_name, {}).get("tokens_per_second")
+        if not ref:
+            continue
+        for name, r in results.items():
+            if r.get("tokens_per_second"):
+                r[key] = round(r["tokens_per_second"] / ref, 2)
+                print(f"{name:13s} {r[key]:.2f}x {ref_name}")
 
 
 def turns(names: list[str], repeats: int, done: dict[str, list]) -> list[tuple[int, str]]:
@@ -486,7 +547,10 @@ def check_losses(results: dict[str, dict], runs: dict[str, list[dict]]) -> None:
     by logged loss (the same rows in the same order, so the same steps see the same tokens)."""
     references = [r["losses"] for r in runs.get(REFERENCE, []) if r.get("losses")]
     for name, r in results.items():
-        if name == REFERENCE or not set(SAME_MATH) <= set(CONFIGS[name][0]) or not references:
+        same_math = (
+            set(SAME_MATH) <= set(CONFIGS[name][0]) or name == UNSLOTH_RECIPE
+        )  # plain_trl's math, Unsloth's kernels
+        if name == REFERENCE or not same_math or not references:
             continue
         gaps = [loss_gap(run["losses"], ref) for run in runs[name] if run.get("losses") for ref in references]
         worst = None if not gaps or None in gaps else max(gaps)

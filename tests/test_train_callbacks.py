@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import types
 
-from tasks.train import callbacks as train_callbacks
+from tasks.train import step_timer
 from tasks.train.callbacks import StepTimer
 
 
 def test_step_timer_counts_from_the_end_of_the_warm_up(monkeypatch):
     clock = iter([0.0, 4.0, 5.0, 5.5, 6.0])  # a slow first step, then steady ones
-    monkeypatch.setattr(train_callbacks, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(step_timer, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     timer = StepTimer()
     assert timer.tokens_per_second() is None
     for tokens in (100, 200, 300, 400, 500):
