@@ -112,7 +112,7 @@ def measure(rows: int, batch_rows: int, failing_share: float | None, project: Pa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="1000000", help="comma-separated sizes")
-    ap.add_argument("--batch-rows", default="500000", help="comma-separated batch sizes; 0 for one run over all rows")
+    ap.add_argument("--batch-rows", default="200000", help="comma-separated batch sizes; 0 for one run over all rows")
     ap.add_argument("--tokenizer", type=Path, default=ROOT.parent / "shared/data/llama-2-tokenizer")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/suite_memory_cpu.json")
     ap.add_argument(

@@ -202,8 +202,12 @@ def _share_rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, obje
 # Rows great-expectations validates at once. It holds a batch in the dtypes the suite is given (Python objects for
 # the flags and strings: about 125 bytes a row), copies it without nulls for each rule on a column with nulls and
 # works out each rule's condition: about 0.5 KB a row at its peak, measured 0.25-0.3 GB for a batch of 500k rows,
-# whatever the table's size. Smaller batches would save little more and pay its fixed cost per run more often.
-BATCH_ROWS = 500_000
+# whatever the table's size; and it lists the batch's failing rows (COMPLETE format: a dict a row, copied through
+# JSON for its store) before _listing keeps them as arrays: about 1 KB a failing row, 0.15 GB more for a batch of
+# 500k rows with 30% over max_length. Measured on 2M synthetic rows, 30% failing (benchmarks/suite_memory.py
+# --failing-share 0.3): peak 0.87 GB in batches of 500k, 0.60 in batches of 200k, 0.54 of 100k, for 44, 46 and 46 s
+# of suite. 200k: most of the saving, for a fixed cost a batch (about 0.15-0.4 s) paid 50 times at ten million rows.
+BATCH_ROWS = 200_000
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]}
 # The most failing rows of a rule great-expectations' result lists: its unexpected_index_list, and the query that
 # selects them (unexpected_index_query: `df.filter(items=[...], axis=0)`, itself text a failing row), the first
