@@ -152,3 +152,85 @@ def test_the_rows_put_rules_at_their_thresholds(params, workdir, monkeypatch):
     assert all(rules[name]["status"] == "passed" for name in ("enough_rows", "duplicates", "parseable"))
     alone = {r.expectation_config.meta["rule"] for part in batched for r in part.results if not r.success}
     assert {"enough_rows", "duplicates", "parseable"} <= alone
+
+
+# Rows with a control character, in six batches (none a row _rows duplicates or changes): with row 150, 13 rows break
+# no_control_chars, more than the listing below keeps.
+CONTROL_ROWS = [5, 38, 39, 75, 111, 112, 113, 148, 185, 222, 259, 296]
+LISTED = 3  # expectations.LISTED_ROWS for the test: duplicates (6 rows), no_control_chars (13) and within_max_length
+# (most rows) are cut; every other row rule (1 row each) is listed whole
+
+
+def _many_failing_rows() -> list[dict]:
+    rows = _rows()
+    for k in CONTROL_ROWS:
+        rows[k] = {"text": f"### Human: What is {k}+2?### Assistant: {k + 2}\u0007 of them"}
+    return rows
+
+
+def test_a_cut_listing_keeps_every_failing_row(params, workdir, monkeypatch):
+    """Past LISTED_ROWS failing rows great-expectations' result lists only the first (its unexpected_index_list and
+    unexpected_index_query, and says so), while result.json's `rows` stay complete and exact, and the rows left out of
+    the validated conversations are exactly those that broke a row rule: every other output as with the whole
+    listing. In one batch and in batches alike."""
+    p = with_overrides(params, **(AT_THRESHOLDS | {"validate.max_bad_row_share": 0.06}))
+    rows = _many_failing_rows()
+    monkeypatch.setattr(expectations, "LISTED_ROWS", len(rows))  # nothing cut: the reference
+    _run(p, rows, workdir / "whole_listing", BATCH, monkeypatch)
+    monkeypatch.setattr(expectations, "LISTED_ROWS", LISTED)
+    _run(p, rows, workdir / "cut", len(rows), monkeypatch)
+    _run(p, rows, workdir / "cut_batched", BATCH, monkeypatch)
+
+    whole = _outputs(workdir / "whole_listing")
+    cut, cut_batched = _outputs(workdir / "cut"), _outputs(workdir / "cut_batched")
+    assert cut == cut_batched
+    # nothing but great-expectations' listing differs: the verdict, the rows left out, the conversations, the metrics
+    for name in whole:
+        if "data_docs" not in name and not name.endswith("result.json"):
+            assert whole[name] == cut[name], name
+
+    full = read_json(workdir / "whole_listing" / "report" / "result.json")
+    record = read_json(workdir / "cut" / "report" / "result.json")
+    assert record["success"] is True
+    by_rule = {r["rule"]: r for r in record["rules"]}
+    assert by_rule["no_control_chars"]["rows"] == sorted([*CONTROL_ROWS, 150])
+    assert by_rule["duplicates"]["rows"] == [190, 191, 192, 193, 194, 200]
+    assert by_rule["row_rules_together"]["rows"] == sorted([*CONTROL_ROWS, 40, 150, 270, 298])
+    assert record["excluded_rows"] == full["excluded_rows"]
+    assert sorted(map(int, record["excluded_rows"])) == sorted([*CONTROL_ROWS, 40, 150, 270, 298])
+    for mine, theirs in zip(record["rules"], full["rules"], strict=True):
+        assert {k: v for k, v in mine.items() if k != "ge_rows_listed"} == theirs
+        assert ("ge_rows_listed" in mine) == (len(mine["rows"]) > LISTED and mine["rule"] != "row_rules_together")
+
+    # great-expectations lists the first LISTED rows of a rule and counts them all
+    ge = {r["expectation_config"]["meta"]["rule"]: r for r in record["ge_result"]["results"]}
+    for name, rule in by_rule.items():
+        if name == "row_rules_together":
+            continue
+        result, listed = ge[name]["result"], rule["rows"][:LISTED]
+        if "unexpected_index_list" in result:
+            assert [d["row_index"] for d in result["unexpected_index_list"]] == listed, name  # with its value
+            assert result["unexpected_index_query"] == f"df.filter(items={listed}, axis=0)", name
+            assert result["unexpected_count"] == len(rule["rows"]), name
+        if len(rule["rows"]) > LISTED:
+            assert f"first {LISTED} of {len(rule['rows'])} failing rows" in ge[name]["meta"]["rows_listed"]
+            assert rule["ge_rows_listed"] == ge[name]["meta"]["rows_listed"]
+        else:
+            assert "rows_listed" not in ge[name]["meta"]
+    assert {n for n, r in by_rule.items() if "ge_rows_listed" in r} == {
+        "no_control_chars",
+        "duplicates",
+        "within_max_length",
+    }
+
+    # the validated conversations: every renderable row but those that broke a row rule
+    kept = {row["row_index"] for row in read_jsonl(workdir / "cut" / "conv.jsonl")}
+    assert not kept & {*CONTROL_ROWS, 40, 150, 270, 298}
+    assert kept == {row["row_index"] for row in read_jsonl(workdir / "whole_listing" / "conv.jsonl")}
+    assert {k - 1 for k in CONTROL_ROWS if k - 1 not in CONTROL_ROWS} <= kept  # their neighbours stay
+
+
+def test_the_listing_is_as_long_as_great_expectations_lists_values():
+    from great_expectations.constants import MAX_RESULT_RECORDS
+
+    assert expectations.LISTED_ROWS == MAX_RESULT_RECORDS

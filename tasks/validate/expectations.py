@@ -7,6 +7,11 @@ its threshold a param. Running it through a Checkpoint gives the JSON result and
 The suite reads the table BATCH_ROWS rows at a time, so that great-expectations' working memory stays one batch's
 whatever the row count (issue 29), and the batches' results are merged into the result one run over all rows gives
 (_merged): the same rules, statuses, counts, failing rows and values, shares and verdicts, fingerprint included.
+
+Every failing row is kept in our compact form (an int64 array a rule, 8 bytes a row), from which result.json lists
+them all (each rule's `rows`) and format leaves them out; great-expectations' own listing of them (its result's
+unexpected_index_list and unexpected_index_query, and so its JSON and Data Docs) is cut to the first LISTED_ROWS of
+a rule, so that its memory does not grow with the failing rows (_listing).
 """
 
 from __future__ import annotations
@@ -197,9 +202,23 @@ def _share_rules(v: ValidateParams, model: ModelParams) -> list[tuple[Rule, obje
 # Rows great-expectations validates at once. It holds a batch in the dtypes the suite is given (Python objects for
 # the flags and strings: about 125 bytes a row), copies it without nulls for each rule on a column with nulls and
 # works out each rule's condition: about 0.5 KB a row at its peak, measured 0.25-0.3 GB for a batch of 500k rows,
-# whatever the table's size. Smaller batches would save little more and pay its fixed cost per run more often.
-BATCH_ROWS = 500_000
+# whatever the table's size; and it lists the batch's failing rows (COMPLETE format: a dict a row, copied through
+# JSON for its store) before _listing keeps them as arrays: about 1 KB a failing row, 0.15 GB more for a batch of
+# 500k rows with 30% over max_length. Measured on 2M synthetic rows, 30% failing (benchmarks/suite_memory.py
+# --failing-share 0.3): peak 0.87 GB in batches of 500k, 0.60 in batches of 200k, 0.54 of 100k, for 44, 46 and 46 s
+# of suite. 200k: most of the saving, for a fixed cost a batch (about 0.15-0.4 s) paid 50 times at ten million rows.
+BATCH_ROWS = 200_000
 RESULT_FORMAT = {"result_format": "COMPLETE", "unexpected_index_column_names": ["row_index"]}
+# The most failing rows of a rule great-expectations' result lists: its unexpected_index_list, and the query that
+# selects them (unexpected_index_query: `df.filter(items=[...], axis=0)`, itself text a failing row), the first
+# LISTED_ROWS in row order; as many as it lists failing values (constants.MAX_RESULT_RECORDS). COMPLETE format lists
+# every one: about 1.5 KB a failing row at the suite's peak (a dict and a numpy int each, the query's text, copied
+# through JSON for its store, its Data Docs and to_json_dict), 4.5 GB for a passing run of ten million rows with 30%
+# over max_length (validate.min_share_within_max_length 0.7). The complete list is ours: an int64 array a rule while
+# the suite runs, each rule's `rows` in result.json (which format reads), whatever the count. A rule with more
+# failing rows says so: its result's meta and its result.json entry (`ge_rows_listed`) name the cut. Rules with
+# LISTED_ROWS failing rows or fewer (every rule of the real 1k rows) are listed whole, as before.
+LISTED_ROWS = 200
 FINGERPRINT = "pandas_data_fingerprint"  # great-expectations' batch marker (_Fingerprint)
 
 
@@ -268,12 +287,14 @@ def _checkpoint(docs_dir: Path, v: ValidateParams, model: ModelParams):
     return context, checkpoint, {rule.name: rule.column for rule, _ in pairs}
 
 
-def _rule_report(res, columns: dict, present: set[str]) -> dict:
-    """One rule's entry in result.json: its status (or why it could not be evaluated) and the rows that broke it."""
+def _rule_report(res, failing: np.ndarray, columns: dict, present: set[str]) -> dict:
+    """One rule's entry in result.json: its status (or why it could not be evaluated) and the rows that broke it
+    (`failing`, every one, whatever great-expectations' result lists: _listing)."""
     meta = res.expectation_config.meta or {}
     detail = res.result or {}
-    rows = [int(d["row_index"]) for d in detail.get("unexpected_index_list") or [] if isinstance(d, dict)]
+    rows = failing.tolist()  # Python ints, as json writes them
     reason = _not_evaluated(res, columns.get(meta.get("rule")), present)
+    cut = (res.meta or {}).get(LISTING_CUT)
     return {
         "rule": meta.get("rule"),
         "description": meta.get("description"),
@@ -284,6 +305,8 @@ def _rule_report(res, columns: dict, present: set[str]) -> dict:
         "unexpected_percent": detail.get("unexpected_percent"),
         "observed_value": detail.get("observed_value"),
         "rows": rows,
+        # only where great-expectations' listing was cut, so that a rule listed whole reads as before
+        **({"ge_rows_listed": cut} if cut else {}),
     }
 
 
@@ -304,18 +327,20 @@ def run_suite(
     context, checkpoint, columns = _checkpoint(docs_dir, v, model)
     run_id = RunIdentifier(run_time=dt.datetime.now(dt.UTC))  # one run, whatever the batches
     rows, present = len(table), set(table.columns)
-    fingerprint, parts = _Fingerprint(rows), []
+    fingerprint, parts, failing = _Fingerprint(rows), [], []
     for batch in _batches(table, batch_rows or BATCH_ROWS):
         fingerprint.add(batch)
         run = checkpoint.run(batch_parameters={"dataframe": batch}, run_id=run_id)
         ((key, part),) = run.run_results.items()  # the same key each batch, so the store keeps only the last
+        failing.append(_listing(part))  # the batch's failing rows as arrays; its listing cut to LISTED_ROWS
         parts.append(part)
         del batch, run  # before the next batch is built
-    del table  # every batch is validated: the table can go before the failing rows are copied
-    result = _merged(parts, rows, fingerprint.value())
+    del table  # every batch is validated: the table can go before great-expectations copies its result
+    result, failing = _merged(parts, failing, rows, fingerprint.value())
     _build_docs(context, key, result)
-    by_rule = [_rule_report(res, columns, present) for res in result.results]
-    together = _row_rules_together(by_rule, rows, v)
+    by_rule = [_rule_report(res, broke, columns, present) for res, broke in zip(result.results, failing)]
+    together = _row_rules_together([broke for r, broke in zip(by_rule, failing) if r["rule"] in ROW_RULES], rows, v)
+    del failing
     by_rule.append(together)
     return {
         "success": bool(result.success) and together["success"],
@@ -352,6 +377,25 @@ def _as_given(table: pd.DataFrame, start: int, stop: int, float_counts: bool) ->
     return pd.DataFrame(columns, index=part.index, copy=False)
 
 
+LISTING_CUT = "rows_listed"  # the meta key of a rule's result whose listing _listing cut
+
+
+def _listing(part) -> list[np.ndarray]:
+    """Each rule's failing rows in one batch's result, as an int64 array of row numbers (8 bytes a row, where
+    great-expectations' listing takes about 1.5 KB at its peak: LISTED_ROWS); its listing cut to the first
+    LISTED_ROWS in place, unexpected_index_query dropped where it was (_metrics writes it again over the rows
+    listed). A listing of LISTED_ROWS rows or fewer stays as great-expectations gave it."""
+    failing = []
+    for res in part.results:
+        detail = res.result or {}
+        listed = detail.get("unexpected_index_list") or []
+        failing.append(np.fromiter((d["row_index"] for d in listed if isinstance(d, dict)), dtype=np.int64))
+        if len(listed) > LISTED_ROWS:
+            detail["unexpected_index_list"] = listed[:LISTED_ROWS]
+            detail.pop("unexpected_index_query", None)
+    return failing
+
+
 class _Fingerprint:
     """great-expectations' fingerprint of the data it validates (batch_markers.pandas_data_fingerprint: the md5 of
     pandas' row hashes, taken while the table's shallow size is under its HASH_THRESHOLD), taken over the batches as
@@ -371,17 +415,22 @@ class _Fingerprint:
         return self._md5.hexdigest() if self._bytes < HASH_THRESHOLD else None
 
 
-def _merged(parts: list, rows: int, fingerprint: str | None):
-    """The suite's result over all rows from its results over each batch, in row order (one batch: its result as
-    great-expectations gave it). Each rule is merged by _merged_rule; the suite's statistics are counted again,
+def _merged(parts: list, failing: list[list[np.ndarray]], rows: int, fingerprint: str | None):
+    """The suite's result over all rows from its results over each batch, in row order, and each rule's failing rows
+    over all rows (from `failing`, _listing's arrays a batch). One batch: its result as great-expectations gave it,
+    when no rule's listing was cut. Each rule is merged by _merged_rule; the suite's statistics are counted again,
     and its meta is the first batch's (one run id for all) with the whole table's fingerprint."""
     from great_expectations.core.expectation_validation_result import ExpectationSuiteValidationResult
     from great_expectations.validator.validation_statistics import calc_validation_statistics
 
-    if len(parts) == 1:
-        return parts[0]
     first = parts[0]
-    results = [_merged_rule([part.results[k] for part in parts], rows) for k in range(len(first.results))]
+    merged = [
+        _merged_rule([part.results[k] for part in parts], [batch[k] for batch in failing], rows)
+        for k in range(len(first.results))
+    ]
+    results, rows_of = [res for res, _ in merged], [broke for _, broke in merged]
+    if len(parts) == 1 and all(res is part_res for res, part_res in zip(results, first.results)):
+        return first, rows_of
     statistics = calc_validation_statistics(results)
     markers = type(first.meta["batch_markers"])(first.meta["batch_markers"])
     markers.pop(FINGERPRINT, None)
@@ -401,40 +450,51 @@ def _merged(parts: list, rows: int, fingerprint: str | None):
         meta={**first.meta, "batch_markers": markers},
         batch_id=first.batch_id,
         id=first.id,
-    )
+    ), rows_of
 
 
-def _merged_rule(parts: list, rows: int):
+def _merged_rule(parts: list, failing: list[np.ndarray], rows: int):
     """One rule's result over all rows from its result on each batch (in row order), computed by great-expectations
     itself: the rule's metrics_validate on the metrics one run would have computed (_metrics), so every share and
-    verdict is taken over all rows with its own formulas. A rule it could not evaluate (a column absent from the
-    table, so from every batch) keeps its first batch's result."""
+    verdict is taken over all rows with its own formulas; and its failing rows over all rows (`failing`: each
+    batch's). A rule it could not evaluate (a column absent from the table, so from every batch) keeps its first
+    batch's result. One batch whose listing was not cut keeps its result as great-expectations gave it."""
     from great_expectations.core.expectation_validation_result import ExpectationValidationResult
 
-    raised = [part for part in parts if _errors(part)]
+    raised = [k for k, part in enumerate(parts) if _errors(part)]
     if raised:
-        return raised[0]
+        return parts[raised[0]], failing[raised[0]]
+    every = np.concatenate(failing)
     first = parts[0]
+    if len(parts) == 1 and len(every) <= LISTED_ROWS:
+        return first, every
     expectation = first.expectation_config.to_domain_obj()
     runtime = {"result_format": dict(RESULT_FORMAT)}
     wanted = expectation.get_validation_dependencies(runtime_configuration=runtime).metric_configurations
     values = _metrics(expectation, [part.result for part in parts], rows)
     outcome = expectation.metrics_validate({c.id: values[name] for name, c in wanted.items()}, runtime)
+    meta = first.meta
+    if len(every) > LISTED_ROWS:  # said where great-expectations' result is read: its JSON, its Data Docs
+        cut = (
+            f"the first {LISTED_ROWS} of {len(every)} failing rows (unexpected_index_list, unexpected_index_query); "
+            "every one is in reports/validation/result.json, this rule's `rows`"
+        )
+        meta = {**(meta or {}), LISTING_CUT: cut}
     return ExpectationValidationResult(
         success=outcome.success,
         expectation_config=first.expectation_config,
         result=outcome.result,
-        meta=first.meta,
+        meta=meta,
         exception_info=first.exception_info,
-    )
+    ), every
 
 
 def _metrics(expectation, results: list[dict], rows: int) -> dict:
     """The metrics, by name, that one run over all rows computes for a rule, from its results on each batch: the row
     count (all a table rule reads); for a column rule, the null and failing counts summed, the failing rows
-    concatenated and the query that selects them, and the failing values concatenated up to the number
-    great-expectations lists (MAX_RESULT_RECORDS, the first in row order). A metric not named here is a KeyError,
-    not a guess."""
+    concatenated up to LISTED_ROWS (each batch's listing holds its first LISTED_ROWS: _listing) and the query that
+    selects those, and the failing values concatenated up to the number great-expectations lists
+    (MAX_RESULT_RECORDS, the first in row order). A metric not named here is a KeyError, not a guess."""
     from great_expectations.constants import MAX_RESULT_RECORDS
     from great_expectations.core.metric_function_types import SummarizationMetricNameSuffixes as Suffix
 
@@ -443,7 +503,7 @@ def _metrics(expectation, results: list[dict], rows: int) -> dict:
     if metric is None:
         return metrics
     nulls = [r.get("missing_count") for r in results]  # not reported by a rule that reads no null count
-    failing = [row for r in results for row in r["unexpected_index_list"]]
+    failing = [row for r in results for row in r["unexpected_index_list"]][:LISTED_ROWS]
     values = [value for r in results for value in r["unexpected_list"]]  # each batch's are at most as many
     # great-expectations' query lists the failing rows' pandas index labels, as Python ints: each batch is indexed
     # by row number (_as_given), so they are the rows' row_index (which the index list holds as numpy ints)
@@ -464,11 +524,11 @@ def _build_docs(context, key, result) -> None:
     context.build_data_docs(resource_identifiers=[key, key.expectation_suite_identifier])
 
 
-def _row_rules_together(by_rule: list[dict], rows: int, v: ValidateParams) -> dict:
+def _row_rules_together(failing: list[np.ndarray], rows: int, v: ValidateParams) -> dict:
     """validate.max_bad_row_share bounds the rows left out by all row rules together, not by each alone: seven
     rules each broken by 1% of other rows would otherwise leave out 7% under a 1% limit. great-expectations checks
-    one column a rule, so the union of their failing rows is counted here."""
-    bad = sorted({i for r in by_rule if r["rule"] in ROW_RULES for i in r["rows"]})
+    one column a rule, so the union of their failing rows (`failing`: the row rules') is counted here."""
+    bad = np.unique(np.concatenate(failing)).tolist() if failing else []  # sorted, each once
     share = len(bad) / rows if rows else 0.0
     ok = share <= v.max_bad_row_share
     return {

@@ -147,8 +147,10 @@ def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_pat
     The scan's feature arrays go into the suite's compact table (Scan.frame releases them), handed to the suite and
     not kept: it reads a batch of rows at a time and frees the table when done (expectations.run_suite). What grows
     with rows is then the table (28 bytes a row) and the token counts with the renderable rows' index (16) while the
-    batches run, 16 after; and about 1.5 KB at the peak for each row that breaks a rule, which the result lists and
-    great-expectations copies through JSON (measured: benchmarks/suite_memory.py, docs/performance.md)."""
+    batches run, 16 after; for each row that breaks a rule, 8 bytes while the batches run (the suite keeps them as
+    arrays and cuts great-expectations' own listing to expectations.LISTED_ROWS a rule), and after them result.json's
+    `rows` as Python ints and their JSON text, about 0.1 KB, once the table is freed (measured:
+    benchmarks/suite_memory.py --failing-share, docs/performance.md)."""
     report = length_report(
         scan.lengths(), params.model.max_length, params.format.length_policy, getattr(tokenizer, "name_or_path", "?")
     )
