@@ -16,6 +16,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_LENGTH = 1024
+# What makes a run see the same rows in the same order with the same math as this reference: SFTConfig's settings
+# that benchmarks/unsloth_trl.py shares (it must not import trl before Unsloth, so they are plain keywords here)
+SAME_ROWS_AND_MATH = dict(
+    per_device_train_batch_size=8,
+    learning_rate=2e-4,
+    weight_decay=0.001,
+    max_grad_norm=0.3,
+    warmup_steps=0.03,
+    lr_scheduler_type="constant",
+    train_sampling_strategy="group_by_length",
+    max_length=MAX_LENGTH,
+    packing=False,
+    dataset_text_field="text",
+    include_num_input_tokens_seen="non_padding",
+    save_strategy="no",
+    report_to="none",
+)
+
 
 def train_plain_trl(
     model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps: int, callbacks: list, tuned: bool = False
@@ -47,22 +66,10 @@ def train_plain_trl(
     peft_config = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, task_type="CAUSAL_LM")
     args = SFTConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=8,
+        **SAME_ROWS_AND_MATH,
         bf16=cuda,
         optim="paged_adamw_32bit" if cuda else "adamw_torch",
-        learning_rate=2e-4,
-        weight_decay=0.001,
-        max_grad_norm=0.3,
-        warmup_steps=0.03,
-        lr_scheduler_type="constant",
-        train_sampling_strategy="group_by_length",
-        max_length=1024,
-        packing=False,
-        dataset_text_field="text",
-        include_num_input_tokens_seen="non_padding",
         max_steps=max_steps,
-        save_strategy="no",
-        report_to="none",
         use_cpu=not cuda,
         # the tuned reference: no recomputation (a 7-8B QLoRA fits an 80 GB card without it) and Liger's fused
         # RMSNorm/RoPE/SwiGLU/linear-cross-entropy kernels, as trl's docs offer them

@@ -43,7 +43,8 @@ import json
 import os
 from pathlib import Path
 
-MAX_LENGTH = 1024
+from benchmarks.plain_trl import MAX_LENGTH, SAME_ROWS_AND_MATH  # standard library only at import
+
 TARGET_MODULES = ["q_proj", "v_proj"]  # peft's default for Llama, what plain_trl.py trains
 # per setting: LoRA dropout, use_gradient_checkpointing, optimizer, whether plain_trl's BitsAndBytesConfig is passed
 SETTINGS: dict[str, dict] = {
@@ -105,26 +106,16 @@ def train_unsloth(model_dir: Path, train_jsonl: Path, out_dir: Path, max_steps: 
     )
     args = SFTConfig(
         output_dir=str(out_dir),
-        per_device_train_batch_size=8,
+        **SAME_ROWS_AND_MATH,
+        # set where Unsloth's SFTConfig defaults differ from the Trainer's: accumulation 2, seed 3407 (which would
+        # reorder the batches), logging every step, bf16 off
         gradient_accumulation_steps=1,
+        seed=42,
+        logging_steps=10,
         bf16=bf16,
         fp16=cuda and not bf16,
         optim=s["optim"],
-        learning_rate=2e-4,
-        weight_decay=0.001,
-        max_grad_norm=0.3,
-        warmup_steps=0.03,
-        lr_scheduler_type="constant",
-        train_sampling_strategy="group_by_length",
-        seed=42,  # the Trainer's default, so the same batches as plain_trl
-        max_length=MAX_LENGTH,
-        packing=False,
-        dataset_text_field="text",
-        include_num_input_tokens_seen="non_padding",
-        logging_steps=10,  # trl's default, as plain_trl logs (Unsloth's SFTConfig defaults to every step)
         max_steps=max_steps,
-        save_strategy="no",
-        report_to="none",
         # trl's default is on; Unsloth's `use_gradient_checkpointing` above decides which kind
         gradient_checkpointing=s["gradient_checkpointing"] is not False,
     )
