@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import bench_arguments, bench_params, save, workspace
-from benchmarks.train_throughput import COMMON, CONFIGS, LOGGING_STEPS, StepClock
+from benchmarks.step_clock import StepClock
+from benchmarks.train_throughput import COMMON, CONFIGS, LOGGING_STEPS
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [

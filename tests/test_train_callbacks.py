@@ -5,7 +5,7 @@ from __future__ import annotations
 import types
 
 from tasks.train import step_timer
-from tasks.train.callbacks import StepTimer
+from tasks.train.step_timer import StepTimer
 
 
 def test_step_timer_counts_from_the_end_of_the_warm_up(monkeypatch):
