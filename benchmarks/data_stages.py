@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from benchmarks.common import ROOT, save
@@ -124,8 +124,10 @@ def _rendered_batches(data_file: Path, system_prompt: str | None) -> Iterator[li
         yield batch
 
 
-def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None) -> dict:
-    """Seconds the fast tokenizer alone takes on the texts (parsing and rendering them is not timed)."""
+def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None, backend_too: bool = True) -> dict:
+    """Seconds the fast tokenizer alone takes on the texts (parsing and rendering them is not timed). backend_too
+    also times the Rust backend's encode_batch on the same batches: a second full pass, which doubles the floor's
+    cost (at ten million rows about an hour of the 2-core machine), so a long run may leave it out."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -136,12 +138,14 @@ def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | N
         start = time.perf_counter()
         enc = tokenizer(batch, add_special_tokens=False)
         call += time.perf_counter() - start
-        start = time.perf_counter()
-        backend.encode_batch(batch, add_special_tokens=False)
-        bare += time.perf_counter() - start
+        if backend_too:
+            start = time.perf_counter()
+            backend.encode_batch(batch, add_special_tokens=False)
+            bare += time.perf_counter() - start
         tokens += sum(len(ids) for ids in enc["input_ids"])
         texts += len(batch)
-    return {"seconds": round(call, 2), "backend_seconds": round(bare, 2), "texts": texts, "tokens": tokens}
+    backend_seconds = round(bare, 2) if backend_too else None
+    return {"seconds": round(call, 2), "backend_seconds": backend_seconds, "texts": texts, "tokens": tokens}
 
 
 def rss_gb(pid: int | str = "self", field: str = "VmHWM") -> float | None:
@@ -177,10 +181,10 @@ def run_stage(name: str, project: Path) -> dict:
     return run_process([sys.executable, "-m", f"tasks.{name}"], project, f"stage {name}")
 
 
-def run_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None, work: Path) -> dict:
+def run_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None, work: Path, backend_too: bool) -> dict:
     """tokenizer_floor in a process of its own, so its memory is neither the stages' nor this script's."""
     out = work / "floor.json"
-    args = [str(data_file), str(tokenizer_dir), json.dumps(system_prompt), str(out)]
+    args = [str(data_file), str(tokenizer_dir), json.dumps(system_prompt), str(out), json.dumps(backend_too)]
     process = run_process([sys.executable, "-m", "benchmarks.data_stages", "--floor-only", *args], work, "the floor")
     return {**json.loads(out.read_text()), "process_seconds": process["seconds"], "peak_rss_gb": process["peak_rss_gb"]}
 
@@ -202,28 +206,44 @@ def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
     return project
 
 
-def measure(rows: int, args) -> dict:
+def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
+    """One size: the floor, then each stage. progress gets the figures so far after each step, so a run stopped
+    part-way (ten million rows take hours) still leaves what it measured."""
     from tasks.common.config import load_params
 
     work = Path(tempfile.mkdtemp(prefix=f"data-bench-{rows}-", dir=args.work))
+    start = time.perf_counter()
     data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl", args.rows_kind)
+    generate_seconds = round(time.perf_counter() - start, 1)
+    input_gb = round(data_file.stat().st_size / 1e9, 3)
+    partial: dict = {"rows": rows, "rows_kind": args.rows_kind, "generate_seconds": generate_seconds}
     project = make_project(work, data_file, args.tokenizer)
-    floor = run_floor(data_file, args.tokenizer, load_params(project / "params.yaml").format.system_prompt, work)
-    stages = {name: run_stage(name, project) for name in STAGES}
-    total = sum(s["seconds"] for s in stages.values())
+    system_prompt = load_params(project / "params.yaml").format.system_prompt
+    floor = run_floor(data_file, args.tokenizer, system_prompt, work, args.floor_backend)
+    partial["floor"] = floor
+    progress(partial)
     from tasks.common import paths
 
+    # What no later step reads, deleted as soon as it is spent when asked: ten million rows are about 17 GB in each
+    # of the input, data/raw, data/validated and data/formatted, more than this machine's disk holds at once.
+    spent_after = {"download": data_file, "validate": project / paths.RAW_ROWS} if args.drop_spent else {}
+    stages: dict = {}
+    for name in STAGES:
+        stages[name] = run_stage(name, project)
+        progress({**partial, "stages": stages})
+        if name in spent_after:
+            spent_after[name].unlink()
+    total = sum(s["seconds"] for s in stages.values())
     metrics = json.loads((project / paths.VALIDATION_SUMMARY).read_text(encoding="utf-8"))
     report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
     result = {
-        "rows": rows,
-        "rows_kind": args.rows_kind,
-        "input_gb": round(data_file.stat().st_size / 1e9, 3),
+        **partial,
+        "input_gb": input_gb,
         "floor": floor,
         "stages": stages,
         "total_seconds": round(total, 2),
         "ratio_to_floor": round(total / floor["seconds"], 3),
-        "ratio_to_backend_floor": round(total / floor["backend_seconds"], 3),
+        "ratio_to_backend_floor": round(total / floor["backend_seconds"], 3) if floor["backend_seconds"] else None,
         "peak_rss_gb": max(s["peak_rss_gb"] for s in stages.values()),  # the largest stage's own; the floor's apart
         "seconds_per_1k_rows": round(total / rows * 1000, 3),
         "validated": {k: metrics[k] for k in ("success", "rows_excluded", "tokens_p50", "tokens_max")},
@@ -240,8 +260,10 @@ def _print(r: dict) -> None:
         f"{r['rows']:>9,d} rows  "
         + "  ".join(f"{n} {s[n]['seconds']:7.1f}s" for n in STAGES)
         + f"  total {r['total_seconds']:7.1f}s  floor {r['floor']['seconds']:7.1f}s"
-        f" (backend {r['floor']['backend_seconds']:.1f}s)  ratio {r['ratio_to_floor']:.2f}"
-        f" (to backend {r['ratio_to_backend_floor']:.2f})  peak RSS "
+        + (f" (backend {r['floor']['backend_seconds']:.1f}s)" if r["floor"]["backend_seconds"] else "")
+        + f"  ratio {r['ratio_to_floor']:.2f}"
+        + (f" (to backend {r['ratio_to_backend_floor']:.2f})" if r["ratio_to_backend_floor"] else "")
+        + "  peak RSS "
         + " ".join(f"{n} {s[n]['peak_rss_gb']:.2f}" for n in STAGES)
         + f" GB (floor {r['floor']['peak_rss_gb']:.2f})"
         f"  {r['seconds_per_1k_rows']:.3f} s/1k rows",
@@ -258,23 +280,38 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the scratch projects")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/data_stages_cpu.json")
     ap.add_argument("--rows-kind", choices=ROW_KINDS, default="diverse")
-    ap.add_argument("--floor-only", nargs=4, help=argparse.SUPPRESS)  # run_floor's own process
+    ap.add_argument(
+        "--no-floor-backend",
+        dest="floor_backend",
+        action="store_false",
+        help="leave out the floor's second pass through the bare Rust backend (halves the floor's cost)",
+    )
+    ap.add_argument(
+        "--drop-spent",
+        action="store_true",
+        help="delete the input once download ran and data/raw once validate ran (to fit ten million rows on disk)",
+    )
+    ap.add_argument("--floor-only", nargs=5, help=argparse.SUPPRESS)  # run_floor's own process
     args = ap.parse_args()
     if args.floor_only:
-        data_file, tokenizer_dir, system_prompt, out = args.floor_only
-        save(Path(out), tokenizer_floor(Path(data_file), Path(tokenizer_dir), json.loads(system_prompt)))
+        data_file, tokenizer_dir, system_prompt, out, backend_too = args.floor_only
+        system_prompt, backend_too = json.loads(system_prompt), json.loads(backend_too)
+        floor = tokenizer_floor(Path(data_file), Path(tokenizer_dir), system_prompt, backend_too)
+        save(Path(out), floor)
         return
     for path in (args.raw, args.tokenizer):
         if not path.exists():
             sys.exit(f"{path} not found: pass --raw / --tokenizer (the reference data lives in ../shared/data)")
-    results = []
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    results: list[dict] = []
     for rows in (int(n) for n in args.rows.split(",")):
-        results.append(measure(rows, args))
+
+        def progress(partial: dict) -> None:
+            save(args.out, {"runs": results, "unfinished": partial, "machine": machine})
+
+        results.append(measure(rows, args, progress))
         _print(results[-1])
-        save(
-            args.out,
-            {"runs": results, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}},
-        )
+        save(args.out, {"runs": results, "machine": machine})
 
 
 if __name__ == "__main__":
