@@ -55,6 +55,10 @@ OVERLAP_OFF = ["train.sync_free_step=false", "train.expandable_segments=false"]
 # A same-math configuration's logged losses (each the mean over LOGGING_STEPS steps) must stay within this relative
 # distance of the reference's at the same steps. Only dropout masks differ (drawn for differently shaped tensors).
 LOSS_TOLERANCE = 0.01
+# train.fp8_base is not the same math: its held-out loss after the epoch must be within this of the bf16 base's
+FP8_TOLERANCE = 0.005
+FP8_ON = "train.fp8_base=true"
+FP8_TWINS = {"epoch_compile_fp8": "epoch_compile_deq"}  # an FP8 configuration: its bf16 counterpart
 # name: (param overrides, optimizer steps, measure held-out loss)
 CONFIGS: dict[str, tuple[list[str], int, bool]] = {
     # the notebooks' own settings: batch 1 x accumulation 4, fp16 compute, no mixed-precision flag
@@ -148,6 +152,42 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         ],
         40,
         False,
+    ),
+    # ... and its frozen base's matmuls in float8 (train.fp8_base, opt-in: not the same math)
+    "ours_compile_fp8": (
+        [
+            *SAME_MATH,
+            "train.gradient_checkpointing=false",
+            "train.liger_kernels=false",
+            "train.compile=true",
+            FP8_ON,
+        ],
+        40,
+        False,
+    ),
+    # train.fp8_base's check (issue 32, item 6): one epoch of the 1k rows each, the held-out answer loss after it
+    # against the same epoch on the bf16 dequantized base (FP8_TOLERANCE)
+    "epoch_compile_deq": (
+        [
+            *SAME_MATH,
+            "train.gradient_checkpointing=false",
+            "train.liger_kernels=false",
+            "train.compile=true",
+            "train.dequantized_base=true",
+        ],
+        -1,
+        True,
+    ),
+    "epoch_compile_fp8": (
+        [
+            *SAME_MATH,
+            "train.gradient_checkpointing=false",
+            "train.liger_kernels=false",
+            "train.compile=true",
+            FP8_ON,
+        ],
+        -1,
+        True,
     ),
     "ours_16gib_compile": (
         [*SAME_MATH, *BUDGET_16GIB, "train.liger_kernels=false", "train.compile=true"],
@@ -507,6 +547,7 @@ def main() -> None:
     results = {name: _median_run(rs) for name, rs in runs.items()}
     add_ratios(results)
     check_losses(results, runs)
+    check_fp8_losses(results)
     for name, r in results.items():
         print(
             f"{name:13s} median {r.get('tokens_per_second')} tok/s over {r.get('repeats')} run(s): "
@@ -547,9 +588,9 @@ def check_losses(results: dict[str, dict], runs: dict[str, list[dict]]) -> None:
     by logged loss (the same rows in the same order, so the same steps see the same tokens)."""
     references = [r["losses"] for r in runs.get(REFERENCE, []) if r.get("losses")]
     for name, r in results.items():
-        same_math = (
-            set(SAME_MATH) <= set(CONFIGS[name][0]) or name == UNSLOTH_RECIPE
-        )  # plain_trl's math, Unsloth's kernels
+        overrides = set(CONFIGS[name][0])
+        # plain_trl's math (float8 matmuls are not: check_fp8_losses checks those), or Unsloth's kernels on it
+        same_math = (set(SAME_MATH) <= overrides and FP8_ON not in overrides) or name == UNSLOTH_RECIPE
         if name == REFERENCE or not same_math or not references:
             continue
         gaps = [loss_gap(run["losses"], ref) for run in runs[name] if run.get("losses") for ref in references]
@@ -559,6 +600,20 @@ def check_losses(results: dict[str, dict], runs: dict[str, list[dict]]) -> None:
         shown = "n/a" if worst is None else f"{worst:.3%}"
         verdict = r["same_math_loss_check"]
         print(f"{name:13s} same-math loss check: {verdict} (largest gap {shown}, limit {LOSS_TOLERANCE:.0%})")
+
+
+def check_fp8_losses(results: dict[str, dict]) -> None:
+    """train.fp8_base's check: the held-out answer loss after the epoch against the bf16 base's (FP8_TOLERANCE)."""
+    for fp8, bf16 in FP8_TWINS.items():
+        a, b = (results.get(name, {}).get("heldout_loss") for name in (fp8, bf16))
+        if a is None or b is None:
+            continue
+        gap = abs(a - b) / abs(b)
+        r = results[fp8]
+        r["heldout_rel_gap_vs_bf16"] = round(gap, 5)
+        r["fp8_loss_check"] = "pass" if gap <= FP8_TOLERANCE else "FAIL"
+        verdict = r["fp8_loss_check"]
+        print(f"{fp8:13s} held-out loss {a} vs {bf16} {b}: gap {gap:.3%} (limit {FP8_TOLERANCE:.1%}) {verdict}")
 
 
 def _median_run(rs: list[dict]) -> dict:

@@ -86,3 +86,21 @@ def test_every_row_is_divided_by_each_reference_that_ran():
     assert results["ours_compile"]["speedup_vs_unsloth_recipe"] == 1.88
     assert results[UNSLOTH]["speedup_vs_reference"] == 2.0
     assert "speedup_vs_trl_tuned" not in results["ours_compile"]  # trl_tuned did not run
+
+
+def test_fp8_runs_are_checked_by_their_heldout_loss_against_bf16_not_as_same_math():
+    from benchmarks.train_throughput import check_fp8_losses, check_losses
+
+    runs = {name: [{"losses": [2.0, 1.0]}] for name in ("plain_trl", "epoch_compile_deq", "epoch_compile_fp8")}
+    results = {
+        "plain_trl": {},
+        "epoch_compile_deq": {"heldout_loss": 2.0},
+        "epoch_compile_fp8": {"heldout_loss": 2.0 * 1.004},
+    }
+    check_losses(results, runs)
+    assert "same_math_loss_check" not in results["epoch_compile_fp8"]  # float8 matmuls are not plain trl's math
+    check_fp8_losses(results)
+    assert results["epoch_compile_fp8"]["fp8_loss_check"] == "pass"
+    results["epoch_compile_fp8"]["heldout_loss"] = 2.0 * 1.006
+    check_fp8_losses(results)
+    assert results["epoch_compile_fp8"]["fp8_loss_check"] == "FAIL"

@@ -188,6 +188,10 @@ class TrainParams(_Strict):
         description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "
         "dequantization per step, 2 bytes a weight instead of ~0.5 (tasks/train/dequantized_base.py)"
     )
+    fp8_base: bool = Field(
+        description="the frozen base's matmuls in float8 (GPUs of compute capability 8.9+, single GPU): faster, not "
+        "the same math (8-bit rounding), so opt-in and checked by the eval loss (tasks/train/fp8_base.py)"
+    )
     memory_budget_gib: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         description="GPU memory to fit (GiB); auto: the visible GPU's; the planner picks micro-batch and recompute"
     )

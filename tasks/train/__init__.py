@@ -11,6 +11,7 @@
   attention.py         padding-free attention
   step_overlap.py      train.sync_free_step: the optimizer step and loss without host waits
   dequantized_base.py  train.dequantized_base: the frozen base dequantized once
+  fp8_base.py          train.fp8_base: the frozen base's matmuls in float8 (opt-in)
   distributed.py       re-launching the stage on several processes (accelerate)
   fsdp_adapter.py      saving an FSDP run's adapter
   loss_curve.py        the loss curve PNG

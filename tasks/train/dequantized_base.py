@@ -17,18 +17,22 @@ import torch
 import torch.nn.functional as F
 
 
+def dequantized_weight(layer) -> torch.Tensor:
+    """A bitsandbytes 4-bit linear's weight, dequantized and cast as MatMul4Bit casts it before its matmul."""
+    import bitsandbytes.functional as bnb_functional
+
+    weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return weight if layer.compute_dtype is None else weight.to(layer.compute_dtype)
+
+
 class DequantizedLinear(torch.nn.Module):
     """A frozen linear with a bitsandbytes 4-bit layer's weight dequantized: its forward, minus the dequantization."""
 
     def __init__(self, layer):
-        import bitsandbytes.functional as bnb_functional
-
         super().__init__()
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.compute_dtype = layer.compute_dtype
-        weight = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-        if self.compute_dtype is not None:
-            weight = weight.to(self.compute_dtype)  # what MatMul4Bit casts it to before its matmul
+        weight = dequantized_weight(layer)
         # A buffer, not a parameter: frozen, outside the optimizer and the saved adapter, and not in the state dict.
         self.register_buffer("weight", weight, persistent=False)
         self.bias = layer.bias
@@ -44,9 +48,9 @@ class DequantizedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
-def dequantize_base(model) -> int:
-    """Swap every bitsandbytes 4-bit linear in `model` (LoRA-wrapped or not) for a DequantizedLinear, in place; the
-    4-bit weights are then freed. Returns how many were swapped."""
+def swap_4bit_linears(model, replacement) -> int:
+    """Swap every bitsandbytes 4-bit linear in `model` (LoRA-wrapped or not) for replacement(layer), in place, one at
+    a time (so only one layer's extra copy exists at once); the 4-bit weights are then freed. Returns how many."""
     import bitsandbytes as bnb
 
     swaps = [
@@ -56,5 +60,10 @@ def dequantize_base(model) -> int:
         if isinstance(child, bnb.nn.Linear4bit)
     ]
     for parent, name, child in swaps:
-        setattr(parent, name, DequantizedLinear(child))
+        setattr(parent, name, replacement(child))
     return len(swaps)
+
+
+def dequantize_base(model) -> int:
+    """Every bitsandbytes 4-bit linear in `model` swapped for a DequantizedLinear; returns how many."""
+    return swap_4bit_linears(model, DequantizedLinear)

@@ -163,7 +163,9 @@ def estimate(
     modules = shape.module_shapes()
 
     linear = sum(a * b for a, b in modules.values()) * shape.layers
-    if q.load_in_4bit and not t.dequantized_base:
+    if q.load_in_4bit and t.fp8_base:
+        per_param = 2  # two float8 copies (tasks/train/fp8_base.py); their per-channel scales are negligible
+    elif q.load_in_4bit and not t.dequantized_base:
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
     else:
         per_param = _dtype_bytes(q.compute_dtype)

@@ -113,6 +113,19 @@ def hardware_problems(params: Params) -> list[str]:
             f"train.dequantized_base runs on one GPU only (train.distributed.mode={t.distributed.mode}: DDP would "
             "broadcast the dequantized weights every step, FSDP exists to save that memory): set it to false"
         )
+    if t.fp8_base:
+        from tasks.train.fp8_base import fp8_unavailable_reason
+
+        if t.dequantized_base:
+            problems.append("train.fp8_base and train.dequantized_base both replace the 4-bit base: set one of them")
+        if not params.quant.load_in_4bit:
+            problems.append("train.fp8_base builds its float8 weights from the 4-bit base; quant.load_in_4bit is false")
+        if t.distributed.mode != "single":
+            problems.append(
+                f"train.fp8_base runs on one GPU only (train.distributed.mode={t.distributed.mode}): set it to false"
+            )
+        if why := fp8_unavailable_reason():
+            problems.append(why)
     if not cuda and t.precision == "fp16":
         problems.append("train.precision=fp16 needs a CUDA GPU (use fp32 on the CPU)")
     if cuda and t.precision == "bf16" and not torch.cuda.is_bf16_supported():

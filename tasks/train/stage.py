@@ -253,6 +253,7 @@ def build_trainer(
         live_plots,
     )
     from tasks.train.dequantized_base import dequantize_base
+    from tasks.train.fp8_base import fp8_base
     from tasks.train.step_overlap import trainer_class
 
     lora = LoraConfig(
@@ -281,6 +282,8 @@ def build_trainer(
     resume_in_training_dtype(trainer)
     if params.train.dequantized_base:
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
+    if params.train.fp8_base:
+        log.info("train.fp8_base: %d 4-bit linears kept in float8 for the run", fp8_base(trainer.model))
     log.info("train.compile (%s): %s", decision.setting, decision.reason)
     if decision.on:
         if params.train.liger_kernels:
