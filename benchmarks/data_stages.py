@@ -20,6 +20,10 @@ tokenizer, the script:
 
     python -m benchmarks.data_stages --rows 10000,100000,1000000 [--rows-kind diverse] [--raw ...] [--tokenizer ...]
 
+--validate-workers N sets validate.workers for the stage (0: the one-process scan; N: N worker processes; default
+the params' auto, which uses the pool only on more than 2 usable cores): the same invocation with 0 and with the
+machine's core count compares the two scans on one machine.
+
 Targets (issue 12, 2-core machine): 1M rows in at most 1.3x the floor, peak RSS at most 3 GB, cost linear in rows.
 """
 
@@ -189,7 +193,8 @@ def run_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | None, w
     return {**json.loads(out.read_text()), "process_seconds": process["seconds"], "peak_rss_gb": process["peak_rss_gb"]}
 
 
-def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
+def make_project(work: Path, data_file: Path, tokenizer_dir: Path, overrides: list[str] = ()) -> Path:
+    """A scratch project with the recipe's params on data_file, plus `overrides` (e.g. validate.workers=16)."""
     from tasks.common.compose import compose_params
 
     project = work / "project"
@@ -201,9 +206,15 @@ def make_project(work: Path, data_file: Path, tokenizer_dir: Path) -> Path:
             "download.source=local",
             f"download.path={data_file}",
             f"model.tokenizer={tokenizer_dir.resolve()}",
+            *overrides,
         ],
     )
     return project
+
+
+def stage_overrides(args) -> list[str]:
+    """The params the options set for the stages: validate.workers when --validate-workers is given."""
+    return [] if args.validate_workers is None else [f"validate.workers={args.validate_workers}"]
 
 
 def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
@@ -217,8 +228,14 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
     generate_seconds = round(time.perf_counter() - start, 1)
     input_gb = round(data_file.stat().st_size / 1e9, 3)
     partial: dict = {"rows": rows, "rows_kind": args.rows_kind, "generate_seconds": generate_seconds}
-    project = make_project(work, data_file, args.tokenizer)
-    system_prompt = load_params(project / "params.yaml").format.system_prompt
+    project = make_project(work, data_file, args.tokenizer, stage_overrides(args))
+    params = load_params(project / "params.yaml")
+    system_prompt = params.format.system_prompt
+    # the setting and what it gives on this machine (0: the one-process scan)
+    from tasks.validate.scan_pool import pool_workers
+
+    setting = params.validate_.workers
+    partial["validate_workers"] = {"setting": setting, "processes": pool_workers(setting)}
     floor = run_floor(data_file, args.tokenizer, system_prompt, work, args.floor_backend)
     partial["floor"] = floor
     progress(partial)
@@ -266,7 +283,8 @@ def _print(r: dict) -> None:
         + "  peak RSS "
         + " ".join(f"{n} {s[n]['peak_rss_gb']:.2f}" for n in STAGES)
         + f" GB (floor {r['floor']['peak_rss_gb']:.2f})"
-        f"  {r['seconds_per_1k_rows']:.3f} s/1k rows",
+        f"  {r['seconds_per_1k_rows']:.3f} s/1k rows"
+        f"  validate workers {r['validate_workers']['processes']} ({r['validate_workers']['setting']})",
         flush=True,
     )
 
@@ -291,6 +309,12 @@ def main() -> None:
         action="store_true",
         help="delete the input once download ran and data/raw once validate ran (to fit ten million rows on disk)",
     )
+    ap.add_argument(
+        "--validate-workers",
+        default=None,
+        help="validate.workers for the stage: auto (the params' default: one worker process a usable core on more "
+        "than 2 cores, else none), 0 (the one-process scan) or a number of worker processes",
+    )
     ap.add_argument("--floor-only", nargs=5, help=argparse.SUPPRESS)  # run_floor's own process
     args = ap.parse_args()
     if args.floor_only:
@@ -302,7 +326,8 @@ def main() -> None:
     for path in (args.raw, args.tokenizer):
         if not path.exists():
             sys.exit(f"{path} not found: pass --raw / --tokenizer (the reference data lives in ../shared/data)")
-    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine = {"cpus": os.cpu_count(), "usable_cores": usable, "platform": platform.platform()}
     results: list[dict] = []
     for rows in (int(n) for n in args.rows.split(",")):
 

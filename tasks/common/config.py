@@ -72,6 +72,11 @@ class ValidateParams(_Strict):
     max_duplicate_share: float = Field(ge=0, le=1)
     min_share_within_max_length: float = Field(ge=0, le=1)
     max_tokens_hard_limit: int = Field(ge=1, description="rows longer than this fail validation outright")
+    workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        description="worker processes for the scan (tasks/validate/scan_pool.py); auto: one a usable core on more "
+        "than 2 cores, else none; 0: none (one process: the main thread parses, one thread tokenizes). The results "
+        "are the same byte for byte whatever the count"
+    )
 
 
 class FormatParams(_Strict):

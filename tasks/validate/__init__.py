@@ -6,6 +6,7 @@ here.
 
   stage.py            validate(): scan the rows (scan.py), run the suite (expectations.py), write the reports
   scan.py             one streaming pass over the raw rows: parse, features, token counts
+  scan_pool.py        the same pass on more than 2 cores: its blocks in a pool of worker processes
   expectations.py     the great-expectations suite, kept as code
   lengths.py          token-length percentiles and the histogram
   validation_page.py  the report as one self-contained HTML page

@@ -13,6 +13,8 @@ counts (16). About 51 bytes a row in all, 0.5 GB at ten million rows; the suite'
 at the end (Scan.frame, about 30 bytes a row) and the content keys are dropped with the pass.
 
 The fast tokenizer releases the GIL, so each block is tokenized on a worker thread while the next block is parsed.
+On more than 2 cores that one parsing thread is the bottleneck, and the blocks go to a pool of worker processes
+instead (scan_pool.py), with the same results byte for byte.
 """
 
 from __future__ import annotations
@@ -174,6 +176,14 @@ def _joined(blocks: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(blocks) if blocks else np.zeros(0, dtype=dtype)
 
 
+def not_json(path: Path, lineno: int) -> PipelineError:
+    """The error for a line of the raw rows that is not JSON (1-based line number, blank lines counted)."""
+    return PipelineError(
+        f"{path}, line {lineno}: not valid JSON. This file is written by the download stage: run it again (dvc repro "
+        "download)."
+    )
+
+
 def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
     """(row index, row) blocks of the raw rows file; the index counts non-blank lines from 0, as download wrote."""
     block: list[tuple[int, dict]] = []
@@ -186,10 +196,7 @@ def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
             try:
                 row = json.loads(line)
             except ValueError:
-                raise PipelineError(
-                    f"{path}, line {lineno}: not valid JSON. This file is written by the download stage: run it "
-                    "again (dvc repro download)."
-                ) from None
+                raise not_json(path, lineno) from None
             block.append((index, row))
             index += 1
             if len(block) == BLOCK_ROWS:
@@ -257,12 +264,19 @@ def scan_rows(
     system_prompt: str | None,
     candidates: Path,
     output: Path | None = None,
+    workers: int = 0,
 ) -> Scan:
     """Read raw_rows once; write every renderable conversation to `candidates` (in row order) and return the scan.
 
     Token counts are on the exact text that will be trained (lengths.measure_rendered); block k is tokenized on a
-    worker thread while block k+1 is parsed.
+    worker thread while block k+1 is parsed. With `workers` (scan_pool.pool_workers: on more than 2 cores) each
+    block is parsed, rendered and tokenized in a pool of that many worker processes instead, with the same results
+    (scan_pool.py).
     """
+    if workers:
+        from tasks.validate.scan_pool import scan_in_pool
+
+        return scan_in_pool(raw_rows, tokenizer, max_length, template, system_prompt, candidates, output, workers)
     scan, seen, hasher = Scan(), SeenKeys(), hashlib.sha256()
     with ThreadPoolExecutor(max_workers=1) as worker, atomic_writer(candidates, reported_as=output) as out:
         pending = None

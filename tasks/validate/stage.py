@@ -26,6 +26,7 @@ from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.validate.expectations import excluded_rows, run_suite
 from tasks.validate.lengths import length_report, save_histogram
 from tasks.validate.scan import Scan, scan_rows
+from tasks.validate.scan_pool import pool_workers
 from tasks.validate.validation_page import write_validation_page
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ def validate(
             params.format.system_prompt,
             candidates,
             out_conversations,  # what a full disk is reported for
+            workers=pool_workers(params.validate_.workers),  # 0 (one process) on up to 2 cores
         )
         summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
         _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
