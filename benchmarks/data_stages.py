@@ -164,21 +164,46 @@ def rss_gb(pid: int | str = "self", field: str = "VmHWM") -> float | None:
     return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """The pids of a process's children, theirs, and so on (from /proc/<pid>/task/*/children)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            found += children
+            todo += children
+    return found
+
+
 def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
     """Run cmd (a stage as dvc runs it, or the floor) in its own process: wall seconds and that process's own peak
     RSS, sampled every 50 ms (VmHWM only grows, so the last sample before it ends is its peak, give or take what it
-    allocated in its last 50 ms)."""
+    allocated in its last 50 ms). A stage with worker processes (validate.workers) also gets tree_peak_rss_gb: the
+    largest sum of the current RSS of it and all its descendants at one sample (shared pages counted once a process,
+    so an upper bound on what they hold together)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
-    peak = 0.0
+    peak = tree_peak = 0.0
+    most_processes = 1
     while proc.poll() is None:
         peak = max(peak, rss_gb(proc.pid) or 0.0)
+        children = _descendants(proc.pid)
+        if children:
+            most_processes = max(most_processes, 1 + len(children))
+            tree = (rss_gb(proc.pid, "VmRSS") or 0.0) + sum(rss_gb(c, "VmRSS") or 0.0 for c in children)
+            tree_peak = max(tree_peak, tree)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"{what} failed (exit {proc.returncode}) in {cwd}")
-    return {"seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3)}
+    result = {"seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3)}
+    if most_processes > 1:
+        result |= {"tree_peak_rss_gb": round(max(tree_peak, peak), 3), "processes": most_processes}
+    return result
 
 
 def run_stage(name: str, project: Path) -> dict:
@@ -281,7 +306,11 @@ def _print(r: dict) -> None:
         + f"  ratio {r['ratio_to_floor']:.2f}"
         + (f" (to backend {r['ratio_to_backend_floor']:.2f})" if r["ratio_to_backend_floor"] else "")
         + "  peak RSS "
-        + " ".join(f"{n} {s[n]['peak_rss_gb']:.2f}" for n in STAGES)
+        + " ".join(
+            f"{n} {s[n]['peak_rss_gb']:.2f}"
+            + (f" (tree of {s[n]['processes']} {s[n]['tree_peak_rss_gb']:.2f})" if "processes" in s[n] else "")
+            for n in STAGES
+        )
         + f" GB (floor {r['floor']['peak_rss_gb']:.2f})"
         f"  {r['seconds_per_1k_rows']:.3f} s/1k rows"
         f"  validate workers {r['validate_workers']['processes']} ({r['validate_workers']['setting']})",
