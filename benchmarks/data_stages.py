@@ -164,6 +164,19 @@ def rss_gb(pid: int | str = "self", field: str = "VmHWM") -> float | None:
     return None
 
 
+def pss_gb(pid: int) -> float:
+    """A process's proportional set size in GB (/proc/<pid>/smaps_rollup): its private pages plus its share of the
+    pages it shares, so the PSS of processes that share libraries (a fork server's workers) adds up to what they hold
+    together, where their RSS would count each shared page once a process. 0 once it has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0.0
+    return 0.0
+
+
 def _descendants(pid: int) -> list[int]:
     """The pids of a process's children, theirs, and so on (from /proc/<pid>/task/*/children)."""
     found, todo = [], [pid]
@@ -181,9 +194,9 @@ def _descendants(pid: int) -> list[int]:
 def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
     """Run cmd (a stage as dvc runs it, or the floor) in its own process: wall seconds and that process's own peak
     RSS, sampled every 50 ms (VmHWM only grows, so the last sample before it ends is its peak, give or take what it
-    allocated in its last 50 ms). A stage with worker processes (validate.workers) also gets tree_peak_rss_gb: the
-    largest sum of the current RSS of it and all its descendants at one sample (shared pages counted once a process,
-    so an upper bound on what they hold together)."""
+    allocated in its last 50 ms). A stage with worker processes (validate.workers) also gets tree_peak_pss_gb: the
+    largest sum, at one sample, of the proportional set size of it and all its descendants (what they hold together,
+    shared pages counted once)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GX_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env)
@@ -194,7 +207,7 @@ def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
         children = _descendants(proc.pid)
         if children:
             most_processes = max(most_processes, 1 + len(children))
-            tree = (rss_gb(proc.pid, "VmRSS") or 0.0) + sum(rss_gb(c, "VmRSS") or 0.0 for c in children)
+            tree = pss_gb(proc.pid) + sum(pss_gb(c) for c in children)
             tree_peak = max(tree_peak, tree)
         time.sleep(0.05)
     seconds = time.perf_counter() - start
@@ -202,7 +215,7 @@ def run_process(cmd: list[str], cwd: Path, what: str) -> dict:
         sys.exit(f"{what} failed (exit {proc.returncode}) in {cwd}")
     result = {"seconds": round(seconds, 2), "peak_rss_gb": round(peak, 3)}
     if most_processes > 1:
-        result |= {"tree_peak_rss_gb": round(max(tree_peak, peak), 3), "processes": most_processes}
+        result |= {"tree_peak_pss_gb": round(tree_peak, 3), "processes": most_processes}
     return result
 
 
@@ -308,7 +321,7 @@ def _print(r: dict) -> None:
         + "  peak RSS "
         + " ".join(
             f"{n} {s[n]['peak_rss_gb']:.2f}"
-            + (f" (tree of {s[n]['processes']} {s[n]['tree_peak_rss_gb']:.2f})" if "processes" in s[n] else "")
+            + (f" (tree of {s[n]['processes']} {s[n]['tree_peak_pss_gb']:.2f} PSS)" if "processes" in s[n] else "")
             for n in STAGES
         )
         + f" GB (floor {r['floor']['peak_rss_gb']:.2f})"
