@@ -36,6 +36,9 @@ def test_an_fp8_linear_is_a_frozen_linear_within_float8_rounding():
     assert list(layer.parameters()) == [] and layer.state_dict() == {}  # frozen, and never saved with the adapter
     # the two copies are the same weight, one per output channel, one transposed and per input channel
     assert layer.w_out.dtype == layer.w_in.dtype == FP8 and layer.w_in.shape == (64, 48)
+    # row-major both, so each .t() is column-major: cuBLASLt multiplies only row-major by column-major (the CPU's
+    # _scaled_mm takes any layout, so this is the check that holds it here)
+    assert layer.w_out.is_contiguous() and layer.w_in.is_contiguous()
     assert _relative_error(layer.w_out.float() * layer.scale_out.t(), weight) < 0.06
     assert _relative_error((layer.w_in.float() * layer.scale_in.t()).t(), weight) < 0.06
 

@@ -73,9 +73,9 @@ class ValidateParams(_Strict):
     min_share_within_max_length: float = Field(ge=0, le=1)
     max_tokens_hard_limit: int = Field(ge=1, description="rows longer than this fail validation outright")
     workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        description="worker processes for the scan (tasks/validate/scan_pool.py); auto: one a usable core on more "
-        "than 2 cores, else none; 0: none (one process: the main thread parses, one thread tokenizes). The results "
-        "are the same byte for byte whatever the count"
+        description="worker processes for the scan (tasks/validate/scan_pool.py); auto: one a usable core (at most "
+        "8, for memory) on more than 2 cores, else none; 0: none (one process: the main thread parses, one thread "
+        "tokenizes). The results are the same byte for byte whatever the count"
     )
 
 

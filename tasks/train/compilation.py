@@ -137,7 +137,8 @@ def configuration_key(params: Params, shape: ModelShape, device: str) -> str:
         "shape": shape.__dict__,
         "lora": params.lora.model_dump(),
         "quant": params.quant.model_dump(),
-        "train": [t.precision, t.padding_free, t.dequantized_base, t.fp8_base],  # compiled, Liger keeps out of the layers
+        # what is compiled into the layers (Liger keeps out of them)
+        "train": [t.precision, t.padding_free, t.dequantized_base, t.fp8_base],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

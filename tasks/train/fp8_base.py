@@ -58,7 +58,7 @@ class Fp8Linear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         self.compute_dtype = compute_dtype
         w_out, scale_out = rowwise_fp8(weight)  # [out, in], a scale per output channel
-        w_in, scale_in = rowwise_fp8(weight.t())  # [in, out], a scale per input channel
+        w_in, scale_in = rowwise_fp8(weight.t().contiguous())  # [in, out] row-major, a scale per input channel
         # Buffers, not parameters: frozen, outside the optimizer and the saved adapter, and not in the state dict.
         self.register_buffer("w_out", w_out, persistent=False)
         self.register_buffer("scale_out", scale_out.reshape(1, -1), persistent=False)

@@ -53,19 +53,23 @@ from tasks.validate.lengths import length_rows, measure_rendered
 from tasks.validate.scan import BLOCK_ROWS, CODE, CODED, COUNT, COUNTS, Scan, SeenKeys, not_json, renderable
 
 SERIAL_CORES = 2  # up to this many usable cores the scan is one process (scan.scan_rows: the 2-core figures' path)
+# auto's most workers: each holds about 0.2 GB of its own (PSS: its heap, its tokenizer, its blocks; the libraries
+# are the fork server's, shared). 16 workers took the stage's processes to 4.3 GB together at 500k rows on 16 cores
+# (docs/performance.md), over the 3 GB a data stage may take; 8 keep it near 2.7 GB. A number set by hand is not capped.
+MAX_AUTO_WORKERS = 8
 IN_FLIGHT = 2  # blocks out a worker: one it works on, one waiting, so none idles while the main process writes
 LOCAL_CODE = np.int16  # a block's codes into its own distinct values (fewer than the scan's, which are int8)
 WATCH_SECONDS = 1.0  # how often a worker checks that the stage's process is still there
 
 
 def pool_workers(setting: int | str) -> int:
-    """Worker processes for validate.workers: auto gives one a usable core when there are more than SERIAL_CORES,
-    else 0 (the one-process scan, unchanged); a number is taken as it is (0: one process)."""
+    """Worker processes for validate.workers: auto gives one a usable core, at most MAX_AUTO_WORKERS, when there are
+    more than SERIAL_CORES, else 0 (the one-process scan, unchanged); a number is taken as it is (0: one process)."""
     if setting != "auto":
         return int(setting)
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity else os.cpu_count() or 1
-    return cores if cores > SERIAL_CORES else 0
+    return min(cores, MAX_AUTO_WORKERS) if cores > SERIAL_CORES else 0
 
 
 @dataclass
