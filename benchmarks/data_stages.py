@@ -152,29 +152,28 @@ def tokenizer_floor(data_file: Path, tokenizer_dir: Path, system_prompt: str | N
     return {"seconds": round(call, 2), "backend_seconds": backend_seconds, "texts": texts, "tokens": tokens}
 
 
+def _proc_gb(pid: int | str, file: str, field: str) -> float | None:
+    """A `field: <n> kB` figure of /proc/<pid>/<file> in GB; None once the process has ended."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return None
+
+
 def rss_gb(pid: int | str = "self", field: str = "VmHWM") -> float | None:
     """A process's memory figure from /proc/<pid>/status in GB: its own high-water RSS (VmHWM) unless field says
     otherwise (VmRSS: now); None once the process has ended."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
+    return _proc_gb(pid, "status", field)
 
 
 def pss_gb(pid: int) -> float:
     """A process's proportional set size in GB (/proc/<pid>/smaps_rollup): its private pages plus its share of the
     pages it shares, so the PSS of processes that share libraries (a fork server's workers) adds up to what they hold
     together, where their RSS would count each shared page once a process. 0 once it has ended."""
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024 / 1e9
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return 0.0
-    return 0.0
+    return _proc_gb(pid, "smaps_rollup", "Pss") or 0.0
 
 
 def _descendants(pid: int) -> list[int]:

@@ -22,7 +22,7 @@ import pytest
 
 from tasks.common.chat_template import BUILT_IN, Llama2, chat_template
 from tasks.common.errors import PipelineError
-from tasks.validate import scan_pool
+from tasks.validate import scan, scan_pool
 from tasks.validate.scan import scan_rows
 from tests.conftest import needs_shared
 from tests.data_stage_sets import TOKENIZER, messy_rows, write_jsonl
@@ -64,7 +64,7 @@ def _no_worker_left():
 @pytest.mark.parametrize("workers", [2, 3])
 def test_the_pool_gives_the_one_process_scans_results_byte_for_byte(raw, tokenizer, tmp_path, monkeypatch, workers):
     serial = _scan(raw, tokenizer, tmp_path / "serial.jsonl", 0)
-    monkeypatch.setattr(scan_pool, "BLOCK_ROWS", 170)  # 18 blocks, up to 2 x workers in flight
+    monkeypatch.setattr(scan, "BLOCK_ROWS", 170)  # 18 blocks (scan.line_blocks), up to 2 x workers in flight
     pooled = _scan(raw, tokenizer, tmp_path / "pooled.jsonl", workers)
     _no_worker_left()
 
@@ -95,7 +95,7 @@ def test_a_line_that_is_not_json_stops_the_pool_with_the_same_error(raw, tokeniz
     broken.write_bytes(b"".join(lines[:2100] + [b'{"text": "cut off\n'] + lines[2100:] + [b"not json either\n"]))
     errors = []
     for workers in (0, 2):
-        monkeypatch.setattr(scan_pool, "BLOCK_ROWS", 300)
+        monkeypatch.setattr(scan, "BLOCK_ROWS", 300)
         with pytest.raises(PipelineError) as e:
             _scan(broken, tokenizer, tmp_path / f"out{workers}.jsonl", workers)
         errors.append(str(e.value))

@@ -184,25 +184,36 @@ def not_json(path: Path, lineno: int) -> PipelineError:
     )
 
 
-def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
-    """(row index, row) blocks of the raw rows file; the index counts non-blank lines from 0, as download wrote."""
-    block: list[tuple[int, dict]] = []
-    index = 0
+def line_blocks(path: Path, hasher) -> Iterator[tuple[list[bytes], list[int]]]:
+    """(lines, their line numbers) blocks of BLOCK_ROWS non-blank lines of the raw rows file, every byte (blank
+    lines too) fed to hasher in order. The one reader of the raw rows: raw_blocks and scan_pool both take theirs."""
+    lines: list[bytes] = []
+    linenos: list[int] = []
     with open(path, "rb", buffering=1 << 20) as f:
         for lineno, line in enumerate(f, 1):
             hasher.update(line)
             if not line.strip():
                 continue
+            lines.append(line)
+            linenos.append(lineno)
+            if len(lines) == BLOCK_ROWS:
+                yield lines, linenos
+                lines, linenos = [], []
+    if lines:
+        yield lines, linenos
+
+
+def raw_blocks(path: Path, hasher) -> Iterator[list[tuple[int, dict]]]:
+    """(row index, row) blocks of the raw rows file; the index counts non-blank lines from 0, as download wrote."""
+    index = 0
+    for lines, linenos in line_blocks(path, hasher):
+        block = []
+        for line, lineno in zip(lines, linenos):
             try:
-                row = json.loads(line)
+                block.append((index, json.loads(line)))
             except ValueError:
                 raise not_json(path, lineno) from None
-            block.append((index, row))
             index += 1
-            if len(block) == BLOCK_ROWS:
-                yield block
-                block = []
-    if block:
         yield block
 
 

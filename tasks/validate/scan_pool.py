@@ -50,7 +50,17 @@ from tasks.common.conversation import FORM_MARKERS, ParseError, content_key, det
 from tasks.common.errors import PipelineError
 from tasks.validate.expectations import conversation_features
 from tasks.validate.lengths import length_rows, measure_rendered
-from tasks.validate.scan import BLOCK_ROWS, CODE, CODED, COUNT, COUNTS, Scan, SeenKeys, not_json, renderable
+from tasks.validate.scan import (
+    CODE,
+    CODED,
+    COUNT,
+    COUNTS,
+    Scan,
+    SeenKeys,
+    line_blocks,
+    not_json,
+    renderable,
+)
 
 SERIAL_CORES = 2  # up to this many usable cores the scan is one process (scan.scan_rows: the 2-core figures' path)
 # auto's most workers: each holds about 0.2 GB of its own (PSS: its heap, its tokenizer, its blocks; the libraries
@@ -183,24 +193,6 @@ def _scan_block(lines: list[bytes], linenos: list[int], first: int) -> _Block | 
     )
 
 
-def _line_blocks(path: Path, hasher) -> Iterator[tuple[list[bytes], list[int]]]:
-    """(lines, their line numbers) blocks of BLOCK_ROWS non-blank lines, as scan.raw_blocks reads them."""
-    lines: list[bytes] = []
-    linenos: list[int] = []
-    with open(path, "rb", buffering=1 << 20) as f:
-        for lineno, line in enumerate(f, 1):
-            hasher.update(line)
-            if not line.strip():
-                continue
-            lines.append(line)
-            linenos.append(lineno)
-            if len(lines) == BLOCK_ROWS:
-                yield lines, linenos
-                lines, linenos = [], []
-    if lines:
-        yield lines, linenos
-
-
 _FLAGS = (b"false", b"true")
 
 
@@ -247,7 +239,7 @@ def scan_in_pool(
         with atomic_writer(candidates, reported_as=output) as out:
             pending: deque[tuple[int, int, Future]] = deque()
             first = 0
-            for lines, linenos in _line_blocks(raw_rows, hasher):
+            for lines, linenos in line_blocks(raw_rows, hasher):
                 try:
                     with _signals_held():  # a submit may launch a worker (and pickle the tokenizer for it)
                         future = pool.submit(_scan_block, lines, linenos, first)
