@@ -276,6 +276,10 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
     floor = run_floor(data_file, args.tokenizer, system_prompt, work, args.floor_backend)
     partial["floor"] = floor
     progress(partial)
+    if not args.stages:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return {**partial, "input_gb": input_gb}
     from tasks.common import paths
 
     # What no later step reads, deleted as soon as it is spent when asked: ten million rows are about 17 GB in each
@@ -346,6 +350,12 @@ def main() -> None:
         help="leave out the floor's second pass through the bare Rust backend (halves the floor's cost)",
     )
     ap.add_argument(
+        "--no-stages",
+        dest="stages",
+        action="store_false",
+        help="time the floor alone, no stage (to measure it again, e.g. on an idle machine, beside an earlier run)",
+    )
+    ap.add_argument(
         "--drop-spent",
         action="store_true",
         help="delete the input once download ran and data/raw once validate ran (to fit ten million rows on disk)",
@@ -376,7 +386,14 @@ def main() -> None:
             save(args.out, {"runs": results, "unfinished": partial, "machine": machine})
 
         results.append(measure(rows, args, progress))
-        _print(results[-1])
+        if "stages" in results[-1]:
+            _print(results[-1])
+        else:
+            f = results[-1]["floor"]
+            print(
+                f"{rows:>9,d} rows  floor {f['seconds']:7.1f}s ({f['tokens']:,d} tokens)  "
+                f"peak RSS {f['peak_rss_gb']:.2f} GB"
+            )
         save(args.out, {"runs": results, "machine": machine})
 
 
