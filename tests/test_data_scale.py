@@ -126,3 +126,24 @@ def test_the_benchmarks_diverse_rows_are_all_different_and_shaped_like_the_real_
 
     assert abs(single_turn_share(rows) - single_turn_share(real)) < 0.03  # 647 of the 1,000 real rows
     assert abs(mean_length(rows) / mean_length(real) - 1) < 0.1
+
+
+def test_the_benchmarks_floor_alone_times_the_tokenizer_on_every_renderable_row(tmp_path):
+    """`benchmarks/data_stages.py --no-stages` (the floor measured again on its own, as for the 10M rows): the floor's
+    figures for the size asked, no stage run, and its scratch project removed."""
+    import subprocess
+    import sys
+
+    from tests.data_stage_sets import RAW_1K
+
+    needs_shared("guanaco-raw-1k", "train.jsonl")
+    needs_shared("llama-2-tokenizer")
+    out, work = tmp_path / "floor.json", tmp_path / "work"
+    work.mkdir()
+    cmd = [sys.executable, "-m", "benchmarks.data_stages", "--rows", "300", "--no-stages", "--no-floor-backend"]
+    cmd += ["--raw", str(RAW_1K), "--work", str(work), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    (run,) = json.loads(out.read_text(encoding="utf-8"))["runs"]
+    assert "stages" not in run and run["rows"] == 300
+    assert 290 <= run["floor"]["texts"] <= 300 and run["floor"]["tokens"] > 300 * 50 and run["floor"]["seconds"] > 0
+    assert list(work.iterdir()) == []
