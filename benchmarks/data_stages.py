@@ -263,23 +263,27 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
     start = time.perf_counter()
     data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl", args.rows_kind)
     generate_seconds = round(time.perf_counter() - start, 1)
-    input_gb = round(data_file.stat().st_size / 1e9, 3)
-    partial: dict = {"rows": rows, "rows_kind": args.rows_kind, "generate_seconds": generate_seconds}
+    partial: dict = {
+        "rows": rows,
+        "rows_kind": args.rows_kind,
+        "generate_seconds": generate_seconds,
+        "input_gb": round(data_file.stat().st_size / 1e9, 3),
+    }
     project = make_project(work, data_file, args.tokenizer, stage_overrides(args))
     params = load_params(project / "params.yaml")
-    system_prompt = params.format.system_prompt
-    # the setting and what it gives on this machine (0: the one-process scan)
-    from tasks.validate.scan_pool import pool_workers
+    if args.stages:  # the setting and what it gives on this machine (0: the one-process scan)
+        from tasks.validate.scan_pool import pool_workers
 
-    setting = params.validate_.workers
-    partial["validate_workers"] = {"setting": setting, "processes": pool_workers(setting)}
-    floor = run_floor(data_file, args.tokenizer, system_prompt, work, args.floor_backend)
-    partial["floor"] = floor
+        setting = params.validate_.workers
+        partial["validate_workers"] = {"setting": setting, "processes": pool_workers(setting)}
+    partial["floor"] = floor = run_floor(
+        data_file, args.tokenizer, params.format.system_prompt, work, args.floor_backend
+    )
     progress(partial)
     if not args.stages:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-        return {**partial, "input_gb": input_gb}
+        return partial
     from tasks.common import paths
 
     # What no later step reads, deleted as soon as it is spent when asked: ten million rows are about 17 GB in each
@@ -296,8 +300,6 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
     report = json.loads((project / "data/formatted/report.json").read_text(encoding="utf-8"))
     result = {
         **partial,
-        "input_gb": input_gb,
-        "floor": floor,
         "stages": stages,
         "total_seconds": round(total, 2),
         "ratio_to_floor": round(total / floor["seconds"], 3),
@@ -313,6 +315,13 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
 
 
 def _print(r: dict) -> None:
+    if "stages" not in r:  # --no-stages: the floor alone
+        f = r["floor"]
+        print(
+            f"{r['rows']:>9,d} rows  floor {f['seconds']:7.1f}s ({f['tokens']:,d} tokens)"
+            f"  peak RSS {f['peak_rss_gb']:.2f} GB"
+        )
+        return
     s = r["stages"]
     print(
         f"{r['rows']:>9,d} rows  "
@@ -386,14 +395,7 @@ def main() -> None:
             save(args.out, {"runs": results, "unfinished": partial, "machine": machine})
 
         results.append(measure(rows, args, progress))
-        if "stages" in results[-1]:
-            _print(results[-1])
-        else:
-            f = results[-1]["floor"]
-            print(
-                f"{rows:>9,d} rows  floor {f['seconds']:7.1f}s ({f['tokens']:,d} tokens)  "
-                f"peak RSS {f['peak_rss_gb']:.2f} GB"
-            )
+        _print(results[-1])
         save(args.out, {"runs": results, "machine": machine})
 
 
