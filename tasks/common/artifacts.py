@@ -21,6 +21,7 @@ from pathlib import Path
 import orjson
 
 from tasks.common.errors import DiskFull
+from tasks.common.page_cache import drop_behind, lines_dropping_behind
 
 # The errors a full disk, a quota or a file-size limit give a write.
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -120,17 +121,25 @@ def write_json(path: Path | str, obj: object) -> Path:
 
 
 class HashingWriter:
-    """A binary file that keeps the sha256 of what went into it, so a large output is not read back to hash it."""
+    """A binary file that keeps the sha256 of what went into it, so a large output is not read back to hash it.
+    Its pages go back to the kernel as it grows (page_cache.py)."""
 
     def __init__(self, f):
         self._f, self._h = f, hashlib.sha256()
+        self._written, self._behind = 0, drop_behind(f)
 
     def write(self, data: bytes) -> None:
         self._h.update(data)
         self._f.write(data)
+        self._written += len(data)
+        self._behind.passed(self._written)
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
+
+    def synced(self) -> None:
+        """Every byte is on disk: the pages still cached can go."""
+        self._behind.finished(self._written)
 
 
 @contextlib.contextmanager
@@ -142,9 +151,10 @@ def atomic_writer(path: Path | str, reported_as: Path | None = None) -> Iterator
     tmp = _tmp_name(path)
     try:
         with open(tmp, "xb", buffering=1 << 20) as f:
-            yield HashingWriter(f)
+            yield (writer := HashingWriter(f))
             f.flush()
             os.fsync(f.fileno())
+            writer.synced()
         os.replace(tmp, path)
     except OSError as e:
         if e.errno in NO_SPACE:
@@ -178,7 +188,7 @@ def iter_jsonl(path: Path | str, hasher=None) -> Iterator[dict]:
     what orjson refuses (NaN, integers past 64 bits).
     """
     with open(path, "rb", buffering=1 << 20) as f:
-        for line in f:
+        for line in lines_dropping_behind(f):
             if hasher is not None:
                 hasher.update(line)
             if line.strip():

@@ -33,6 +33,7 @@ from tasks.common.artifacts import atomic_writer, jsonl_line, sha256_file, write
 from tasks.common.config import ColumnsParams, DownloadParams, load_params
 from tasks.common.conversation import has_readable_column, no_column_message
 from tasks.common.errors import PipelineError
+from tasks.common.page_cache import lines_dropping_behind
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def _check_unicode(row: dict, where: str) -> None:
 def _jsonl_blocks(path: Path) -> Iterator[list[tuple[dict, str]]]:
     block = []
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(lines_dropping_behind(f), 1):
             if not line.strip():
                 continue
             try:

@@ -24,6 +24,7 @@ from tasks.common.chat_template import ChatTemplate, chat_template
 from tasks.common.config import FormatParams, ModelParams, load_params
 from tasks.common.conversation import Conversation, content_key, key_words
 from tasks.common.errors import PipelineError
+from tasks.common.page_cache import lines_dropping_behind
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def _write_splits(
     with atomic_writer(tmp / paths.TRAIN_ROWS.name) as train, atomic_writer(tmp / paths.EVAL_ROWS.name) as evals_out:
         outs = (None, train, evals_out)
         with open(conversations, "rb", buffering=1 << 20) as f:
-            for line, to in zip((line for line in f if line.strip()), destinations):
+            for line, to in zip((line for line in lines_dropping_behind(f) if line.strip()), destinations):
                 if not to:
                     continue
                 r = orjson.loads(line)

@@ -33,6 +33,7 @@ from tasks.common.artifacts import atomic_writer, jsonl_line
 from tasks.common.chat_template import ChatTemplate
 from tasks.common.conversation import FORM_MARKERS, ParseError, content_key, detect_form, key_words, parse_row
 from tasks.common.errors import PipelineError
+from tasks.common.page_cache import lines_dropping_behind
 from tasks.validate.expectations import FEATURES, conversation_features
 from tasks.validate.lengths import length_rows, measure_rendered
 
@@ -190,7 +191,7 @@ def line_blocks(path: Path, hasher) -> Iterator[tuple[list[bytes], list[int]]]:
     lines: list[bytes] = []
     linenos: list[int] = []
     with open(path, "rb", buffering=1 << 20) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(lines_dropping_behind(f), 1):
             hasher.update(line)
             if not line.strip():
                 continue

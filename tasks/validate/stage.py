@@ -23,6 +23,7 @@ from tasks.common.base_model import is_tiny_base, load_tokenizer
 from tasks.common.chat_template import chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError, ValidationFailed
+from tasks.common.page_cache import lines_dropping_behind
 from tasks.validate.expectations import excluded_rows, run_suite
 from tasks.validate.lengths import length_report, save_histogram
 from tasks.validate.scan import Scan, scan_rows
@@ -187,7 +188,8 @@ def _keep_candidates(candidates: Path, renderable: np.ndarray, excluded: dict, o
         os.replace(candidates, out)
         return
     with open(candidates, "rb") as lines, atomic_writer(out) as kept:
-        for line in itertools.compress(lines, keep):  # the flags read one at a time from the array, never a list
+        # the flags read one at a time from the array, never a list
+        for line in itertools.compress(lines_dropping_behind(lines), keep):
             kept.write(line)
 
 
