@@ -68,6 +68,20 @@ def test_read_file_leaves_the_page_cache(tmp_path, small_chunks):
     assert _cached(path) <= 4 * MIB, f"{_cached(path)} of {path.stat().st_size} bytes still cached after reading"
 
 
+def test_a_named_pipe_is_read_whole(tmp_path, small_chunks):
+    """A source may be a named pipe (`mkfifo`, a decompressor writing into it): it has no offset to advise behind,
+    and every line still comes through."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"yes '{LINE.decode().strip()}' | head -n {ROWS} > {fifo}"])
+    try:
+        with open(fifo, "rb") as f:
+            lines = list(page_cache.lines_dropping_behind(f))
+    finally:
+        writer.wait(timeout=30)
+    assert len(lines) == ROWS and lines[0] == LINE
+
+
 def test_a_pipe_streams_unadvised():
     read, write = os.pipe()
     try:

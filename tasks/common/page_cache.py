@@ -52,12 +52,21 @@ class DropBehind:
     def passed_read(self) -> None:
         """For a reader: everything up to the descriptor's offset has been read (a buffered reader's buffer
         included; the offset is where the next read starts)."""
-        if self._fd is not None:
-            self.passed(os.lseek(self._fd, 0, os.SEEK_CUR))
+        if (position := self._offset()) is not None:
+            self.passed(position)
 
     def finished_read(self) -> None:
-        if self._fd is not None:
-            self.finished(os.lseek(self._fd, 0, os.SEEK_CUR))
+        if (position := self._offset()) is not None:
+            self.finished(position)
+
+    def _offset(self) -> int | None:
+        if self._fd is None:
+            return None
+        try:
+            return os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError:  # a pipe (a named pipe given as the source) has no offset: stream it unadvised
+            self._fd = None
+            return None
 
 
 def drop_behind(f) -> DropBehind:
