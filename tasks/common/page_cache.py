@@ -2,8 +2,9 @@
 
 A data stage reads its input once and writes its output once. Left alone, the kernel keeps every page of both cached
 until memory is full, then reclaims them while the stage runs: at ten million rows (17 GB in, 17 GB out) the
-download stage's kernel time grew from 2 s a million rows to 4.9, and its wall time 11x for 10x the rows. Handing the
-pages back behind the stream (posix_fadvise DONTNEED) keeps it linear (docs/performance.md, "Page cache").
+download stage's kernel time grew from 2 s a million rows to about 5, and its wall time 12x for 10x the rows. Handing
+the pages back behind the stream (posix_fadvise DONTNEED) takes a fifth off that kernel time and leaves memory free
+(docs/performance.md, "Page cache"); the rest of the growth is not the page cache's.
 
 Read pages are clean and go at once. Written pages are dirty: the first advice on them starts their write-back, the
 next one, a chunk later, drops them. So each advice covers the last two chunks, and no page is advised more than
