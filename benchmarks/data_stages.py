@@ -259,6 +259,8 @@ def measure(rows: int, args, progress: Callable[[dict], None]) -> dict:
     part-way (ten million rows take hours) still leaves what it measured."""
     from tasks.common.config import load_params
 
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"data-bench-{rows}-", dir=args.work))
     start = time.perf_counter()
     data_file = write_rows(args.raw, rows, work / "input" / "rows.jsonl", args.rows_kind)

@@ -35,7 +35,16 @@ def row_lengths(tok: Tokenized, max_length: int) -> dict:
 
 def _first_over(enc, n: int, part: int, value: int) -> int:
     """The first token index in [0, n) whose offset `part` (0 start, 1 end) is over `value`; n if none. Offsets
-    never go backwards, so this is a bisection."""
+    never go backwards, so this is a bisection; the token holding character `value` (char_to_token, one call) is
+    tried first, and taken when its neighbours prove it the answer (two calls, against about nine for the
+    bisection): for an end, that token; for a start, the one after it."""
+    at = enc.char_to_token(value) if 0 <= value else None
+    if at is not None:
+        guess = at + 1 - part  # part 1 (ends): the token holding `value`; part 0 (starts): the next one
+        if (guess == n or enc.token_to_chars(guess)[part] > value) and (
+            guess == 0 or enc.token_to_chars(guess - 1)[part] <= value
+        ):
+            return guess
     lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) // 2

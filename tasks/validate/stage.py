@@ -23,6 +23,7 @@ from tasks.common.base_model import is_tiny_base, load_tokenizer
 from tasks.common.chat_template import chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError, ValidationFailed
+from tasks.common.heap import frozen_heap
 from tasks.common.page_cache import lines_dropping_behind
 from tasks.validate.expectations import excluded_rows, run_suite
 from tasks.validate.lengths import length_report, save_histogram
@@ -127,17 +128,18 @@ def validate(
     # suite passes, less the rows it leaves out.
     candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
     try:
-        scan = scan_rows(
-            raw_rows,
-            tokenizer,
-            params.model.max_length,
-            template,
-            params.format.system_prompt,
-            candidates,
-            out_conversations,  # what a full disk is reported for
-            workers=pool_workers(params.validate_.workers),  # 0 (one process) on up to 2 cores
-        )
-        summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
+        with frozen_heap():  # the libraries' objects out of the collector's walks while rows stream
+            scan = scan_rows(
+                raw_rows,
+                tokenizer,
+                params.model.max_length,
+                template,
+                params.format.system_prompt,
+                candidates,
+                out_conversations,  # what a full disk is reported for
+                workers=pool_workers(params.validate_.workers),  # 0 (one process) on up to 2 cores
+            )
+            summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
         _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
     finally:
         candidates.unlink(missing_ok=True)
