@@ -8,9 +8,10 @@ that key, first occurrence kept, so no text is held to compare.
 
 What is kept a row is numpy, not Python objects (issue 29: Python lists of ints, bools and 32-byte digests cost
 about 0.9 KB a row and left the heap fragmented): each coded feature as a 1-byte code (6), each count as 4 bytes
-(12), the duplicate flag (1), the content key's first 128 bits (16, SeenKeys), the renderable rows' index and token
-counts (16). About 51 bytes a row in all, 0.5 GB at ten million rows; the suite's compact table is built from them
-at the end (Scan.frame, about 30 bytes a row) and the content keys are dropped with the pass.
+(12), the duplicate flag (1), the content key's first 128 bits (16, SeenKeys), the renderable rows' index, token
+counts and candidate line's length in bytes (20). About 55 bytes a row in all, 0.55 GB at ten million rows; the
+suite's compact table is built from them at the end (Scan.frame, about 30 bytes a row) and the content keys are
+dropped with the pass.
 
 The fast tokenizer releases the GIL, so each block is tokenized on a worker thread while the next block is parsed.
 On more than 2 cores that one parsing thread is the bottleneck, and the blocks go to a pool of worker processes
@@ -106,6 +107,7 @@ class Scan:
     parse_errors: dict[int, str] = field(default_factory=dict)
     renderable_blocks: list[np.ndarray] = field(default_factory=list)
     measured: list[np.ndarray] = field(default_factory=list)
+    line_bytes: list[np.ndarray] = field(default_factory=list)  # each candidate line's length in bytes (COUNT)
     input_sha256: str = ""
     rows: int = 0
     duplicate_rows: int = 0
@@ -125,6 +127,10 @@ class Scan:
     @property
     def renderable(self) -> np.ndarray:
         return _joined(self.renderable_blocks, COUNT)
+
+    def candidate_line_bytes(self) -> np.ndarray:
+        """Each line of the candidates file's length in bytes, in order (the stage cuts excluded rows out by them)."""
+        return _joined(self.line_bytes, COUNT)
 
     def lengths(self) -> np.ndarray:
         """Per renderable row [n_tokens, answer_tokens, answer_tokens_cut] (lengths.measure_rendered's figures)."""
@@ -263,9 +269,12 @@ def _parse_block(block, scan: Scan, seen: SeenKeys, template: ChatTemplate, syst
 def _write_block(parsed: _Parsed, measured: np.ndarray, scan: Scan, out) -> None:
     scan.measured.append(measured.astype(COUNT))  # kept: 12 bytes a row, not 24
     scan.renderable_blocks.append(np.array([i for i, *_ in parsed.rows], dtype=COUNT))
+    sizes = []
     for (i, conv, duplicate, key), lengths in zip(parsed.rows, length_rows(measured)):
-        row = {"row_index": i, **conv.to_dict(), **lengths, "is_duplicate": duplicate, "content_key": key}
-        out.write(jsonl_line(row))
+        line = jsonl_line({"row_index": i, **conv.to_dict(), **lengths, "is_duplicate": duplicate, "content_key": key})
+        out.write(line)
+        sizes.append(len(line))
+    scan.line_bytes.append(np.array(sizes, dtype=COUNT))
 
 
 def scan_rows(

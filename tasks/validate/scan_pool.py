@@ -217,6 +217,8 @@ def _take(block: _Block, first: int, rows: int, scan: Scan, seen: SeenKeys, out)
     scan.renderable_blocks.append(block.renderable)
     flags = duplicate[block.renderable - first].tolist()
     out.write(b"".join(part for parts in zip(block.heads, (_FLAGS[f] for f in flags), block.tails) for part in parts))
+    sizes = [len(head) + len(_FLAGS[f]) + len(tail) for head, f, tail in zip(block.heads, flags, block.tails)]
+    scan.line_bytes.append(np.array(sizes, dtype=COUNT))
 
 
 def scan_in_pool(

@@ -10,7 +10,6 @@ the last good conversations stay in place.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 from pathlib import Path
@@ -24,7 +23,6 @@ from tasks.common.chat_template import chat_template
 from tasks.common.config import Params, load_params
 from tasks.common.errors import PipelineError, ValidationFailed
 from tasks.common.heap import frozen_heap
-from tasks.common.page_cache import lines_dropping_behind
 from tasks.validate.expectations import excluded_rows, run_suite
 from tasks.validate.lengths import length_report, save_histogram
 from tasks.validate.scan import Scan, scan_rows
@@ -140,7 +138,7 @@ def validate(
                 workers=pool_workers(params.validate_.workers),  # 0 (one process) on up to 2 cores
             )
             summary, excluded = _check(params, scan, raw_rows, report_dir, metrics_path, histogram_path, tokenizer)
-        _keep_candidates(candidates, scan.renderable, excluded, out_conversations)
+        _keep_candidates(candidates, scan, excluded, out_conversations)
     finally:
         candidates.unlink(missing_ok=True)
     return summary
@@ -183,16 +181,27 @@ def _check(params, scan: Scan, raw_rows, report_dir, metrics_path, histogram_pat
     return summary, excluded
 
 
-def _keep_candidates(candidates: Path, renderable: np.ndarray, excluded: dict, out: Path) -> None:
-    """Make the candidates the validated conversations, less the excluded rows (line k holds row renderable[k])."""
-    keep = ~np.isin(renderable, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
-    if keep.all():
+def _keep_candidates(candidates: Path, scan: Scan, excluded: dict, out: Path) -> None:
+    """Make the candidates the validated conversations, less the excluded rows (line k holds row renderable[k], and
+    is line_bytes[k] bytes long). The lines between two excluded ones are copied as one range by the kernel
+    (HashingWriter.copy_range): at ten million rows the file is 17 GB, and a few excluded rows cut out of it line by
+    line in Python took 7 s a million rows."""
+    renderable = scan.renderable
+    dropped = np.flatnonzero(np.isin(renderable, np.fromiter(excluded, dtype=np.int64, count=len(excluded))))
+    if not len(dropped):
         os.replace(candidates, out)
         return
+    line_bytes = scan.candidate_line_bytes().astype(np.int64)
+    ends = np.cumsum(line_bytes)
+    if candidates.stat().st_size != (ends[-1] if len(ends) else 0):  # the scan's own file, written moments ago
+        raise PipelineError(f"{candidates} is not the size the scan wrote: run the validate stage again.")
+    # kept: from the start (or the end of a dropped line) to the start of the next dropped line (or the file's end)
+    keep_from = np.concatenate(([0], ends[dropped])).tolist()
+    keep_to = np.concatenate((ends[dropped] - line_bytes[dropped], [ends[-1]])).tolist()
     with open(candidates, "rb") as lines, atomic_writer(out) as kept:
-        # the flags read one at a time from the array, never a list
-        for line in itertools.compress(lines_dropping_behind(lines), keep):
-            kept.write(line)
+        for start, stop in zip(keep_from, keep_to):
+            if stop > start:
+                kept.copy_range(lines, start, stop - start)
 
 
 def main() -> None:
