@@ -147,13 +147,17 @@ class HashingWriter:
         written here. A file shorter than offset + count stops with an OSError naming it."""
         self._f.flush()
         self._h = None
-        out, end = self._f.fileno(), offset + count
+        out, end, kernel = self._f.fileno(), offset + count, hasattr(os, "copy_file_range")
         while offset < end:
-            try:
-                copied = os.copy_file_range(src.fileno(), out, end - offset, offset_src=offset)
-            except (AttributeError, OSError) as e:
-                if isinstance(e, OSError) and e.errno not in _NO_KERNEL_COPY:
-                    raise
+            copied = None
+            if kernel:
+                try:
+                    copied = os.copy_file_range(src.fileno(), out, end - offset, offset_src=offset)
+                except OSError as e:
+                    if e.errno not in _NO_KERNEL_COPY:
+                        raise
+                    kernel = False  # refused once, refused for this file: the rest goes through Python
+            if copied is None:
                 copied = os.write(out, os.pread(src.fileno(), min(end - offset, 1 << 20), offset))
             if not copied:
                 raise OSError(f"{src.name} ends before byte {end}")

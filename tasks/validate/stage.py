@@ -126,7 +126,7 @@ def validate(
     # suite passes, less the rows it leaves out.
     candidates = out_conversations.with_name(f".{out_conversations.name}.candidates")
     try:
-        with frozen_heap():  # the libraries' objects out of the collector's walks while rows stream
+        with frozen_heap():  # the libraries' objects out of the collector's walks: the scan and the suite
             scan = scan_rows(
                 raw_rows,
                 tokenizer,
