@@ -135,18 +135,6 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         40,
         False,
     ),
-    # ours_compile with bitsandbytes' own dequantization op instead of the compiled one (train.compiled_dequant)
-    "ours_compile_bnb": (
-        [
-            *SAME_MATH,
-            "train.gradient_checkpointing=false",
-            "train.liger_kernels=false",
-            "train.compile=true",
-            "train.compiled_dequant=false",
-        ],
-        40,
-        False,
-    ),
     # ours_compile against an empty compile cache (its own folder, removed after): the cold first-step cost
     "ours_compile_cold": (
         [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false", "train.compile=true"],
@@ -458,7 +446,6 @@ def run_one(name: str, args) -> dict:
             "layout_reason": metrics["layout_reason"],
             "train_wall_seconds": metrics["wall_seconds"],  # the stage's fit: first step (compiling) to the last
             "compile": metrics["compile"],
-            "dequantization": metrics["dequantization"],  # which path dequantized the frozen base
             "losses": clock.losses,
             **result,
         }

@@ -189,10 +189,6 @@ class TrainParams(_Strict):
         description="with the planner's recomputation (gradient_checkpointing auto, under a budget): each micro-batch "
         "recomputes only as many decoder layers as its token count needs, the plan's count for the longest (not FSDP)"
     )
-    compiled_dequant: bool = Field(
-        description="in a compiled run on one GPU: the 4-bit base's NF4 dequantization compiled into the decoder "
-        "layers instead of bitsandbytes' op (the same values; tasks/train/compiled_dequant.py)"
-    )
     dequantized_base: bool = Field(
         description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "
         "dequantization per step, 2 bytes a weight instead of ~0.5 (tasks/train/dequantized_base.py)"

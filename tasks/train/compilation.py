@@ -138,7 +138,7 @@ def configuration_key(params: Params, shape: ModelShape, device: str) -> str:
         "lora": params.lora.model_dump(),
         "quant": params.quant.model_dump(),
         # what is compiled into the layers (Liger keeps out of them)
-        "train": [t.precision, t.padding_free, t.compiled_dequant, t.dequantized_base, t.fp8_base],
+        "train": [t.precision, t.padding_free, t.dequantized_base, t.fp8_base],
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

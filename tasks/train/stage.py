@@ -252,7 +252,6 @@ def build_trainer(
         ThroughputMeter,
         live_plots,
     )
-    from tasks.train.compiled_dequant import use_compiled_dequant
     from tasks.train.dequantized_base import dequantize_base
     from tasks.train.fp8_base import fp8_base
     from tasks.train.step_overlap import trainer_class
@@ -290,33 +289,8 @@ def build_trainer(
         if params.train.liger_kernels:
             log.info("train.liger_kernels: off in this compiled run (inductor fuses the layers; memory.liger_applied)")
         use_cache_folder()
-        if compiled_dequant_applies(params, world.size):
-            swapped = use_compiled_dequant(trainer.model)
-            log.info("train.compiled_dequant: %d 4-bit linears dequantize inside the compiled layers", swapped)
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
     return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision)
-
-
-def compiled_dequant_applies(params: Params, world_size: int) -> bool:
-    """train.compiled_dequant takes effect in a compiled run of one process whose base stays 4-bit (module docstring
-    of compiled_dequant: where it pays and is safe); elsewhere bitsandbytes' own dequantization runs."""
-    t = params.train
-    single = world_size == 1 and t.distributed.mode == "single"
-    return t.compiled_dequant and params.quant.load_in_4bit and single and not (t.dequantized_base or t.fp8_base)
-
-
-def dequantization(params: Params, compiled: bool, world_size: int) -> str:
-    """Which path dequantizes the frozen base in this run, for reports/training.json."""
-    t = params.train
-    if not params.quant.load_in_4bit:
-        return "none: the base is not quantized"
-    if t.dequantized_base:
-        return "once for the run (train.dequantized_base)"
-    if t.fp8_base:
-        return "once for the run, kept in float8 (train.fp8_base)"
-    if compiled and compiled_dequant_applies(params, world_size):
-        return "compiled into the decoder layers (train.compiled_dequant)"
-    return "bitsandbytes, every forward and backward"
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
@@ -468,7 +442,6 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         "layout_reason": est.reason,
         # train.compile: the decision and its reason, the first step's cost, graphs and recompilations after it
         "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
-        "dequantization": dequantization(run.params, run.compiled.on, layout["world_size"]),
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
