@@ -27,6 +27,9 @@ from benchmarks.train_throughput import COMMON, CONFIGS, LOGGING_STEPS
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [
+    # inductor's generated kernels (triton_poi_/triton_red_/triton_per_...) are named after the nodes they fuse, which
+    # may read "gemm_4bit" (a fused cast around bitsandbytes' matmul, counted as GEMM time before this rule)
+    ("liger_triton", r"^triton_(poi|red|per)_"),
     ("dequant_4bit", r"dequantize|kDequant"),
     ("gemm_4bit_inference", r"kgemm_4bit|gemv_4bit"),
     ("attention", r"flash|fmha|attn|attention"),

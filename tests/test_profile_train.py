@@ -33,6 +33,8 @@ def test_kernel_kinds():
     assert kind_of("nvjet_sm90_tst_256x160_64x4_2x1_v_bz_coopA_NNT") == "gemm"
     assert kind_of("void pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kind_of("_rms_norm_forward_kernel") == "liger_triton"
+    # inductor's fused kernels are named after their nodes: this one is elementwise work, not a GEMM
+    assert kind_of("triton_red_fused__to_copy_add_gemm_4bit_mean_mul_native_dropout_pow_rsqrt_0") == "liger_triton"
 
 
 def test_syncs_are_counted_per_step_by_op():
