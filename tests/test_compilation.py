@@ -76,6 +76,53 @@ def test_a_first_micro_batch_of_hidden_size_tokens_recompiles_nothing():
     assert graphs == [1, 1, 1], graphs
 
 
+def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...]):
+    """A tiny model in training mode (dropout off, so eager and compiled runs compare exactly) whose first k decoder
+    layers recompute at each step, as the planner's RecomputeSomeLayers sets them; each step's loss and gradients."""
+    import torch._dynamo.utils
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    torch._dynamo.reset()
+    model = tiny_peft_llama()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so gradients reach lora_A too
+            torch.nn.init.normal_(p, std=0.02)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compiled:
+        compilation.compile_layers(model, backend="aot_eager")
+    torch._dynamo.utils.counters.clear()
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    steps = []
+    for step, recomputed in enumerate(recomputed_per_step):
+        for index, layer in enumerate(layers):
+            layer.gradient_checkpointing = index < recomputed
+        ids = torch.randint(0, 100, (1, 30 + step), generator=torch.Generator().manual_seed(step))
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        steps.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    return steps, compilation.compiled_graphs(), compilation.graph_breaks()
+
+
+def test_recomputed_layers_compile_too_and_give_the_eager_loss_and_gradients():
+    """Inside torch.utils.checkpoint the attention's context-variable set (the `kernels` package's wrapper) was a side
+    effect dynamo refused: the graph broke and recomputed layers ran eagerly (0 graphs and 1 break before
+    compile_settings skipped replaying it). Now they compile: the checkpointed variant is one more graph, made once,
+    whatever number of layers each step recomputes, and every step gives eager's loss and gradients."""
+    schedule = (0, 2, 4, 1, 0)
+    eager, _, _ = _recomputing_run(False, schedule)
+    compiled, graphs, breaks = _recomputing_run(True, schedule)
+    assert (graphs, breaks) == (2, 0)
+    for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
+        assert loss == pytest.approx(eager_loss, rel=1e-6)
+        assert grads.keys() == eager_grads.keys() and len(grads) == 4 * 2 * 2  # lora_A/B of q and v, 4 layers
+        for name in grads:
+            torch.testing.assert_close(grads[name], eager_grads[name], rtol=1e-5, atol=1e-7)
+
+
 def test_the_cache_folder_is_the_workspaces_per_library_versions_unless_the_user_chose_one(tmp_path, monkeypatch):
     monkeypatch.delenv(compilation.CACHE_ENV, raising=False)
     folder = compilation.use_cache_folder(tmp_path / "cache")
@@ -133,6 +180,7 @@ def test_the_meter_reports_the_first_steps_overhead_and_recompilations():
     meter.on_train_end(None, None, None)
     report = meter.report([0.0, 0.0, 0.0])
     assert report["recompilations_after_first_step"] == 0 and report["first_step_seconds"] >= 0
+    assert report["graph_breaks"] == compilation.graph_breaks()
     assert report["first_step_overhead_seconds"] == report["first_step_seconds"]
 
 

@@ -103,9 +103,10 @@ class RecomputeSomeLayers(TrainerCallback):
     The Trainer turns recomputation on for every layer when training begins; this runs right after and turns it off
     for the rest, which then keep their activations. Which layers are recomputed changes no result, only memory.
     (transformers' own `every_n_layers` recomputes 1/n of the layers; the planner needs any count from 1 to all.)
-    The adaptive count is set by a forward pre-hook on the model, before its first layer runs: the switch is read
-    outside each layer's compiled forward (transformers' GradientCheckpointingLayer.__call__), so flipping it
-    between micro-batches recompiles nothing."""
+    The adaptive count is set by a forward pre-hook on the model, before its first layer runs. In a compiled run the
+    switch is read inside each layer's compiled forward (transformers wraps `forward`), so a recomputed layer is a
+    second graph, compiled the first time a micro-batch recomputes; flipping the switch after that recompiles
+    nothing (tests/test_compilation.py)."""
 
     def __init__(self, layers: int, thresholds: list[int] | None = None):
         self.layers, self.thresholds = layers, thresholds

@@ -94,7 +94,7 @@ def use_cache_folder(folder: Path = paths.COMPILE_CACHE) -> Path:
 
 
 def compile_settings() -> dict:
-    """Three settings of this process's torch.compile. The first two measured on the CPU (tiny 4-bit Llama, inductor,
+    """Four settings of this process's torch.compile. The first two measured on the CPU (tiny 4-bit Llama, inductor,
     the first step's seconds, medians of 2; benchmarks/results/compile_settings_cpu.json): cold 21.5 -> 19.4 s, warm
     6.7 -> 3.2 s.
     - specialize_float: with dynamic shapes dynamo first traces Python floats (dropout p, LoRA scaling, eps) as
@@ -108,7 +108,14 @@ def compile_settings() -> dict:
     - use_duck_shape off: dynamo gives dimensions of equal size one symbol, so a first micro-batch of exactly
       hidden_size tokens (4096 on Llama-2-7B: four rows cut at 1024, the recipe's group_by_length puts them first)
       tied the token count to the weights' static size and every later length recompiled (seen on an H100,
-      "size mismatch at index 1. expected 4096, actual 4066"; tests/test_compilation.py reproduces it)."""
+      "size mismatch at index 1. expected 4096, actual 4066"; tests/test_compilation.py reproduces it).
+    - skip_fwd_side_effects_in_bwd_under_checkpoint: a layer the planner recomputes runs inside
+      torch.utils.checkpoint, and the attention's forward (wrapped by the `kernels` package that transformers uses)
+      sets and resets a context variable. Dynamo refuses a side effect inside checkpoint ("HOP: Unsafe side effect"),
+      breaks the graph, and the recomputed layers ran eagerly, without fusion (found on the CPU: 0 graphs, 1 break;
+      tests/test_compilation.py). The variable only routes which kernel the traced graph already holds, so not
+      replaying its set and reset in the recomputation changes nothing: the recomputed layers compile (one more
+      graph, the checkpointed variant, once) and give eager's loss and gradients."""
     import torch._dynamo.config
     import torch._functorch.config
     import torch.fx.experimental._config
@@ -118,6 +125,7 @@ def compile_settings() -> dict:
         (torch._dynamo.config, "specialize_float", True),
         (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", True),
         (torch.fx.experimental._config, "use_duck_shape", False),
+        (torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True),
     ):
         if hasattr(module, name):  # a torch without one keeps its default
             setattr(module, name, value)
@@ -238,13 +246,20 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
+def graph_breaks() -> int:
+    """Graph breaks dynamo has met in this process so far (code it could not trace runs eagerly between graphs)."""
+    from torch._dynamo.utils import counters
+
+    return int(sum(counters["graph_break"].values()))
+
+
 class CompileMeter(TrainerCallback):
     """What compiling cost: the first step's wall time (one synchronize, there only), the graphs compiled by then,
     and those compiled after it (recompilations: a new shape or setting the first trace did not cover)."""
 
     def __init__(self):
         self.first_step_start = self.first_step_seconds = None
-        self.graphs_after_first_step = self.graphs_at_end = None
+        self.graphs_after_first_step = self.graphs_at_end = self.graph_breaks = None
         self.cache_counters: dict = {}
 
     def on_step_begin(self, args, state, control, **kw):
@@ -262,6 +277,7 @@ class CompileMeter(TrainerCallback):
         from torch._dynamo.utils import compile_times, counters
 
         self.graphs_at_end = compiled_graphs()
+        self.graph_breaks = graph_breaks()
         # whether inductor's and AOTAutograd's caches were hit (a warm run) and where compile time went
         self.cache_counters = {
             f"{group}.{k}": v
@@ -283,5 +299,6 @@ class CompileMeter(TrainerCallback):
             "first_step_overhead_seconds": None if steady is None else round(self.first_step_seconds - steady, 2),
             "graphs": self.graphs_at_end,
             "recompilations_after_first_step": self.graphs_at_end - self.graphs_after_first_step,
+            "graph_breaks": self.graph_breaks,  # each one leaves code outside the graphs, run eagerly
             **({"cache": self.cache_counters} if self.cache_counters else {}),
         }
