@@ -76,7 +76,7 @@ def test_a_first_micro_batch_of_hidden_size_tokens_recompiles_nothing():
     assert graphs == [1, 1, 1], graphs
 
 
-def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...]):
+def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...], reentrant: bool):
     """A tiny model in training mode (dropout off, so eager and compiled runs compare exactly) whose first k decoder
     layers recompute at each step, as the planner's RecomputeSomeLayers sets them; each step's loss and gradients."""
     import torch._dynamo.utils
@@ -90,7 +90,7 @@ def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...]):
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if compiled:
         compilation.compile_layers(model, backend="aot_eager")
     torch._dynamo.utils.counters.clear()
@@ -107,14 +107,15 @@ def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...]):
     return steps, compilation.compiled_graphs(), compilation.graph_breaks()
 
 
-def test_recomputed_layers_compile_too_and_give_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recomputed_layers_compile_too_and_give_the_eager_loss_and_gradients(reentrant):
     """Inside torch.utils.checkpoint the attention's context-variable set (the `kernels` package's wrapper) was a side
     effect dynamo refused: the graph broke and recomputed layers ran eagerly (0 graphs and 1 break before
     compile_settings skipped replaying it). Now they compile: the checkpointed variant is one more graph, made once,
     whatever number of layers each step recomputes, and every step gives eager's loss and gradients."""
     schedule = (0, 2, 4, 1, 0)
-    eager, _, _ = _recomputing_run(False, schedule)
-    compiled, graphs, breaks = _recomputing_run(True, schedule)
+    eager, _, _ = _recomputing_run(False, schedule, reentrant)
+    compiled, graphs, breaks = _recomputing_run(True, schedule, reentrant)
     assert (graphs, breaks) == (2, 0)
     for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
         assert loss == pytest.approx(eager_loss, rel=1e-6)
