@@ -499,7 +499,7 @@ def _compile_summary(r: dict) -> str:
     return (
         f"compile {c.get('setting')}->{'on' if c.get('on') else 'off'} first step {c.get('first_step_seconds')} s "
         f"(+{c.get('first_step_overhead_seconds')} s) graphs {c.get('graphs')} "
-        f"recompiled {c.get('recompilations_after_first_step')}"
+        f"recompiled {c.get('recompilations_after_first_step')} breaks {c.get('graph_breaks')}"
     )
 
 
