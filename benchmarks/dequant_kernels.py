@@ -1,6 +1,8 @@
 """NF4 dequantization of one Llama-2-7B MLP weight (11008 x 4096) to bf16: bitsandbytes' CUDA kernel against
-torch.compile'd tensor formulations (train.compiled_dequant's question: can inductor's kernel match bitsandbytes'?).
-Prints the median microseconds of each over 200 calls, CUDA events; checks each gives bitsandbytes' values."""
+torch.compile'd tensor formulations. Can inductor's kernel match bitsandbytes'? It could not, so the lever that
+compiled the dequantization into the decoder layers (575579c, train.compiled_dequant) was dropped; the record is in
+docs/performance.md. Prints the median microseconds of each over 200 calls (CUDA events) and whether each gives
+bitsandbytes' values; `python benchmarks/dequant_kernels.py [out.json]` on a CUDA machine."""
 
 from __future__ import annotations
 

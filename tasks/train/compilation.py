@@ -259,7 +259,7 @@ class CompileMeter(TrainerCallback):
 
     def __init__(self):
         self.first_step_start = self.first_step_seconds = None
-        self.graphs_after_first_step = self.graphs_at_end = self.graph_breaks = None
+        self.graphs_after_first_step = self.graphs_at_end = self.breaks_at_end = None
         self.cache_counters: dict = {}
 
     def on_step_begin(self, args, state, control, **kw):
@@ -277,7 +277,7 @@ class CompileMeter(TrainerCallback):
         from torch._dynamo.utils import compile_times, counters
 
         self.graphs_at_end = compiled_graphs()
-        self.graph_breaks = graph_breaks()
+        self.breaks_at_end = graph_breaks()
         # whether inductor's and AOTAutograd's caches were hit (a warm run) and where compile time went
         self.cache_counters = {
             f"{group}.{k}": v
@@ -299,6 +299,6 @@ class CompileMeter(TrainerCallback):
             "first_step_overhead_seconds": None if steady is None else round(self.first_step_seconds - steady, 2),
             "graphs": self.graphs_at_end,
             "recompilations_after_first_step": self.graphs_at_end - self.graphs_after_first_step,
-            "graph_breaks": self.graph_breaks,  # each one leaves code outside the graphs, run eagerly
+            "graph_breaks": self.breaks_at_end,  # each one leaves code outside the graphs, run eagerly
             **({"cache": self.cache_counters} if self.cache_counters else {}),
         }
