@@ -135,6 +135,19 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         40,
         False,
     ),
+    # ours_compile on the 4-bit base kept 4-bit (dequantized in every forward and backward): what
+    # train.dequantized_base's auto, which keeps it dequantized where the planner finds room, gives over it
+    "ours_compile_4bit": (
+        [
+            *SAME_MATH,
+            "train.gradient_checkpointing=false",
+            "train.liger_kernels=false",
+            "train.compile=true",
+            "train.dequantized_base=false",
+        ],
+        40,
+        False,
+    ),
     # ours_compile against an empty compile cache (its own folder, removed after): the cold first-step cost
     "ours_compile_cold": (
         [*SAME_MATH, "train.gradient_checkpointing=false", "train.liger_kernels=false", "train.compile=true"],
@@ -446,6 +459,7 @@ def run_one(name: str, args) -> dict:
             "layout_reason": metrics["layout_reason"],
             "train_wall_seconds": metrics["wall_seconds"],  # the stage's fit: first step (compiling) to the last
             "compile": metrics["compile"],
+            "dequantized_base": metrics["dequantized_base"],
             "losses": clock.losses,
             **result,
         }
@@ -500,7 +514,7 @@ def _compile_summary(r: dict) -> str:
         f"compile {c.get('setting')}->{'on' if c.get('on') else 'off'} first step {c.get('first_step_seconds')} s "
         f"(+{c.get('first_step_overhead_seconds')} s) graphs {c.get('graphs')} "
         f"recompiled {c.get('recompilations_after_first_step')} breaks {c.get('graph_breaks')}"
-    )
+    ) + (" dequantized base" if (r.get("dequantized_base") or {}).get("on") else "")
 
 
 def main() -> None:

@@ -92,6 +92,51 @@ def test_planner_counts_the_dequantized_base(params):
     assert 3.5 < four_bit < 4.0 and 12.5 < dequantized < 13.5
 
 
+def test_auto_dequantizes_only_where_the_planner_finds_room(params):
+    from transformers import LlamaConfig
+
+    from benchmarks.model_shapes import LLAMA2_7B_CHAT
+    from tasks.train.dequantized_base import decide
+    from tasks.train.memory import ModelShape, plan
+
+    shape = ModelShape.from_config(LlamaConfig(**LLAMA2_7B_CHAT))
+    recipe = with_overrides(
+        params,
+        **{
+            "quant.compute_dtype": "bfloat16",
+            "train.precision": "bf16",
+            "train.batch_size": 8,
+            "train.grad_accum": 1,
+            "model.max_length": 1024,
+            "train.gradient_checkpointing": "auto",
+            "train.dequantized_base": "auto",
+        },
+    )
+    assert recipe.train.dequantized_base == "auto"
+    peak = {
+        on: plan(shape, with_overrides(recipe, **{"train.dequantized_base": on}), None).peak_gib for on in (False, True)
+    }
+    assert peak[True] - peak[False] > 8  # 2 bytes a weight instead of ~0.5
+
+    room = decide(recipe, shape, budget_gib=67.0)  # an 80 GB card's auto budget
+    assert room.on and room.setting == "auto" and "room within 67 GiB" in room.reason
+
+    # a budget the 4-bit base fits with no recomputation, where the dequantized one would need some: off, and why
+    tight = round((peak[False] + peak[True]) / 2, 1)
+    assert plan(shape, with_overrides(recipe, **{"train.dequantized_base": False}), tight).recompute_layers == 0
+    no_room = decide(recipe, shape, budget_gib=tight)
+    assert not no_room.on and "no room" in no_room.reason and "recomputed" in no_room.reason
+
+    assert not decide(recipe, shape, budget_gib=10.0).on  # nothing fits: the planner's own error says what to change
+    assert "no memory budget" in decide(recipe, shape, budget_gib=None).reason  # the CPU: nothing to plan for
+    ddp = {"train.distributed.mode": "ddp", "train.distributed.num_processes": 2}
+    assert "one GPU only" in decide(with_overrides(recipe, **ddp), shape, 67.0, world_size=2).reason
+    assert not decide(with_overrides(recipe, **{"train.fp8_base": True}), shape, 67.0).on
+    assert not decide(with_overrides(recipe, **{"quant.load_in_4bit": False}), shape, 67.0).on
+    pinned = decide(with_overrides(recipe, **{"train.dequantized_base": True}), shape, None)
+    assert pinned.on and pinned.setting == "true"
+
+
 def test_the_train_stage_trains_the_same_adapter_on_a_dequantized_base(workdir, params, caplog):
     from tasks.download.stage import download
     from tasks.format.stage import format_rows
@@ -102,10 +147,12 @@ def test_the_train_stage_trains_the_same_adapter_on_a_dequantized_base(workdir, 
     validate(params)
     format_rows(params.format, params.model)
     base = with_overrides(params, **{"train.max_steps": 2})
-    four_bit = train(base)
+    four_bit = train(base)  # params.yaml: auto, off on the CPU (no memory budget), and the report says why
+    assert four_bit["dequantized_base"]["setting"] == "auto" and not four_bit["dequantized_base"]["on"]
     with caplog.at_level("INFO", logger="tasks.train"):
         dequantized = train(with_overrides(base, **{"train.dequantized_base": True}))
     assert "train.dequantized_base: 14 4-bit linears dequantized" in caplog.text  # the tiny base: 7 in 2 layers
+    assert dequantized["dequantized_base"] == {"on": True, "setting": "true", "reason": "set by train.dequantized_base"}
     assert dequantized["train_loss"] == pytest.approx(four_bit["train_loss"], rel=1e-5)
     assert dequantized["tokens_seen"] == four_bit["tokens_seen"]
     with pytest.raises(PipelineError, match="one GPU only"):

@@ -189,9 +189,10 @@ class TrainParams(_Strict):
         description="with the planner's recomputation (gradient_checkpointing auto, under a budget): each micro-batch "
         "recomputes only as many decoder layers as its token count needs, the plan's count for the longest (not FSDP)"
     )
-    dequantized_base: bool = Field(
+    dequantized_base: bool | Literal["auto"] = Field(
         description="keep the 4-bit base dequantized for the run (single GPU): the same weights and products, no "
-        "dequantization per step, 2 bytes a weight instead of ~0.5 (tasks/train/dequantized_base.py)"
+        "dequantization per step, 2 bytes a weight instead of ~0.5; auto: where the memory planner finds room "
+        "(tasks/train/dequantized_base.py)"
     )
     fp8_base: bool = Field(
         description="the frozen base's matmuls in float8 (GPUs of compute capability 8.9+, single GPU): faster, not "

@@ -9,12 +9,78 @@ about 0.5 (Llama-2-7B: 12.6 GiB instead of 3.5). The adapter, its training and w
 
 One process on one GPU only: DDP would broadcast these buffers every step, and FSDP exists to save the memory this
 spends (preflight refuses both).
+
+`auto` (the default) keeps it where the memory planner finds room: on when the run's fastest layout (the configured
+micro-batch, recomputing what the 4-bit base would) still fits the budget with the weights at 2 bytes, off when the
+dequantized base would cost a smaller micro-batch or more recomputation, and off where there is no budget to plan
+for (the CPU), several processes, or no 4-bit base. The choice and its reason go to reports/training.json.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from tasks.common.config import Params, with_overrides
+from tasks.common.errors import PipelineError
+from tasks.train.memory import Estimate, ModelShape, plan
+
+
+@dataclass(frozen=True)
+class Choice:
+    on: bool
+    setting: str  # what train.dequantized_base said: "true", "false" or "auto"
+    reason: str
+
+    def record(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _layout(est: Estimate) -> str:
+    if not est.recompute_layers:
+        return f"micro-batch {est.micro_batch}, no recomputation"
+    return f"micro-batch {est.micro_batch}, {est.recompute_layers} of {est.layers} layers recomputed"
+
+
+def decide(params: Params, shape: ModelShape, budget_gib: float | None, world_size: int = 1) -> Choice:
+    """Whether this run keeps its 4-bit base dequantized, and why (auto: where the planner finds room).
+
+    Decided before train.compile's auto, so a compiled run's smaller activations are not counted on: what fits eager
+    fits compiled."""
+    t = params.train
+    if t.dequantized_base is True or t.dequantized_base is False:
+        return Choice(t.dequantized_base, str(t.dequantized_base).lower(), "set by train.dequantized_base")
+
+    def off(why: str) -> Choice:
+        return Choice(False, "auto", why)
+
+    if not params.quant.load_in_4bit:
+        return off("the base is not 4-bit (quant.load_in_4bit is false): nothing to dequantize")
+    if t.fp8_base:
+        return off("train.fp8_base replaces the 4-bit base")
+    if t.distributed.mode != "single" or world_size > 1:
+        return off(f"{max(world_size, t.distributed.num_processes)} processes: one GPU only (DDP would broadcast it)")
+    if budget_gib is None:
+        return off("no memory budget to plan for (no CUDA GPU, or train.memory_budget_gib is null)")
+    try:
+        four_bit = plan(shape, with_overrides(params, **{"train.dequantized_base": False}), budget_gib)
+        dequantized = plan(shape, with_overrides(params, **{"train.dequantized_base": True}), budget_gib)
+    except PipelineError:
+        return off(f"no room within {budget_gib:g} GiB")
+    same = (dequantized.micro_batch, dequantized.recompute_layers) == (four_bit.micro_batch, four_bit.recompute_layers)
+    if not same or dequantized.recompute_thresholds is not None:
+        return off(
+            f"no room within {budget_gib:g} GiB: dequantized it would run {_layout(dequantized)} (predicted "
+            f"{dequantized.peak_gib:.1f} GiB), where the 4-bit base runs {_layout(four_bit)}"
+        )
+    return Choice(
+        True,
+        "auto",
+        f"room within {budget_gib:g} GiB: predicted peak {dequantized.peak_gib:.1f} GiB dequantized against "
+        f"{four_bit.peak_gib:.1f} on the 4-bit base, the same layout ({_layout(four_bit)})",
+    )
 
 
 def dequantized_weight(layer) -> torch.Tensor:

@@ -165,7 +165,7 @@ def estimate(
     linear = sum(a * b for a, b in modules.values()) * shape.layers
     if q.load_in_4bit and t.fp8_base:
         per_param = 2  # two float8 copies (tasks/train/fp8_base.py); their per-channel scales are negligible
-    elif q.load_in_4bit and not t.dequantized_base:
+    elif q.load_in_4bit and t.dequantized_base is not True:  # auto counts as 4-bit until decided
         per_param = 0.5 + (1 / 64 + 4 / (64 * 256) if q.double_quant else 4 / 64)
     else:
         per_param = _dtype_bytes(q.compute_dtype)

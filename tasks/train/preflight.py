@@ -106,17 +106,17 @@ def hardware_problems(params: Params) -> list[str]:
         problems.append(
             "train.compile needs a CUDA GPU (inductor's Triton kernels; set it to auto or false on the CPU)"
         )
-    if t.dequantized_base and not params.quant.load_in_4bit:
+    if t.dequantized_base is True and not params.quant.load_in_4bit:
         problems.append("train.dequantized_base keeps a 4-bit base dequantized; quant.load_in_4bit is false")
-    if t.dequantized_base and t.distributed.mode != "single":
+    if t.dequantized_base is True and t.distributed.mode != "single":
         problems.append(
             f"train.dequantized_base runs on one GPU only (train.distributed.mode={t.distributed.mode}: DDP would "
-            "broadcast the dequantized weights every step, FSDP exists to save that memory): set it to false"
+            "broadcast the dequantized weights every step, FSDP exists to save that memory): set it to auto or false"
         )
     if t.fp8_base:
         from tasks.train.fp8_base import fp8_unavailable_reason
 
-        if t.dequantized_base:
+        if t.dequantized_base is True:
             problems.append("train.fp8_base and train.dequantized_base both replace the 4-bit base: set one of them")
         if not params.quant.load_in_4bit:
             problems.append("train.fp8_base builds its float8 weights from the 4-bit base; quant.load_in_4bit is false")

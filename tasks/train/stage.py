@@ -53,6 +53,8 @@ from tasks.train.compilation import (
     remember_compiled,
     use_cache_folder,
 )
+from tasks.train.dequantized_base import Choice
+from tasks.train.dequantized_base import decide as decide_dequantized
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -104,6 +106,13 @@ def compile_or_not(params: Params, dataset, shape: ModelShape, world_size: int) 
     so that the memory plan and the trainer see what will run."""
     decision = decide(params, shape, planned_tokens(dataset, params), world_size)
     return with_overrides(params, **{"train.compile": decision.on}), decision
+
+
+def dequantize_or_not(params: Params, shape: ModelShape, world_size: int) -> tuple[Params, Choice]:
+    """train.dequantized_base resolved to true or false (auto: where the planner finds room for it)."""
+    budget = resolve_budget(params.train.memory_budget_gib, visible_gpu_gib())
+    choice = decide_dequantized(params, shape, budget, world_size)
+    return with_overrides(params, **{"train.dequantized_base": choice.on}), choice
 
 
 def memory_plan(params: Params, shape: ModelShape) -> Estimate:
@@ -168,6 +177,10 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         report_to="none",  # dvclive is attached by build_trainer, with our paths
         dataset_num_proc=None,
         use_cpu=not torch.cuda.is_available(),
+        # train.sync_free_step: a micro-batch's tensors (five, padding-free) reach the GPU from pinned memory without a
+        # wait each; the Trainer's plain copy synchronizes the stream once per tensor (tasks/train/step_overlap.py)
+        accelerator_config={"non_blocking": t.sync_free_step and torch.cuda.is_available()},
+        dataloader_pin_memory=torch.cuda.is_available(),
         # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
         # fails with reentrant gradient checkpointing). On the CPU the workers' group is gloo (accelerate's choice
         # for CPU too, unless this torch has MPI; named here so it is never MPI).
@@ -218,6 +231,7 @@ class Run:
     recompute: object | None  # callbacks.RecomputeSomeLayers when the planner recomputes some layers only
     compile_meter: object  # compilation.CompileMeter: the first step's cost, graphs, recompilations
     compiled: Decision  # whether the decoder layers are compiled, and why (train.compile: auto decides)
+    dequantized: Choice  # whether the 4-bit base is kept dequantized, and why (train.dequantized_base: auto decides)
 
     def layout(self) -> dict:
         """How the run was spread: the mode, the processes, their collective backend."""
@@ -236,6 +250,7 @@ def build_trainer(
     shape: ModelShape,
     est: Estimate,
     decision: Decision,
+    dequantized: Choice,
     world: distributed.World,
     checkpoint_dir: Path,
     resume: bool,
@@ -280,7 +295,8 @@ def build_trainer(
     )
     meter.watch(trainer.model)
     resume_in_training_dtype(trainer)
-    if params.train.dequantized_base:
+    log.info("train.dequantized_base (%s): %s", dequantized.setting, dequantized.reason)
+    if dequantized.on:
         log.info("train.dequantized_base: %d 4-bit linears dequantized for the run", dequantize_base(trainer.model))
     if params.train.fp8_base:
         log.info("train.fp8_base: %d 4-bit linears kept in float8 for the run", fp8_base(trainer.model))
@@ -290,7 +306,7 @@ def build_trainer(
             log.info("train.liger_kernels: off in this compiled run (inductor fuses the layers; memory.liger_applied)")
         use_cache_folder()
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
-    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision)
+    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision, dequantized)
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
@@ -442,6 +458,7 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         "layout_reason": est.reason,
         # train.compile: the decision and its reason, the first step's cost, graphs and recompilations after it
         "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
+        "dequantized_base": run.dequantized.record(),  # train.dequantized_base: on or off, and why
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
@@ -515,12 +532,26 @@ def train(
         dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         shape = model_shape(params)
+        # The base's form first (counting activations as eager: what fits eager fits compiled), then compilation, whose
+        # cache key and cost depend on it, then the layout.
+        params, dequantized = dequantize_or_not(params, shape, world.size)
         params, decision = compile_or_not(params, dataset, shape, world.size)
         est = memory_plan(params, shape)
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
     model = load_model(params, world)
     run = build_trainer(
-        params, model, tokenizer, dataset, shape, est, decision, world, checkpoint_dir, resume, extra_callbacks or []
+        params,
+        model,
+        tokenizer,
+        dataset,
+        shape,
+        est,
+        decision,
+        dequantized,
+        world,
+        checkpoint_dir,
+        resume,
+        extra_callbacks or [],
     )
     start = time.perf_counter()
     result = fit(run.trainer, resume, est, params)

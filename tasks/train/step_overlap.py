@@ -18,6 +18,10 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
   two metrics stay on the GPU until a log line reads them, the count comes from the host, and the head scores every
   position and zeroes the unlabelled ones (trl's own path on devices without Triton: the same log-probabilities).
 
+- The Trainer copies each micro-batch's tensors to the GPU from pageable memory, and each such copy waits for the
+  stream (five a step, padding-free: ids, labels, positions and the two boundary tensors). With pinned memory and
+  accelerate's non_blocking (set in the stage's SFTConfig) they are queued like kernels.
+
 `train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
 
