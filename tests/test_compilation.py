@@ -108,15 +108,16 @@ def _recomputing_run(compiled: bool, recomputed_per_step: tuple[int, ...], reent
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_recomputed_layers_compile_too_and_give_the_eager_loss_and_gradients(reentrant):
-    """Inside torch.utils.checkpoint the attention's context-variable set (the `kernels` package's wrapper) was a side
-    effect dynamo refused: the graph broke and recomputed layers ran eagerly (0 graphs and 1 break before
-    compile_settings skipped replaying it). Now they compile: the checkpointed variant is one more graph, made once,
-    whatever number of layers each step recomputes, and every step gives eager's loss and gradients."""
+def test_recomputed_layers_run_eagerly_recompile_nothing_and_give_the_eager_loss_and_gradients(reentrant):
+    """Inside torch.utils.checkpoint the attention's context-variable set (the `kernels` package's wrapper) is a side
+    effect dynamo refuses: a recomputed layer breaks the graph and runs eagerly, the others share the one compiled
+    graph, and any number of layers recomputed per step recompiles nothing. Skipping the side effect compiled them here
+    but failed inductor's partitioner on an H100 (compile_settings), so this pins the eager recomputation: one graph,
+    one break (two graphs and no break would mean the skip came back), eager's loss and gradients at every step."""
     schedule = (0, 2, 4, 1, 0)
     eager, _, _ = _recomputing_run(False, schedule, reentrant)
     compiled, graphs, breaks = _recomputing_run(True, schedule, reentrant)
-    assert (graphs, breaks) == (2, 0)
+    assert (graphs, breaks) == (1, 1)
     for (eager_loss, eager_grads), (loss, grads) in zip(eager, compiled, strict=True):
         assert loss == pytest.approx(eager_loss, rel=1e-6)
         assert grads.keys() == eager_grads.keys() and len(grads) == 4 * 2 * 2  # lora_A/B of q and v, 4 layers

@@ -94,7 +94,7 @@ def use_cache_folder(folder: Path = paths.COMPILE_CACHE) -> Path:
 
 
 def compile_settings() -> dict:
-    """Four settings of this process's torch.compile. The first two measured on the CPU (tiny 4-bit Llama, inductor,
+    """Three settings of this process's torch.compile. The first two measured on the CPU (tiny 4-bit Llama, inductor,
     the first step's seconds, medians of 2; benchmarks/results/compile_settings_cpu.json): cold 21.5 -> 19.4 s, warm
     6.7 -> 3.2 s.
     - specialize_float: with dynamic shapes dynamo first traces Python floats (dropout p, LoRA scaling, eps) as
@@ -109,13 +109,13 @@ def compile_settings() -> dict:
       hidden_size tokens (4096 on Llama-2-7B: four rows cut at 1024, the recipe's group_by_length puts them first)
       tied the token count to the weights' static size and every later length recompiled (seen on an H100,
       "size mismatch at index 1. expected 4096, actual 4066"; tests/test_compilation.py reproduces it).
-    - skip_fwd_side_effects_in_bwd_under_checkpoint: a layer the planner recomputes runs inside
-      torch.utils.checkpoint, and the attention's forward (wrapped by the `kernels` package that transformers uses)
-      sets and resets a context variable. Dynamo refuses a side effect inside checkpoint ("HOP: Unsafe side effect"),
-      breaks the graph, and the recomputed layers ran eagerly, without fusion (found on the CPU: 0 graphs, 1 break;
-      tests/test_compilation.py). The variable only routes which kernel the traced graph already holds, so not
-      replaying its set and reset in the recomputation changes nothing: the recomputed layers compile (one more
-      graph, the checkpointed variant, once) and give eager's loss and gradients."""
+    Not set: skip_fwd_side_effects_in_bwd_under_checkpoint. A layer the planner recomputes runs inside
+    torch.utils.checkpoint, and its attention's forward (wrapped by the `kernels` package that transformers uses) sets
+    and resets a context variable; dynamo refuses that side effect there, breaks the graph, and the recomputed layers
+    run eagerly (the others stay compiled; the compile record counts the break). Skipping the side effect compiled them
+    on the CPU (torch 2.13, eager's loss and gradients) but failed inductor's partitioner on an H100 with torch 2.11
+    ("Node add_291 was invalid, but is output", a 16 GiB budget's first recomputing step:
+    benchmarks/results/dequantized_auto_h100_de02df7/gib16.json), so the eager recomputation stays."""
     import torch._dynamo.config
     import torch._functorch.config
     import torch.fx.experimental._config
@@ -125,7 +125,6 @@ def compile_settings() -> dict:
         (torch._dynamo.config, "specialize_float", True),
         (torch._functorch.config, "autograd_cache_allow_custom_autograd_functions", True),
         (torch.fx.experimental._config, "use_duck_shape", False),
-        (torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint", True),
     ):
         if hasattr(module, name):  # a torch without one keeps its default
             setattr(module, name, value)
