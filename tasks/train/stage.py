@@ -72,8 +72,6 @@ from tasks.train.preflight import preflight
 
 log = logging.getLogger(__name__)
 
-DATALOADER_WORKERS = 2  # collate ahead of the GPU (sft_config); the collator is light, two keep a step or more ahead
-
 
 # --- set-up steps -------------------------------------------------------------------------------------------------
 
@@ -183,11 +181,6 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         # wait each; the Trainer's plain copy synchronizes the stream once per tensor (tasks/train/step_overlap.py)
         accelerator_config={"non_blocking": t.sync_free_step and torch.cuda.is_available()},
         dataloader_pin_memory=torch.cuda.is_available(),
-        # On a GPU, two worker processes collate the next micro-batches while the GPU trains on this one: in the main
-        # process collating took 4.9 ms a step of the 7B recipe with the GPU idle (benchmarks/results/
-        # dequantized_auto_h100_de02df7/profile_ours_compile.json). On the CPU they would only take its cores.
-        dataloader_num_workers=DATALOADER_WORKERS if torch.cuda.is_available() else 0,
-        dataloader_persistent_workers=torch.cuda.is_available(),
         # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
         # fails with reentrant gradient checkpointing). On the CPU the workers' group is gloo (accelerate's choice
         # for CPU too, unless this torch has MPI; named here so it is never MPI).
