@@ -13,7 +13,8 @@
 #   prepare the formatted rows for layouts/profile without a full run (benchmarks/prepare_bench.py into
 #           $CLONE/.bench/recipe); layouts and profile then take BENCH=$CLONE/.bench/recipe
 #   profile torch.profiler over a few steps of each PROFILE configuration (benchmarks/profile_train.py),
-#           with its timeline (profile_<config>.json and .trace.json.gz in $OUT)
+#           with its timeline (profile_<config>.json and .trace.json.gz in $OUT); PROFILE_ARGS adds arguments
+#           (e.g. --with-stack: idle time by Python function)
 #   unsloth Unsloth's own venv beside ours, for layouts' unsloth, unsloth_nogc and unsloth_recipe configurations
 #           (benchmarks/unsloth_trl.py): UNSLOTH_VENV (default /tmp/unsloth-venv) from the machine's python3 (its
 #           torch), the wheels of UNSLOTH_WHEELS (default $KIT/unsloth-wheels) over it, bitsandbytes from there or
@@ -108,7 +109,7 @@ profile() {
   cd "$CLONE"
   for config in $(echo "${PROFILE:-ours_same,ours_16gib}" | tr , ' '); do
     .venv/bin/python -m benchmarks.profile_train --model-dir "$MODEL" --work /tmp/profile --bench "${BENCH:-$CLONE}" \
-      --config "$config" --out "$OUT/profile_$config.json" --trace "$OUT/profile_$config.trace.json.gz" ${EXTRA_S:-} \
+      --config "$config" --out "$OUT/profile_$config.json" --trace "$OUT/profile_$config.trace.json.gz" ${EXTRA_S:-} ${PROFILE_ARGS:-} \
       > "$OUT/profile_$config.log" 2>&1 || echo "profile $config failed: see $OUT/profile_$config.log"
     grep -v "it/s\]" "$OUT/profile_$config.log" | tail -45
   done

@@ -9,6 +9,10 @@ than the dequantization row, CUDA graphs no more than the idle time.
 
     python -m benchmarks.profile_train --model-dir /tmp/llama-2-7b-random --work /tmp/prof \
         --out profile.json --config ours_same          (after benchmarks/prepare_bench.py)
+
+`--with-stack` records Python frames too (slower: the figures are for reading, not for timing): the idle time is then
+also attributed to the innermost Python function the CPU was in (gpu_idle_ms_per_step_by_python_frame), which is
+where a gap with no op open, "(python)", went. gpu_acceptance.sh passes it through PROFILE_ARGS.
 """
 
 from __future__ import annotations
@@ -111,6 +115,18 @@ SYNC_OPS = (
 )
 
 
+# A Python frame as torch.profiler names it with with_stack: "path/to/file.py(123): function"
+PYTHON_FRAME = re.compile(r"\.py\(\d+\): ")
+
+
+def idle_by_python_frame(gaps: list[tuple[float, float]], cpu_events: list[tuple[int, float, float, str]]) -> dict:
+    """GPU idle time (us) by the innermost Python function open at each gap's middle (with_stack profiles only; empty
+    otherwise): the same sweep as idle_by_cpu_op over the Python frames alone, so builtins and aten ops inside a
+    function count as that function."""
+    frames = [event for event in cpu_events if PYTHON_FRAME.search(event[3])]
+    return idle_by_cpu_op(gaps, frames) if frames else {}
+
+
 def syncs_per_step(cpu_names: list[str], steps: int) -> dict[str, float]:
     """How often each synchronizing op ran a step: every one empties the queue the CPU had built ahead of the GPU."""
     counts = {name: cpu_names.count(name) / steps for name in SYNC_OPS}
@@ -135,14 +151,15 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         per_name.setdefault(e.name, []).append(us)
     intervals = [(e.time_range.start, e.time_range.end) for e in events]
     busy = busy_time_us(intervals) if on_gpu else None
-    idle = {}
+    idle, idle_python = {}, {}
     if on_gpu:
         cpu = [
             (e.thread, e.time_range.start, e.time_range.end, e.name)
             for e in prof.events()
             if e.device_type == DeviceType.CPU
         ]
-        idle = idle_by_cpu_op(idle_gaps(intervals), cpu)
+        gaps = idle_gaps(intervals)
+        idle, idle_python = idle_by_cpu_op(gaps, cpu), idle_by_python_frame(gaps, cpu)
     step_ms = wall_s * 1000 / steps
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
     return {
@@ -161,6 +178,10 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         # where the GPU waited: by the CPU op in progress at each gap's middle, the 25 largest
         "gpu_idle_ms_per_step_by_cpu_op": {
             n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle.items(), key=lambda kv: -kv[1])[:25]
+        },
+        # with --with-stack: by the innermost Python function in progress, the 25 largest
+        "gpu_idle_ms_per_step_by_python_frame": {
+            n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle_python.items(), key=lambda kv: -kv[1])[:25]
         },
         "top_kernels": [
             {"name": n[:160], "kind": kind_of(n), "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
@@ -204,7 +225,7 @@ def profile_config(name: str, args) -> dict:
                 acts = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     acts.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=acts)
+                self.prof = torch.profiler.profile(activities=acts, with_stack=args.with_stack)
                 self.prof.__enter__()
                 self.start = time.perf_counter()
                 self.tokens_at_start = state.num_input_tokens_seen
@@ -256,6 +277,11 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=4, help="warm-up steps before profiling")
     ap.add_argument("--active", type=int, default=3, help="steps profiled")
     ap.add_argument("--trace", type=Path, help="also save the profiled steps' timeline here (a .json.gz)")
+    ap.add_argument(
+        "--with-stack",
+        action="store_true",
+        help="record Python frames too, and attribute idle time to them (slower: for reading, not timing)",
+    )
     args = ap.parse_args()
     args.work, args.out = args.work.resolve(), args.out.resolve()
     args.trace = args.trace.resolve() if args.trace else None

@@ -47,3 +47,23 @@ def test_syncs_are_counted_per_step_by_op():
         "cudaStreamSynchronize": 1.0,
     }
     assert syncs_per_step(["aten::mm"], 2) == {}
+
+
+def test_with_stack_idle_also_goes_to_the_innermost_python_function():
+    """A gap with no op open is "(python)" by op; with Python frames recorded it goes to the function the CPU was in,
+    builtins and ops inside it counting as that function. Without frames there is nothing to attribute."""
+    from benchmarks.profile_train import idle_by_python_frame
+
+    gaps = [(10, 20), (40, 50)]
+    cpu = [
+        (1, 0, 100, "transformers/trainer.py(1598): _inner_training_loop"),
+        (1, 5, 30, "dvclive/serialize.py(17): load_yaml"),
+        (1, 12, 18, "<built-in method read of _io.TextIOWrapper object>"),
+        (1, 44, 46, "aten::copy_"),
+    ]
+    assert idle_by_cpu_op(gaps, cpu) == {"<built-in method read of _io.TextIOWrapper object>": 10, "aten::copy_": 10}
+    assert idle_by_python_frame(gaps, cpu) == {
+        "dvclive/serialize.py(17): load_yaml": 10,
+        "transformers/trainer.py(1598): _inner_training_loop": 10,
+    }
+    assert idle_by_python_frame(gaps, [c for c in cpu if ".py(" not in c[3]]) == {}
