@@ -65,6 +65,12 @@ def test_planner_says_what_to_change_when_nothing_fits(recipe):
     with pytest.raises(PipelineError, match="gradient_checkpointing") as err:
         plan(LLAMA_7B, p, budget_gib=6)
     assert "max_length" in str(err.value) and "6" in str(err.value)
+    assert "dequantized_base" not in str(err.value)
+    # a base pinned dequantized that only its 4-bit form fits: the message names the setting to change
+    pinned = with_overrides(recipe, **{"train.dequantized_base": True, "train.gradient_checkpointing": "auto"})
+    assert plan(LLAMA_7B, with_overrides(pinned, **{"train.dequantized_base": False}), budget_gib=10).peak_gib <= 10
+    with pytest.raises(PipelineError, match="train.dequantized_base to auto"):
+        plan(LLAMA_7B, pinned, budget_gib=10)
 
 
 def test_train_stage_uses_the_planned_micro_batch(workdir, params):

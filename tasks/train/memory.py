@@ -305,6 +305,10 @@ def plan(shape: ModelShape, params: Params, budget_gib: float | None) -> Estimat
     if choices[-1] is False:
         hints.append("turn on train.gradient_checkpointing (or set it to auto)")
     hints.append(f"lower model.max_length (now {params.model.max_length})")
+    if params.quant.load_in_4bit and t.dequantized_base is True:  # its weights take 2 bytes instead of ~0.5
+        hints.append("set train.dequantized_base to auto (kept only where it fits) or false")
+    if params.quant.load_in_4bit and t.fp8_base:
+        hints.append("set train.fp8_base: false (its float8 copies take 2 bytes a weight)")
     if not params.quant.load_in_4bit:
         hints.append("set quant.load_in_4bit: true")
     raise PipelineError(
