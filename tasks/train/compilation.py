@@ -46,7 +46,8 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own variable; Triton's cache
 COMPILED_RUNS = "compiled-runs.json"  # in the cache folder: the configurations a compiled run finished with
 
 # The model behind `auto`, measured on one H100 80GB, 7B Llama-2 shape, 4-bit base, bf16, all in one invocation
-# (benchmarks/results/compile_h100_c2f95d5/; docs/performance.md, "Compile"):
+# (benchmarks/results/compile_h100_c2f95d5/; docs/performance.md, "Compile"), before train.dequantized_base's
+# auto kept the base dequantized on such a card; not re-measured that way:
 EAGER_MFU = 0.26  # the recipe's epoch eager (batch 4): 25.7% and 26.7% MFU, 9,613 and 9,992 tokens/s
 COMPILE_SPEEDUP = 1.18  # the same epoch compiled, warm: 11,774 against 9,992 tokens/s
 # First-step overhead, one graph for all layers (batch 8): 9.41, 8.89 and 8.93 s with an empty cache (their mean);
