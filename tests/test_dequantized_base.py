@@ -127,7 +127,7 @@ def test_auto_dequantizes_only_where_the_planner_finds_room(params):
     no_room = decide(recipe, shape, budget_gib=tight)
     assert not no_room.on and "no room" in no_room.reason and "recomputed" in no_room.reason
 
-    assert not decide(recipe, shape, budget_gib=10.0).on  # nothing fits: the planner's own error says what to change
+    assert not decide(recipe, shape, budget_gib=10.0).on  # the 4-bit base fits only recomputing, the dequantized not
     assert "no memory budget" in decide(recipe, shape, budget_gib=None).reason  # the CPU: nothing to plan for
     ddp = {"train.distributed.mode": "ddp", "train.distributed.num_processes": 2}
     assert "one GPU only" in decide(with_overrides(recipe, **ddp), shape, 67.0, world_size=2).reason

@@ -37,6 +37,7 @@ from tasks.common import paths
 from tasks.common.artifacts import read_json, write_json
 from tasks.common.config import Params
 from tasks.common.errors import PipelineError
+from tasks.train.choice import Choice
 from tasks.train.memory import ModelShape
 from tasks.train.mfu import flops_per_token, peak_flops
 
@@ -57,16 +58,12 @@ COMPILE_COST_WARM_S = 2.6
 
 
 @dataclass(frozen=True)
-class Decision:
-    on: bool
-    setting: str  # what train.compile said: "true", "false" or "auto"
-    reason: str
+class Decision(Choice):
+    """train.compile resolved: a Choice, with auto's arithmetic where it weighed the run."""
+
     saving_s: float | None = None  # modelled seconds saved over the run (auto on a GPU with a known peak)
     cost_s: float | None = None  # modelled compile overhead
     cache_warm: bool | None = None
-
-    def record(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 # The libraries whose Python code is traced into the compiled block, custom autograd.Functions included (bitsandbytes'
@@ -173,7 +170,7 @@ def decide(params: Params, shape: ModelShape, planned_tokens: int, world_size: i
     setting = params.train.compile
     if setting is not True and setting is not False:  # auto
         return _auto(params, shape, planned_tokens, world_size)
-    return Decision(on=setting, setting=str(setting).lower(), reason="set by train.compile")
+    return Decision.pinned(setting, "train.compile")
 
 
 def _auto(params: Params, shape: ModelShape, planned_tokens: int, world_size: int) -> Decision:

@@ -18,24 +18,13 @@ for (the CPU), several processes, or no 4-bit base. The choice and its reason go
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from tasks.common.config import Params, with_overrides
 from tasks.common.errors import PipelineError
+from tasks.train.choice import Choice
 from tasks.train.memory import Estimate, ModelShape, plan
-
-
-@dataclass(frozen=True)
-class Choice:
-    on: bool
-    setting: str  # what train.dequantized_base said: "true", "false" or "auto"
-    reason: str
-
-    def record(self) -> dict:
-        return dict(self.__dict__)
 
 
 def _layout(est: Estimate) -> str:
@@ -51,7 +40,7 @@ def decide(params: Params, shape: ModelShape, budget_gib: float | None, world_si
     fits compiled."""
     t = params.train
     if t.dequantized_base is True or t.dequantized_base is False:
-        return Choice(t.dequantized_base, str(t.dequantized_base).lower(), "set by train.dequantized_base")
+        return Choice.pinned(t.dequantized_base, "train.dequantized_base")
 
     def off(why: str) -> Choice:
         return Choice(False, "auto", why)

@@ -43,6 +43,7 @@ from tasks.train.checkpoints import (
     resume_in_training_dtype,
     run_fingerprint,
 )
+from tasks.train.choice import Choice
 from tasks.train.compilation import (
     CompileMeter,
     Decision,
@@ -53,7 +54,6 @@ from tasks.train.compilation import (
     remember_compiled,
     use_cache_folder,
 )
-from tasks.train.dequantized_base import Choice
 from tasks.train.dequantized_base import decide as decide_dequantized
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
@@ -108,16 +108,17 @@ def compile_or_not(params: Params, dataset, shape: ModelShape, world_size: int) 
     return with_overrides(params, **{"train.compile": decision.on}), decision
 
 
-def dequantize_or_not(params: Params, shape: ModelShape, world_size: int) -> tuple[Params, Choice]:
+def dequantize_or_not(
+    params: Params, shape: ModelShape, budget_gib: float | None, world_size: int
+) -> tuple[Params, Choice]:
     """train.dequantized_base resolved to true or false (auto: where the planner finds room for it)."""
-    budget = resolve_budget(params.train.memory_budget_gib, visible_gpu_gib())
-    choice = decide_dequantized(params, shape, budget, world_size)
+    choice = decide_dequantized(params, shape, budget_gib, world_size)
     return with_overrides(params, **{"train.dequantized_base": choice.on}), choice
 
 
-def memory_plan(params: Params, shape: ModelShape) -> Estimate:
-    """Predict peak memory from the base's shape; with a budget (auto: this GPU's), pick the fastest fitting layout."""
-    est = plan(shape, params, resolve_budget(params.train.memory_budget_gib, visible_gpu_gib()))
+def memory_plan(params: Params, shape: ModelShape, budget_gib: float | None) -> Estimate:
+    """Predict peak memory from the base's shape; with a budget, pick the fastest fitting layout."""
+    est = plan(shape, params, budget_gib)
     log.info("memory planner: %s", est.describe())
     return est
 
@@ -532,11 +533,12 @@ def train(
         dataset = build_dataset(tokenizer, rows, params.train.answer_only_loss, params.model.max_length)
         fingerprint = run_fingerprint(params, train_rows)  # train.distributed included: no resume across layouts
         shape = model_shape(params)
+        budget = resolve_budget(params.train.memory_budget_gib, visible_gpu_gib())  # GiB (auto: this GPU's share)
         # The base's form first (counting activations as eager: what fits eager fits compiled), then compilation, whose
         # cache key and cost depend on it, then the layout.
-        params, dequantized = dequantize_or_not(params, shape, world.size)
+        params, dequantized = dequantize_or_not(params, shape, budget, world.size)
         params, decision = compile_or_not(params, dataset, shape, world.size)
-        est = memory_plan(params, shape)
+        est = memory_plan(params, shape, budget)
         resume = resumable_checkpoint(checkpoint_dir, fingerprint)
     model = load_model(params, world)
     run = build_trainer(
