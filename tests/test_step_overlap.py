@@ -69,8 +69,9 @@ def test_trainer_class_follows_the_param():
     assert "_track_num_input_tokens" in vars(fast) and "create_optimizer" in vars(fast)
 
 
-def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -> list[dict]:
-    """Four steps of a tiny Llama with LoRA through trainer_cls on answer-only, padding-free micro-batches."""
+def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -> tuple[list[dict], float]:
+    """Four steps of a tiny Llama with LoRA through trainer_cls on answer-only, padding-free micro-batches: the log
+    lines with a loss, and the Trainer's FLOP count."""
     import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig
@@ -114,7 +115,7 @@ def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -
         peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"),
     )
     trainer.train()
-    return [h for h in trainer.state.log_history if "loss" in h]
+    return [h for h in trainer.state.log_history if "loss" in h], trainer.state.total_flos
 
 
 def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
@@ -127,13 +128,20 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
     monkeypatch.setattr(
         tasks.train.step_overlap, "sync_free_loss_applies", lambda *a: taken.append(applies(*a)) or taken[-1]
     )
+    from transformers.modeling_utils import ModuleUtilsMixin
     from trl import SFTTrainer
 
     from tasks.common.base_model import load_tokenizer
 
+    counts = []  # the Trainer's FLOP estimate counts the model's parameters: at every step in trl, once in ours
+    count = ModuleUtilsMixin.num_parameters
+    monkeypatch.setattr(ModuleUtilsMixin, "num_parameters", lambda *a, **k: counts.append(1) or count(*a, **k))
     tok = load_tokenizer(params.model)
-    stock = _log_history(SFTTrainer, workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
-    ours = _log_history(trainer_class(True), workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
+    stock, stock_flos = _log_history(SFTTrainer, workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
+    stock_counts = len(counts)
+    ours, ours_flos = _log_history(trainer_class(True), workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
+    assert ours_flos == stock_flos > 0
+    assert stock_counts >= 4 and len(counts) - stock_counts == 1
     assert taken == [True] * 4
     assert len(stock) == len(ours) == 2
     for a, b in zip(stock, ours):
@@ -141,6 +149,16 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     assert stock[0]["loss"] != stock[1]["loss"]  # it trained
     assert 0 < stock[0]["mean_token_accuracy"] < 1
+
+
+def test_kernels_load_at_start_unless_the_user_chose(monkeypatch):
+    from tasks.train.step_overlap import kernel_loading, load_kernels_at_start
+
+    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
+    assert kernel_loading() == "LAZY (CUDA's default)"
+    assert load_kernels_at_start() == "EAGER" == kernel_loading()
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "LAZY")  # the user's setting wins
+    assert load_kernels_at_start() == "LAZY" == kernel_loading()
 
 
 def test_lm_head_without_compaction_is_scoped():

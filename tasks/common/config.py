@@ -179,7 +179,8 @@ class TrainParams(_Strict):
     )
     sync_free_step: bool = Field(
         description="no CUDA synchronize inside a step: bitsandbytes' optimizer without its per-parameter waits, "
-        "padding-free tokens counted on the host (tasks/train/step_overlap.py)"
+        "padding-free tokens counted on the host, every CUDA kernel loaded at start rather than at its first launch "
+        "(CUDA_MODULE_LOADING=EAGER unless set) (tasks/train/step_overlap.py)"
     )
     expandable_segments: bool = Field(
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "

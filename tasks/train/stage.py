@@ -69,8 +69,11 @@ from tasks.train.memory import (
 )
 from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
+from tasks.train.step_overlap import kernel_loading, load_kernels_at_start, trainer_class
 
 log = logging.getLogger(__name__)
+
+DATALOADER_WORKERS = 2  # collate ahead of the GPU (sft_config); the collator is light, two keep a step or more ahead
 
 
 # --- set-up steps -------------------------------------------------------------------------------------------------
@@ -182,6 +185,11 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         # wait each; the Trainer's plain copy synchronizes the stream once per tensor (tasks/train/step_overlap.py)
         accelerator_config={"non_blocking": t.sync_free_step and torch.cuda.is_available()},
         dataloader_pin_memory=torch.cuda.is_available(),
+        # On a GPU, two worker processes collate the next micro-batches while the GPU trains on this one: in the main
+        # process collating took 4.9 ms a step of the 7B recipe with the GPU idle (benchmarks/results/
+        # dequantized_auto_h100_de02df7/profile_ours_compile.json). On the CPU they would only take its cores.
+        dataloader_num_workers=DATALOADER_WORKERS if torch.cuda.is_available() else 0,
+        dataloader_persistent_workers=torch.cuda.is_available(),
         # DDP: every LoRA weight gets a gradient every step, so no search for unused parameters (it is slower, and
         # fails with reentrant gradient checkpointing). On the CPU the workers' group is gloo (accelerate's choice
         # for CPU too, unless this torch has MPI; named here so it is never MPI).
@@ -270,7 +278,6 @@ def build_trainer(
     )
     from tasks.train.dequantized_base import dequantize_base
     from tasks.train.fp8_base import fp8_base
-    from tasks.train.step_overlap import trainer_class
 
     lora = LoraConfig(
         r=params.lora.r,
@@ -460,6 +467,7 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         # train.compile: the decision and its reason, the first step's cost, graphs and recompilations after it
         "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
         "dequantized_base": run.dequantized.record(),  # train.dequantized_base: on or off, and why
+        "cuda_kernel_loading": kernel_loading(),  # EAGER under train.sync_free_step (step_overlap.py)
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
@@ -566,6 +574,8 @@ def train(
 def main() -> None:
     distributed.die_with_launcher()  # a worker of launch() below: stop when the launching process is killed
     params = load_params()
+    if params.train.sync_free_step:  # before this process's first CUDA call (the next line), when CUDA reads it
+        load_kernels_at_start()
     pinned = distributed.one_gpu_env(params, torch.cuda.device_count())
     if pinned is not None:  # mode single on a multi-GPU box: restart this stage seeing one GPU (CUDA reads it at start)
         log.warning(

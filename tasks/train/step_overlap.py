@@ -21,6 +21,15 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
 - The Trainer copies each micro-batch's tensors to the GPU from pageable memory, and each such copy waits for the
   stream (five a step, padding-free: ids, labels, positions and the two boundary tensors). With pinned memory and
   accelerate's non_blocking (set in the stage's SFTConfig) they are queued like kernels.
+- CUDA loads each kernel lazily, at its first launch (its default since CUDA 12.2). A padding-free micro-batch has a
+  token count of its own, and a GEMM at a new count can make cuBLAS pick a kernel not yet loaded: loading it held the
+  host for 3 to 5 ms with the GPU idle, or until the GPU had drained its queue (77 ms once): 15 times in steps 5 to 7
+  of the 7B recipe (the profile in benchmarks/results/dequantized_auto_h100_de02df7, "Lazy Function Loading" at the
+  end of each such GEMM). `load_kernels_at_start` has CUDA load them all when the process starts.
+
+Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained; the Trainer
+counts the model's parameters again at every step for its FLOP estimate (a walk over a 7B model's modules), and here
+it counts them once.
 
 `train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
@@ -29,9 +38,26 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 
 import torch
+
+# CUDA's own switch (read when CUDA starts in the process): every kernel loaded then, none at its first launch
+KERNEL_LOADING = ("CUDA_MODULE_LOADING", "EAGER")
+
+
+def load_kernels_at_start() -> str:
+    """Have CUDA load every kernel when it starts in this process, unless the user set CUDA_MODULE_LOADING; returns
+    the value in force. Call before the process's first CUDA call: CUDA reads it once, when it starts."""
+    name, value = KERNEL_LOADING
+    return os.environ.setdefault(name, value)
+
+
+def kernel_loading() -> str:
+    """How this process loads CUDA kernels, for the run's report."""
+    name, _ = KERNEL_LOADING
+    return os.environ.get(name, "LAZY (CUDA's default)")
 
 
 def step_without_synchronize(self, closure=None):
@@ -154,6 +180,16 @@ def trainer_class(sync_free: bool):
                     self._metrics["train"]["entropy"].append(entropy)
                     self._metrics["train"]["mean_token_accuracy"].append(accuracy)
             return super().log(logs, start_time)
+
+        def floating_point_ops(self, inputs):
+            # The Trainer's own estimate (6 x tokens x parameters), with the parameter count taken once: counting walks
+            # every module and parameter of the model, host time at every step
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+                return super().floating_point_ops(inputs)
+            if "_parameters_counted" not in self.__dict__:
+                self._parameters_counted = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main_input].numel() * self._parameters_counted
 
         def _track_num_input_tokens(self, inputs):
             count = host_token_count(inputs)
