@@ -8,10 +8,11 @@ shows two kinds of host stall, each ending the CPU's lead over the GPU:
 - a launch that blocks until the GPU has drained its queue (bitsandbytes' 28th optimizer kernel of every step).
 
 Each part runs in a fresh process (CUDA reads CUDA_MODULE_LOADING when it starts):
-- `loading`: per CUDA_MODULE_LOADING (LAZY; EAGER set before any CUDA call; EAGER set after torch.cuda.device_count()),
-  the seconds to a CUDA context with cuBLAS ready, the GPU memory the process then holds outside PyTorch's allocator,
-  and the host time of 7B-shaped GEMMs at new token counts issued behind 50 ms of queued GPU work (a stall that waits
-  for the queue shows as about 50 ms).
+- `lazy`, `eager_before`, `eager_after`, `warmed`: the seconds to a CUDA context with cuBLAS ready, the GPU memory the
+  process then holds outside PyTorch's allocator, and the host time of 7B-shaped GEMMs at new token counts, each
+  issued behind 50 ms of queued GPU work (a launch that waits for the queue shows as about 50 ms), their outputs
+  allocated beforehand. CUDA_MODULE_LOADING=LAZY, EAGER set before any CUDA call, EAGER set after
+  torch.cuda.device_count(); `warmed` is LAZY after the train stage's train.gemm_warmup sweep over these shapes.
 - `queue`: 200 ms of GPU sleep queued, then small kernels launched one by one: at which launch the host first blocks,
   and for how long against the sleep still queued.
 
@@ -49,6 +50,8 @@ def _sleep_ms(torch, ms: float) -> None:
 
 
 def loading(mode: str) -> dict:
+    if mode == "warmed":  # lazy, and the train stage's warm-up (train.gemm_warmup) over these shapes first
+        os.environ["CUDA_MODULE_LOADING"] = "LAZY"
     if mode == "eager_before":
         os.environ["CUDA_MODULE_LOADING"] = "EAGER"
     elif mode == "lazy":
@@ -64,17 +67,25 @@ def loading(mode: str) -> dict:
     ready_s = time.perf_counter() - start
     free, total = torch.cuda.mem_get_info()
     outside_allocator_mib = (total - free - torch.cuda.memory_reserved()) / 2**20
+    like = {"device": "cuda", "dtype": torch.bfloat16}
+    warmup = None
+    if mode == "warmed":
+        from tasks.train.step_overlap import warm_gemm_kernels
+
+        warmup = warm_gemm_kernels([(k, n, True) for k, n in SHAPES], max(NEW_TOKEN_COUNTS) + 512, torch.bfloat16)
     weights = {s: torch.randn(s[1], s[0], device="cuda", dtype=torch.bfloat16) for s in SHAPES}
     calls = []
     for m in NEW_TOKEN_COUNTS:
         for (k, n), w in weights.items():
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             g = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            # outputs allocated before the clock: a stall is the GEMM's, not the allocator growing
+            outs = [torch.empty(m, n, **like), torch.empty(m, k, **like), torch.empty(n, k, **like)]
             torch.cuda.synchronize()
-            for name, a, b in (("forward", x, w.T), ("input_grad", g, w), ("weight_grad", g.T, x)):
+            for (name, a, b), out in zip((("forward", x, w.T), ("input_grad", g, w), ("weight_grad", g.T, x)), outs):
                 _sleep_ms(torch, 50)
                 t = time.perf_counter()
-                torch.mm(a, b)
+                torch.mm(a, b, out=out)
                 calls.append({"tokens": m, "shape": [k, n], "gemm": name, "host_ms": (time.perf_counter() - t) * 1e3})
                 torch.cuda.synchronize()
     host = sorted(c["host_ms"] for c in calls)
@@ -82,6 +93,7 @@ def loading(mode: str) -> dict:
         "mode": mode,
         "CUDA_MODULE_LOADING": os.environ.get("CUDA_MODULE_LOADING"),
         "seconds_to_ready": round(ready_s, 2),
+        "warmup": warmup,
         "gpu_mib_outside_allocator": round(outside_allocator_mib),
         "gemm_calls": len(calls),
         "gemm_host_ms_median": round(host[len(host) // 2], 3),
@@ -129,7 +141,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
     results = {}
-    for part in ("lazy", "eager_before", "eager_after", "queue", "lazy", "eager_before"):
+    for part in ("lazy", "warmed", "eager_before", "lazy", "warmed"):
         env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.cuda_launch_stalls", "--out", str(args.out), "--part", part],

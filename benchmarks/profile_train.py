@@ -27,7 +27,7 @@ from pathlib import Path
 
 from benchmarks.common import bench_arguments, bench_params, save, workspace
 from benchmarks.step_clock import StepClock
-from benchmarks.train_throughput import COMMON, CONFIGS, ENVIRONMENT, LOGGING_STEPS
+from benchmarks.train_throughput import COMMON, CONFIGS, LOGGING_STEPS
 
 # First match wins: the order puts the specific names before the generic ones.
 KINDS = [
@@ -195,7 +195,6 @@ def profile_config(name: str, args) -> dict:
     from transformers import TrainerCallback
 
     from tasks.train.stage import train
-    from tasks.train.step_overlap import load_kernels_at_start
 
     overrides, _, _ = CONFIGS[name]
     steps = args.skip + args.active
@@ -203,9 +202,6 @@ def profile_config(name: str, args) -> dict:
     overrides_all += args.overrides
     params = bench_params(args.bench, args.model_dir, overrides_all)
     os.chdir(workspace(args.bench, args.work / name, params))
-    os.environ.update(ENVIRONMENT.get(name, {}))
-    if params.train.sync_free_step:  # as the stage's main() does, before this process's first CUDA call
-        load_kernels_at_start()
     budget = params.train.memory_budget_gib
     if isinstance(budget, float) and torch.cuda.is_available():  # as train_throughput: behave as a card that size
         torch.cuda.set_per_process_memory_fraction(budget * 2**30 / torch.cuda.get_device_properties(0).total_memory)

@@ -274,10 +274,8 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
         False,
     ),
 }
-# ours_compile with CUDA's default lazy kernel loading (train.sync_free_step loads every kernel at start, unless
-# CUDA_MODULE_LOADING is set, as here): what eager loading gives
-CONFIGS["ours_compile_lazy"] = CONFIGS["ours_compile"]
-ENVIRONMENT = {"ours_compile_lazy": {"CUDA_MODULE_LOADING": "LAZY"}}  # a configuration's process environment
+# ours_compile without train.gemm_warmup: cuBLAS loading kernels as new token counts pick them, mid-step
+CONFIGS["ours_compile_no_warmup"] = ([*CONFIGS["ours_compile"][0], "train.gemm_warmup=false"], 40, False)
 PLAIN_TRL = "plain_trl"  # benchmarks/plain_trl.py: what a trl user writes; the reference the README divides by
 CONFIGS[PLAIN_TRL] = ([], 40, False)
 TRL_TUNED = "trl_tuned"  # benchmarks/plain_trl.py as an informed user tunes it: the second reference
@@ -403,7 +401,6 @@ def run_one(name: str, args) -> dict:
     from tasks.common.formatted import load_rows
     from tasks.evaluate.stage import answer_loss, make_batches
     from tasks.train.stage import train
-    from tasks.train.step_overlap import load_kernels_at_start
 
     overrides, steps, heldout = CONFIGS[name]
     if name in UNSLOTH_CONFIGS:
@@ -424,9 +421,6 @@ def run_one(name: str, args) -> dict:
             ],
         )
         os.chdir(workspace(args.bench, work, params))
-        os.environ.update(ENVIRONMENT.get(name, {}))
-        if params.train.sync_free_step:  # as the stage's main() does, before this process's first CUDA call
-            load_kernels_at_start()
         # One compile cache for the invocation (a later compiled run finds it warm), or an empty one for *_cold
         cache = Path(tempfile.mkdtemp(prefix="cold-cache-")) if name.endswith("_cold") else args.work / "compile-cache"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)

@@ -151,14 +151,23 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
     assert 0 < stock[0]["mean_token_accuracy"] < 1
 
 
-def test_kernels_load_at_start_unless_the_user_chose(monkeypatch):
-    from tasks.train.step_overlap import kernel_loading, load_kernels_at_start
+def test_gemm_shapes_are_the_4bit_lora_models_linears(tmp_path):
+    """Every distinct GEMM a step runs: the 4-bit base's projections at their logical shapes (not the packed storage),
+    frozen; LoRA's A and B, trainable; the LM head."""
+    from tasks.train.step_overlap import gemm_shapes
+    from tests.test_dequantized_base import _tiny_4bit_lora
 
-    monkeypatch.delenv("CUDA_MODULE_LOADING", raising=False)
-    assert kernel_loading() == "LAZY (CUDA's default)"
-    assert load_kernels_at_start() == "EAGER" == kernel_loading()
-    monkeypatch.setenv("CUDA_MODULE_LOADING", "LAZY")  # the user's setting wins
-    assert load_kernels_at_start() == "LAZY" == kernel_loading()
+    assert gemm_shapes(_tiny_4bit_lora(tmp_path)) == sorted(
+        {(64, 64, False), (64, 128, False), (128, 64, False), (64, 4, True), (4, 64, True), (64, 100, False)}
+    )
+
+
+def test_gemm_warmup_runs_each_gemm_at_every_token_count():
+    from tasks.train.step_overlap import warm_gemm_kernels
+
+    record = warm_gemm_kernels([(8, 16, False), (16, 4, True)], 150, torch.float32, step=64, device=torch.device("cpu"))
+    # token counts 64, 128 and 150: forward and input gradient of both, the weight gradient of the trainable one
+    assert record["gemms"] == 3 * 2 + 3 * 3 and record["max_tokens"] == 150
 
 
 def test_lm_head_without_compaction_is_scoped():

@@ -179,8 +179,12 @@ class TrainParams(_Strict):
     )
     sync_free_step: bool = Field(
         description="no CUDA synchronize inside a step: bitsandbytes' optimizer without its per-parameter waits, "
-        "padding-free tokens counted on the host, every CUDA kernel loaded at start rather than at its first launch "
-        "(CUDA_MODULE_LOADING=EAGER unless set) (tasks/train/step_overlap.py)"
+        "padding-free tokens counted on the host (tasks/train/step_overlap.py)"
+    )
+    gemm_warmup: bool = Field(
+        description="(CUDA) before the first step, run each GEMM of a step once at every 64th token count a "
+        "micro-batch can have, so that cuBLAS loads the kernels it picks then: a kernel loaded mid-run waits for the "
+        "GPU's queue to drain (tasks/train/step_overlap.py)"
     )
     expandable_segments: bool = Field(
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "

@@ -27,7 +27,7 @@ import torch
 
 from tasks.common import paths
 from tasks.common.artifacts import no_space, sha256_file, staged_dir, write_json
-from tasks.common.base_model import load_base_model, load_config, load_tokenizer
+from tasks.common.base_model import compute_dtype, load_base_model, load_config, load_tokenizer
 from tasks.common.config import Params, batch_split_problem, load_params, with_overrides
 from tasks.common.conversation import Rendered
 from tasks.common.environment import environment
@@ -69,7 +69,7 @@ from tasks.train.memory import (
 )
 from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
-from tasks.train.step_overlap import kernel_loading, load_kernels_at_start, trainer_class
+from tasks.train.step_overlap import gemm_shapes, trainer_class, warm_gemm_kernels
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +241,7 @@ class Run:
     compile_meter: object  # compilation.CompileMeter: the first step's cost, graphs, recompilations
     compiled: Decision  # whether the decoder layers are compiled, and why (train.compile: auto decides)
     dequantized: Choice  # whether the 4-bit base is kept dequantized, and why (train.dequantized_base: auto decides)
+    gemm_warmup: dict | None = None  # what warm_gemms ran before the first step (None: off, or not on CUDA)
 
     def layout(self) -> dict:
         """How the run was spread: the mode, the processes, their collective backend."""
@@ -318,6 +319,18 @@ def build_trainer(
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
+
+
+def warm_gemms(run: Run) -> dict | None:
+    """train.gemm_warmup on CUDA: each GEMM of a step run once over the token counts a micro-batch can have, so cuBLAS
+    loads its kernels now rather than mid-step (tasks/train/step_overlap.py). None when off or on the CPU."""
+    t, model = run.params.train, run.params.model
+    if not (t.gemm_warmup and torch.cuda.is_available()):
+        return None
+    # the most tokens one micro-batch can hold: padding-free, its rows end to end; padded, micro-batch x longest row
+    max_tokens = run.trainer.args.per_device_train_batch_size * model.max_length
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, compute_dtype(run.params.quant))
+    return warm_gemm_kernels(gemm_shapes(run.trainer.model), max_tokens, dtype)
 
 
 def fit(trainer, resume: bool, est: Estimate, params: Params):
@@ -467,7 +480,7 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         # train.compile: the decision and its reason, the first step's cost, graphs and recompilations after it
         "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
         "dequantized_base": run.dequantized.record(),  # train.dequantized_base: on or off, and why
-        "cuda_kernel_loading": kernel_loading(),  # EAGER under train.sync_free_step (step_overlap.py)
+        "gemm_warmup": run.gemm_warmup,  # train.gemm_warmup: the GEMMs run before step 1, and their seconds
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],
@@ -564,6 +577,7 @@ def train(
         extra_callbacks or [],
     )
     start = time.perf_counter()
+    run.gemm_warmup = warm_gemms(run)
     result = fit(run.trainer, resume, est, params)
     wall = time.perf_counter() - start
     return finish(
@@ -574,8 +588,6 @@ def train(
 def main() -> None:
     distributed.die_with_launcher()  # a worker of launch() below: stop when the launching process is killed
     params = load_params()
-    if params.train.sync_free_step:  # before this process's first CUDA call (the next line), when CUDA reads it
-        load_kernels_at_start()
     pinned = distributed.one_gpu_env(params, torch.cuda.device_count())
     if pinned is not None:  # mode single on a multi-GPU box: restart this stage seeing one GPU (CUDA reads it at start)
         log.warning(
