@@ -69,9 +69,11 @@ def test_trainer_class_follows_the_param():
     assert "_track_num_input_tokens" in vars(fast) and "create_optimizer" in vars(fast)
 
 
-def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -> tuple[list[dict], float]:
+def _log_history(
+    trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer, pad_to_multiple_of=None, state=None
+) -> tuple[list[dict], float]:
     """Four steps of a tiny Llama with LoRA through trainer_cls on answer-only, padding-free micro-batches: the log
-    lines with a loss, and the Trainer's FLOP count."""
+    lines with a loss, and the Trainer's FLOP count (its state and collator into `state`, if given)."""
     import trl.trainer.utils as trl_utils
     from datasets import Dataset
     from peft import LoraConfig
@@ -100,6 +102,8 @@ def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -
         learning_rate=1e-3,
         logging_steps=2,
         padding_free=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        include_num_input_tokens_seen="non_padding",  # as the stage counts
         max_length=None,
         report_to="none",
         use_cpu=True,
@@ -115,6 +119,8 @@ def _log_history(trainer_cls, tmp_path, compact: bool, monkeypatch, tokenizer) -
         peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"),
     )
     trainer.train()
+    if state is not None:
+        state.update(tokens_seen=trainer.state.num_input_tokens_seen, collator=trainer.data_collator, rows=rows)
     return [h for h in trainer.state.log_history if "loss" in h], trainer.state.total_flos
 
 
@@ -151,6 +157,36 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
     assert 0 < stock[0]["mean_token_accuracy"] < 1
 
 
+def test_train_call_is_skipped_only_when_it_would_change_nothing(monkeypatch):
+    from tasks.train.step_overlap import ModelWalk, train_call_skipped
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    walk = ModelWalk(model)
+    walked = []
+    original = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: walked.append(self) or original(self, mode))
+    with train_call_skipped(model, walk):
+        assert model.train() is model
+    assert walked == []  # every module trained already: no walk
+    model[1][0].eval()  # one module switched to eval (as an evaluation would)
+    walked.clear()
+    with train_call_skipped(model, walk):
+        model.train()
+    assert model[1][0].training and len(walked) == 4  # the stock walk ran and set it back
+    assert "train" not in model.__dict__
+
+
+def test_zero_grad_clears_the_trainable_gradients():
+    from tasks.train.step_overlap import ModelWalk
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    model(torch.ones(1, 3)).sum().backward()
+    assert model.weight.grad is not None and model.bias.grad is None
+    ModelWalk(model).zero_grad()
+    assert model.weight.grad is None
+
+
 def test_gemm_shapes_are_the_4bit_lora_models_linears(tmp_path):
     """Every distinct GEMM a step runs: the 4-bit base's projections at their logical shapes (not the packed storage),
     frozen; LoRA's A and B, trainable; the LM head."""
@@ -168,6 +204,45 @@ def test_gemm_warmup_runs_each_gemm_at_every_token_count():
     record = warm_gemm_kernels([(8, 16, False), (16, 4, True)], 150, torch.float32, step=64, device=torch.device("cpu"))
     # token counts 64, 128 and 150: forward and input gradient of both, the weight gradient of the trainable one
     assert record["gemms"] == 3 * 2 + 3 * 3 and record["max_tokens"] == 150
+
+
+def test_micro_batches_padded_onto_the_grid_train_the_same(workdir, params, monkeypatch):
+    """train.gemm_warmup's padding (trl's pad_to_multiple_of, one-token sequences labelled -100): the same losses,
+    metrics and gradient norms as unpadded micro-batches, and the padding counted in no token figure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.common.base_model import load_tokenizer
+    from tasks.train.step_overlap import REAL_TOKENS
+
+    tok = load_tokenizer(params.model)
+    plain_state, padded_state = {}, {}
+    plain, _ = _log_history(trainer_class(True), workdir, True, monkeypatch, tok, state=plain_state)
+    padded, _ = _log_history(trainer_class(True), workdir, True, monkeypatch, tok, 16, state=padded_state)
+    # float32 sums a longer row in another order, and Adam carries that on; in float64 one step's loss and gradients
+    # agree to 1e-10 (below)
+    for a, b in zip(plain, padded, strict=True):
+        for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3), key
+    rows = plain_state["rows"]
+    assert padded_state["tokens_seen"] == plain_state["tokens_seen"] == sum(len(r["input_ids"]) for r in rows)
+    batch = padded_state["collator"](rows[:3])  # 9 + 14 + 6 tokens
+    assert batch["input_ids"].shape[-1] == 32 and batch[REAL_TOKENS] == 29
+    assert (batch["labels"][0, 29:] == -100).all() and (batch["position_ids"][0, 29:] == 0).all()
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    config.vocab_size = len(tok)
+    model = LlamaForCausalLM(config).double().eval()
+    losses, grads = [], []
+    for collator in (plain_state["collator"], padded_state["collator"]):
+        model.zero_grad()
+        inputs = {k: v for k, v in collator(rows[:3]).items() if k in ("input_ids", "labels", "position_ids")}
+        loss = model(**inputs).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12, abs=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
 def test_lm_head_without_compaction_is_scoped():

@@ -69,7 +69,7 @@ from tasks.train.memory import (
 )
 from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
-from tasks.train.step_overlap import gemm_shapes, trainer_class, warm_gemm_kernels
+from tasks.train.step_overlap import WARMUP_TOKEN_STEP, gemm_shapes, trainer_class, warm_gemm_kernels
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,10 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         max_length=None,  # rows were cut to model.max_length in build_dataset
         packing=False,
         padding_free=t.padding_free,
+        # train.gemm_warmup: each padding-free micro-batch padded onto the warm-up's grid of token counts, so that no
+        # GEMM meets a token count whose kernel cuBLAS has not loaded (the token counts leave the padding out; it needs
+        # the sync-free trainer's count, tasks/train/step_overlap.py)
+        pad_to_multiple_of=WARMUP_TOKEN_STEP if gemm_grid(params) else None,
         use_liger_kernel=liger_applied(params),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
@@ -321,14 +325,23 @@ def build_trainer(
 # --- fitting ------------------------------------------------------------------------------------------------------
 
 
+def gemm_grid(params: Params) -> bool:
+    """Whether padding-free micro-batches are padded onto train.gemm_warmup's grid of token counts (CUDA only)."""
+    t = params.train
+    return t.gemm_warmup and t.padding_free and t.sync_free_step and torch.cuda.is_available()
+
+
 def warm_gemms(run: Run) -> dict | None:
     """train.gemm_warmup on CUDA: each GEMM of a step run once over the token counts a micro-batch can have, so cuBLAS
     loads its kernels now rather than mid-step (tasks/train/step_overlap.py). None when off or on the CPU."""
     t, model = run.params.train, run.params.model
     if not (t.gemm_warmup and torch.cuda.is_available()):
         return None
-    # the most tokens one micro-batch can hold: padding-free, its rows end to end; padded, micro-batch x longest row
+    # the most tokens one micro-batch can hold: padding-free, its rows end to end (then onto the grid); padded,
+    # micro-batch x longest row
     max_tokens = run.trainer.args.per_device_train_batch_size * model.max_length
+    if gemm_grid(run.params):
+        max_tokens = -(-max_tokens // WARMUP_TOKEN_STEP) * WARMUP_TOKEN_STEP
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, compute_dtype(run.params.quant))
     return warm_gemm_kernels(gemm_shapes(run.trainer.model), max_tokens, dtype)
 

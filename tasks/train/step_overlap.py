@@ -26,12 +26,19 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
   kernel not yet loaded: 15 such loads in steps 5 to 7 of the 7B recipe, each holding the host 3 to 5 ms with the GPU
   idle, once 77 ms for the queue to drain (the profile in benchmarks/results/dequantized_auto_h100_de02df7, "Lazy
   Function Loading" at the end of each such GEMM). CUDA_MODULE_LOADING=EAGER does not prevent them
-  (benchmarks/cuda_launch_stalls.py). `warm_gemm_kernels` runs the model's GEMMs once over the token counts a
-  micro-batch can have, before the first step, so each kernel is loaded then.
+  (benchmarks/cuda_launch_stalls.py). `warm_gemm_kernels` runs the model's GEMMs once at every 64th token count a
+  micro-batch can have, before the first step, so each kernel is loaded then; and each padding-free micro-batch is
+  padded to a multiple of 64 tokens (trl's pad_to_multiple_of: the padding is one-token sequences of their own,
+  labelled -100, so no real token's attention, loss or gradient changes; at most 63 tokens, under 1% of a 7B
+  recipe's micro-batch), so every count it meets was warmed. Counts between the grid's points picked kernels the
+  warm-up had not loaded (the same benchmark). The padding is left out of every token count.
 
-Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained; the Trainer
-counts the model's parameters again at every step for its FLOP estimate (a walk over a 7B model's modules), and here
-it counts them once.
+Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained (a full launch
+queue makes CUDA wait until it is empty: benchmarks/cuda_launch_stalls.py). The Trainer walks every module of the
+model three times a step, each walk milliseconds of host time for a 7B model's 1,500 modules: it counts the
+parameters for its FLOP estimate, sets every module to training mode, and clears every parameter's gradient. Here the
+count is taken once, the training-mode walk is skipped when every module already trains (a flat check of a list), and
+only the trainable parameters' gradients are cleared (a frozen one never has one).
 
 `train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
@@ -45,7 +52,8 @@ import types
 
 import torch
 
-WARMUP_TOKEN_STEP = 64  # token counts this far apart in warm_gemm_kernels' sweep
+WARMUP_TOKEN_STEP = 64  # token counts this far apart in warm_gemm_kernels' sweep, and micro-batches padded to them
+REAL_TOKENS = "num_real_tokens"  # a padding-free micro-batch's tokens before that padding (CountRealTokens)
 
 
 def gemm_shapes(model) -> list[tuple[int, int, bool]]:
@@ -123,10 +131,57 @@ def drop_optimizer_syncs(optimizer) -> bool:
     return True
 
 
+class ModelWalk:
+    """The model's modules and trainable parameters, listed once: what the Trainer's per-step walks visit."""
+
+    def __init__(self, model):
+        self.modules = list(model.modules())
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def all_training(self) -> bool:
+        return all(m.training for m in self.modules)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.trainable:
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+
+
+@contextlib.contextmanager
+def train_call_skipped(model, walk: ModelWalk):
+    """Inside, `model.train()` returns at once when every module already trains (the call would change nothing)."""
+    if not walk.all_training():
+        yield
+        return
+    model.__dict__["train"] = lambda mode=True: model if mode else type(model).train(model, mode)
+    try:
+        yield
+    finally:
+        model.__dict__.pop("train", None)
+
+
+class CountRealTokens:
+    """The Trainer's collator, with each batch's count of real tokens added under REAL_TOKENS (a plain int, so it stays
+    on the host): a padding-free batch padded to a multiple of WARMUP_TOKEN_STEP is longer than its rows."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        batch[REAL_TOKENS] = sum(len(example["input_ids"]) for example in examples)
+        return batch
+
+
 def host_token_count(inputs) -> int | None:
-    """Non-padding tokens of a padding-free micro-batch, read off its shape (no GPU read); None for padded batches."""
+    """Non-padding tokens of a padding-free micro-batch, from the host (no GPU read): the collator's count, or the
+    flattened row's length; None for padded batches."""
     if "attention_mask" in inputs or "position_ids" not in inputs or "cu_seq_lens_q" not in inputs:
         return None
+    if REAL_TOKENS in inputs:
+        return int(inputs[REAL_TOKENS])
     return int(inputs["position_ids"].shape[-1])
 
 
@@ -177,7 +232,13 @@ def trainer_class(sync_free: bool):
             drop_optimizer_syncs(optimizer)
             return optimizer
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.padding_free:
+                self.data_collator = CountRealTokens(self.data_collator)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            real_tokens = inputs.pop(REAL_TOKENS, None)  # the model takes no such argument
             if not sync_free_loss_applies(self, inputs, return_outputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
@@ -198,7 +259,7 @@ def trainer_class(sync_free: bool):
                     ]
                 )
             )
-            self._total_train_tokens += host_token_count(inputs) // self._tp_size
+            self._total_train_tokens += (real_tokens or host_token_count(inputs)) // self._tp_size
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return loss
 
@@ -209,6 +270,19 @@ def trainer_class(sync_free: bool):
                     self._metrics["train"]["entropy"].append(entropy)
                     self._metrics["train"]["mean_token_accuracy"].append(accuracy)
             return super().log(logs, start_time)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            walk = self._walk(model)
+            if "zero_grad" not in model.__dict__:  # the Trainer's model.zero_grad() after each optimizer step
+                model.__dict__["zero_grad"] = walk.zero_grad
+            with train_call_skipped(model, walk):  # the Trainer's model.train() at each micro-batch
+                return super().training_step(model, inputs, num_items_in_batch)
+
+        def _walk(self, model) -> ModelWalk:
+            walks = self.__dict__.setdefault("_walks", {})
+            if id(model) not in walks:
+                walks[id(model)] = ModelWalk(model)
+            return walks[id(model)]
 
         def floating_point_ops(self, inputs):
             # The Trainer's own estimate (6 x tokens x parameters), with the parameter count taken once: counting walks
