@@ -127,6 +127,21 @@ def idle_by_python_frame(gaps: list[tuple[float, float]], cpu_events: list[tuple
     return idle_by_cpu_op(gaps, frames) if frames else {}
 
 
+def trace_idle_by_python_frame(trace: dict, steps: int) -> dict[str, float]:
+    """idle_by_python_frame (ms a step, the 25 largest) over an exported Chrome trace: torch.profiler keeps a
+    with_stack run's Python frames in its trace, not among prof.events(), so this reads the trace's kernels and
+    frames."""
+    events = trace["traceEvents"]
+    kernels = [(e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    frames = [
+        (e["tid"], e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e.get("cat") == "python_function" and e.get("ph") == "X"
+    ]
+    idle = idle_by_python_frame(idle_gaps(kernels), frames)
+    return {n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle.items(), key=lambda kv: -kv[1])[:25]}
+
+
 def syncs_per_step(cpu_names: list[str], steps: int) -> dict[str, float]:
     """How often each synchronizing op ran a step: every one empties the queue the CPU had built ahead of the GPU."""
     counts = {name: cpu_names.count(name) / steps for name in SYNC_OPS}
@@ -151,15 +166,14 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         per_name.setdefault(e.name, []).append(us)
     intervals = [(e.time_range.start, e.time_range.end) for e in events]
     busy = busy_time_us(intervals) if on_gpu else None
-    idle, idle_python = {}, {}
+    idle = {}
     if on_gpu:
         cpu = [
             (e.thread, e.time_range.start, e.time_range.end, e.name)
             for e in prof.events()
             if e.device_type == DeviceType.CPU
         ]
-        gaps = idle_gaps(intervals)
-        idle, idle_python = idle_by_cpu_op(gaps, cpu), idle_by_python_frame(gaps, cpu)
+        idle = idle_by_cpu_op(idle_gaps(intervals), cpu)
     step_ms = wall_s * 1000 / steps
     top = sorted(per_name.items(), key=lambda kv: -sum(kv[1]))[:30]
     return {
@@ -178,10 +192,6 @@ def summarize(prof, steps: int, wall_s: float) -> dict:
         # where the GPU waited: by the CPU op in progress at each gap's middle, the 25 largest
         "gpu_idle_ms_per_step_by_cpu_op": {
             n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle.items(), key=lambda kv: -kv[1])[:25]
-        },
-        # with --with-stack: by the innermost Python function in progress, the 25 largest
-        "gpu_idle_ms_per_step_by_python_frame": {
-            n[:160]: round(us / 1000 / steps, 2) for n, us in sorted(idle_python.items(), key=lambda kv: -kv[1])[:25]
         },
         "top_kernels": [
             {"name": n[:160], "kind": kind_of(n), "calls_per_step": len(t) / steps, "ms_per_step": sum(t) / 1e3 / steps}
@@ -236,11 +246,15 @@ def profile_config(name: str, args) -> dict:
                 wall = time.perf_counter() - self.start
                 self.prof.__exit__(None, None, None)
                 out.update(summarize(self.prof, args.active, wall))
-                if args.trace:  # the whole timeline, for chrome://tracing or Perfetto
-                    raw = args.trace.with_suffix("")
+                if args.trace or args.with_stack:  # the whole timeline, for chrome://tracing or Perfetto
+                    raw = (args.trace or args.work / "trace.json.gz").with_suffix("")
                     self.prof.export_chrome_trace(str(raw))
-                    with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    if args.with_stack:  # by the innermost Python function in progress at each gap
+                        trace = json.loads(raw.read_text())
+                        out["gpu_idle_ms_per_step_by_python_frame"] = trace_idle_by_python_frame(trace, args.active)
+                    if args.trace:
+                        with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
                     raw.unlink()
                 out["tokens_per_step"] = (state.num_input_tokens_seen - self.tokens_at_start) / args.active
                 self.prof = None

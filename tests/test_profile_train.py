@@ -67,3 +67,32 @@ def test_with_stack_idle_also_goes_to_the_innermost_python_function():
         "transformers/trainer.py(1598): _inner_training_loop": 10,
     }
     assert idle_by_python_frame(gaps, [c for c in cpu if ".py(" not in c[3]]) == {}
+
+
+def test_python_frames_are_read_from_the_exported_trace():
+    """torch.profiler keeps a with_stack run's Python frames in its Chrome trace only: the attribution reads them
+    (and the kernels) from there, in ms a step."""
+    from benchmarks.profile_train import trace_idle_by_python_frame
+
+    trace = {
+        "traceEvents": [
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 0, "dur": 1000},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 3000, "dur": 1000},
+            {"ph": "X", "cat": "gpu_memcpy", "name": "copy", "ts": 4000, "dur": 500},
+            {"ph": "X", "cat": "kernel", "name": "gemm", "ts": 6500, "dur": 1000},
+            {
+                "ph": "X",
+                "cat": "python_function",
+                "tid": 1,
+                "name": "trainer.py(2088): training_step",
+                "ts": 0,
+                "dur": 8000,
+            },
+            {"ph": "X", "cat": "python_function", "tid": 1, "name": "module.py(2886): train", "ts": 1500, "dur": 1000},
+            {"ph": "X", "cat": "cpu_op", "tid": 1, "name": "aten::mm", "ts": 4600, "dur": 1000},
+        ]
+    }
+    assert trace_idle_by_python_frame(trace, steps=2) == {
+        "module.py(2886): train": 1.0,  # the gap 1000..3000, its middle inside train()
+        "trainer.py(2088): training_step": 1.0,  # the gap 4500..6500: an op, not a frame, is open inside it
+    }
