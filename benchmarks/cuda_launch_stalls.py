@@ -13,6 +13,8 @@ Each part runs in a fresh process (CUDA reads CUDA_MODULE_LOADING when it starts
   issued behind 50 ms of queued GPU work (a launch that waits for the queue shows as about 50 ms), their outputs
   allocated beforehand. CUDA_MODULE_LOADING=LAZY, EAGER set before any CUDA call, EAGER set after
   torch.cuda.device_count(); `warmed` is LAZY after the train stage's train.gemm_warmup sweep over these shapes.
+  A `_aligned` suffix takes token counts rounded to multiples of 8, `_grid` to multiples of 64 (the warm-up's grid,
+  which the stage pads micro-batches onto).
 - `queue`: 200 ms of GPU sleep queued, then small kernels launched one by one: at which launch the host first blocks,
   and for how long against the sleep still queued.
 
@@ -33,6 +35,7 @@ from pathlib import Path
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 32000), (4096, 64), (64, 4096)]
 NEW_TOKEN_COUNTS = [2911, 3467, 4133, 4870, 5309, 5944, 6558, 7634]
 ALIGNED_TOKEN_COUNTS = [2912, 3464, 4136, 4872, 5312, 5944, 6560, 7632]  # the same, rounded to multiples of 8
+GRID_TOKEN_COUNTS = [2944, 3520, 4160, 4928, 5312, 5952, 6592, 7680]  # ... up to multiples of 64 (train.gemm_warmup)
 
 
 _CYCLES_PER_MS: list[float] = []
@@ -54,8 +57,9 @@ def _sleep_ms(torch, ms: float) -> None:
 
 
 def loading(mode: str) -> dict:
-    counts = ALIGNED_TOKEN_COUNTS if mode.endswith("_aligned") else NEW_TOKEN_COUNTS
-    mode = mode.removesuffix("_aligned")
+    suffix = mode[mode.rfind("_") :]
+    counts = {"_aligned": ALIGNED_TOKEN_COUNTS, "_grid": GRID_TOKEN_COUNTS}.get(suffix, NEW_TOKEN_COUNTS)
+    mode = mode.removesuffix("_aligned").removesuffix("_grid")
     if mode == "warmed":  # lazy, and the train stage's warm-up (train.gemm_warmup) over these shapes first
         os.environ["CUDA_MODULE_LOADING"] = "LAZY"
     if mode == "eager_before":
