@@ -41,7 +41,7 @@ GRID_TOKEN_COUNTS = [2944, 3520, 4160, 4928, 5312, 5952, 6592, 7680]  # ... up t
 _CYCLES_PER_MS: list[float] = []
 
 
-PARTS = ("lazy", "warmed", "warmed_aligned", "eager_before", "queue", "lazy", "warmed", "warmed_aligned")
+PARTS = ("lazy", "warmed", "warmed_grid", "eager_before", "queue", "lazy", "warmed", "warmed_grid")
 
 
 def _sleep_ms(torch, ms: float) -> None:
