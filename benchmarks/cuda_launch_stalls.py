@@ -80,7 +80,7 @@ def loading(mode: str) -> dict:
     like = {"device": "cuda", "dtype": torch.bfloat16}
     warmup = None
     if mode == "warmed":
-        from tasks.train.step_overlap import warm_gemm_kernels
+        from tasks.train.gemm_warmup import warm_gemm_kernels
 
         warmup = warm_gemm_kernels([(k, n, True) for k, n in SHAPES], max(counts) + 512, torch.bfloat16)
     weights = {s: torch.randn(s[1], s[0], device="cuda", dtype=torch.bfloat16) for s in SHAPES}

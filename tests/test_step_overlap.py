@@ -187,25 +187,6 @@ def test_zero_grad_clears_the_trainable_gradients():
     assert model.weight.grad is None
 
 
-def test_gemm_shapes_are_the_4bit_lora_models_linears(tmp_path):
-    """Every distinct GEMM a step runs: the 4-bit base's projections at their logical shapes (not the packed storage),
-    frozen; LoRA's A and B, trainable; the LM head."""
-    from tasks.train.step_overlap import gemm_shapes
-    from tests.test_dequantized_base import _tiny_4bit_lora
-
-    assert gemm_shapes(_tiny_4bit_lora(tmp_path)) == sorted(
-        {(64, 64, False), (64, 128, False), (128, 64, False), (64, 4, True), (4, 64, True), (64, 100, False)}
-    )
-
-
-def test_gemm_warmup_runs_each_gemm_at_every_token_count():
-    from tasks.train.step_overlap import warm_gemm_kernels
-
-    record = warm_gemm_kernels([(8, 16, False), (16, 4, True)], 150, torch.float32, step=64, device=torch.device("cpu"))
-    # token counts 64, 128 and 150: forward and input gradient of both, the weight gradient of the trainable one
-    assert record["gemms"] == 3 * 2 + 3 * 3 and record["max_tokens"] == 150
-
-
 def test_micro_batches_padded_onto_the_grid_train_the_same(workdir, params, monkeypatch):
     """train.gemm_warmup's padding (trl's pad_to_multiple_of, one-token sequences labelled -100): the same losses,
     metrics and gradient norms as unpadded micro-batches, and the padding counted in no token figure."""

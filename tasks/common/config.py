@@ -184,7 +184,7 @@ class TrainParams(_Strict):
     gemm_warmup: bool = Field(
         description="(CUDA) before the first step, run each GEMM of a step once at every 64th token count a "
         "micro-batch can have, so that cuBLAS loads the kernels it picks then: a kernel loaded mid-run waits for the "
-        "GPU's queue to drain (tasks/train/step_overlap.py)"
+        "GPU's queue to drain; padding-free micro-batches are padded onto that grid (tasks/train/gemm_warmup.py)"
     )
     expandable_segments: bool = Field(
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "

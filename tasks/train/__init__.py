@@ -9,7 +9,8 @@
   checkpoints.py       resuming a killed run
   callbacks.py         NaN stop, throughput and memory meter, layer recomputation switch, dvclive
   attention.py         padding-free attention
-  step_overlap.py      train.sync_free_step and train.gemm_warmup: no host waits inside a step
+  step_overlap.py      train.sync_free_step: the optimizer step and loss without host waits
+  gemm_warmup.py       train.gemm_warmup: cuBLAS's GEMM kernels loaded before the first step
   choice.py            a setting that may be auto, resolved for one run, and why
   dequantized_base.py  train.dequantized_base: the frozen base dequantized once, where the planner finds room
   fp8_base.py          train.fp8_base: the frozen base's matmuls in float8 (opt-in)

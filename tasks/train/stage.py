@@ -27,7 +27,7 @@ import torch
 
 from tasks.common import paths
 from tasks.common.artifacts import no_space, sha256_file, staged_dir, write_json
-from tasks.common.base_model import compute_dtype, load_base_model, load_config, load_tokenizer
+from tasks.common.base_model import load_base_model, load_config, load_tokenizer
 from tasks.common.config import Params, batch_split_problem, load_params, with_overrides
 from tasks.common.conversation import Rendered
 from tasks.common.environment import environment
@@ -55,6 +55,7 @@ from tasks.train.compilation import (
     use_cache_folder,
 )
 from tasks.train.dequantized_base import decide as decide_dequantized
+from tasks.train.gemm_warmup import TOKEN_GRID, pads_micro_batches, warm_up
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -69,7 +70,7 @@ from tasks.train.memory import (
 )
 from tasks.train.mfu import mfu
 from tasks.train.preflight import preflight
-from tasks.train.step_overlap import WARMUP_TOKEN_STEP, gemm_shapes, trainer_class, warm_gemm_kernels
+from tasks.train.step_overlap import trainer_class
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def sft_config(params: Params, output_dir: Path, est: Estimate, world_size: int 
         # train.gemm_warmup: each padding-free micro-batch padded onto the warm-up's grid of token counts, so that no
         # GEMM meets a token count whose kernel cuBLAS has not loaded (the token counts leave the padding out; it needs
         # the sync-free trainer's count, tasks/train/step_overlap.py)
-        pad_to_multiple_of=WARMUP_TOKEN_STEP if gemm_grid(params) else None,
+        pad_to_multiple_of=TOKEN_GRID if pads_micro_batches(params) else None,
         use_liger_kernel=liger_applied(params),
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # the NaN guard must see the real loss
@@ -245,7 +246,7 @@ class Run:
     compile_meter: object  # compilation.CompileMeter: the first step's cost, graphs, recompilations
     compiled: Decision  # whether the decoder layers are compiled, and why (train.compile: auto decides)
     dequantized: Choice  # whether the 4-bit base is kept dequantized, and why (train.dequantized_base: auto decides)
-    gemm_warmup: dict | None = None  # what warm_gemms ran before the first step (None: off, or not on CUDA)
+    gemm_warmup: dict | None = None  # what gemm_warmup.warm_up ran before the first step (None: off, or not on CUDA)
 
     def layout(self) -> dict:
         """How the run was spread: the mode, the processes, their collective backend."""
@@ -323,27 +324,6 @@ def build_trainer(
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
-
-
-def gemm_grid(params: Params) -> bool:
-    """Whether padding-free micro-batches are padded onto train.gemm_warmup's grid of token counts (CUDA only)."""
-    t = params.train
-    return t.gemm_warmup and t.padding_free and t.sync_free_step and torch.cuda.is_available()
-
-
-def warm_gemms(run: Run) -> dict | None:
-    """train.gemm_warmup on CUDA: each GEMM of a step run once over the token counts a micro-batch can have, so cuBLAS
-    loads its kernels now rather than mid-step (tasks/train/step_overlap.py). None when off or on the CPU."""
-    t, model = run.params.train, run.params.model
-    if not (t.gemm_warmup and torch.cuda.is_available()):
-        return None
-    # the most tokens one micro-batch can hold: padding-free, its rows end to end (then onto the grid); padded,
-    # micro-batch x longest row
-    max_tokens = run.trainer.args.per_device_train_batch_size * model.max_length
-    if gemm_grid(run.params):
-        max_tokens = -(-max_tokens // WARMUP_TOKEN_STEP) * WARMUP_TOKEN_STEP
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, compute_dtype(run.params.quant))
-    return warm_gemm_kernels(gemm_shapes(run.trainer.model), max_tokens, dtype)
 
 
 def fit(trainer, resume: bool, est: Estimate, params: Params):
@@ -590,7 +570,7 @@ def train(
         extra_callbacks or [],
     )
     start = time.perf_counter()
-    run.gemm_warmup = warm_gemms(run)
+    run.gemm_warmup = warm_up(params, run.trainer.model, run.trainer.args.per_device_train_batch_size)
     result = fit(run.trainer, resume, est, params)
     wall = time.perf_counter() - start
     return finish(

@@ -21,17 +21,8 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
 - The Trainer copies each micro-batch's tensors to the GPU from pageable memory, and each such copy waits for the
   stream (five a step, padding-free: ids, labels, positions and the two boundary tensors). With pinned memory and
   accelerate's non_blocking (set in the stage's SFTConfig) they are queued like kernels.
-- cuBLAS loads a GEMM kernel into the process the first time it picks it, and loading waits until the GPU has
-  drained its queue. A padding-free micro-batch has a token count of its own, and a GEMM at a new count can pick a
-  kernel not yet loaded: 15 such loads in steps 5 to 7 of the 7B recipe, each holding the host 3 to 5 ms with the GPU
-  idle, once 77 ms for the queue to drain (the profile in benchmarks/results/dequantized_auto_h100_de02df7, "Lazy
-  Function Loading" at the end of each such GEMM). CUDA_MODULE_LOADING=EAGER does not prevent them
-  (benchmarks/cuda_launch_stalls.py). `warm_gemm_kernels` runs the model's GEMMs once at every 64th token count a
-  micro-batch can have, before the first step, so each kernel is loaded then; and each padding-free micro-batch is
-  padded to a multiple of 64 tokens (trl's pad_to_multiple_of: the padding is one-token sequences of their own,
-  labelled -100, so no real token's attention, loss or gradient changes; at most 63 tokens, under 1% of a 7B
-  recipe's micro-batch), so every count it meets was warmed. Counts between the grid's points picked kernels the
-  warm-up had not loaded (the same benchmark). The padding is left out of every token count.
+- A padding-free micro-batch padded onto train.gemm_warmup's grid (tasks/train/gemm_warmup.py) is longer than its
+  rows: `CountRealTokens` has the collator count the real tokens on the host, and every token count uses that.
 
 Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained (a full launch
 queue makes CUDA wait until it is empty: benchmarks/cuda_launch_stalls.py). The Trainer walks every module of the
@@ -47,54 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 import types
 
 import torch
 
-WARMUP_TOKEN_STEP = 64  # token counts this far apart in warm_gemm_kernels' sweep, and micro-batches padded to them
-REAL_TOKENS = "num_real_tokens"  # a padding-free micro-batch's tokens before that padding (CountRealTokens)
-
-
-def gemm_shapes(model) -> list[tuple[int, int, bool]]:
-    """(in_features, out_features, trainable) of every distinct linear layer in the model: the base's projections
-    (4-bit or not: bitsandbytes' training path dequantizes, then runs the same GEMM), LoRA's A and B, the LM head."""
-    shapes = set()
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and hasattr(module, "in_features") and hasattr(module, "out_features"):
-            shapes.add((int(module.in_features), int(module.out_features), bool(weight.requires_grad)))
-    return sorted(shapes)
-
-
-def warm_gemm_kernels(
-    shapes, max_tokens: int, dtype: torch.dtype, step: int = WARMUP_TOKEN_STEP, device: torch.device | None = None
-) -> dict:
-    """Run each GEMM of a training step (forward, input gradient, and weight gradient where trainable) once at every
-    `step`-th token count up to `max_tokens`, so that cuBLAS loads now each kernel it will pick (see above), on this
-    process's GPU unless `device` says otherwise. Nothing is kept; returns what it ran and how long it took. (An FP8
-    base's own matmuls are not among them: train.fp8_base runs torch._scaled_mm.)"""
-    start = time.perf_counter()
-    gemms = 0
-    device = device or torch.device("cuda", torch.cuda.current_device())
-    with torch.no_grad():
-        for fan_in, fan_out, trainable in shapes:
-            weight = torch.empty(fan_out, fan_in, device=device, dtype=dtype)
-            x = torch.empty(max_tokens, fan_in, device=device, dtype=dtype)
-            grad = torch.empty(max_tokens, fan_out, device=device, dtype=dtype)
-            for m in range(step, max_tokens + step, step):
-                m = min(m, max_tokens)
-                torch.mm(x[:m], weight.T)
-                torch.mm(grad[:m], weight)
-                gemms += 2
-                if trainable:
-                    torch.mm(grad[:m].T, x[:m])
-                    gemms += 1
-            del weight, x, grad
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()  # the sweep's buffers: the planner's budget is for the run
-    return {"gemms": gemms, "max_tokens": max_tokens, "seconds": round(time.perf_counter() - start, 2)}
+REAL_TOKENS = "num_real_tokens"  # a padding-free micro-batch's tokens before any padding (CountRealTokens)
 
 
 def step_without_synchronize(self, closure=None):
@@ -164,7 +112,7 @@ def train_call_skipped(model, walk: ModelWalk):
 
 class CountRealTokens:
     """The Trainer's collator, with each batch's count of real tokens added under REAL_TOKENS (a plain int, so it stays
-    on the host): a padding-free batch padded to a multiple of WARMUP_TOKEN_STEP is longer than its rows."""
+    on the host): a padding-free batch padded onto train.gemm_warmup's grid is longer than its rows."""
 
     def __init__(self, collator):
         self.collator = collator
