@@ -30,3 +30,17 @@ def test_no_warm_up_and_no_padding_without_cuda(params):
 
     assert params.train.gemm_warmup  # on by default; CUDA only
     assert warm_up(params, torch.nn.Linear(2, 2), 4) is None and not pads_micro_batches(params)
+
+
+def test_a_warm_up_out_of_gpu_memory_is_skipped_and_recorded(params, monkeypatch):
+    """The warm-up is only a speed-up: without the memory for its buffers the run goes on, and the report says why."""
+    import tasks.train.gemm_warmup as gemm_warmup
+
+    def no_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gemm_warmup, "warm_gemm_kernels", no_memory)
+    record = gemm_warmup.warm_up(params, torch.nn.Linear(2, 2), 4)
+    assert "out of GPU memory" in record["skipped"] and record["max_tokens"] % gemm_warmup.TOKEN_GRID == 0

@@ -89,4 +89,8 @@ def warm_up(params: Params, model, micro_batch: int) -> dict | None:
     if pads_micro_batches(params):
         max_tokens = -(-max_tokens // TOKEN_GRID) * TOKEN_GRID
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, compute_dtype(params.quant))
-    return warm_gemm_kernels(gemm_shapes(model), max_tokens, dtype)
+    try:
+        return warm_gemm_kernels(gemm_shapes(model), max_tokens, dtype)
+    except torch.OutOfMemoryError:  # only a speed-up: the run goes on without it, its budget untouched
+        torch.cuda.empty_cache()
+        return {"skipped": f"out of GPU memory for {max_tokens}-token buffers", "max_tokens": max_tokens}
