@@ -327,7 +327,11 @@ def build_trainer(
     if params.train.cpu_lead_layers and torch.cuda.is_available():  # after compiling: it wraps the compiled calls
         run.pacer = LaunchPacer(params.train.cpu_lead_layers)
         paced = pace_layers(decoder_layers(trainer.model), run.pacer)
-        log.info("train.cpu_lead_layers: the CPU queues at most %d of %d decoder layers ahead of the GPU", run.pacer.lead, paced)
+        log.info(
+            "train.cpu_lead_layers: the CPU queues at most %d of %d decoder layers ahead of the GPU",
+            run.pacer.lead,
+            paced,
+        )
     return run
 
 
