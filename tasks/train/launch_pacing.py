@@ -15,6 +15,10 @@ Nothing else changes: the same kernels, in the same order on the same stream.
 The forward mark is taken in front of the layer's call (around nn.Module.compile's compiled call where the layer is
 compiled, so nothing of it is traced); the backward mark is a hook on the layer's output, which autograd runs once that
 output's gradient is complete, just before the layer's own backward is queued.
+
+The bound counts layers, not time: a layer of a small model is less GPU work, so the same bound is a shorter lead.
+Off (0) by default until it is measured on a GPU: benchmarks/train_throughput.py's ours_compile_lead8 and
+ours_compile_lead16 against ours_compile (docs/performance.md says what was measured).
 """
 
 from __future__ import annotations
