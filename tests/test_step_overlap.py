@@ -235,3 +235,45 @@ def test_lm_head_without_compaction_is_scoped():
     with lm_head_without_compaction():
         assert trl_utils._use_triton(torch.device("cuda")) is False
     assert trl_utils._use_triton is original
+
+
+def test_the_packed_sequence_check_reads_nothing_and_the_forward_is_the_same():
+    """transformers' check reads the GPU to answer None for a row of one sequence; inside, it returns the sequence ids
+    unread, and the padding-free forward gives the same logits for rows of one and of two sequences."""
+    import transformers.masking_utils as masking_utils
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tasks.train import attention
+    from tasks.train.step_overlap import packed_check_without_host_read
+
+    check, is_tracing = masking_utils.find_packed_sequence_indices, masking_utils.is_tracing
+    one_sequence = torch.arange(6).unsqueeze(0)
+    assert check(one_sequence) is None
+    with packed_check_without_host_read():
+        ids = masking_utils.find_packed_sequence_indices(one_sequence)
+        assert torch.equal(ids, torch.zeros_like(ids))
+        assert masking_utils.is_tracing is is_tracing  # overridden only for the check's own call
+    assert masking_utils.find_packed_sequence_indices is check
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=50, use_cache=False
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = attention.register()
+    for lengths in ([7], [4, 3]):
+        positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        inputs = dict(
+            input_ids=torch.randint(0, 50, (1, sum(lengths)), generator=torch.Generator().manual_seed(1)),
+            position_ids=positions,
+            cu_seq_lens_q=bounds,
+            cu_seq_lens_k=bounds,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+        )
+        with torch.no_grad():
+            stock = model(**inputs).logits
+            with packed_check_without_host_read():
+                unread = model(**inputs).logits
+        assert torch.equal(stock, unread), lengths

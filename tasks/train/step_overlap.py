@@ -18,6 +18,8 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
   two metrics stay on the GPU until a log line reads them, the count comes from the host, and the head scores every
   position and zeroes the unlabelled ones (trl's own path on devices without Triton: the same log-probabilities).
 
+- transformers checks whether a padding-free row holds several sequences with a read off the GPU, once a forward;
+  the answer changes nothing for the padding-free attention (packed_check_without_host_read).
 - The Trainer copies each micro-batch's tensors to the GPU from pageable memory, and each such copy waits for the
   stream (five a step, padding-free: ids, labels, positions and the two boundary tensors). With pinned memory and
   accelerate's non_blocking (set in the stage's SFTConfig) they are queued like kernels.
@@ -150,6 +152,37 @@ def lm_head_without_compaction():
         trl_utils._use_triton = original
 
 
+@contextlib.contextmanager
+def packed_check_without_host_read():
+    """transformers' check for packed sequences without its read off the GPU. Before building the attention mask of
+    a batch with position ids and no attention mask, transformers 5 asks whether the row holds one sequence or
+    several (`masking_utils.find_packed_sequence_indices`): an `.all()` on the GPU that the host waits for, once a
+    forward (the one synchronization a step the de02df7 profile still counted). The answer only picks between no
+    mask and a mask of sequence ids, and the padding-free attention here builds no mask either way (attention.py's
+    `_mask`: the boundaries travel as cu_seq_lens). Inside, the check returns the sequence ids unread, as transformers
+    does itself when tracing; if either name is gone, it stays as transformers has it."""
+    import transformers.masking_utils as masking_utils
+
+    check = getattr(masking_utils, "find_packed_sequence_indices", None)
+    is_tracing = getattr(masking_utils, "is_tracing", None)
+    if check is None or is_tracing is None:
+        yield
+        return
+
+    def ids_unread(position_ids):
+        masking_utils.is_tracing = lambda *args, **kwargs: True  # for the check's own data-dependent branch only
+        try:
+            return check(position_ids)
+        finally:
+            masking_utils.is_tracing = is_tracing
+
+    masking_utils.find_packed_sequence_indices = ids_unread
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = check
+
+
 def sync_free_loss_applies(trainer, inputs, return_outputs: bool) -> bool:
     """Whether the synchronize-free loss computes what trl's compute_loss would: one process training on a
     padding-free micro-batch with trl's plain token-mean loss (no custom loss, label smoothing, router loss or DFT)."""
@@ -190,7 +223,7 @@ def trainer_class(sync_free: bool):
             if not sync_free_loss_applies(self, inputs, return_outputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             inputs["use_cache"] = False
-            with lm_head_without_compaction():
+            with lm_head_without_compaction(), packed_check_without_host_read():
                 outputs = model(**inputs, fused_lm_head=True)
             valid = outputs.label_mask.sum()
             num_tokens = valid if num_items_in_batch is None else num_items_in_batch
