@@ -142,12 +142,25 @@ def test_sync_free_loss_logs_what_trl_logs(workdir, params, monkeypatch):
     counts = []  # the Trainer's FLOP estimate counts the model's parameters: at every step in trl, once in ours
     count = ModuleUtilsMixin.num_parameters
     monkeypatch.setattr(ModuleUtilsMixin, "num_parameters", lambda *a, **k: counts.append(1) or count(*a, **k))
+    from accelerate import Accelerator
+
+    clipped = []  # how many parameters the clipping is handed: every one in trl, the trainable ones in ours
+    clip = Accelerator.clip_grad_norm_
+
+    def counting_clip(self, parameters, *a, **k):
+        parameters = list(parameters)
+        clipped.append(len(parameters))
+        return clip(self, parameters, *a, **k)
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", counting_clip)
     tok = load_tokenizer(params.model)
     stock, stock_flos = _log_history(SFTTrainer, workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
-    stock_counts = len(counts)
+    stock_counts, stock_clipped = len(counts), clipped[:]
+    clipped.clear()
     ours, ours_flos = _log_history(trainer_class(True), workdir, compact=True, monkeypatch=monkeypatch, tokenizer=tok)
     assert ours_flos == stock_flos > 0
     assert stock_counts >= 4 and len(counts) - stock_counts == 1
+    assert len(stock_clipped) == len(clipped) == 4 and set(clipped) == {8} and min(stock_clipped) > 8  # LoRA's 8
     assert taken == [True] * 4
     assert len(stock) == len(ours) == 2
     for a, b in zip(stock, ours):

@@ -29,9 +29,10 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
 Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained (a full launch
 queue makes CUDA wait until it is empty: benchmarks/cuda_launch_stalls.py). The Trainer walks every module of the
 model three times a step, each walk milliseconds of host time for a 7B model's 1,500 modules: it counts the
-parameters for its FLOP estimate, sets every module to training mode, and clears every parameter's gradient. Here the
-count is taken once, the training-mode walk is skipped when every module already trains (a flat check of a list), and
-only the trainable parameters' gradients are cleared (a frozen one never has one).
+parameters for its FLOP estimate, sets every module to training mode, clears every parameter's gradient, and clips
+the gradients of every parameter. Here the count is taken once, the training-mode walk is skipped when every module
+already trains (a flat check of a list), and only the trainable parameters' gradients are cleared and clipped (a
+frozen one never has one).
 
 `train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
@@ -258,6 +259,15 @@ def trainer_class(sync_free: bool):
                 model.__dict__["zero_grad"] = walk.zero_grad
             with train_call_skipped(model, walk):  # the Trainer's model.train() at each micro-batch
                 return super().training_step(model, inputs, num_items_in_batch)
+
+        def _clip_grad_norm(self, model):
+            # The Trainer clips over model.parameters(), a walk of every module at every step; a frozen parameter has
+            # no gradient, so the trainable ones give the same norm and the same clipping. One process only: FSDP's
+            # clipping is chosen by comparing the list with the model's whole parameter list.
+            mixed = getattr(self, "_has_mixed_mesh_grads", None)
+            if self.accelerator.num_processes != 1 or mixed is None or mixed(model):
+                return super()._clip_grad_norm(model)
+            return self.accelerator.clip_grad_norm_(self._walk(model).trainable, self.args.max_grad_norm)
 
         def _walk(self, model) -> ModelWalk:
             walks = self.__dict__.setdefault("_walks", {})
