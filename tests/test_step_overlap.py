@@ -250,10 +250,19 @@ def test_lm_head_without_compaction_is_scoped():
     assert trl_utils._use_triton is original
 
 
-def test_the_packed_sequence_check_reads_nothing_and_the_forward_is_the_same():
+def test_the_packed_sequence_check_reads_nothing_and_the_forward_is_the_same(monkeypatch):
     """transformers' check reads the GPU to answer None for a row of one sequence; inside, it returns the sequence ids
     unread, and the padding-free forward gives the same logits for rows of one and of two sequences."""
     import transformers.masking_utils as masking_utils
+
+    tracing_when_checked = []  # what the check saw of is_tracing, at each call the model's forward made
+    stock_check = masking_utils.find_packed_sequence_indices
+
+    def recorded_check(position_ids):
+        tracing_when_checked.append(masking_utils.is_tracing(position_ids))
+        return stock_check(position_ids)
+
+    monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", recorded_check)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.train import attention
@@ -285,8 +294,10 @@ def test_the_packed_sequence_check_reads_nothing_and_the_forward_is_the_same():
             max_length_q=max(lengths),
             max_length_k=max(lengths),
         )
+        tracing_when_checked.clear()
         with torch.no_grad():
             stock = model(**inputs).logits
             with packed_check_without_host_read():
                 unread = model(**inputs).logits
         assert torch.equal(stock, unread), lengths
+        assert tracing_when_checked == [False, True], lengths  # the forward went through the check, unread inside
