@@ -12,13 +12,14 @@ that the host's work, not the kernels', is what is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.common import save
 
 PARAMETERS = 128  # LoRA's A and B on q_proj and v_proj of 32 decoder layers
 REPEATS = 5
@@ -81,8 +82,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     result = measure(args.steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(args.out, result)
     print(
         f"{result['parameters']} parameters on {result['device']}: bitsandbytes' step {result['bitsandbytes_step_ms']} "
         f"ms, its op alone {result['op_alone_ms']} ms, the Python around it {result['python_around_the_op_ms']} ms "

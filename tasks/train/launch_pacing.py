@@ -25,9 +25,18 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+from tasks.train.compilation import decoder_layers
+
+if TYPE_CHECKING:
+    from tasks.common.config import Params
+
+log = logging.getLogger(__name__)
 
 
 class LaunchPacer:
@@ -74,3 +83,15 @@ def pace_layers(layers: list[torch.nn.Module], pacer: LaunchPacer) -> int:
         # nn.Module.__call__ runs `_compiled_call_impl` when set (it is where nn.Module.compile puts its compiled call)
         layer._compiled_call_impl = functools.partial(_paced_call, pacer, inner)
     return len(layers)
+
+
+def pace(params: Params, model) -> LaunchPacer | None:
+    """train.cpu_lead_layers on CUDA, for the model as the trainer holds it (after compile_layers, if compiling: the
+    compiled calls are what gets wrapped). None when unbounded (0) or on the CPU."""
+    lead = params.train.cpu_lead_layers
+    if not (lead and torch.cuda.is_available()):
+        return None
+    pacer = LaunchPacer(lead)
+    paced = pace_layers(decoder_layers(model), pacer)
+    log.info("train.cpu_lead_layers: the CPU queues at most %d of %d decoder layers ahead of the GPU", lead, paced)
+    return pacer

@@ -51,13 +51,12 @@ from tasks.train.compilation import (
     compile_layers,
     configuration_key,
     decide,
-    decoder_layers,
     remember_compiled,
     use_cache_folder,
 )
 from tasks.train.dequantized_base import decide as decide_dequantized
 from tasks.train.gemm_warmup import TOKEN_GRID, pads_micro_batches, warm_up
-from tasks.train.launch_pacing import LaunchPacer, pace_layers
+from tasks.train.launch_pacing import LaunchPacer, pace
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -323,16 +322,8 @@ def build_trainer(
             log.info("train.liger_kernels: off in this compiled run (inductor fuses the layers; memory.liger_applied)")
         use_cache_folder()
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
-    run = Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision, dequantized)
-    if params.train.cpu_lead_layers and torch.cuda.is_available():  # after compiling: it wraps the compiled calls
-        run.pacer = LaunchPacer(params.train.cpu_lead_layers)
-        paced = pace_layers(decoder_layers(trainer.model), run.pacer)
-        log.info(
-            "train.cpu_lead_layers: the CPU queues at most %d of %d decoder layers ahead of the GPU",
-            run.pacer.lead,
-            paced,
-        )
-    return run
+    pacer = pace(params, trainer.model)  # after compiling: it wraps the compiled calls
+    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision, dequantized, pacer=pacer)
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
