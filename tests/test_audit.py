@@ -427,3 +427,14 @@ def test_publish_records_its_own_code_as_it_runs_not_its_last_lock_entry(tmp_pat
     record = stage_code_hashes(tmp_path, running="publish")
     assert set(record["train"].values()) == {"0" * 32}  # a stage DVC ran: the code of that run
     assert record["publish"] == {f: _md5(tmp_path / f) for f in stage_code("publish", tmp_path)}
+
+
+def test_a_release_copied_out_of_its_project_is_told_how_to_audit_it(project, tmp_path, capsys):
+    """A shared or downloaded release has no project beside it: a clear exit 2, then --release-only checks it."""
+    copied = tmp_path / "elsewhere" / "release"
+    shutil.copytree(project / paths.RELEASE_DIR, copied)
+    assert audit_main([str(copied)]) == 2
+    err = capsys.readouterr().err
+    assert str(copied.parent) in err and "--release-only" in err and "--project" in err
+    assert audit_main([str(copied), "--release-only"]) == 0
+    assert audit_main([str(copied), "--project", str(project)]) == 0

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tasks.common import paths
 from tasks.common.artifacts import read_json, sha256_file, sha256_text, sha256_tree
+from tasks.common.config import PARAMS_FILE
+from tasks.common.errors import PipelineError
 from tasks.publish import generation_check, signing
 
 
@@ -614,10 +616,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print the links as JSON")
     args = ap.parse_args(argv)
+    project = args.project or args.release.resolve().parent
+    is_release = (args.release / paths.LINEAGE).is_file()  # a folder that is none gets its own message below
+    if is_release and not args.release_only and not (project / PARAMS_FILE).is_file():
+        # A release copied out of its project (a download, a share) has no project beside it to check against.
+        print(
+            f"audit: {project} is not this release's project (no {PARAMS_FILE} there): pass --project with the "
+            "project's root, or --release-only to check the release folder and its own records",
+            file=sys.stderr,
+        )
+        return 2
     try:
         links = audit(args.release, args.project, args.release_only, args.trust)
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
         print(f"audit: cannot read the release: {e}", file=sys.stderr)
+        return 2
+    except PipelineError as e:
+        print(f"audit: {e}", file=sys.stderr)
         return 2
     failed = next((link for link in links if not link.ok), None)
     if args.json:
