@@ -1,0 +1,1 @@
+"""The pipeline's stages, one package each, and what they share (common)."""
