@@ -276,10 +276,6 @@ CONFIGS: dict[str, tuple[list[str], int, bool]] = {
 }
 # ours_compile without train.gemm_warmup: cuBLAS loading kernels as new token counts pick them, mid-step
 CONFIGS["ours_compile_no_warmup"] = ([*CONFIGS["ours_compile"][0], "train.gemm_warmup=false"], 40, False)
-# ours_compile with the CPU's lead bounded (train.cpu_lead_layers, unbounded by default until measured): 8 and 16
-# decoder layers
-CONFIGS["ours_compile_lead8"] = ([*CONFIGS["ours_compile"][0], "train.cpu_lead_layers=8"], 40, False)
-CONFIGS["ours_compile_lead16"] = ([*CONFIGS["ours_compile"][0], "train.cpu_lead_layers=16"], 40, False)
 PLAIN_TRL = "plain_trl"  # benchmarks/plain_trl.py: what a trl user writes; the reference the README divides by
 CONFIGS[PLAIN_TRL] = ([], 40, False)
 TRL_TUNED = "trl_tuned"  # benchmarks/plain_trl.py as an informed user tunes it: the second reference

@@ -62,8 +62,6 @@ def test_dvc_repro_from_a_fresh_clone(reproduced_template, reproduced_project):
     # train.gemm_warmup is on by default and CUDA only: the report says it did not run here
     training = json.loads((reproduced_project / paths.TRAINING).read_text())
     assert "gemm_warmup" in training and training["gemm_warmup"] is None
-    # train.cpu_lead_layers bounds nothing by default (0) and only on CUDA: recorded as such
-    assert "launch_pacing" in training and training["launch_pacing"] is None
 
     # One table of every stage's headline figures that fits an 80-column terminal (every figure: reports/)
     table = dvc(reproduced_project, "metrics", "show")

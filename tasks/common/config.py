@@ -186,12 +186,6 @@ class TrainParams(_Strict):
         "micro-batch can have, so that cuBLAS loads the kernels it picks then: a kernel loaded mid-run waits for the "
         "GPU's queue to drain; padding-free micro-batches are padded onto that grid (tasks/train/gemm_warmup.py)"
     )
-    cpu_lead_layers: int = Field(
-        ge=0,
-        description="(CUDA) the CPU queues at most this many decoder layers (forward or backward) ahead of the GPU, "
-        "so CUDA's launch queue never fills and stalls it until drained; 0: unbounded, PyTorch's own behaviour "
-        "(tasks/train/launch_pacing.py)",
-    )
     expandable_segments: bool = Field(
         description="PyTorch's expandable-segments allocator (CUDA): micro-batches of varying size reuse memory "
         "instead of fragmenting it; a PYTORCH_CUDA_ALLOC_CONF the user set wins"

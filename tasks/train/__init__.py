@@ -11,7 +11,6 @@
   attention.py         padding-free attention
   step_overlap.py      train.sync_free_step: the optimizer step and loss without host waits
   gemm_warmup.py       train.gemm_warmup: cuBLAS's GEMM kernels loaded before the first step
-  launch_pacing.py     train.cpu_lead_layers: how far the CPU queues ahead of the GPU
   choice.py            a setting that may be auto, resolved for one run, and why
   dequantized_base.py  train.dequantized_base: the frozen base dequantized once, where the planner finds room
   fp8_base.py          train.fp8_base: the frozen base's matmuls in float8 (opt-in)

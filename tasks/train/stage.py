@@ -56,7 +56,6 @@ from tasks.train.compilation import (
 )
 from tasks.train.dequantized_base import decide as decide_dequantized
 from tasks.train.gemm_warmup import TOKEN_GRID, pads_micro_batches, warm_up
-from tasks.train.launch_pacing import LaunchPacer, pace
 from tasks.train.loss_curve import save_loss_curve
 from tasks.train.memory import (
     Estimate,
@@ -248,7 +247,6 @@ class Run:
     compiled: Decision  # whether the decoder layers are compiled, and why (train.compile: auto decides)
     dequantized: Choice  # whether the 4-bit base is kept dequantized, and why (train.dequantized_base: auto decides)
     gemm_warmup: dict | None = None  # what gemm_warmup.warm_up ran before the first step (None: off, or not on CUDA)
-    pacer: LaunchPacer | None = None  # train.cpu_lead_layers (None: unbounded, or not on CUDA)
 
     def layout(self) -> dict:
         """How the run was spread: the mode, the processes, their collective backend."""
@@ -322,8 +320,7 @@ def build_trainer(
             log.info("train.liger_kernels: off in this compiled run (inductor fuses the layers; memory.liger_applied)")
         use_cache_folder()
         log.info("train.compile: %d decoder layers compiled (regional torch.compile)", compile_layers(trainer.model))
-    pacer = pace(params, trainer.model)  # after compiling: it wraps the compiled calls
-    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision, dequantized, pacer=pacer)
+    return Run(trainer, params, shape, est, resume, meter, recompute, compile_meter, decision, dequantized)
 
 
 # --- fitting ------------------------------------------------------------------------------------------------------
@@ -477,8 +474,6 @@ def run_metrics(run: Run, result, wall: float, rows: int) -> dict:
         "compile": {**run.compiled.record(), **run.compile_meter.report([s for s, _ in meter.timer.step_times()])},
         "dequantized_base": run.dequantized.record(),  # train.dequantized_base: on or off, and why
         "gemm_warmup": run.gemm_warmup,  # train.gemm_warmup: the GEMMs run before step 1, and their seconds
-        # train.cpu_lead_layers: the bound, the marks set, and how often the CPU was that far ahead and waited
-        "launch_pacing": run.pacer.report() if run.pacer else None,
         "distributed_mode": layout["mode"],
         **({"peak_memory_gib_per_rank": peak_per_rank} if peak_per_rank else {}),
         "world_size": layout["world_size"],

@@ -26,12 +26,12 @@ then idles until the CPU is ahead again. These synchronizations are ours to remo
   rows: `CountRealTokens` has the collator count the real tokens on the host, and every token count uses that.
 
 Host time between steps is also GPU idle time, since each step's start finds the GPU's queue drained (a full launch
-queue makes CUDA wait until it is empty: benchmarks/cuda_launch_stalls.py; train.cpu_lead_layers keeps it from
-filling, tasks/train/launch_pacing.py). The Trainer walks every module of the model four times a step, each walk
-milliseconds of host time for a 7B model's 1,500 modules: it counts the parameters for its FLOP estimate, sets every
-module to training mode, clears every parameter's gradient, and clips the gradients of every parameter. Here the
-count is taken once, the training-mode walk is skipped when every module already trains (a flat check of a list),
-and only the trainable parameters' gradients are cleared and clipped (a frozen one never has one).
+queue makes CUDA wait until it is empty: benchmarks/cuda_launch_stalls.py). The Trainer walks every module of the
+model four times a step, each walk milliseconds of host time for a 7B model's 1,500 modules: it counts the
+parameters for its FLOP estimate, sets every module to training mode, clears every parameter's gradient, and clips
+the gradients of every parameter. Here the count is taken once, the training-mode walk is skipped when every module
+already trains (a flat check of a list), and only the trainable parameters' gradients are cleared and clipped (a
+frozen one never has one).
 
 `train.sync_free_step` switches all of them (on by default); off, the stage runs as stock trl and bitsandbytes do.
 """
