@@ -579,7 +579,14 @@ def audit(
             f"{release_dir / paths.LINEAGE} not found: is {release_dir} a release folder made by the "
             "publish stage? (dvc repro publish, or dvc pull to restore it)"
         )
-    return Audit(release_dir, Path(project) if project else release_dir.resolve().parent, release_only, trust).run()
+    root = Path(project) if project else release_dir.resolve().parent
+    if not release_only and not (root / PARAMS_FILE).is_file():
+        # A release copied out of its project (a download, a share) has no project beside it to check against.
+        raise PipelineError(
+            f"{root} is not this release's project (no {PARAMS_FILE} there): pass --project with the project's "
+            "root, or --release-only to check the release folder and its own records"
+        )
+    return Audit(release_dir, root, release_only, trust).run()
 
 
 def render(links: list[Link]) -> str:
@@ -616,16 +623,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print the links as JSON")
     args = ap.parse_args(argv)
-    project = args.project or args.release.resolve().parent
-    is_release = (args.release / paths.LINEAGE).is_file()  # a folder that is none gets its own message below
-    if is_release and not args.release_only and not (project / PARAMS_FILE).is_file():
-        # A release copied out of its project (a download, a share) has no project beside it to check against.
-        print(
-            f"audit: {project} is not this release's project (no {PARAMS_FILE} there): pass --project with the "
-            "project's root, or --release-only to check the release folder and its own records",
-            file=sys.stderr,
-        )
-        return 2
     try:
         links = audit(args.release, args.project, args.release_only, args.trust)
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
